@@ -1,0 +1,76 @@
+"""Shared CLI plumbing: error handling (one line, exit code), common options, parsing helpers."""
+from __future__ import annotations
+
+import functools
+import os
+import sys
+
+import click
+
+from fliqs_compiler.errors import FliqsError
+
+DEBUG_ENV = "FLIQS_DEBUG"
+
+
+def debug_option(f):
+    """``--debug``: show tracebacks instead of one-line errors."""
+
+    def _set(ctx, param, value):
+        if value:
+            os.environ[DEBUG_ENV] = "1"
+        return value
+
+    return click.option("--debug", is_flag=True, expose_value=False, is_eager=True,
+                        callback=_set, help="Show a traceback on errors.")(f)
+
+
+def parse_input_shapes(values) -> dict:
+    """``("x=1x3x224x224", ...)`` → ``{"x": (1, 3, 224, 224)}``; a bad value is a FliqsError."""
+    shapes = {}
+    for item in values or ():
+        name, sep, dims = item.partition("=")
+        try:
+            if not sep or not name:
+                raise ValueError
+            shapes[name] = tuple(int(d) for d in dims.lower().split("x"))
+            if any(d <= 0 for d in shapes[name]):
+                raise ValueError
+        except ValueError:
+            raise FliqsError(f"--input-shape {item!r}: expected NAME=D1xD2x... with positive "
+                             "integers, e.g. input=1x3x224x224") from None
+    return shapes
+
+
+input_shape_option = click.option(
+    "--input-shape", "input_shapes", multiple=True, metavar="NAME=1x3x224x224",
+    help="Pin an input's shape (repeatable); needed for dynamic dimensions.")
+
+
+def handle_errors(fn):
+    """Run a command body: FliqsError → one line on stderr and its exit code; anything else →
+    one line and exit 1 (a traceback with --debug or FLIQS_DEBUG=1)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (FliqsError, click.exceptions.Exit, click.ClickException, KeyboardInterrupt) as e:
+            if isinstance(e, FliqsError):
+                if os.environ.get(DEBUG_ENV):
+                    raise
+                click.echo(f"fliqs: error: {e}", err=True)
+                sys.exit(e.exit_code)
+            if isinstance(e, KeyboardInterrupt):
+                click.echo("fliqs: interrupted (a checkpoint, if any, is kept; rerun with --resume)",
+                           err=True)
+                sys.exit(130)
+            raise
+        except Exception as e:  # noqa: BLE001 — the CLI's last line of defence
+            if os.environ.get(DEBUG_ENV):
+                raise
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            click.echo(f"fliqs: internal error: {type(e).__name__}: {msg} "
+                       "(rerun with --debug for a traceback)", err=True)
+            sys.exit(1)
+
+    return wrapper

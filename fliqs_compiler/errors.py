@@ -1,0 +1,17 @@
+"""User-facing errors: the CLI prints ``str(error)`` as one line and exits with ``exit_code``."""
+from __future__ import annotations
+
+
+class FliqsError(Exception):
+    """Bad input from the user (file, node, option, data). Exit code 2, one line, no traceback.
+
+    The message names the thing that is wrong and says what to do about it.
+    """
+
+    exit_code = 2
+
+
+class CheckFailed(FliqsError):
+    """A check the user asked for failed (e.g. ``inspect --verify`` disagreement). Exit code 1."""
+
+    exit_code = 1

@@ -1,0 +1,102 @@
+"""``Graph``: the one object every stage passes around — an ``fx.GraphModule`` plus what the
+frontends and passes learned about it (inputs, quantizable layers, the search space).
+
+Node naming: each quantizable layer has a public ``name`` (the ONNX node name for imported
+models, the fx node name for torch modules). That name is the key in ``config.json`` and in
+``fliqs inspect``; ``LayerInfo.node`` is the fx node it corresponds to.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import fx
+
+__all__ = ["InputSpec", "LayerInfo", "Graph", "load"]
+
+
+@dataclass
+class InputSpec:
+    name: str
+    shape: tuple
+    dtype: str = "float32"
+
+    def random(self, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        dtype = getattr(torch, self.dtype)
+        if dtype.is_floating_point:
+            return torch.randn(self.shape, generator=generator).to(dtype)
+        return torch.randint(0, 2, self.shape, generator=generator).to(dtype)
+
+
+@dataclass
+class LayerInfo:
+    """One quantizable node (conv, conv-transpose, linear/Gemm, MatMul)."""
+
+    name: str  # public name (config.json key)
+    op: str  # 'conv1d' | 'conv2d' | 'conv_transpose1d' | 'conv_transpose2d' | 'linear' | 'matmul'
+    node: str  # fx node name
+    macs: int = 0
+    params: int = 0
+    group: str = ""  # decision group name
+    weight_shape: Optional[tuple] = None
+    input_shape: Optional[tuple] = None
+    output_shape: Optional[tuple] = None
+    keep_float: bool = False  # excluded from the search by keep-float rules
+    attrs: dict = field(default_factory=dict)  # stride, padding, groups, ... (for signatures)
+
+    def signature(self) -> str:
+        """A key that identifies the layer's computation shape (for latency tables)."""
+        a = ",".join(f"{k}={v}" for k, v in sorted(self.attrs.items()))
+        return f"{self.op}|in={self.input_shape}|w={self.weight_shape}|{a}"
+
+
+class Graph:
+    """An fx graph with the facts passes need. ``graph(*inputs)`` runs it."""
+
+    def __init__(self, gm: fx.GraphModule, inputs: Sequence[InputSpec], name: str = "model",
+                 output_names: Optional[Sequence[str]] = None, source: Optional[str] = None):
+        self.gm = gm
+        self.inputs = list(inputs)
+        self.name = name
+        self.output_names = list(output_names or [])
+        self.source = source  # path of the ONNX file, or 'torch'
+        self.layers: dict[str, LayerInfo] = {}  # filled by passes.discover_quantizable
+        self.space = None  # SearchSpace, filled by passes.insert_quantizers / group_decisions
+        self.meta: dict[str, Any] = {}  # pass timings, notes
+
+    def __call__(self, *args):
+        return self.gm(*args)
+
+    def example_inputs(self, seed: int = 0) -> tuple:
+        g = torch.Generator().manual_seed(seed)
+        return tuple(spec.random(g) for spec in self.inputs)
+
+    def quantizable(self) -> list[LayerInfo]:
+        return list(self.layers.values())
+
+    def searched_layers(self) -> list[LayerInfo]:
+        return [layer for layer in self.layers.values() if not layer.keep_float]
+
+    def fx_node(self, node_name: str) -> fx.Node:
+        for n in self.gm.graph.nodes:
+            if n.name == node_name:
+                return n
+        raise KeyError(node_name)
+
+    def __repr__(self):
+        return f"Graph({self.name!r}, inputs={self.inputs}, layers={len(self.layers)})"
+
+
+def load(path_or_module, example_inputs=None, input_shapes=None) -> Graph:
+    """Import an ONNX file (path) or a torch ``nn.Module`` into a ``Graph``.
+
+    ``input_shapes``: ``{input name: shape}`` pinning dynamic ONNX dimensions.
+    ``example_inputs``: a tuple of tensors (required for modules).
+    """
+    if isinstance(path_or_module, torch.nn.Module):
+        from .frontends.torch_import import import_module
+        return import_module(path_or_module, example_inputs)
+    from .frontends.onnx_import import import_onnx
+    return import_onnx(Path(path_or_module), input_shapes=input_shapes)

@@ -1,0 +1,275 @@
+"""Quantize-dequantize math, shared by training, export and lowering.
+
+``fake_quant(x, fmt, scale, axis=None)`` returns ``dequantize(quantize(x / scale)) * scale`` in the
+format ``fmt`` from the registry, exactly (the value a real kernel in that format would see):
+
+- integers: ``clamp(round_half_even(x / scale) + zp, qmin, qmax) - zp``, times ``scale``;
+- floating point: round-to-nearest-even onto the format's grid (subnormals included) of
+  ``x / scale``, saturating at ``±max_finite`` (±inf saturate too); NaN propagates;
+- MX block formats: ``x / scale`` is cut into blocks of 32 along ``axis``; each block gets the
+  OCP E8M0 scale ``2^(floor(log2(absmax)) - emax_elem)`` (clamped to [-127, 127]) and its
+  elements are rounded (RNE) and saturated in the element format.
+- ``float``: identity.
+
+``scale`` is a scalar or a 1-D tensor of per-channel scales along ``axis``. For MX formats
+``scale`` is an extra per-tensor pre-scale (normally 1) and ``axis`` is the block axis.
+
+It is one torch custom op, ``torch.ops.fliqs.fake_quant(x, scale, zero_point, fmt, axis)``, so
+``torch.export`` keeps each call as one node that exporters and the TVM lowering map. Its
+autograd is an exact straight-through estimator: the forward returns exactly the quantized
+value; the gradient passes to ``x`` inside the representable range and is zero where the
+value saturated; the gradient to ``scale`` is LSQ's (Esser et al. 2020):
+``d y / d s = (y - x) / s`` inside the range and ``y / s`` where it saturated.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import torch
+
+from . import formats as F
+
+__all__ = [
+    "fake_quant", "quantize_to_grid", "absmax_scale", "minmax_scale_zero_point", "mse_scale",
+    "scale_grad", "lsq_grad_factor", "mx_block_scales",
+]
+
+# ml_dtypes dtype name -> torch dtype, for formats whose RNE cast torch implements natively.
+_TORCH_CAST_DTYPES = {
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float8_e4m3fn": torch.float8_e4m3fn,
+    "float8_e5m2": torch.float8_e5m2,
+}
+
+
+def _pow2(e: torch.Tensor) -> torch.Tensor:
+    """Exact 2**e as float32 for integer tensors e in [-126, 127] (built from the bits)."""
+    return ((e.to(torch.int32) + 127) << 23).view(torch.float32)
+
+
+def _round_fp_magnitude(a: torch.Tensor, fmt: F.Format) -> torch.Tensor:
+    """Round non-negative float32 ``a`` (already clamped to max_finite, or NaN) onto fmt's grid, RNE."""
+    torch_dtype = _TORCH_CAST_DTYPES.get(fmt.np_dtype_name or "")
+    if torch_dtype is not None:
+        return a.to(torch_dtype).to(torch.float32)
+    # Generic: exponent from frexp (exact), clamped at emin so subnormals share emin's ulp.
+    _, exponent = torch.frexp(a)
+    shift = fmt.mbits - torch.clamp(exponent - 1, min=fmt.emin)
+    return torch.round(a * _pow2(shift)) * _pow2(-shift)
+
+
+def quantize_to_grid(v: torch.Tensor, fmt: F.Format) -> torch.Tensor:
+    """Round unscaled float32 ``v`` onto ``fmt``'s grid (int: step ``min_subnormal``), saturating.
+
+    This is the element-wise core shared by every path (MX elements included). For integer
+    formats the result is the *real* value ``k * step``; zero points are handled by the caller.
+    """
+    if fmt.kind == "int":
+        step = fmt.min_subnormal
+        k = torch.round(v / step) if step != 1.0 else torch.round(v)
+        k = torch.clamp(k, fmt.qmin, fmt.qmax)
+        return k * step if step != 1.0 else k
+    if fmt.kind == "fp":
+        a = torch.clamp(v.abs(), max=fmt.max_finite)  # saturates ±inf too; NaN stays NaN
+        return torch.copysign(_round_fp_magnitude(a, fmt), v)
+    raise ValueError(f"quantize_to_grid: {fmt.name} is not an element format")
+
+
+def mx_block_scales(v: torch.Tensor, fmt: F.Format) -> torch.Tensor:
+    """E8M0 shared scales for blocks along the last dim of ``v`` ([..., nblocks, block])."""
+    el = fmt.element_format()
+    amax = v.abs().amax(dim=-1, keepdim=True)
+    _, exponent = torch.frexp(amax)  # floor(log2(amax)) = exponent - 1 for amax > 0
+    shared = torch.where(amax > 0, exponent - 1 - F.emax_of(el), torch.full_like(exponent, -127))
+    shared = torch.clamp(shared, -127, 127)
+    return torch.pow(2.0, shared.to(torch.float64)).to(torch.float32)  # 2^-127 is subnormal
+
+
+def _mx_quant(v: torch.Tensor, fmt: F.Format, axis: int) -> torch.Tensor:
+    el = fmt.element_format()
+    block = fmt.block_size
+    moved = v.movedim(axis, -1)
+    n = moved.shape[-1]
+    pad = (-n) % block
+    if pad:
+        moved = torch.nn.functional.pad(moved, (0, pad))
+    blocks = moved.reshape(*moved.shape[:-1], -1, block)
+    scales = mx_block_scales(blocks, fmt)
+    q = quantize_to_grid(blocks / scales, el) * scales
+    q = q.reshape(*moved.shape[:-1], n + pad)[..., :n]
+    return q.movedim(-1, axis)
+
+
+def _broadcast(t: torch.Tensor, x: torch.Tensor, axis: Optional[int]) -> torch.Tensor:
+    if t.numel() == 1:
+        return t.reshape(())
+    if axis is None:
+        raise ValueError("a per-channel scale needs an axis")
+    shape = [1] * x.dim()
+    shape[axis] = t.numel()
+    return t.reshape(shape)
+
+
+def _forward(x, scale, zero_point, fmt_name, axis):
+    fmt = F.get(fmt_name)
+    x32 = x.to(torch.float32)
+    if fmt.kind == "float":
+        return x32.clone()
+    s = _broadcast(scale.to(torch.float32), x32, axis)
+    if fmt.kind == "mx":
+        return _mx_quant(x32 / s, fmt, -1 if axis is None else axis) * s
+    if fmt.kind == "int":
+        v = torch.round(x32 / s)
+        if zero_point is not None:
+            zp = _broadcast(zero_point.to(torch.float32), x32, axis)
+            return (torch.clamp(v + zp, fmt.qmin, fmt.qmax) - zp) * s
+        return torch.clamp(v, fmt.qmin, fmt.qmax) * s
+    return quantize_to_grid(x32 / s, fmt) * s
+
+
+@torch.library.custom_op("fliqs::fake_quant", mutates_args=())
+def _fake_quant_op(x: torch.Tensor, scale: torch.Tensor, zero_point: Optional[torch.Tensor],
+                   fmt: str, axis: Optional[int]) -> torch.Tensor:
+    return _forward(x, scale, zero_point, fmt, axis)
+
+
+@_fake_quant_op.register_fake
+def _(x, scale, zero_point, fmt, axis):
+    return torch.empty_like(x, dtype=torch.float32)
+
+
+def _in_range(x, scale, zero_point, fmt: F.Format, axis):
+    """Where the STE passes gradient: inputs that did not saturate."""
+    if fmt.kind in ("float", "mx"):
+        return torch.ones_like(x, dtype=torch.bool)
+    v = x / _broadcast(scale, x, axis)
+    if fmt.kind == "int":
+        if zero_point is not None:
+            v = v + _broadcast(zero_point.to(v.dtype), x, axis)
+        return (v >= fmt.qmin - 0.5) & (v <= fmt.qmax + 0.5)
+    return v.abs() <= fmt.max_finite
+
+
+def _setup_context(ctx, inputs, output):
+    x, scale, zero_point, fmt, axis = inputs
+    ctx.save_for_backward(x, scale, zero_point if zero_point is not None else None, output)
+    ctx.fmt, ctx.axis = fmt, axis
+
+
+def _backward(ctx, grad):
+    x, scale, zero_point, y = ctx.saved_tensors
+    fmt = F.get(ctx.fmt)
+    inside = _in_range(x, scale, zero_point, fmt, ctx.axis)
+    grad_x = grad * inside if ctx.needs_input_grad[0] else None
+    grad_scale = None
+    if ctx.needs_input_grad[1] and fmt.kind not in ("float",):
+        s = _broadcast(scale, x, ctx.axis)
+        local = torch.where(inside, (y - x) / s, y / s)
+        g = grad * local
+        if scale.numel() == 1:
+            grad_scale = g.sum().reshape(scale.shape)
+        else:
+            dims = [d for d in range(x.dim()) if d != (ctx.axis % x.dim())]
+            grad_scale = g.sum(dim=dims).reshape(scale.shape)
+    return grad_x, grad_scale, None, None, None
+
+
+_fake_quant_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def fake_quant(x: torch.Tensor, fmt: Union[str, F.Format], scale: Union[float, torch.Tensor] = 1.0,
+               axis: Optional[int] = None, zero_point: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Quantize-dequantize ``x`` in ``fmt`` with ``scale`` (see the module docstring).
+
+    ``axis``: the channel axis of a per-channel ``scale``, or the block axis of an MX format
+    (default: last). Returns float32. Exact straight-through gradient to ``x`` and LSQ gradient
+    to ``scale``.
+    """
+    fmt = F.get(fmt)
+    if not torch.is_tensor(scale):
+        scale = torch.tensor(float(scale), dtype=torch.float32, device=x.device)
+    if axis is not None and axis < 0:
+        axis += x.dim()
+    return torch.ops.fliqs.fake_quant(x, scale, zero_point, fmt.name, axis)
+
+
+# ---- scale helpers ----------------------------------------------------------------------------
+def _reduce_absmax(x: torch.Tensor, axis: Optional[int]) -> torch.Tensor:
+    if axis is None:
+        return x.detach().abs().amax().reshape(1)
+    axis = axis % x.dim()
+    dims = [d for d in range(x.dim()) if d != axis]
+    return x.detach().abs().amax(dim=dims) if dims else x.detach().abs()
+
+
+def _grid_max(fmt: F.Format) -> float:
+    """The largest magnitude of fmt's grid, in units of the scale."""
+    if fmt.kind == "mx":
+        return 1.0
+    return fmt.qmax if fmt.kind == "int" else fmt.max_finite
+
+
+def absmax_scale(x: torch.Tensor, fmt, axis: Optional[int] = None, eps: float = 1e-12) -> torch.Tensor:
+    """Scale mapping absmax(x) (per tensor, or per channel along ``axis``) to fmt's largest value."""
+    fmt = F.get(fmt)
+    if fmt.kind in ("mx", "float"):
+        return torch.ones(1 if axis is None else x.shape[axis])
+    return torch.clamp(_reduce_absmax(x, axis) / _grid_max(fmt), min=eps).to(torch.float32)
+
+
+def minmax_scale_zero_point(x: torch.Tensor, fmt, eps: float = 1e-12):
+    """Asymmetric per-tensor (scale, zero_point) for an unsigned integer format."""
+    fmt = F.get(fmt)
+    lo = torch.clamp(x.detach().min(), max=0.0)
+    hi = torch.clamp(x.detach().max(), min=0.0)
+    scale = torch.clamp((hi - lo) / (fmt.qmax - fmt.qmin), min=eps).reshape(1)
+    zp = torch.clamp(torch.round(fmt.qmin - lo / scale), fmt.qmin, fmt.qmax).reshape(1)
+    return scale.to(torch.float32), zp.to(torch.float32)
+
+
+@torch.no_grad()
+def mse_scale(x: torch.Tensor, fmt, axis: Optional[int] = None, grid: int = 40,
+              lowest: float = 0.2) -> torch.Tensor:
+    """MSE-optimal clipping: try ``grid`` clip ratios in [lowest, 1] of absmax, keep the best
+    per tensor (or per channel along ``axis``)."""
+    fmt = F.get(fmt)
+    base = absmax_scale(x, fmt, axis)
+    if fmt.kind in ("mx", "float"):
+        return base
+    x = x.detach().to(torch.float32)
+    best = base.clone()
+    best_err = torch.full_like(base, math.inf)
+    dims = None if axis is None else [d for d in range(x.dim()) if d != axis % x.dim()]
+    for ratio in torch.linspace(lowest, 1.0, grid).tolist():
+        s = base * ratio
+        err = (fake_quant(x, fmt, s, axis) - x).pow(2)
+        err = err.mean().reshape(1) if dims is None else err.mean(dim=dims)
+        better = err < best_err
+        best = torch.where(better, s, best)
+        best_err = torch.where(better, err, best_err)
+    return best
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward (bit-exact), gradient multiplied by ``factor`` (LSQ gradient scaling)."""
+
+    @staticmethod
+    def forward(ctx, s, factor):
+        ctx.factor = factor
+        return s.view_as(s)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.factor, None
+
+
+def scale_grad(s: torch.Tensor, factor: float) -> torch.Tensor:
+    """Return ``s`` unchanged with its gradient scaled by ``factor``."""
+    return _ScaleGrad.apply(s, factor)
+
+
+def lsq_grad_factor(numel_per_scale: int, fmt) -> float:
+    """LSQ's gradient scale 1/sqrt(N * Q_P) for a scale shared by ``numel_per_scale`` values."""
+    return 1.0 / math.sqrt(max(1, numel_per_scale) * max(1.0, _grid_max(F.get(fmt))))
