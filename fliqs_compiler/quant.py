@@ -44,20 +44,18 @@ _TORCH_CAST_DTYPES = {
 }
 
 
-def _pow2(e: torch.Tensor) -> torch.Tensor:
-    """Exact 2**e as float32 for integer tensors e in [-126, 127] (built from the bits)."""
-    return ((e.to(torch.int32) + 127) << 23).view(torch.float32)
-
-
 def _round_fp_magnitude(a: torch.Tensor, fmt: F.Format) -> torch.Tensor:
     """Round non-negative float32 ``a`` (already clamped to max_finite, or NaN) onto fmt's grid, RNE."""
     torch_dtype = _TORCH_CAST_DTYPES.get(fmt.np_dtype_name or "")
     if torch_dtype is not None:
         return a.to(torch_dtype).to(torch.float32)
-    # Generic: exponent from frexp (exact), clamped at emin so subnormals share emin's ulp.
-    _, exponent = torch.frexp(a)
-    shift = fmt.mbits - torch.clamp(exponent - 1, min=fmt.emin)
-    return torch.round(a * _pow2(shift)) * _pow2(-shift)
+    # Generic (fp4/fp6 and MX elements): the "magic number" rounding. With e the exponent of
+    # ``a`` clamped at emin (so subnormals share emin's ulp), c = 2^(e + 23 - mbits) has a float32
+    # ulp equal to the target ulp, so the fp32 addition a + c rounds ``a`` to the target grid
+    # with round-half-even, and subtracting c is exact. Two passes instead of frexp/ldexp's six.
+    exponent = (a.view(torch.int32) >> 23).clamp_(min=fmt.emin + 127)
+    c = ((exponent + (23 - fmt.mbits)) << 23).view(torch.float32)
+    return (a + c).sub_(c)
 
 
 def quantize_to_grid(v: torch.Tensor, fmt: F.Format) -> torch.Tensor:
