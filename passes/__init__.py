@@ -1,0 +1,128 @@
+"""Graph passes (``fliqs_compiler.passes``): fx.GraphModule → fx.GraphModule, wrapped in ``Graph``.
+
+Public API:
+- ``PrepareOptions``: what to search and how (formats, tying, keep-float rules, BN form, scales);
+- ``analyze(graph, options)``: shapes, BN fold, fusion, discovery, grouping, costs — no
+  quantizers (what ``fliqs inspect`` shows);
+- ``prepare(graph, options)``: ``analyze`` + searchable quantizers → the searchable graph;
+- ``materialize(graph, formats)``: a new Graph with fixed formats (FormatQuantizers).
+
+The pipeline is the list in :func:`pipeline`; each pass documents what it requires/guarantees.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+from fliqs_compiler.errors import FliqsError
+from fliqs_compiler.graph import Graph
+
+from .bn_fold import finalize_qat_bn, fold_batchnorm, fold_batchnorm_qat
+from .cost_annotate import annotate_costs
+from .discover import discover_quantizable
+from .functionalize import functionalize_modules
+from .fusion import annotate_fusion
+from .grouping import check_formats, group_decisions
+from .insert_quant import insert_quantizers
+from .manager import (bind, check_graph, enable_train_eval, numeric, run_passes,
+                      set_training)
+from .materialize import materialize
+from .shape_prop import propagate_shapes
+
+__all__ = ["PrepareOptions", "analyze", "prepare", "materialize", "pipeline", "run_passes",
+           "propagate_shapes", "fold_batchnorm", "fold_batchnorm_qat", "finalize_qat_bn",
+           "functionalize_modules", "annotate_fusion", "discover_quantizable", "group_decisions",
+           "annotate_costs", "insert_quantizers", "numeric", "check_graph", "set_training",
+           "enable_train_eval", "DEFAULT_FORMATS"]
+
+DEFAULT_FORMATS = ("int4", "int8", "fp8_e4m3", "fp4_e2m1", "bf16")
+_BN_PASSES = {"fold": fold_batchnorm, "qat": fold_batchnorm_qat}
+
+
+@dataclass
+class PrepareOptions:
+    """How to build the searchable graph.
+
+    formats: candidate formats of every decision. tie_weight_activation: one decision per layer
+    (else weight and activation separately). keep_float_first / _last / _patterns: layers left
+    in float (outside search and budget). group_patterns: regexes; layers matching one share a
+    decision. quantize_act_matmul: also search activation × activation MatMuls.
+    tie_add_concat_inputs: one activation decision across an Add/Concat. bn: "fold" (eval fold,
+    default, BN frozen) or "qat" (Jacob et al. 2018 fold with batch statistics in training).
+    scale_mode: "learned" (LSQ) or "calibrated". check_numerics: compare outputs after each
+    numerics-preserving pass (slower; tests and --debug).
+    """
+
+    formats: Sequence[str] = field(default_factory=lambda: list(DEFAULT_FORMATS))
+    tie_weight_activation: bool = True
+    keep_float_first: bool = True
+    keep_float_last: bool = True
+    keep_float_patterns: Sequence[str] = ()
+    group_patterns: Sequence[str] = ()
+    quantize_act_matmul: bool = False
+    tie_add_concat_inputs: bool = False
+    bn: str = "fold"
+    scale_mode: str = "learned"
+    check_numerics: bool = False
+
+    def validate(self) -> "PrepareOptions":
+        """Normalise format names; bad options → FliqsError naming the option."""
+        if self.bn not in _BN_PASSES:
+            raise FliqsError(f"bn option {self.bn!r}: use one of {', '.join(_BN_PASSES)}")
+        if self.scale_mode not in ("learned", "calibrated"):
+            raise FliqsError(f"scale mode {self.scale_mode!r}: use 'learned' or 'calibrated'")
+        if isinstance(self.formats, str):
+            self.formats = [f for f in self.formats.split(",") if f.strip()]
+        self.formats = list(check_formats(self.formats))
+        for name in ("keep_float_patterns", "group_patterns"):
+            value = getattr(self, name)
+            setattr(self, name, (value,) if isinstance(value, str) else tuple(value))
+        return self
+
+
+def pipeline(options: PrepareOptions, quantize: bool = True) -> list:
+    """The compilation passes in order (``quantize=False``: the ``analyze`` subset)."""
+    o = options
+    passes = [
+        functionalize_modules,
+        propagate_shapes,
+        _BN_PASSES[o.bn],
+        bind(propagate_shapes, "propagate_shapes_after_bn"),
+        annotate_fusion,
+        bind(discover_quantizable, keep_float_first=o.keep_float_first,
+             keep_float_last=o.keep_float_last, keep_float_patterns=o.keep_float_patterns,
+             quantize_act_matmul=o.quantize_act_matmul),
+        bind(group_decisions, formats=o.formats, tie_weight_activation=o.tie_weight_activation,
+             group_patterns=o.group_patterns, tie_add_concat_inputs=o.tie_add_concat_inputs),
+        annotate_costs,
+    ]
+    if quantize:
+        passes.append(bind(insert_quantizers, scale_mode=o.scale_mode))
+    return passes
+
+
+def _run(graph: Graph, options: Optional[PrepareOptions], quantize: bool) -> Graph:
+    options = (options or PrepareOptions()).validate()
+    if graph.space is not None and graph.space.quantizers:
+        raise FliqsError(f"model {graph.name!r} already has quantizers; prepare the imported "
+                         "graph, not a prepared one")
+    graph = copy.deepcopy(graph)
+    enable_train_eval(graph.gm)
+    graph = run_passes(graph, pipeline(options, quantize), check_numerics=options.check_numerics)
+    graph.meta["options"] = options
+    return graph
+
+
+def analyze(graph: Graph, options: Optional[PrepareOptions] = None) -> Graph:
+    """Shape propagation, BN folding, fusion, discovery, grouping and costs, without quantizers.
+    Returns a new Graph (the input is untouched) with ``layers`` and ``space`` (decisions;
+    ``space.quantizers`` empty)."""
+    return _run(graph, options, quantize=False)
+
+
+def prepare(graph: Graph, options: Optional[PrepareOptions] = None) -> Graph:
+    """The full pipeline (:func:`pipeline`): returns a new, searchable Graph whose
+    ``space.apply(gm, choice)`` switches formats; it runs forward and backward and supports
+    ``.train()`` / ``.eval()`` (even when it came from ``ExportedProgram.module()``)."""
+    return _run(graph, options, quantize=True)

@@ -1,0 +1,141 @@
+"""Decision grouping: which quantizers must pick the same format → ``graph.space``.
+
+Members are ``(layer name, role)``, role ``'weight' | 'activation'`` (for an activation ×
+activation MatMul, ``'weight'`` is its second operand). Members are merged (union-find) by:
+- ``tie_weight_activation`` (default): a layer's weight and activation are one decision;
+- ``group_patterns``: all layers whose public name matches one regex (``re.search``) share one
+  decision, named by the pattern;
+- ``tie_add_concat_inputs``: the activation quantizers reading an Add/Concat's inputs or output
+  (seen through reshapes, pooling and ReLUs) share one decision — for backends that need one
+  scale on both sides of an Add/Concat.
+Layers kept in float have no members. Decision names: the pattern (``group_patterns``), else the
+first layer's name, suffixed ``.weight`` / ``.activation`` when a decision holds only that role
+(untied).
+"""
+from __future__ import annotations
+
+import re
+from typing import Sequence
+
+from torch import fx
+
+from fliqs_compiler import formats as F
+from fliqs_compiler import ir
+from fliqs_compiler.errors import FliqsError
+from fliqs_compiler.graph import Graph
+from fliqs_compiler.space import Decision, SearchSpace
+
+__all__ = ["group_decisions", "check_formats"]
+
+ROLES = ("weight", "activation")
+_SEE_THROUGH = ir.TRANSPARENT_KINDS + ("relu", "relu6")
+
+
+def check_formats(formats: Sequence[str]) -> tuple:
+    """Canonical names of ``formats``; an unknown or empty list is a FliqsError."""
+    if not formats:
+        raise FliqsError("--formats: the list is empty; give at least one, e.g. int4,int8")
+    out = []
+    for f in formats:
+        try:
+            name = F.get(f).name
+        except KeyError:
+            raise FliqsError(f"--formats: unknown format {f!r}; known: "
+                             f"{', '.join(F.searchable_names())}") from None
+        if name not in out:
+            out.append(name)
+    return tuple(out)
+
+
+class _UnionFind:
+    def __init__(self):
+        self.parent = {}
+
+    def find(self, a):
+        self.parent.setdefault(a, a)
+        while self.parent[a] != a:
+            self.parent[a] = self.parent[self.parent[a]]
+            a = self.parent[a]
+        return a
+
+    def union(self, a, b):
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[rb] = ra
+
+
+def _source(node):
+    """The tensor a layer input really comes from, looking through shape ops / pools / ReLUs."""
+    while isinstance(node, fx.Node) and ir.kind_of(node) in _SEE_THROUGH and node.args:
+        node = node.args[0]
+    return node
+
+
+def group_decisions(graph: Graph, formats: Sequence[str] = ("int4", "int8"),
+                    tie_weight_activation: bool = True, group_patterns: Sequence[str] = (),
+                    tie_add_concat_inputs: bool = False) -> Graph:
+    """Requires: ``graph.layers`` (run ``discover_quantizable``). Guarantees: ``graph.space`` is a
+    SearchSpace whose decisions cover every (searched layer, role) exactly once, candidates =
+    ``formats`` (canonical names); ``LayerInfo.group`` = the name of the decision holding the
+    layer's weight ('' for layers kept in float); ``space.quantizers`` is filled later by
+    ``insert_quantizers`` (kept if already present)."""
+    candidates = check_formats(formats)
+    try:
+        regexes = [(p, re.compile(p)) for p in group_patterns]
+    except re.error as e:
+        raise FliqsError(f"group pattern: not a valid regular expression ({e})") from None
+    searched = [layer for layer in graph.layers.values() if not layer.keep_float]
+    uf = _UnionFind()
+    for layer in searched:
+        for role in ROLES:
+            uf.find((layer.name, role))
+        if tie_weight_activation:
+            uf.union((layer.name, "weight"), (layer.name, "activation"))
+    heads = []
+    for pattern, rx in regexes:
+        hit = [layer.name for layer in searched if rx.search(layer.name)]
+        for name in hit[1:]:
+            for role in ROLES:
+                uf.union((hit[0], role), (name, role))
+        if hit:
+            heads.append((pattern, hit[0]))
+    if tie_add_concat_inputs:
+        by_source = {}
+        for layer in searched:
+            x = ir.get_arg(graph.fx_node(layer.node), "input")
+            by_source.setdefault(_source(x), []).append(layer.name)
+        for node in graph.gm.graph.nodes:
+            kind = ir.kind_of(node)
+            if kind not in ("add", "cat"):
+                continue
+            ins = ir.get_arg(node, "tensors") if kind == "cat" else node.args[:2]
+            tied = [name for t in [*ins, node] for name in by_source.get(_source(t), [])]
+            for name in tied[1:]:
+                uf.union((tied[0], "activation"), (name, "activation"))
+    label = {}
+    for pattern, head in heads:  # label after all unions: roots are final now
+        root_w, root_a = uf.find((head, "weight")), uf.find((head, "activation"))
+        label.setdefault(root_w, pattern)
+        if root_a != root_w:
+            label.setdefault(root_a, pattern + ".activation")
+    components: dict = {}
+    for layer in searched:
+        for role in ROLES:
+            components.setdefault(uf.find((layer.name, role)), []).append((layer.name, role))
+    decisions, seen_names = [], set()
+    for root, members in components.items():
+        name = label.get(root)
+        if name is None:
+            roles = {m[1] for m in members}
+            name = members[0][0] if len(roles) > 1 else f"{members[0][0]}.{members[0][1]}"
+        while name in seen_names:
+            name += "_"
+        seen_names.add(name)
+        decisions.append(Decision(name=name, candidates=candidates, members=members))
+    owner = {m: d.name for d in decisions for m in d.members}
+    for layer in graph.layers.values():
+        layer.group = "" if layer.keep_float else owner[(layer.name, "weight")]
+    old = graph.space.quantizers if graph.space is not None else {}
+    graph.space = SearchSpace(decisions, dict(old))
+    graph.meta["formats"] = list(candidates)
+    return graph

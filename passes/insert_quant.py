@@ -1,0 +1,80 @@
+"""Insert searchable quantize nodes (docs/design.md, "Quantized graph shape").
+
+For each searched layer ``L`` (public name), reading activation ``a`` and weight ``w``::
+
+    a ─► call_module <L>_aq (SearchableQuantizer role=activation, per tensor) ─┐
+    w ─► call_module <L>_wq (SearchableQuantizer role=weight, per output channel) ┴► L
+
+Weight quantizers are per channel along the output-channel axis with ``block_axis`` = the
+reduction axis (conv/linear: 0 / 1; conv-transpose: 1 / 0; MatMul ``[.., K, N]``: -1 / -2).
+Activation quantizers are per tensor with ``block_axis`` 1 (conv, NCHW) or -1 (linear, MatMul),
+and ``unsigned=True`` where the fusion pass proved the input non-negative. For an activation ×
+activation MatMul the ``weight`` quantizer is per tensor on the second operand. Each candidate
+format owns its scale (SearchableQuantizer).
+"""
+from __future__ import annotations
+
+from torch import fx
+
+from fliqs_compiler import ir
+from fliqs_compiler.graph import Graph
+from fliqs_compiler.quantizers import SearchableQuantizer
+
+from ._util import sanitize, unique_attr
+from .fusion import is_nonneg
+from .manager import check_graph
+
+__all__ = ["insert_quantizers"]
+
+
+def _insert(gm: fx.GraphModule, node: fx.Node, arg: str, path: str, module) -> fx.Node:
+    src = ir.get_arg(node, arg)
+    gm.add_submodule(path, module)
+    with gm.graph.inserting_before(node):
+        q = gm.graph.call_module(path, (src,))
+    for k in ("shape", "dtype", "nonneg", "tensor_meta"):
+        if k in src.meta:
+            q.meta[k] = src.meta[k]
+    ir.set_arg(node, arg, q)
+    return q
+
+
+def insert_quantizers(graph: Graph, scale_mode: str = "learned") -> Graph:
+    """Requires: ``graph.layers`` and ``graph.space`` (run ``group_decisions``), shapes and
+    ``meta['nonneg']`` (``annotate_fusion``). Guarantees: one SearchableQuantizer per
+    (searched layer, role) member of ``graph.space``, wired between the tensor and the layer,
+    named ``<sanitized name>_wq`` / ``_aq`` (suffixed ``_1``... on a clash), recorded in
+    ``graph.space.quantizers``; the active candidate is the first one. Outputs change (the
+    model now quantizes)."""
+    if scale_mode not in ("learned", "calibrated"):
+        from fliqs_compiler.errors import FliqsError
+        raise FliqsError(f"scale mode {scale_mode!r}: use 'learned' or 'calibrated'")
+    gm = graph.gm
+    candidates = {m: d.candidates for d in graph.space.decisions for m in d.members}
+    for layer in graph.searched_layers():
+        node = graph.fx_node(layer.node)
+        if (layer.name, "weight") in graph.space.quantizers:
+            continue  # already inserted
+        w = ir.get_arg(node, "weight")
+        rank = len(layer.weight_shape)
+        if layer.params > 0:
+            out_axis, red_axis = ir.weight_axes(layer.op, rank)
+            wq = SearchableQuantizer(candidates[(layer.name, "weight")], "weight",
+                                     channels=layer.weight_shape[out_axis], axis=out_axis,
+                                     block_axis=red_axis, scale_mode=scale_mode)
+        else:  # activation x activation matmul: second operand, per tensor
+            wq = SearchableQuantizer(candidates[(layer.name, "weight")], "weight",
+                                     block_axis=rank - 2, unsigned=is_nonneg(w),
+                                     scale_mode=scale_mode)
+        x = ir.get_arg(node, "input")
+        block = 1 if layer.op.startswith("conv") else -1
+        aq = SearchableQuantizer(candidates[(layer.name, "activation")], "activation",
+                                 block_axis=block, unsigned=is_nonneg(x), scale_mode=scale_mode)
+        base = sanitize(layer.name)
+        for role, arg, suffix, mod in (("weight", "weight", "_wq", wq),
+                                       ("activation", "input", "_aq", aq)):
+            path = unique_attr(gm, base + suffix)
+            _insert(gm, node, arg, path, mod)
+            graph.space.quantizers[(layer.name, role)] = path
+    check_graph(graph)
+    return graph

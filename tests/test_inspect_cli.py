@@ -1,0 +1,116 @@
+"""``fliqs inspect``: table and --json output (architecture.md schema), --verify exit codes,
+bad-input errors. The model loader is replaced by a torch model where the ONNX path is not the
+point, so these tests do not depend on the importer; one test runs the bundled ONNX model."""
+from __future__ import annotations
+
+import json
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+from click.testing import CliRunner
+
+from fliqs_compiler.cli import inspect_cmd
+from fliqs_compiler.cli.main import cli
+from fliqs_compiler.graph import Graph, InputSpec
+
+torch.set_num_threads(2)
+DEMO = Path(inspect_cmd.__file__).resolve().parents[1] / "fliqs_compiler" / "assets" / "demo.onnx"
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.bn = nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.c2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        y = torch.relu(self.bn(self.c1(x)))
+        return self.fc(torch.relu(self.c2(y)).mean((2, 3)))
+
+
+@pytest.fixture
+def fake_model(tmp_path, monkeypatch):
+    path = tmp_path / "net.onnx"
+    path.write_bytes(b"not read: the loader is patched")
+    seen = {}
+
+    def load(model, shapes):
+        seen["shapes"] = shapes
+        shape = shapes.get("x", (1, 1, 6, 6))
+        gm = torch.export.export(Net().eval(), (torch.randn(shape),)).module()
+        return Graph(gm, [InputSpec("x", shape)], name="net", source=str(model))
+
+    monkeypatch.setattr(inspect_cmd, "_load", load)
+    return path, seen
+
+
+def test_inspect_json_schema_exact(fake_model):
+    path, seen = fake_model
+    r = CliRunner().invoke(cli, ["inspect", str(path), "--json", "--input-shape", "x=2x1x8x8"])
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    assert seen["shapes"] == {"x": (2, 1, 8, 8)}
+    assert set(data) == {"model", "inputs", "nodes"}
+    assert data["model"] == "net"
+    assert data["inputs"] == [{"name": "x", "shape": [2, 1, 8, 8], "dtype": "float32"}]
+    assert [set(n) for n in data["nodes"]] == [{"name", "op", "macs", "params", "group"}] * 3
+    c1, c2, fc = data["nodes"]
+    assert (c1["op"], c1["macs"], c1["params"], c1["group"]) == ("conv2d", 2 * 4 * 64 * 9, 36, "")
+    assert (c2["name"], c2["macs"], c2["group"]) == ("conv2d_1", 2 * 4 * 64 * 36, "conv2d_1")
+    assert (fc["op"], fc["macs"], fc["params"]) == ("linear", 2 * 3 * 4, 12)
+
+
+def test_inspect_table(fake_model):
+    path, _ = fake_model
+    r = CliRunner().invoke(cli, ["inspect", str(path)])
+    assert r.exit_code == 0, r.output
+    assert "conv2d_1" in r.output and "float (kept)" in r.output
+    assert "3 quantizable nodes" in r.output
+
+
+def test_inspect_verify_exit_codes(fake_model, monkeypatch):
+    path, _ = fake_model
+    result = {}
+    fake = types.ModuleType("fliqs_compiler.frontends.verify")
+    fake.verify_onnx_import = lambda graph, model: result["value"]
+    monkeypatch.setitem(sys.modules, "fliqs_compiler.frontends.verify", fake)
+    result["value"] = (True, 1e-7)
+    r = CliRunner().invoke(cli, ["inspect", str(path), "--verify", "--json"])
+    assert r.exit_code == 0, r.output
+    json.loads(r.stdout)
+    result["value"] = (False, 0.5)
+    r = CliRunner().invoke(cli, ["inspect", str(path), "--verify"])
+    assert r.exit_code == 1
+    assert "disagrees with onnxruntime" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_inspect_bad_input(tmp_path):
+    r = CliRunner().invoke(cli, ["inspect", str(tmp_path / "missing.onnx")])
+    assert r.exit_code == 2 and "no such model file" in r.stderr
+    model = tmp_path / "m.onnx"
+    model.write_bytes(b"x")
+    r = CliRunner().invoke(cli, ["inspect", str(model), "--input-shape", "x=1xfoo"])
+    assert r.exit_code == 2 and "--input-shape" in r.stderr
+
+
+@pytest.mark.skipif(not DEMO.is_file(), reason="bundled demo model missing")
+def test_inspect_bundled_onnx_model():
+    pytest.importorskip("fliqs_compiler.frontends.onnx_import")
+    r = CliRunner().invoke(cli, ["inspect", str(DEMO), "--json"])
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    assert data["nodes"] and all(n["macs"] > 0 for n in data["nodes"])
+    assert data["nodes"][0]["group"] == "" and data["nodes"][1]["group"] == data["nodes"][1]["name"]
+
+
+@pytest.mark.skipif(not DEMO.is_file(), reason="bundled demo model missing")
+def test_inspect_verify_bundled_onnx_model_against_onnxruntime():
+    pytest.importorskip("fliqs_compiler.frontends.verify")
+    r = CliRunner().invoke(cli, ["inspect", str(DEMO), "--verify"])
+    assert r.exit_code == 0, r.output
+    assert "verify: max abs error vs onnxruntime" in r.stderr and "DISAGREES" not in r.stderr
