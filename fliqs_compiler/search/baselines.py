@@ -1,0 +1,278 @@
+"""Baselines in the same harness as FLIQS (same graph, data, step count, budget, batches).
+
+- ``uniform``: every searched layer in one format, QAT for the same number of steps.
+- ``random``: N random configurations within the budget; each is QAT-trained for steps/N steps
+  from the same starting weights, the best on the validation split is reported on the test split.
+- ``ilp`` (HAWQ-like): per-decision sensitivity = measured validation-loss increase when that
+  decision alone drops from the most precise candidate to each other candidate; minimise the
+  summed sensitivity under the budget with ``scipy.optimize.milp`` (costs linearised per decision
+  around the most precise configuration: exact for tied BOPs/size); then QAT for the same steps.
+- ``dnas``: differentiable branching (EdMIPS/FBNet-like) — every quantizer runs all K candidates
+  and mixes them with softmax(α) of its decision; the loss adds ``γ·|E[C]/C_target - 1|``;
+  final = argmax α, shared weights, no retraining. K× activation memory: the comparison point.
+Each returns a ``BaselineResult``; none modifies the graph passed in (they work on deep copies).
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..budget import parse_budget, resolve_budget
+from ..cost import config_cost
+from ..graph import Graph
+from ..quantizers import SearchableQuantizer
+from .oneshot import SearchOptions
+from .trainer import WeightTrainer, default_metric, first_output, float_copy
+
+__all__ = ["BaselineResult", "uniform", "random_search", "sensitivity_ilp", "dnas", "DNASMixer",
+           "dnas_wrap", "marginal_costs", "BASELINES"]
+
+
+@dataclass
+class BaselineResult:
+    name: str
+    method: str
+    choice: list
+    formats: dict
+    cost: float
+    quality: float
+    steps: int
+    seconds: float
+    notes: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _setup(graph: Graph, data, options: SearchOptions):
+    g = copy.deepcopy(graph)
+    metric = options.metric or default_metric(data)
+    teacher = float_copy(g.gm) if not data.labeled else None
+    torch.manual_seed(options.seed)
+    return g, WeightTrainer(g.gm, data, options.train, teacher), metric, torch.Generator().manual_seed(options.seed)
+
+
+def _target(graph, budget, latency):
+    if budget is None:
+        return None, "bops"
+    b = parse_budget(budget) if isinstance(budget, str) else budget
+    return resolve_budget(b, graph, latency), b.kind
+
+
+def _result(name, method, g, choice, kind, latency, quality, steps, t0, notes="", **extra):
+    return BaselineResult(name, method, list(choice), g.space.formats_of(choice),
+                          config_cost(g, g.space.formats_of(choice), kind, latency), quality, steps,
+                          time.perf_counter() - t0, notes, extra)
+
+
+def uniform(graph: Graph, data, budget, options: SearchOptions, formats: Optional[Sequence[str]] = None,
+            latency=None) -> list:
+    """One QAT run per format shared by all decisions (``formats`` default: all such candidates)."""
+    _, kind = _target(graph, budget, latency)
+    common = [f for f in graph.space.decisions[0].candidates
+              if all(f in d.candidates for d in graph.space.decisions)]
+    out = []
+    for fmt in (formats or common):
+        t0 = time.perf_counter()
+        g, trainer, metric, gen = _setup(graph, data, options)
+        choice = g.space.uniform_choice(fmt)
+        trainer.train_fixed(g.space.apply, choice, options.steps, gen)
+        out.append(_result(f"uniform-{fmt}", "uniform", g, choice, kind, latency,
+                           trainer.evaluate(metric, "test"), options.steps, t0,
+                           f"QAT, all searched layers {fmt}, {options.steps} steps"))
+    return out
+
+
+def random_search(graph: Graph, data, budget, options: SearchOptions, n: int = 8, latency=None,
+                  max_tries: int = 10000) -> BaselineResult:
+    """Best of ``n`` random in-budget configurations, each QAT-trained for steps // n steps."""
+    t0 = time.perf_counter()
+    target, kind = _target(graph, budget, latency)
+    space = graph.space
+    gen = torch.Generator().manual_seed(options.seed + 1)
+    configs = []
+    for _ in range(max_tries):
+        choice = [int(torch.randint(len(d.candidates), (1,), generator=gen)) for d in space.decisions]
+        if target is None or config_cost(graph, space.formats_of(choice), kind, latency) <= target:
+            configs.append(choice)
+            if len(configs) == n:
+                break
+    each = max(1, options.steps // max(1, len(configs)))
+    best = None
+    for choice in configs:
+        g, trainer, metric, g_gen = _setup(graph, data, options)
+        trainer.train_fixed(g.space.apply, choice, each, g_gen)
+        val = trainer.evaluate(metric, "val")
+        if best is None or val > best[0]:
+            best = (val, choice, trainer.evaluate(metric, "test"), g)
+    val, choice, test_q, g = best
+    return _result("random", "random", g, choice, kind, latency, test_q, each * len(configs), t0,
+                   f"best (by val) of {len(configs)} random in-budget configs, each QAT {each} steps "
+                   "from the same float weights", val_quality=val, tried=len(configs))
+
+
+def marginal_costs(graph: Graph, reference: Sequence[int], kind: str, latency=None):
+    """(cost of ``reference``, [[cost change when decision d alone takes candidate k]])."""
+    space = graph.space
+    base = config_cost(graph, space.formats_of(reference), kind, latency)
+    deltas = []
+    for d, decision in enumerate(space.decisions):
+        row = []
+        for k in range(len(decision.candidates)):
+            trial = list(reference)
+            trial[d] = k
+            row.append(config_cost(graph, space.formats_of(trial), kind, latency) - base)
+        deltas.append(row)
+    return base, deltas
+
+
+def _most_precise(graph: Graph) -> list:
+    from .. import formats as F
+    return [max(range(len(d.candidates)), key=lambda k: F.get(d.candidates[k]).cost_bits)
+            for d in graph.space.decisions]
+
+
+def sensitivity_ilp(graph: Graph, data, budget, options: SearchOptions, latency=None,
+                    sens_samples: int = 512) -> BaselineResult:
+    """HAWQ-like: measured per-decision loss sensitivity + MILP under the budget, then QAT."""
+    from scipy.optimize import Bounds, LinearConstraint, milp
+    t0 = time.perf_counter()
+    target, kind = _target(graph, budget, latency)
+    g, trainer, metric, gen = _setup(graph, data, options)
+    space = g.space
+    ref = _most_precise(g)
+    n = min(sens_samples, len(data.x_val))
+    xv, yv = data.x_val[:n], (data.y_val[:n] if data.y_val is not None else None)
+    tv = trainer.teacher_out("val", torch.arange(n)) if yv is None else None
+
+    @torch.no_grad()
+    def loss_of(choice):
+        space.apply(g.gm, choice)
+        g.gm.eval()
+        return float(trainer.loss(first_output(g.gm(xv)), yv, tv))
+
+    base_loss = loss_of(ref)
+    sens = []
+    for d, decision in enumerate(space.decisions):
+        row = []
+        for k in range(len(decision.candidates)):
+            trial = list(ref)
+            trial[d] = k
+            row.append(loss_of(trial) - base_loss)
+        sens.append(row)
+    base_cost, deltas = marginal_costs(g, ref, kind, latency)
+    flat_s = np.concatenate([np.asarray(r, dtype=float) for r in sens])
+    flat_c = np.concatenate([np.asarray(r, dtype=float) for r in deltas])
+    nvar, rows = len(flat_s), []
+    onehot = np.zeros((len(sens), nvar))
+    pos = 0
+    for d, r in enumerate(sens):
+        onehot[d, pos:pos + len(r)] = 1
+        pos += len(r)
+    rows.append(LinearConstraint(onehot, 1, 1))
+    if target is not None:
+        rows.append(LinearConstraint(flat_c[None, :], -np.inf, target - base_cost))
+    res = milp(c=flat_s, constraints=rows, integrality=np.ones(nvar), bounds=Bounds(0, 1))
+    if not res.success:
+        choice = list(ref)
+        note = f"MILP failed ({res.message}); fell back to the most precise configuration"
+    else:
+        x, choice, pos = np.round(res.x), [], 0
+        for r in sens:
+            choice.append(int(np.argmax(x[pos:pos + len(r)])))
+            pos += len(r)
+        note = "sensitivity = measured val-loss increase per (decision, format); MILP; then QAT"
+    trainer.train_fixed(space.apply, choice, options.steps, gen)
+    return _result("ilp", "ilp", g, choice, kind, latency, trainer.evaluate(metric, "test"),
+                   options.steps, t0, f"{note}, {options.steps} steps", sensitivity=sens)
+
+
+class DNASMixer(nn.Module):
+    """Runs a SearchableQuantizer in all its candidates and mixes them: Σ_k softmax(α_d)_k q_k(x)."""
+
+    def __init__(self, quantizer: SearchableQuantizer, alphas: nn.Parameter, decision: int):
+        super().__init__()
+        self.q = quantizer
+        self.decision = decision
+        object.__setattr__(self, "_alphas", alphas)  # shared, not a parameter of this module
+
+    def forward(self, x):
+        k = len(self.q.candidates)
+        w = torch.softmax(self._alphas[self.decision, :k], dim=0)
+        out = 0
+        for i in range(k):
+            self.q.active = i
+            out = out + w[i] * self.q(x)
+        return out
+
+
+def dnas_wrap(graph: Graph):
+    """A deep copy of ``graph`` whose quantizers are ``DNASMixer``s, and the α parameter."""
+    g = copy.deepcopy(graph)
+    space = g.space
+    alphas = nn.Parameter(torch.zeros(space.num_decisions, space.max_candidates))
+    for d, decision in enumerate(space.decisions):
+        for member in decision.members:
+            path = space.quantizers[member]
+            parent, _, leaf = path.rpartition(".")
+            owner = g.gm.get_submodule(parent) if parent else g.gm
+            setattr(owner, leaf, DNASMixer(g.gm.get_submodule(path), alphas, d))
+    return g, alphas
+
+
+def dnas(graph: Graph, data, budget, options: SearchOptions, latency=None, alpha_lr: float = 0.01) -> BaselineResult:
+    """DNAS branching search for ``options.steps`` steps (α frozen during the warmup fraction)."""
+    t0 = time.perf_counter()
+    target, kind = _target(graph, budget, latency)
+    g, alphas = dnas_wrap(graph)
+    metric = options.metric or default_metric(data)
+    trainer = WeightTrainer(g.gm, data, options.train, float_copy(graph.gm) if not data.labeled else None)
+    ref = _most_precise(graph)
+    base_cost, deltas = marginal_costs(graph, ref, kind, latency)
+    k = graph.space.max_candidates
+    delta = torch.tensor([r + [0.0] * (k - len(r)) for r in deltas])
+    mask = torch.tensor([[i < len(r) for i in range(k)] for r in deltas])
+    aopt = torch.optim.Adam([alphas], lr=alpha_lr)
+    gen = torch.Generator().manual_seed(options.seed)
+    torch.manual_seed(options.seed)
+    warm = int(round(options.controller.warmup * options.steps))
+    for step in range(options.steps):
+        x, y, idx = trainer.batch("train", options.train.batch_size, gen)
+        t = trainer.teacher_out("train", idx) if y is None else None
+        g.gm.train()
+        loss = trainer.loss(first_output(g.gm(x)), y, t)
+        if target is not None:
+            p = torch.softmax(alphas.masked_fill(~mask, -1e9), dim=-1)
+            expected = base_cost + (p * delta).sum()
+            loss = loss + options.gamma * torch.abs(expected / target - 1.0)
+        trainer.optimizer.zero_grad(set_to_none=True)
+        aopt.zero_grad(set_to_none=True)
+        loss.backward()
+        trainer.optimizer.step()
+        if step >= warm:
+            aopt.step()
+    choice = alphas.detach().masked_fill(~mask, -1e9).argmax(-1).tolist()
+    final = copy.deepcopy(graph)
+    prefixes = [f"{path}.q." for path in graph.space.quantizers.values()]
+
+    def unwrap(key: str) -> str:
+        for pre in prefixes:
+            if key.startswith(pre):
+                return pre[:-2] + key[len(pre):]
+        return key
+    final.gm.load_state_dict({unwrap(k2): v for k2, v in g.gm.state_dict().items()})
+    ftrainer = WeightTrainer(final.gm, data, options.train, trainer.teacher)
+    final.space.apply(final.gm, choice)
+    return _result("dnas", "dnas", final, choice, kind, latency, ftrainer.evaluate(metric, "test"),
+                   options.steps, t0, f"DNAS branching (all K candidates mixed), {options.steps} steps, "
+                   "argmax α, no retraining")
+
+
+BASELINES = {"uniform": uniform, "random": random_search, "ilp": sensitivity_ilp, "dnas": dnas}

@@ -1,0 +1,159 @@
+"""The FLIQS controller: one categorical policy per decision, trained with REINFORCE.
+
+method.md is the spec. Free logits ``[num_decisions, max_candidates]`` start equal (uniform
+policy; decisions with fewer candidates are masked). Each step samples one candidate per
+decision. During warmup (first ``warmup`` fraction of the steps) samples are uniform and the
+logits frozen; the moving-average baseline is still tracked so it is warm when learning starts.
+After warmup: ``A = r - b`` (``b`` before this step's update; the first reward seeds ``b``),
+``b ← m·b + (1-m)·r``, loss ``-A·Σ_d log π_d(a_d) + sign·β(s)·Σ_d H(π_d)`` minimised with Adam
+(β1 = 0 by default, as TuNAS). ``β(s)`` follows an entropy schedule over the normalised
+post-warmup step ``s ∈ [0, 1]``; ``sign = +1`` (default, the authors' code) penalises entropy so
+the policy becomes near one-hot before the end, ``-1`` makes it an exploration bonus.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+__all__ = ["ControllerOptions", "Controller", "ENTROPY_SCHEDULES", "entropy_weight", "tunas_reward"]
+
+ENTROPY_SCHEDULES = {
+    "cosine": lambda s: (1.0 - math.cos(math.pi * s)) / 2.0,
+    "constant": lambda s: 1.0,
+    "linear": lambda s: s,
+    "none": lambda s: 0.0,
+}
+
+
+def entropy_weight(schedule: str, beta_max: float, s: float) -> float:
+    """β(s) for ``schedule`` in ``ENTROPY_SCHEDULES``; ``s`` is clamped to [0, 1]."""
+    if schedule not in ENTROPY_SCHEDULES:
+        raise ValueError(f"unknown entropy schedule {schedule!r}; use one of {', '.join(ENTROPY_SCHEDULES)}")
+    return float(beta_max) * ENTROPY_SCHEDULES[schedule](min(1.0, max(0.0, float(s))))
+
+
+def tunas_reward(quality: float, cost: float, target: Optional[float], gamma: float) -> float:
+    """TuNAS absolute reward ``Q - γ·|C/C_target - 1|`` (``target`` None: no cost term)."""
+    if target is None:
+        return float(quality)
+    return float(quality) - float(gamma) * abs(float(cost) / float(target) - 1.0)
+
+
+@dataclass
+class ControllerOptions:
+    lr: float = 0.05
+    beta1: float = 0.0  # TuNAS
+    beta2: float = 0.999
+    baseline_momentum: float = 0.95
+    warmup: float = 0.25  # fraction of the steps with uniform sampling and a frozen policy
+    entropy_schedule: str = "cosine"  # cosine | constant | linear | none
+    entropy_max: float = 0.05  # β_max
+    entropy_sign: float = 1.0  # +1: penalty (near one-hot at the end); -1: exploration bonus
+
+    def __post_init__(self):
+        if self.entropy_schedule not in ENTROPY_SCHEDULES:
+            raise ValueError(f"entropy_schedule {self.entropy_schedule!r}: use one of "
+                             f"{', '.join(ENTROPY_SCHEDULES)}")
+        if not 0.0 <= self.warmup < 1.0:
+            raise ValueError(f"warmup {self.warmup}: use a fraction in [0, 1)")
+
+
+class Controller:
+    """Policy over ``candidate_counts[d]`` candidates per decision, for ``total_steps`` steps.
+
+    Requires: at least one decision, each with ≥ 1 candidate. Guarantees: ``sample`` is a pure
+    function of the generator state and the logits; ``update`` leaves logits untouched during
+    warmup; ``state_dict``/``load_state_dict`` round-trip everything (logits, Adam, baseline).
+    """
+
+    def __init__(self, candidate_counts: Sequence[int], options: ControllerOptions, total_steps: int):
+        counts = [int(c) for c in candidate_counts]
+        if not counts or min(counts) < 1:
+            raise ValueError("the controller needs at least one decision with at least one candidate")
+        self.options = options
+        self.total_steps = int(total_steps)
+        self.warmup_steps = int(round(options.warmup * self.total_steps))
+        k = max(counts)
+        self.mask = torch.zeros(len(counts), k, dtype=torch.bool)
+        for d, c in enumerate(counts):
+            self.mask[d, :c] = True
+        self.logits = torch.zeros(len(counts), k, requires_grad=True)
+        self.optimizer = torch.optim.Adam([self.logits], lr=options.lr,
+                                          betas=(options.beta1, options.beta2))
+        self.baseline: Optional[float] = None
+
+    # -- policy ----------------------------------------------------------------------------
+    def log_probs(self) -> torch.Tensor:
+        masked = torch.where(self.mask, self.logits, torch.full_like(self.logits, -1e9))
+        return torch.log_softmax(masked, dim=-1)
+
+    def probs(self) -> torch.Tensor:
+        return self.log_probs().detach().exp()
+
+    def entropy(self) -> torch.Tensor:
+        """Σ over decisions of each categorical's entropy (nats)."""
+        lp = self.log_probs()
+        return -(lp.exp() * lp).sum()
+
+    def in_warmup(self, step: int) -> bool:
+        return step < self.warmup_steps
+
+    def progress(self, step: int) -> float:
+        """Normalised post-warmup step s ∈ [0, 1] (0 during warmup)."""
+        span = max(1, self.total_steps - self.warmup_steps - 1)
+        return min(1.0, max(0.0, (step - self.warmup_steps) / span))
+
+    def beta(self, step: int) -> float:
+        if self.in_warmup(step):
+            return 0.0
+        o = self.options
+        return entropy_weight(o.entropy_schedule, o.entropy_max, self.progress(step))
+
+    def sample(self, generator: torch.Generator, uniform: bool = False) -> list:
+        """One candidate index per decision (uniform over valid candidates if ``uniform``)."""
+        p = self.mask.float() if uniform else self.probs()
+        return torch.multinomial(p, 1, generator=generator).squeeze(1).tolist()
+
+    def argmax(self) -> list:
+        return self.probs().argmax(dim=-1).tolist()
+
+    # -- learning --------------------------------------------------------------------------
+    def update(self, choice: Sequence[int], reward: float, step: int) -> dict:
+        """One REINFORCE step for ``choice`` with ``reward`` at ``step``; returns the numbers logged."""
+        b = reward if self.baseline is None else self.baseline
+        advantage = float(reward) - b
+        m = self.options.baseline_momentum
+        self.baseline = m * b + (1.0 - m) * float(reward)
+        beta = self.beta(step)
+        if self.in_warmup(step):
+            with torch.no_grad():
+                ent = float(self.entropy())
+            return {"advantage": advantage, "baseline": self.baseline, "entropy": ent, "beta": 0.0,
+                    "frozen": True}
+        lp = self.log_probs()
+        idx = torch.as_tensor(list(choice), dtype=torch.long)
+        chosen = lp.gather(1, idx.view(-1, 1)).sum()
+        ent = -(lp.exp() * lp).sum()
+        loss = -advantage * chosen + self.options.entropy_sign * beta * ent
+        self.optimizer.zero_grad()
+        loss.backward()
+        self.optimizer.step()
+        return {"advantage": advantage, "baseline": self.baseline, "entropy": float(ent.detach()),
+                "beta": beta, "frozen": False}
+
+    # -- checkpointing ---------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """A snapshot (copies, not views of the live optimizer state)."""
+        return {"logits": self.logits.detach().clone(), "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+                "baseline": float("nan") if self.baseline is None else float(self.baseline)}
+
+    def load_state_dict(self, state: dict) -> None:
+        with torch.no_grad():
+            self.logits.copy_(state["logits"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        b = float(state["baseline"])
+        self.baseline = None if math.isnan(b) else b
