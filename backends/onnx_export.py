@@ -1,0 +1,598 @@
+"""Export a materialized ``Graph`` to standard QDQ ONNX (opset 21; 23 only when FP4 is used).
+
+Pipeline of ``export_qdq``:
+1. ``torch.onnx.export(dynamo=True)`` with a custom translation: each
+   ``torch.ops.fliqs.fake_quant`` node becomes one placeholder node ``fliqs.FakeQuant``
+   (attributes ``fmt``, ``axis``, ``shape``), everything else is the stock exporter.
+2. ``lower_fake_quant`` replaces every placeholder by standard ONNX ops, choosing the rule
+   from the format's data (``Format.onnx_type`` / ``kind``), see ``_RUNTIME_RULES``:
+   - weights (placeholder input is an initializer) are quantized offline: the quantized
+     values are stored as a low-precision initializer + ``DequantizeLinear`` (per-axis scale;
+     MX: ``block_size=32`` with the E8M0 block scales as float). Formats without an ONNX type
+     are stored in the smallest container type that holds their grid exactly
+     (int2/int3 -> INT4, int5..7 -> INT8, fp6/fp4 elements -> FLOAT8E4M3FN); bf16/fp16 weights
+     are stored as BFLOAT16/FLOAT16 + ``Cast``. Each folded weight is checked bit-exact against
+     ``fq.fake_quant``.
+   - activations: ``QuantizeLinear``/``DequantizeLinear`` for INT8/UINT8/INT4/UINT4/FP8/FP4;
+     ``Clip`` + ``Cast`` pairs for bf16/fp16; formats without an ONNX type (int2..7, uint2/3,
+     fp6_*, MX) are decomposed into standard ops computing exactly ``fq.fake_quant``
+     (Round/Clip for integers; a Where-chain for the exponent of small floats; for MX, exact
+     ``floor(log2(block absmax))`` via Log + Pow correction and per-block power-of-two scales).
+3. Form fixes for onnxruntime (numerically neutral): ``gemm_to_matmul`` (per-channel QDQ
+   Gemm → MatMul + Add so ORT uses integer MatMul kernels), ``detach_float_bias`` (FP8 conv
+   bias as a separate Add: ORT's int32 bias quantization overflows at FP8 scales), and
+   ``protect_relu_before_float_q`` (ORT's ReluQuantRewrite drops a ReLU before an FP8
+   QuantizeLinear, which does not clamp negatives).
+4. ``onnx.checker.check_model(full_check=True)`` and an atomic write.
+
+onnxruntime 1.32 facts this relies on (measured): blocked ``DequantizeLinear`` (``block_size``)
+works for INT8/INT4/UINT4/FLOAT8E4M3FN/FLOAT8E5M2 at opset 21, blocked ``QuantizeLinear`` for
+INT8; nothing at all is implemented for FLOAT4E2M1 (Q, DQ, Cast at opset 23). MX activations
+need data-dependent E8M0 scales that no single ONNX op computes, so they are always decomposed;
+MX weights use blocked DQ. FP4 models (``native_fp4=True``) therefore only run in
+``onnx.reference.ReferenceEvaluator``; ``native_fp4=False`` decomposes FP4 (opset 21, runs in ORT).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from fliqs_compiler import formats as F
+from fliqs_compiler.errors import FliqsError
+from fliqs_compiler.quant import fake_quant, mx_block_scales, quantize_to_grid
+from fliqs_compiler.quantizers import FormatQuantizer
+
+__all__ = ["export_qdq", "lower_fake_quant", "quantizer_nodes", "gemm_to_matmul",
+           "detach_float_bias",
+           "protect_relu_before_float_q", "formats_used", "required_opset", "save_atomic"]
+
+DOMAIN = "fliqs"
+_TP = TensorProto
+QDQ_TYPES = {_TP.INT8, _TP.UINT8, _TP.INT4, _TP.UINT4, _TP.FLOAT8E4M3FN, _TP.FLOAT8E5M2,
+             _TP.FLOAT4E2M1}  # element types of QuantizeLinear/DequantizeLinear
+CAST_TYPES = {_TP.FLOAT16, _TP.BFLOAT16}  # exported as Clip + Cast pairs
+FP4_TYPES = {_TP.FLOAT4E2M1}  # need opset 23 (and IR 11)
+# Storage containers for weights whose format has no ONNX type, smallest first.
+CONTAINERS = ("int4", "uint4", "int8", "uint8", "fp8_e4m3", "fp8_e5m2")
+
+
+# ---- step 1: torch -> ONNX with one placeholder per fake_quant ----------------------------------
+def _register_schema() -> None:
+    """Register ``fliqs.FakeQuant`` so the exporter can emit it (replaced before saving)."""
+    D = onnx.defs
+    if D.has("FakeQuant", DOMAIN):
+        return
+    P = D.OpSchema.FormalParameter
+    opt = D.OpSchema.FormalParameterOption.Optional
+    D.register_schema(D.OpSchema(
+        "FakeQuant", DOMAIN, 1, doc="fliqs fake_quant placeholder (lowered by export_qdq)",
+        inputs=[P("x", "T"), P("scale", "T"), P("zero_point", "T", param_option=opt)],
+        outputs=[P("y", "T")], type_constraints=[("T", ["tensor(float)"], "float32")],
+        attributes=[D.OpSchema.Attribute("fmt", D.OpSchema.AttrType.STRING, "format name"),
+                    D.OpSchema.Attribute("axis", D.OpSchema.AttrType.INT, "axis, -1: none"),
+                    D.OpSchema.Attribute("shape", D.OpSchema.AttrType.INTS, "static shape")]))
+
+
+def _translate(x, scale, zero_point=None, fmt: str = "float", axis: Optional[int] = None):
+    import onnxscript
+    opset = onnxscript.values.Opset(DOMAIN, 1)
+    shape = [d if isinstance(d, int) else -1 for d in (x.shape or [])]
+    return opset.FakeQuant(x, scale, zero_point, fmt=fmt, axis=-1 if axis is None else int(axis),
+                           shape=shape)
+
+
+def formats_used(graph) -> set:
+    """Executed format names of every quantizer in ``graph.gm`` (modules or exported op nodes)."""
+    used = {m.fmt for m in graph.gm.modules() if isinstance(m, FormatQuantizer)}
+    for node in graph.gm.graph.nodes:
+        if node.op == "call_function" and node.target is torch.ops.fliqs.fake_quant.default:
+            used.add(F.get(node.args[3]).name)
+    return used - {"float"}
+
+
+def required_opset(fmt_names, native_fp4: bool = True) -> int:
+    """23 when a format is exported with an FP4 ONNX type, else 21."""
+    fp4 = any(F.get(n).onnx_type in FP4_TYPES for n in fmt_names)
+    return 23 if (fp4 and native_fp4) else 21
+
+
+# ---- step 2: lowering of the placeholders --------------------------------------------------------
+class _Builder:
+    """Collects new nodes / initializers with unique names derived from a prefix."""
+
+    def __init__(self, prefix: str, inits: dict):
+        self.prefix, self.inits, self.nodes, self.n = prefix, inits, [], 0
+
+    def _name(self, hint: str) -> str:
+        self.n += 1
+        return f"{self.prefix}/{hint}_{self.n}"
+
+    def const(self, value, hint="c", dtype=np.float32) -> str:
+        name = self._name(hint)
+        arr = np.asarray(value, dtype=dtype) if dtype is not None else np.asarray(value)
+        self.inits[name] = numpy_helper.from_array(arr, name)
+        return name
+
+    def op(self, op_type, inputs, out=None, **attrs) -> str:
+        out = out or self._name(op_type.lower())
+        self.nodes.append(helper.make_node(op_type, list(inputs), [out], name=out + "_node",
+                                           **attrs))
+        return out
+
+
+def _bcast(arr: np.ndarray, axis: Optional[int], rank: int) -> np.ndarray:
+    """Per-tensor -> scalar; per-channel -> shape broadcastable along ``axis``."""
+    arr = np.asarray(arr, np.float32)
+    if arr.size == 1:
+        return arr.reshape(())
+    shape = [1] * rank
+    shape[axis] = arr.size
+    return arr.reshape(shape)
+
+
+def _emit_grid(b: _Builder, v: str, fmt: F.Format) -> str:
+    """ONNX ops computing ``quant.quantize_to_grid(v, fmt)`` exactly (unscaled element values)."""
+    if fmt.kind == "int":
+        step = fmt.min_subnormal
+        k = b.op("Round", [b.op("Div", [v, b.const(step)])] if step != 1.0 else [v])
+        k = b.op("Clip", [k, b.const(fmt.qmin), b.const(fmt.qmax)])
+        return b.op("Mul", [k, b.const(step)]) if step != 1.0 else k
+    clipped = b.op("Clip", [v, b.const(-fmt.max_finite), b.const(fmt.max_finite)])
+    if fmt.onnx_type in CAST_TYPES or fmt.onnx_type in (QDQ_TYPES - FP4_TYPES):
+        return b.op("Cast", [b.op("Cast", [clipped], to=fmt.onnx_type)], to=_TP.FLOAT)
+    # Small float without a runnable ONNX type: ulp = 2^(clamp(floor(log2|v|), emin, emax) - m),
+    # built from exact comparisons against powers of two; then RNE on the ulp grid.
+    a = b.op("Abs", [clipped])
+    ulp = b.const(2.0 ** (fmt.emin - fmt.mbits))
+    for e in range(fmt.emin + 1, F.emax_of(fmt) + 1):
+        ge = b.op("GreaterOrEqual", [a, b.const(2.0 ** e)])
+        ulp = b.op("Mul", [ulp, b.op("Where", [ge, b.const(2.0), b.const(1.0)])])
+    q = b.op("Mul", [b.op("Round", [b.op("Div", [a, ulp])]), ulp])
+    neg = b.op("Less", [v, b.const(0.0)])
+    return b.op("Where", [neg, b.op("Neg", [q]), q])
+
+
+def _emit_scaled(b, x, fmt, scale, zp, axis, rank, out):
+    """``fake_quant`` of kind int/fp without Q/DQ: (grid(x / s [+ zp]) [- zp]) * s."""
+    s = _bcast(scale, axis, rank)
+    v = b.op("Div", [x, b.const(s, "scale")]) if not np.all(s == 1.0) else x
+    if zp is not None and fmt.kind == "int":
+        z = b.const(_bcast(zp, axis, rank), "zp")
+        k = b.op("Add", [b.op("Round", [v]), z])
+        k = b.op("Clip", [k, b.const(fmt.qmin), b.const(fmt.qmax)])
+        q = b.op("Sub", [k, z])
+    else:
+        q = _emit_grid(b, v, fmt)
+    if np.all(s == 1.0):
+        return b.op("Identity", [q], out=out)
+    return b.op("Mul", [q, b.const(s, "scale")], out=out)
+
+
+def _emit_qdq(b, x, fmt, scale, zp, axis, rank, out):
+    """Standard QuantizeLinear -> DequantizeLinear (per tensor or per axis)."""
+    s = np.asarray(scale, np.float32).reshape(-1)
+    per_axis = s.size > 1
+    s = s if per_axis else s.reshape(())
+    z = np.zeros_like(s) if zp is None else np.asarray(zp, np.float32).reshape(s.shape)
+    zname = b._name("zero_point")
+    b.inits[zname] = numpy_helper.from_array(z.astype(fmt.np_dtype), zname)
+    attrs = {"axis": axis} if per_axis else {}
+    sname = b.const(s, "scale")
+    q = b.op("QuantizeLinear", [x, sname, zname], **attrs)
+    return b.op("DequantizeLinear", [q, sname, zname], out=out, **attrs)
+
+
+def _emit_mx(b, x, fmt, scale, zp, axis, rank, out, shape):
+    """MX block quantization of a runtime tensor along ``axis`` (blocks of fmt.block_size)."""
+    if any(d < 0 for d in shape):
+        raise FliqsError(f"MX format {fmt.name} on {out!r} needs a static input shape; pin it "
+                         "with --input-shape")
+    el, blk = fmt.element_format(), fmt.block_size
+    axis = rank - 1 if axis is None else axis % rank
+    s = float(np.asarray(scale).reshape(-1)[0])
+    v = b.op("Div", [x, b.const(s)]) if s != 1.0 else x
+    perm = [i for i in range(rank) if i != axis] + [axis]
+    moved = [shape[i] for i in perm]
+    n, pad = moved[-1], (-moved[-1]) % blk
+    if perm != list(range(rank)):
+        v = b.op("Transpose", [v], perm=perm)
+    if pad:
+        v = b.op("Pad", [v, b.const([0] * (2 * rank - 1) + [pad], "pads", np.int64)])
+    blocks = b.op("Reshape", [v, b.const(moved[:-1] + [(n + pad) // blk, blk], "shape", np.int64)])
+    amax = b.op("ReduceMax", [b.op("Abs", [blocks]), b.const([-1], "axes", np.int64)], keepdims=1)
+    # exact floor(log2(amax)): estimate with Log, correct by comparing with exact powers of two
+    two = b.const(2.0)
+    e0 = b.op("Floor", [b.op("Mul", [b.op("Log", [amax]), b.const(1.0 / np.log(2.0))])])
+    p = b.op("Pow", [two, e0])
+    too_big = b.op("Cast", [b.op("Greater", [p, amax])], to=_TP.FLOAT)
+    too_small = b.op("Cast", [b.op("LessOrEqual", [b.op("Mul", [p, two]), amax])], to=_TP.FLOAT)
+    e = b.op("Add", [b.op("Sub", [e0, too_big]), too_small])
+    shared = b.op("Sub", [e, b.const(F.emax_of(el))])
+    shared = b.op("Clip", [shared, b.const(-127.0), b.const(127.0)])
+    shared = b.op("Where", [b.op("Greater", [amax, b.const(0.0)]), shared, b.const(-127.0)])
+    bscale = b.op("Pow", [two, shared])
+    q = b.op("Mul", [_emit_grid(b, b.op("Div", [blocks, bscale]), el), bscale])
+    q = b.op("Reshape", [q, b.const(moved[:-1] + [n + pad], "shape", np.int64)])
+    if pad:
+        q = b.op("Slice", [q, b.const([0], "st", np.int64), b.const([n], "en", np.int64),
+                           b.const([rank - 1], "ax", np.int64)])
+    if perm != list(range(rank)):
+        q = b.op("Transpose", [q], perm=[perm.index(i) for i in range(rank)])
+    return b.op("Mul", [q, b.const(s)], out=out) if s != 1.0 else b.op("Identity", [q], out=out)
+
+
+def _native_qdq(fmt: F.Format, native_fp4: bool) -> bool:
+    return fmt.onnx_type in QDQ_TYPES and (native_fp4 or fmt.onnx_type not in FP4_TYPES)
+
+
+# Activation lowering rules, first match wins: (name, predicate(fmt, native_fp4), emitter).
+_RUNTIME_RULES = (
+    ("qdq", lambda f, n4: f.kind in ("int", "fp") and _native_qdq(f, n4), _emit_qdq),
+    ("scaled-grid", lambda f, n4: f.kind in ("int", "fp"), _emit_scaled),
+    ("mx-blocks", lambda f, n4: f.kind == "mx", _emit_mx),
+)
+
+
+def _blocks(t: torch.Tensor, axis: int, blk: int) -> torch.Tensor:
+    """[..., n along axis] -> [..., nblocks, blk] with ``axis`` moved last (zero padded)."""
+    moved = t.movedim(axis, -1)
+    pad = (-moved.shape[-1]) % blk
+    if pad:
+        moved = torch.nn.functional.pad(moved, (0, pad))
+    return moved.reshape(*moved.shape[:-1], -1, blk)
+
+
+def _container(fmt: F.Format, values: torch.Tensor, native_fp4: bool) -> F.Format:
+    """The format whose ONNX type stores ``values`` (on fmt's grid) exactly."""
+    if fmt.onnx_type is not None and (native_fp4 or fmt.onnx_type not in FP4_TYPES):
+        return fmt
+    for name in CONTAINERS:
+        c = F.get(name)
+        if (c.kind == fmt.kind and c.signed == fmt.signed
+                and torch.equal(values.float(), quantize_to_grid(values.float(), c))):
+            return c
+    raise FliqsError(f"format {fmt.name}: no ONNX storage type holds its values; "
+                     "choose another weight format")
+
+
+def _fold_weight(b, w, fmt, scale, zp, axis, block_axis, out, native_fp4):
+    """Quantize initializer ``w`` offline; emit stored low-precision initializer + DQ/Cast."""
+    wt = torch.from_numpy(np.array(w, np.float32))
+    if torch.isnan(wt).any():
+        raise FliqsError(f"quantizer {out!r}: its weight contains NaN; fix or retrain the model")
+    st = torch.from_numpy(np.array(scale, np.float32))
+    zt = None if zp is None else torch.from_numpy(np.array(zp, np.float32))
+    qaxis = block_axis if fmt.kind == "mx" else axis
+    y = fake_quant(wt, fmt, st, qaxis, zt)  # the truth every representation must reproduce
+    rank = wt.dim()
+    if fmt.kind == "mx":
+        el, blk = fmt.element_format(), fmt.block_size
+        qaxis = rank - 1 if qaxis is None else qaxis % rank
+        s = float(st.reshape(-1)[0])
+        bsc = mx_block_scales(_blocks(wt / s, qaxis, blk), fmt)  # [..., nb, 1]
+        elem = quantize_to_grid(_blocks(y, qaxis, blk) / s / bsc, el)
+        step = el.min_subnormal if el.kind == "int" else 1.0
+        stored = (elem / step).flatten(-2)[..., :wt.shape[qaxis]].movedim(-1, qaxis)
+        dq_scale = (bsc * step * s).squeeze(-1).movedim(-1, qaxis)
+        attrs = {"axis": qaxis, "block_size": blk}
+        kind_fmt = el if el.kind != "int" else F.get("int8")
+    else:
+        sb = torch.from_numpy(_bcast(scale, axis, rank).copy())
+        zb = 0.0 if zt is None else torch.from_numpy(_bcast(zp, axis, rank).copy())
+        stored = quantize_to_grid(y / sb + zb, fmt)
+        dq_scale = st.reshape(-1) if st.numel() > 1 else st.reshape(())
+        attrs = {"axis": axis} if st.numel() > 1 else {}
+        kind_fmt = fmt
+    cont = _container(kind_fmt, stored, native_fp4 and fmt.kind != "mx")  # MX: runnable containers
+    stored_np = stored.numpy().astype(cont.np_dtype)
+    wname = b._name(f"w_{cont.name}")
+    b.inits[wname] = numpy_helper.from_array(stored_np, wname)
+    if cont.onnx_type in CAST_TYPES:  # bf16 / fp16 weight: Cast up, then scale
+        dq = b.op("Cast", [wname], to=_TP.FLOAT)
+        sv = _bcast(scale, axis, rank)
+        res = b.op("Mul", [dq, b.const(sv, "scale")], out=out) if not np.all(sv == 1) else \
+            b.op("Identity", [dq], out=out)
+        check = torch.from_numpy(stored_np.astype(np.float32)) * torch.from_numpy(sv.copy())
+    else:
+        zname = None
+        if zt is not None and fmt.kind != "mx":
+            zname = b._name("zero_point")
+            zarr = zt.reshape(dq_scale.shape).numpy().astype(cont.np_dtype)
+            b.inits[zname] = numpy_helper.from_array(zarr, zname)
+        res = b.op("DequantizeLinear", [wname, b.const(dq_scale.numpy(), "scale")]
+                   + ([zname] if zname else []), out=out, **attrs)
+        check = _dequant_check(stored_np, dq_scale, zt, attrs, rank)
+    if not torch.equal(check, y):
+        raise RuntimeError(f"internal: folded weight {out!r} ({fmt.name}) is not bit-exact")
+    return res
+
+
+def _dequant_check(stored_np, dq_scale, zt, attrs, rank) -> torch.Tensor:
+    """What DequantizeLinear computes from the stored weight (float32), for the exactness check."""
+    k = torch.from_numpy(stored_np.astype(np.float32))
+    if "block_size" in attrs:
+        ax, blk = attrs["axis"], attrs["block_size"]
+        s = dq_scale.repeat_interleave(blk, dim=ax).narrow(ax, 0, k.shape[ax])
+        return k * s
+    s = dq_scale if dq_scale.dim() == 0 else dq_scale.reshape(
+        [-1 if i == attrs["axis"] % rank else 1 for i in range(rank)])
+    z = 0.0 if zt is None else zt.reshape(s.shape)
+    return (k - z) * s
+
+
+def quantizer_nodes(x: str, out: str, fmt: str, scale, zero_point=None, axis: Optional[int] = None,
+                    shape: Sequence[int] = (), weight: Optional[np.ndarray] = None,
+                    native_fp4: bool = True) -> tuple[list, list]:
+    """Standard ONNX nodes + initializers computing ``fq.fake_quant`` of tensor ``x`` into ``out``.
+
+    ``axis``: per-channel axis of ``scale`` (int/fp) or block axis (MX); ``shape``: static shape
+    of ``x`` (needed for MX and per-channel activations). With ``weight`` (the value of ``x``,
+    an array) the tensor is quantized offline: the result reads a new low-precision
+    initializer, not ``x``. Names are prefixed with ``out``. Used by ``lower_fake_quant`` and by
+    the latency micro-graphs, so both have the same form.
+    """
+    fmt_ = F.get(fmt)
+    b = _Builder(out, {})
+    scale = np.asarray(scale, np.float32)
+    zp = None if zero_point is None else np.asarray(zero_point, np.float32)
+    if fmt_.kind == "float":
+        b.op("Identity", [x], out=out)
+    elif weight is not None:
+        _fold_weight(b, weight, fmt_, scale, zp, None if fmt_.kind == "mx" else axis,
+                     axis if fmt_.kind == "mx" else None, out, native_fp4)
+    else:
+        rank = len(shape)
+        for _, pred, emit in _RUNTIME_RULES:
+            if pred(fmt_, native_fp4):
+                extra = (list(shape),) if emit is _emit_mx else ()
+                emit(b, x, fmt_, scale, zp, axis, rank, out, *extra)
+                break
+    return b.nodes, list(b.inits.values())
+
+
+def lower_fake_quant(model: onnx.ModelProto, native_fp4: bool = True) -> onnx.ModelProto:
+    """Replace every ``fliqs.FakeQuant`` node of ``model`` by standard ONNX ops (in place).
+
+    Requires: placeholder scales / zero points are initializers. Guarantees: no node of the
+    ``fliqs`` domain remains; weights (initializer inputs) are stored quantized; every
+    replacement computes exactly ``fq.fake_quant`` (weights are checked bit-exact here).
+    """
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    new_nodes = []
+    for node in g.node:
+        if node.domain != DOMAIN:
+            new_nodes.append(node)
+            continue
+        a = {at.name: helper.get_attribute_value(at) for at in node.attribute}
+        fmt = F.get(a["fmt"].decode() if isinstance(a["fmt"], bytes) else a["fmt"])
+        axis = None if a.get("axis", -1) < 0 else int(a["axis"])
+        shape = list(a.get("shape", []))
+        names = list(node.input) + [""] * (3 - len(node.input))
+        for n in names[1:]:
+            if n and n not in inits:
+                raise FliqsError(f"quantizer {node.output[0]!r}: scale/zero point {n!r} must be a "
+                                 "constant; materialize the graph before export")
+        scale = numpy_helper.to_array(inits[names[1]])
+        zp = numpy_helper.to_array(inits[names[2]]) if names[2] else None
+        w = numpy_helper.to_array(inits[names[0]]) if names[0] in inits else None
+        nodes, new_inits = quantizer_nodes(names[0], node.output[0], fmt.name, scale, zp, axis,
+                                           shape, weight=w, native_fp4=native_fp4)
+        inits.update((t.name, t) for t in new_inits)
+        new_nodes.extend(nodes)
+    used = {i for n in new_nodes for i in n.input} | {o.name for o in g.output}
+    del g.node[:]
+    g.node.extend(new_nodes)
+    del g.initializer[:]
+    g.initializer.extend(t for name, t in inits.items() if name in used)
+    keep = [o for o in model.opset_import if o.domain != DOMAIN]
+    del model.opset_import[:]
+    model.opset_import.extend(keep)
+    return model
+
+
+# ---- step 3: driver -------------------------------------------------------------------------
+def save_atomic(model: onnx.ModelProto, path: Path) -> Path:
+    """Serialize ``model`` to ``path`` via a temporary file in the same folder + os.replace."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(model.SerializeToString())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def gemm_to_matmul(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Rewrite ``Gemm(A, DequantizeLinear(W), C, transB=1)`` as ``MatMul(A, DQ(W^T)) + C``
+    (in place).
+
+    Why: onnxruntime fuses QDQ MatMul with per-channel weight scales into integer kernels
+    (QLinearMatMul / MatMulIntegerToFloat) but leaves a per-channel QDQ Gemm in float.
+    Requires: W is an initializer read only by that DQ; alpha = beta = 1, transA = 0.
+    Anything else is left unchanged. Numerics: the same products and sums (float).
+    """
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    producers = {o: n for n in g.node for o in n.output}
+    uses: dict = {}
+    for n in g.node:
+        for i in n.input:
+            uses[i] = uses.get(i, 0) + 1
+    new_nodes = []
+    for node in g.node:
+        a = {at.name: helper.get_attribute_value(at) for at in node.attribute}
+        is_gemm = node.op_type == "Gemm" and len(node.input) > 1
+        dq = producers.get(node.input[1]) if is_gemm else None
+        if (dq is None or dq.op_type != "DequantizeLinear" or a.get("transB", 0) != 1
+                or a.get("transA", 0) or a.get("alpha", 1.0) != 1.0 or a.get("beta", 1.0) != 1.0
+                or dq.input[0] not in inits or dq.input[1] not in inits
+                or uses.get(dq.input[0]) != 1
+                or uses.get(node.input[1]) != 1):
+            new_nodes.append(node)
+            continue
+        w = inits[dq.input[0]]
+        inits[w.name] = numpy_helper.from_array(np.ascontiguousarray(numpy_helper.to_array(w).T),
+                                                w.name)
+        dq_attrs = {at.name: helper.get_attribute_value(at) for at in dq.attribute}
+        if "block_size" in dq_attrs or numpy_helper.to_array(inits[dq.input[1]]).ndim == 2:
+            sc = inits[dq.input[1]]  # blocked: the scale tensor is transposed with the weight
+            inits[sc.name] = numpy_helper.from_array(
+                np.ascontiguousarray(numpy_helper.to_array(sc).T), sc.name)
+        for at in dq.attribute:
+            if at.name == "axis":
+                at.i = 1 - (at.i % 2)
+        out = node.output[0]
+        mm_out = out + "/matmul" if len(node.input) > 2 and node.input[2] else out
+        new_nodes.append(helper.make_node("MatMul", [node.input[0], node.input[1]], [mm_out],
+                                          name=(node.name or out) + "/matmul"))
+        if mm_out != out:
+            new_nodes.append(helper.make_node("Add", [mm_out, node.input[2]], [out],
+                                              name=(node.name or out) + "/bias"))
+    del g.node[:]
+    g.node.extend(new_nodes)
+    del g.initializer[:]
+    g.initializer.extend(inits.values())
+    stale = {n.input[1] for n in new_nodes if n.op_type == "MatMul"}  # transposed now
+    keep = [v for v in g.value_info if v.name not in stale]
+    del g.value_info[:]
+    g.value_info.extend(keep)
+    return model
+
+
+INT_TYPES = {_TP.INT8, _TP.UINT8, _TP.INT4, _TP.UINT4, _TP.INT16, _TP.UINT16, _TP.INT32}
+
+
+def detach_float_bias(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Move the bias of a Conv/ConvTranspose whose weight is a non-integer DequantizeLinear
+    (FP8, FP4) into a following ``Add`` (in place).
+
+    Why: onnxruntime's WeightBiasQuantization turns a QDQ conv's float bias into int32 at scale
+    s_x * s_w; FP8 scales are so small that this overflows int32 and corrupts the output. No
+    FP8 conv kernel exists in ORT, so nothing is lost. Integer-weight convs keep their bias
+    (ORT needs it there to fuse QLinearConv). Requires: the bias is an initializer.
+    """
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    producers = {o: n for n in g.node for o in n.output}
+    new_nodes = []
+    for node in g.node:
+        dq = producers.get(node.input[1]) if node.op_type in ("Conv", "ConvTranspose") \
+            and len(node.input) > 2 and node.input[2] in inits else None
+        if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in inits \
+                or inits[dq.input[0]].data_type in INT_TYPES:
+            new_nodes.append(node)
+            continue
+        bias = numpy_helper.to_array(inits[node.input[2]])
+        rank = len(helper.get_attribute_value(next(a for a in node.attribute
+                                                   if a.name == "kernel_shape"))) \
+            if any(a.name == "kernel_shape" for a in node.attribute) else 2
+        bname = node.input[2] + "/bias_nchw"
+        inits[bname] = numpy_helper.from_array(bias.reshape([-1] + [1] * rank), bname)
+        out = node.output[0]
+        conv = helper.make_node(node.op_type, list(node.input[:2]), [out + "/nobias"],
+                                name=(node.name or out) + "/nobias")
+        conv.attribute.extend(node.attribute)
+        new_nodes += [conv, helper.make_node("Add", [out + "/nobias", bname], [out],
+                                             name=(node.name or out) + "/bias")]
+    del g.node[:]
+    g.node.extend(new_nodes)
+    used = {i for n in new_nodes for i in n.input}
+    del g.initializer[:]
+    g.initializer.extend(t for n, t in inits.items() if n in used)
+    return model
+
+
+def protect_relu_before_float_q(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Replace ``Relu`` by ``Max(x, 0)`` where it feeds a QuantizeLinear to a float type (in place).
+
+    Why: onnxruntime 1.32's ReluQuantRewrite deletes a Relu in front of any QuantizeLinear whose
+    zero point is 0, assuming Q clamps negatives; a FLOAT8 QuantizeLinear does not, so vanilla
+    ORT would pass negative values through (measured: error 0.06 on outputs of 0.3).
+    ``Max`` computes the same values and is not matched by that rewrite.
+    """
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    consumers: dict = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    zero = None
+    for node in g.node:
+        if node.op_type != "Relu":
+            continue
+        float_q = any(c.op_type == "QuantizeLinear" and len(c.input) > 2 and c.input[2] in inits
+                      and inits[c.input[2]].data_type not in INT_TYPES
+                      for c in consumers.get(node.output[0], []))
+        if not float_q:
+            continue
+        if zero is None:
+            zero = "fliqs/relu_zero"
+            g.initializer.append(numpy_helper.from_array(np.zeros((), np.float32), zero))
+        node.op_type = "Max"
+        node.input.append(zero)
+    return model
+
+
+def _set_opset(model: onnx.ModelProto, opset: int) -> None:
+    for o in model.opset_import:
+        if o.domain in ("", "ai.onnx"):
+            o.version = opset
+    model.ir_version = max(model.ir_version, 11 if opset >= 23 else 10)
+
+
+def export_qdq(graph, path, opset: Optional[int] = None, native_fp4: bool = True) -> Path:
+    """Write ``graph`` (materialized: fixed ``FormatQuantizer`` / fake_quant nodes) as QDQ ONNX.
+
+    Requires: a Graph with static ``inputs``; every quantizer has a fixed format and constant
+    scales. Guarantees: opset 21 (23 when FP4 is exported natively), no custom ops,
+    ``onnx.checker.check_model(full_check=True)`` passes, graph input/output names are
+    ``graph.inputs[i].name`` / ``graph.output_names`` (when given), written atomically.
+    """
+    from fliqs_compiler.quantizers import SearchableQuantizer
+    if any(isinstance(m, SearchableQuantizer) for m in graph.gm.modules()):
+        raise FliqsError(f"graph {graph.name!r} still has searchable quantizers; materialize a "
+                         "format assignment (passes.materialize) before exporting")
+    _register_schema()
+    need = required_opset(formats_used(graph), native_fp4)
+    opset = opset or need
+    if not 21 <= opset <= 23:
+        raise FliqsError(f"--opset {opset}: QDQ export supports ONNX opsets 21 to 23")
+    if opset < need:
+        raise FliqsError(f"--opset {opset}: FP4 E2M1 needs ONNX opset >= 23; drop the option "
+                         "or use a format other than fp4_e2m1")
+    kwargs = {}
+    if graph.output_names:
+        kwargs["output_names"] = list(graph.output_names)
+    quiet = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # "torchvision is not installed" notes on every export
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # training-mode / deprecation chatter
+            prog = torch.onnx.export(
+                graph.gm, graph.example_inputs(), dynamo=True, opset_version=opset,
+                input_names=[s.name for s in graph.inputs], optimize=True, verbose=False,
+                custom_translation_table={torch.ops.fliqs.fake_quant.default: _translate},
+                **kwargs)
+    finally:
+        quiet.setLevel(level)
+    model = lower_fake_quant(prog.model_proto, native_fp4=native_fp4)
+    model = protect_relu_before_float_q(detach_float_bias(gemm_to_matmul(model)))
+    _set_opset(model, opset)
+    onnx.checker.check_model(model, full_check=True)
+    return save_atomic(model, Path(path))

@@ -1,0 +1,290 @@
+"""QDQ ONNX export: every format's lowering is exact, weights are stored quantized with per-axis
+scales, the exported model passes the checker, keeps names, and FP4 uses opset 23."""
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torch.nn.functional as Fn
+from onnx import TensorProto, helper, numpy_helper
+from torch import nn
+
+import fliqs_compiler as fq
+from fliqs_compiler import formats as F
+from fliqs_compiler.backends import onnx_export as ox
+from fliqs_compiler.backends.onnx_export import export_qdq, quantizer_nodes
+from fliqs_compiler.backends.ort_backend import compare, ort_can_run, run_onnx
+from fliqs_compiler.errors import FliqsError
+from fliqs_compiler.graph import Graph, InputSpec
+from fliqs_compiler.quantizers import SearchableQuantizer
+
+torch.set_num_threads(2)
+
+QUANTIZERS = ("q_in", "q_w1", "q_a2", "q_w2", "q_a3", "q_wf", "q_out")
+
+
+class Net(nn.Module):
+    """conv → relu → conv (+ skip) → relu → pool → linear; a quantizer on every weight, on the
+    input, on the post-ReLU activations (unsigned) and on the output."""
+
+    def __init__(self, fmts: dict):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.c2 = nn.Conv2d(16, 16, 3, padding=1)
+        self.fc = nn.Linear(16, 10)
+
+        def w(name, m):
+            return SearchableQuantizer([fmts[name]], "weight", channels=m.weight.shape[0], axis=0,
+                                       block_axis=1, scale_mode="calibrated")
+
+        def a(name, block_axis, unsigned=False):
+            return SearchableQuantizer([fmts[name]], "activation", block_axis=block_axis,
+                                       unsigned=unsigned, scale_mode="calibrated")
+
+        self.q_in, self.q_out = a("q_in", 1), a("q_out", -1)
+        self.q_a2, self.q_a3 = a("q_a2", 1, True), a("q_a3", -1, True)
+        self.q_w1, self.q_w2, self.q_wf = w("q_w1", self.c1), w("q_w2", self.c2), w("q_wf", self.fc)
+
+    def forward(self, x):
+        h = Fn.relu(Fn.conv2d(self.q_in(x), self.q_w1(self.c1.weight), self.c1.bias, padding=1))
+        h2 = Fn.conv2d(self.q_a2(h), self.q_w2(self.c2.weight), self.c2.bias, padding=1)
+        h = Fn.adaptive_avg_pool2d(Fn.relu(h2 + h), 1).flatten(1)
+        return self.q_out(Fn.linear(self.q_a3(h), self.q_wf(self.fc.weight), self.fc.bias))
+
+
+def make_graph(fmt, shape=(2, 3, 8, 8), names=("images", "logits")):
+    """A materialized test Graph: ``fmt`` (one name for all quantizers, or a dict per quantizer)
+    calibrated on one batch, fixed with ``to_fixed()``, then ``torch.export``-ed."""
+    fmts = fmt if isinstance(fmt, dict) else {q: fmt for q in QUANTIZERS}
+    torch.manual_seed(0)
+    m = Net(fmts).eval()
+    x = torch.randn(shape)
+    with torch.no_grad():
+        m(x)
+    for name in QUANTIZERS:
+        setattr(m, name, getattr(m, name).to_fixed())
+    gm = torch.export.export(m, (x,)).module()
+    graph = Graph(gm, [InputSpec(names[0], tuple(shape))], name="net", output_names=[names[1]],
+                  source="torch")
+    return graph, x, m.q_out
+
+
+def lsb(values: np.ndarray, quantizer) -> np.ndarray:
+    """One step of the output quantizer's grid at each value (the tolerance ORT must meet)."""
+    fmt, s = F.get(quantizer.fmt), float(quantizer.scale.reshape(-1)[0])
+    if fmt.kind == "int":
+        return np.full(values.shape, s)
+    el = fmt.element_format()
+    a = np.abs(values) / s
+    if fmt.kind == "mx":  # one step of the block's largest element (an upper bound)
+        a = np.full(values.shape, max(float(a.max()), 1e-30))
+        return 2.0 ** (np.floor(np.log2(a)) - (6 if el.kind == "int" else el.mbits)) * s
+    e = np.clip(np.floor(np.log2(np.maximum(a, el.min_normal))), el.emin, F.emax_of(el))
+    return 2.0 ** (e - el.mbits) * s
+
+
+def assert_within_lsb(ref: np.ndarray, got: np.ndarray, quantizer):
+    tol = np.maximum(lsb(ref, quantizer), lsb(got, quantizer)) * (1 + 1e-6)
+    assert np.all(np.abs(ref - got) <= tol), float(np.max(np.abs(ref - got) - tol))
+
+
+# ---- element-level: every format's ONNX form equals fq.fake_quant bit for bit --------------------
+ALL_FORMATS = [n for n in F.searchable_names() if n != "float"]
+
+
+def _one_quantizer_model(fmt, x_shape, scale, zp, axis, weight=None, native_fp4=False):
+    nodes, inits = quantizer_nodes("x", "y", fmt, scale, zp, axis, x_shape, weight=weight,
+                                   native_fp4=native_fp4)
+    ins = [] if weight is not None else [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                       list(x_shape))]
+    g = helper.make_graph(nodes, "q", ins,
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(x_shape))],
+                          initializer=inits)
+    opset = 23 if (native_fp4 and F.get(fmt).onnx_type == TensorProto.FLOAT4E2M1) else 21
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 11 if opset == 23 else 10
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def _test_values(shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g) * torch.logspace(-3, 2, shape[-1])
+    x.view(-1)[:6] = torch.tensor([0.0, -0.0, 1e4, -1e4, 1e-30, 0.0375])  # saturation, tiny, ties
+    return x
+
+
+@pytest.mark.parametrize("fmt", ALL_FORMATS)
+def test_activation_lowering_is_bit_exact(fmt):
+    f = F.get(fmt)
+    x = _test_values((4, 72))  # 72 = 2 full MX blocks + a padded one
+    if f.kind == "int" and not f.signed:
+        scale, zp = torch.tensor([0.05]), torch.tensor([float(2 ** (f.bits - 1) - 1)])
+    else:
+        scale, zp = torch.tensor([1.0 if f.kind == "mx" else 0.05]), None
+    axis = 1 if f.kind == "mx" else None
+    ref = fq.fake_quant(x, f, scale, axis, zp).numpy()
+    model = _one_quantizer_model(fmt, x.shape, scale.numpy(), None if zp is None else zp.numpy(),
+                                 axis)
+    got = run_onnx(model.SerializeToString(), [x.numpy()])[0]
+    np.testing.assert_array_equal(got, ref)
+
+
+@pytest.mark.parametrize("fmt", ALL_FORMATS)
+def test_weight_is_stored_quantized_and_exact(fmt):
+    f = F.get(fmt)
+    w = _test_values((6, 40), seed=1)
+    axis = 1 if f.kind == "mx" else 0
+    scale = torch.ones(1) if f.kind == "mx" else fq.quant.absmax_scale(w, f, 0)
+    zp = torch.zeros_like(scale) if (f.kind == "int" and not f.signed) else None
+    ref = fq.fake_quant(w, f, scale, axis, zp).numpy()
+    model = _one_quantizer_model(fmt, w.shape, scale.numpy(), None if zp is None else zp.numpy(),
+                                 axis, weight=w.numpy())
+    stored = [t for t in model.graph.initializer if tuple(t.dims) == (6, 40)]
+    assert len(stored) == 1 and stored[0].data_type != TensorProto.FLOAT
+    assert F.get(fmt).onnx_type is None or stored[0].data_type == F.get(fmt).onnx_type \
+        or F.get(fmt).onnx_type == TensorProto.FLOAT4E2M1
+    got = run_onnx(model.SerializeToString(), [])[0]
+    np.testing.assert_array_equal(got, ref)
+    if f.kind == "mx":
+        dq = next(n for n in model.graph.node if n.op_type == "DequantizeLinear")
+        assert {a.name: a.i for a in dq.attribute} == {"axis": 1, "block_size": 32}
+
+
+def test_fp4_native_lowering_matches_reference_evaluator():
+    """FLOAT4E2M1 Q/DQ (opset 23) in onnx's reference evaluator equals fq.fake_quant exactly."""
+    from onnx.reference import ReferenceEvaluator
+    x = _test_values((4, 72))
+    scale = np.array([0.05], np.float32)
+    model = _one_quantizer_model("fp4_e2m1", x.shape, scale, None, None, native_fp4=True)
+    assert {n.op_type for n in model.graph.node} == {"QuantizeLinear", "DequantizeLinear"}
+    got = ReferenceEvaluator(model).run(None, {"x": x.numpy()})[0]
+    np.testing.assert_array_equal(got, fq.fake_quant(x, "fp4_e2m1", torch.tensor(scale)).numpy())
+
+
+# ---- whole-model export -------------------------------------------------------------------------
+MIXED = {"q_in": "fp8_e4m3", "q_w1": "int8", "q_a2": "int8", "q_w2": "int4", "q_a3": "mxfp4_e2m1",
+         "q_wf": "fp6_e3m2", "q_out": "int8"}
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory):
+    graph, x, q_out = make_graph(MIXED)
+    path = export_qdq(graph, tmp_path_factory.mktemp("mixed") / "model.qdq.onnx")
+    return graph, x, q_out, path, onnx.load(path)
+
+
+def test_mixed_export_is_standard_and_keeps_names(mixed):
+    graph, x, q_out, path, model = mixed
+    onnx.checker.check_model(model, full_check=True)
+    assert [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")] == [21]
+    assert all(n.domain in ("", "ai.onnx") for n in model.graph.node)
+    assert [i.name for i in model.graph.input] == ["images"]
+    assert [o.name for o in model.graph.output] == ["logits"]
+    assert sorted(os.listdir(path.parent)) == ["model.qdq.onnx"]  # atomic write left no temp
+
+
+def test_weights_are_low_precision_with_per_axis_scales(mixed):
+    graph, x, q_out, path, model = mixed
+    inits = {t.name: t for t in model.graph.initializer}
+    weights = [t for t in inits.values() if len(t.dims) >= 2]
+    assert sorted(TensorProto.DataType.Name(t.data_type) for t in weights) == \
+        ["FLOAT8E4M3FN", "INT4", "INT8"]  # conv1 int8, conv2 int4, fc fp6 (stored in e4m3)
+    for dq in (n for n in model.graph.node if n.op_type == "DequantizeLinear"
+               and n.input[0] in inits and len(inits[n.input[0]].dims) >= 2):
+        w, s = inits[dq.input[0]], numpy_helper.to_array(inits[dq.input[1]])
+        axis = {a.name: a.i for a in dq.attribute}["axis"]
+        assert s.shape == (w.dims[axis],)  # one scale per output channel
+    # activation quantizers: INT8 / FP8 Q/DQ for the typed ones, decomposition for MX
+    zps = {TensorProto.DataType.Name(inits[n.input[2]].data_type)
+           for n in model.graph.node if n.op_type == "QuantizeLinear"}
+    assert zps == {"INT8", "UINT8", "FLOAT8E4M3FN"}  # ReLU output runs int8 as uint8
+    assert any(n.op_type == "ReduceMax" for n in model.graph.node)  # MX block absmax
+
+
+def test_mixed_export_matches_torch_in_onnxruntime(mixed):
+    graph, x, q_out, path, model = mixed
+    ref = graph(x).detach().numpy()
+    assert_within_lsb(ref, run_onnx(path, [x])[0], q_out)
+    assert compare(graph, path, [x]) <= float(lsb(ref, q_out).max())
+
+
+def test_fp4_export_uses_opset_23_and_matches_reference(tmp_path):
+    graph, x, q_out = make_graph("fp4_e2m1")
+    path = export_qdq(graph, tmp_path / "fp4.onnx")
+    model = onnx.load(path)
+    assert [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")] == [23]
+    assert model.ir_version >= 11
+    types = {t.data_type for t in model.graph.initializer}
+    assert TensorProto.FLOAT4E2M1 in types
+    assert not ort_can_run(path)  # onnxruntime 1.32: no FLOAT4E2M1 kernels
+    got = run_onnx(path, [x], engine="reference")[0]
+    assert_within_lsb(graph(x).detach().numpy(), got, q_out)
+    # decomposed FP4 runs in onnxruntime at opset 21
+    path21 = export_qdq(graph, tmp_path / "fp4_21.onnx", native_fp4=False)
+    assert onnx.load(path21).opset_import[0].version == 21
+    assert_within_lsb(graph(x).detach().numpy(), run_onnx(path21, [x])[0], q_out)
+
+
+def test_fp4_with_too_low_opset_is_a_user_error(tmp_path):
+    graph, _, _ = make_graph({**MIXED, "q_w2": "fp4_e2m1"})
+    with pytest.raises(FliqsError, match="opset"):
+        export_qdq(graph, tmp_path / "x.onnx", opset=21)
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_reexport_of_imported_onnx_keeps_io_names(mixed, tmp_path):
+    """ONNX → fq.load (Q/DQ pairs become fake_quant nodes) → export_qdq: same names, same values."""
+    graph, x, q_out, path, _ = mixed
+    imported = fq.load(path)
+    again = export_qdq(imported, tmp_path / "again.onnx")
+    model = onnx.load(again)
+    assert [i.name for i in model.graph.input] == ["images"]
+    assert [o.name for o in model.graph.output] == ["logits"]
+    assert_within_lsb(run_onnx(path, [x])[0], run_onnx(again, [x])[0], q_out)
+
+
+def test_save_atomic_keeps_old_file_on_failure(tmp_path, monkeypatch):
+    target = tmp_path / "m.onnx"
+    target.write_bytes(b"old")
+
+    class Broken:
+        def SerializeToString(self):
+            raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        ox.save_atomic(Broken(), target)
+    assert target.read_bytes() == b"old" and os.listdir(tmp_path) == ["m.onnx"]
+
+
+def test_lsb_helper_is_one_grid_step():
+    """The tolerance used above is one step of the grid (not a loose bound)."""
+    q = type("Q", (), {"fmt": "fp8_e4m3", "scale": torch.tensor([1.0])})()
+    assert lsb(np.array([1.0, 3.0, 448.0]), q).tolist() == [0.125, 0.25, 32.0]
+    q.fmt = "int8"
+    assert lsb(np.array([5.0]), q).tolist() == [1.0]
+    assert math.isclose(float(lsb(np.array([0.0]), type("Q", (), {
+        "fmt": "fp6_e3m2", "scale": torch.tensor([1.0])})())[0]), 2.0 ** -4)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "uint8", "int3", "fp8_e5m2", "fp6_e2m3", "bf16"])
+def test_per_channel_activation_lowering_is_bit_exact(fmt):
+    f = F.get(fmt)
+    x = _test_values((3, 5, 8), seed=2)
+    scale = torch.tensor([0.02, 0.1, 0.5, 1.0, 3.0])
+    zp = torch.full((5,), 7.0) if not f.signed else None
+    ref = fq.fake_quant(x, f, scale, 1, zp).numpy()
+    model = _one_quantizer_model(fmt, x.shape, scale.numpy(), None if zp is None else zp.numpy(),
+                                 1)
+    np.testing.assert_array_equal(run_onnx(model.SerializeToString(), [x.numpy()])[0], ref)
+
+
+def test_nan_weight_is_a_user_error():
+    w = np.ones((4, 4), np.float32)
+    w[1, 2] = np.nan
+    with pytest.raises(FliqsError, match="NaN"):
+        quantizer_nodes("w", "wq", "int8", np.ones(4, np.float32), None, 0, (4, 4), weight=w)
