@@ -1,0 +1,691 @@
+"""Lower a materialized fliqs graph to TVM Relax with real low-precision compute, and compile it.
+
+Pipeline (``lower``): ``torch.export`` the graph → ``translate`` (TVM's exported-program importer
+with our converters for ``fliqs.fake_quant``, ``conv2d`` and ``linear``) → ``tvm_kernels.vnni_rewrite``
+(``relax.dpl``: u8×s8→s32 conv/matmul with constant weights → hand VNNI ``call_tir``) → default
+pipeline or MetaSchedule tuning → ``tvm.compile`` → ``out_dir/tvm/model.so`` (atomic).
+
+Per-format rules live in ONE place, the tables below, keyed by ``Format.kind``:
+
+- ``WEIGHT_RULES[kind](w, fmt, scale, axis) -> QTensor``: how a constant weight is stored and decoded
+  (int ≤ 8 bits → int8 codes; int ≤ 4 bits and fp4 → two codes per uint8 with a fused LUT unpack;
+  fp8/fp16/bf16 → stored in that dtype and upcast; other fp/mx → exact dequantized fp32).
+  Codes come from ``fliqs_compiler.quant.quantize_to_grid``; nothing here re-derives rounding.
+- ``ACT_RULES[kind](x, fmt, scale, zp, axis) -> QTensor``: how an activation is quantized at run time
+  (int → round/clip to int8/uint8 codes; fp16 → divide, saturate, cast, cast back, multiply;
+  fp8/bf16/fp6/fp4 → divide, exact round-to-nearest-even on the f32 bit pattern
+  (``tvm_kernels.fp_round_te``), multiply — never ``relax.op.quantize`` or TVM's fp8 casts).
+- ``COMPUTE_RULES`` (pattern → rewrite): which (weight, activation) code dtypes a conv/linear
+  consumes natively: int8 × (u)int8 → int32 accumulation, then one multiply by s_x·s_w (per
+  output channel) and the bias (fused into one loop nest only with ``fuse=True`` or tuning);
+  bf16 × bf16 / fp16 × fp16 → fp32 accumulation; anything else runs in fp32 on the dequantized
+  values (quantize-dequantize math).
+
+``Lowered.executed`` reports the REALIZED precision per layer public name (``graph.layers``):
+compute dtype (e.g. ``uint8xint8->int32``), kernel ('vnni' only when that layer's compiled
+function really contains ``vpdpbusd``; 'int8' plain int32-accumulating loops, with a
+``fallback`` reason where VNNI was wanted; 'bf16-upcast-fp32'; 'fp32'), formats and weight storage.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+os.environ.setdefault("TVM_NUM_THREADS", "2")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from fliqs_compiler import formats as F  # noqa: E402
+from fliqs_compiler.errors import FliqsError  # noqa: E402
+from fliqs_compiler.quant import fake_quant, quantize_to_grid  # noqa: E402
+
+from . import tvm_kernels as K  # noqa: E402
+from .targets import Target, parse_target  # noqa: E402
+
+__all__ = ["QTensor", "Lowered", "lower", "translate", "compile_module", "WEIGHT_RULES",
+           "ACT_RULES", "COMPUTE_RULES", "asm_functions", "fuse_pipeline"]
+
+_TVM_CAST = {"float8_e4m3fn": "float8_e4m3fn", "float8_e5m2": "float8_e5m2",
+             "bfloat16": "bfloat16", "float16": "float16"}  # np dtype name -> TVM dtype we cast to
+_COMPUTE_NAME = {"bfloat16": "bf16", "float16": "fp16"}  # cast dtypes a conv consumes natively
+
+
+def _relax():
+    import tvm  # noqa: F401
+    from tvm import relax
+    return relax
+
+
+@dataclass
+class QTensor:
+    """What one ``fake_quant`` node lowered to.
+
+    ``value``: float32 Relax expr of the dequantized tensor (always valid); ``codes``: an expr in
+    ``compute`` dtype whose product with ``scale`` (minus ``zero_point``) is ``value``, or None when
+    only the float value exists; ``scale``: numpy, [1] or per-channel along axis 0.
+    """
+
+    fmt: F.Format
+    value: object
+    codes: object = None
+    compute: str = "fp32"  # 'int8' | 'uint8' | 'bf16' | 'fp16' | 'fp32'
+    scale: Optional[np.ndarray] = None
+    zero_point: float = 0.0
+    storage: str = "fp32"
+    np_codes: Optional[np.ndarray] = None  # integer weights: the int8 codes (for pre-packing)
+    axis: Optional[int] = None  # channel axis of a per-channel scale
+
+
+# ---- helpers ----------------------------------------------------------------------------------
+def _is_const(e) -> bool:
+    from tvm.ir.expr import Constant
+    return isinstance(e, Constant)
+
+
+def _const(a, dtype=None):
+    relax = _relax()
+    a = np.asarray(a)
+    return relax.const(a if dtype is None else a.astype(dtype))
+
+
+def _bcast_scale(scale: np.ndarray, ndim: int, axis: Optional[int]) -> np.ndarray:
+    s = np.asarray(scale, np.float32).reshape(-1)
+    if s.size == 1:
+        return s.reshape(())
+    shape = [1] * ndim
+    shape[axis or 0] = s.size
+    return s.reshape(shape)
+
+
+def _grid_codes(w: np.ndarray, fmt: F.Format, scale, axis) -> np.ndarray:
+    """Unscaled grid values of ``w / scale`` in ``fmt`` (float32), via quant.quantize_to_grid."""
+    x = torch.from_numpy(np.ascontiguousarray(w, np.float32))
+    s = torch.from_numpy(_bcast_scale(scale, w.ndim, axis))
+    return quantize_to_grid(x / s, fmt).numpy()
+
+
+def _pack_nibbles(codes_u4: np.ndarray) -> np.ndarray:
+    """Flat 4-bit codes (0..15) → uint8, element 2i in the low nibble, 2i+1 in the high one."""
+    flat = codes_u4.reshape(-1).astype(np.uint8)
+    if flat.size % 2:
+        flat = np.concatenate([flat, np.zeros(1, np.uint8)])
+    return (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8)
+
+
+def _unpack_nibbles(bb, packed, lut: np.ndarray, shape, out_dtype: str):
+    """Relax: uint8 packed codes → LUT values of ``shape`` (the fused unpack)."""
+    relax = _relax()
+    op = relax.op
+    lo = bb.emit(op.astype(op.bitwise_and(packed, _const(np.uint8(15))), "int32"))
+    hi = bb.emit(op.astype(op.right_shift(packed, _const(np.uint8(4))), "int32"))
+    both = bb.emit(op.concat([op.expand_dims(lo, 1), op.expand_dims(hi, 1)], axis=1))
+    idx = bb.emit(op.reshape(both, (-1,)))
+    n = int(np.prod(shape))
+    if 2 * int(packed.ty.shape[0]) != n:
+        idx = bb.emit(op.strided_slice(idx, axes=[0], begin=[0], end=[n]))
+    vals = bb.emit(op.take(_const(lut.astype(out_dtype)), idx, axis=0))
+    return bb.emit(op.reshape(vals, tuple(int(d) for d in shape)))
+
+
+# ---- weight rules (constant tensors) ----------------------------------------------------------
+def _int_weight(bb, w, fmt, scale, axis, zp):
+    if zp is not None and np.any(np.asarray(zp) != 0):
+        return _dequant_weight(bb, w, fmt, scale, axis, zp)
+    if fmt.bits > 8:
+        return _dequant_weight(bb, w, fmt, scale, axis, zp)
+    k = _grid_codes(w, fmt, scale, axis).astype(np.int8)
+    if fmt.bits <= 4:  # two per byte, LUT unpack (two's complement nibble -> int8)
+        lut = np.array([v if v < 8 else v - 16 for v in range(16)], np.int8)
+        codes = _unpack_nibbles(bb, _const(_pack_nibbles(k.astype(np.uint8) & 15)), lut,
+                                w.shape, "int8")
+        storage = f"int{fmt.bits} packed 2/byte (uint8) + LUT unpack"
+    else:
+        codes = _const(k)
+        storage = "int8"
+    s = _bcast_scale(scale, w.ndim, axis)
+    value = bb.emit(_relax().op.multiply(_relax().op.astype(codes, "float32"), _const(s)))
+    return QTensor(fmt, value, codes, "int8", np.asarray(scale, np.float32).reshape(-1), 0.0, storage,
+                   np_codes=k)
+
+
+def _fp_weight(bb, w, fmt, scale, axis, zp):
+    op = _relax().op
+    g = _grid_codes(w, fmt, scale, axis)
+    s = _bcast_scale(scale, w.ndim, axis)
+    tvm_dt = _TVM_CAST.get(fmt.np_dtype_name or "")
+    if tvm_dt is not None:  # stored natively (fp8 / fp16 / bf16) and upcast
+        codes = _const(g.astype(fmt.np_dtype))
+        value = bb.emit(op.multiply(op.astype(codes, "float32"), _const(s)))
+        compute = _COMPUTE_NAME.get(fmt.np_dtype_name, "fp32")
+        return QTensor(fmt, value, codes if compute != "fp32" else None, compute,
+                       np.asarray(scale, np.float32).reshape(-1), 0.0, tvm_dt)
+    if fmt.bits <= 4 and fmt.np_dtype is not None:  # FP4: codes 2/byte, E2M1 LUT
+        lut = np.arange(16, dtype=np.uint8).view(fmt.np_dtype).astype(np.float32)
+        code = g.astype(fmt.np_dtype).view(np.uint8) & 15
+        vals = _unpack_nibbles(bb, _const(_pack_nibbles(code)), lut, w.shape, "float32")
+        value = bb.emit(op.multiply(vals, _const(s)))
+        return QTensor(fmt, value, None, "fp32", np.asarray(scale, np.float32).reshape(-1), 0.0,
+                       f"{fmt.name} packed 2/byte (uint8) + LUT unpack")
+    return _dequant_weight(bb, w, fmt, scale, axis, zp)
+
+
+def _dequant_weight(bb, w, fmt, scale, axis, zp, block_axis=None):
+    """Exact quantize-dequantize at lowering time (fliqs fake_quant), stored as fp32."""
+    x = torch.from_numpy(np.ascontiguousarray(w, np.float32))
+    zpt = None if zp is None else torch.as_tensor(np.asarray(zp, np.float32))
+    q = fake_quant(x, fmt, torch.as_tensor(np.asarray(scale, np.float32)),
+                   axis if fmt.kind != "mx" else block_axis, zpt).numpy()
+    return QTensor(fmt, _const(q), None, "fp32", None, 0.0, f"fp32 (dequantized {fmt.name})")
+
+
+def _mx_weight(bb, w, fmt, scale, axis, zp):
+    return _dequant_weight(bb, w, fmt, scale, axis, zp, block_axis=axis)
+
+
+def _float_weight(bb, w, fmt, scale, axis, zp):
+    return QTensor(fmt, _const(np.asarray(w, np.float32)), None, "fp32", None, 0.0, "fp32")
+
+
+WEIGHT_RULES: dict[str, Callable] = {"int": _int_weight, "fp": _fp_weight, "mx": _mx_weight,
+                                      "float": _float_weight}
+
+
+# ---- activation rules (run-time tensors) ------------------------------------------------------
+def _act_scale(x, scale, axis):
+    """The scale as a constant broadcastable against ``x`` (per tensor, or per channel on axis)."""
+    return _const(_bcast_scale(scale, len(x.ty.shape), axis))
+
+
+def _int_act(bb, x, fmt, scale, zp, axis=None):
+    op = _relax().op
+    s = _act_scale(x, scale, axis)
+    if zp is not None and np.asarray(zp).size > 1:
+        raise FliqsError(f"format {fmt.name}: per-channel zero points on run-time tensors are not "
+                         "lowered to TVM; use a per-tensor zero point")
+    zpv = float(np.asarray(zp).reshape(-1)[0]) if zp is not None else 0.0
+    v = op.round(op.divide(x, s))
+    if zpv:
+        v = op.add(v, _const(np.float32(zpv)))
+    v = op.minimum(op.maximum(v, _const(np.float32(fmt.qmin))), _const(np.float32(fmt.qmax)))
+    v = bb.emit(v)
+    storage = ("int8" if fmt.signed else "uint8") if fmt.bits <= 8 else None
+    codes = bb.emit(op.astype(v, storage)) if storage else None
+    deq = op.subtract(v, _const(np.float32(zpv))) if zpv else v
+    value = bb.emit(op.multiply(deq, s))
+    return QTensor(fmt, value, codes if not zpv else None, storage or "fp32",
+                   np.asarray(scale, np.float32).reshape(-1), zpv, storage or "fp32")
+
+
+def _fp_act(bb, x, fmt, scale, zp, axis=None):
+    op = _relax().op
+    s = _act_scale(x, scale, axis)
+    v = op.divide(x, s)
+    mx = _const(np.float32(fmt.max_finite))
+    tvm_dt = _TVM_CAST.get(fmt.np_dtype_name or "")
+    if tvm_dt is not None and fmt.np_dtype_name == "float16":  # native in LLVM: plain casts
+        v = bb.emit(op.minimum(op.maximum(v, op.negative(mx)), mx))
+        c = bb.emit(op.astype(v, tvm_dt))
+        value = bb.emit(op.multiply(op.astype(c, "float32"), s))
+        return QTensor(fmt, value, c, "fp16", np.asarray(scale, np.float32).reshape(-1), 0.0, tvm_dt)
+    # fp8 / bf16 / fp6 / fp4: divide -> exact RNE on the f32 bit pattern -> multiply. Not relax
+    # casts: TVM 0.27 gets f32->fp8 wrong below the smallest normal and drops fp8 / bf16 cast
+    # pairs inside fused kernels (tvm_kernels.fp_round_te has the details).
+    same_range = fmt.ebits >= 8  # bf16: f32's exponent range, subnormals included
+    r = bb.emit_te(K.fp_round_te, bb.emit(v), mbits=fmt.mbits, max_finite=fmt.max_finite,
+                   min_normal=0.0 if same_range else fmt.min_normal,
+                   min_subnormal=fmt.min_subnormal)
+    value = bb.emit(op.multiply(r, s))
+    compute = _COMPUTE_NAME.get(fmt.np_dtype_name or "", "fp32")
+    c = bb.emit(op.astype(r, tvm_dt)) if compute != "fp32" else None  # exact: on the grid
+    return QTensor(fmt, value, c, compute, np.asarray(scale, np.float32).reshape(-1), 0.0,
+                   tvm_dt or "fp32")
+
+
+def _mx_act(bb, x, fmt, scale, zp, axis=None):
+    raise FliqsError(f"activation format {fmt.name}: MX activations are not lowered to TVM yet; "
+                     "use an int/fp activation format or the 'ort' target")
+
+
+def _float_act(bb, x, fmt, scale, zp, axis=None):
+    return QTensor(fmt, x, None, "fp32", None, 0.0, "fp32")
+
+
+ACT_RULES: dict[str, Callable] = {"int": _int_act, "fp": _fp_act, "mx": _mx_act,
+                                   "float": _float_act}
+
+
+# ---- compute rules: (weight codes dtype, activation codes dtype) -> native kernel --------------
+@dataclass(frozen=True)
+class ComputeRule:
+    """Pattern: the code dtypes of weight and activation. Rewrite: run the conv/matmul on the codes
+    with ``acc`` accumulation, then multiply by s_x·s_w (per output channel) and add the bias."""
+
+    weight: tuple
+    act: tuple
+    acc: str
+    name: str  # executed dtype label prefix / kernel name
+
+
+COMPUTE_RULES = [
+    ComputeRule(("int8",), ("uint8", "int8"), "int32", "int8"),
+    # TVM 0.27 legalizes every bf16 / fp16 value to f32 before LLVM (BF16ComputeLegalize runs
+    # unconditionally; a vdpbf16ps tensor intrinsic fails LLVM verification with <32 x float>
+    # operands, measured): the loops upcast and run fp32 FMAs — hence the kernel name.
+    ComputeRule(("bf16",), ("bf16",), "float32", "bf16-upcast-fp32"),
+    ComputeRule(("fp16",), ("fp16",), "float32", "fp16-upcast-fp32"),
+]
+
+
+def _match_rule(w: Optional[QTensor], a: Optional[QTensor]) -> Optional[ComputeRule]:
+    """The native rule for (weight, activation), or None (fp32 on dequantized values). Needs a
+    per-tensor activation scale and a per-tensor or output-channel (axis 0) weight scale."""
+    if w is None or a is None or w.codes is None or a.codes is None:
+        return None
+    if a.scale is None or a.scale.size != 1 or w.scale is None or (w.scale.size > 1 and w.axis not in (0, None)):
+        return None
+    for rule in COMPUTE_RULES:
+        if w.compute in rule.weight and a.compute in rule.act:
+            return rule
+    return None
+
+
+# ---- the translator ---------------------------------------------------------------------------
+@dataclass
+class _Layer:
+    fx_name: str
+    op: str
+    rule: Optional[str]
+    dtype: str
+    weight_fmt: str = "float"
+    act_fmt: str = "float"
+    storage: str = "fp32"
+    weight_const: object = None  # the integer weight constant (VNNI candidates)
+
+
+class _Translator:
+    """Holds the side tables the converters share while TVM's importer walks the graph."""
+
+    def __init__(self, ep, vnni: bool = False):
+        self.ep = ep
+        self.vnni = vnni  # give VNNI-able int layers an int8 constant weight (pre-packed later)
+        self.qt: dict = {}  # fx node -> QTensor
+        self.layers: list[_Layer] = []
+        self.consts = {}
+        sd = dict(ep.state_dict)
+        sd.update(getattr(ep, "constants", {}) or {})
+        for spec in ep.graph_signature.input_specs:
+            if spec.target is not None and spec.target in sd:
+                self.consts[spec.arg.name] = sd[spec.target]
+
+    def const_of(self, node) -> Optional[np.ndarray]:
+        if node is None or getattr(node, "op", None) != "placeholder":
+            return None
+        t = self.consts.get(node.name)
+        return None if t is None else t.detach().to(torch.float32).cpu().numpy()
+
+    # fliqs.fake_quant(x, scale, zero_point, fmt, axis)
+    def fake_quant(self, node, imp):
+        x_node, s_node, zp_node, fmt_name, axis = (list(node.args) + [None] * 5)[:5]
+        fmt = F.get(fmt_name)
+        scale = self.const_of(s_node)
+        zp = self.const_of(zp_node) if zp_node is not None else None
+        if scale is None and fmt.kind in ("int", "fp"):
+            raise FliqsError(f"node {node.name}: the scale of fake_quant must be a constant buffer")
+        w = self.const_of(x_node)
+        bb = imp.block_builder
+        if w is not None:
+            q = WEIGHT_RULES[fmt.kind](bb, w, fmt, scale, axis, zp)
+        else:
+            q = ACT_RULES[fmt.kind](bb, imp.env[x_node], fmt, scale, zp, axis)
+        q.axis = axis
+        self.qt[node] = q
+        return q.value
+
+    def _quant_inputs(self, node):
+        a = self.qt.get(node.args[0]) if isinstance(node.args[0], torch.fx.Node) else None
+        w = self.qt.get(node.args[1]) if isinstance(node.args[1], torch.fx.Node) else None
+        return a, w
+
+    def _record(self, node, op_name, rule, a, w, wconst=None):
+        if rule is not None:
+            dtype = f"{a.compute}x{w.compute}->{rule.acc}"
+        else:
+            dtype = "float32"
+        self.layers.append(_Layer(node.name, op_name, rule.name if rule else None, dtype,
+                                  w.fmt.name if w else "float", a.fmt.name if a else "float",
+                                  w.storage if w else "fp32", wconst))
+
+    def _rescale(self, bb, y, a, w, rule, ndim):
+        op = _relax().op
+        y = bb.emit(op.astype(y, "float32")) if rule.acc != "float32" else y
+        s = (a.scale.reshape(-1)[0] * w.scale.reshape(-1)).astype(np.float32)
+        shape = [1] * ndim
+        shape[1 if ndim > 2 else -1] = s.size
+        return bb.emit(op.multiply(y, _const(s.reshape(shape) if s.size > 1 else s.reshape(()))))
+
+    def conv2d(self, node, imp):
+        a, w = self._quant_inputs(node)
+        rule = _match_rule(w, a)
+        if rule is None:
+            self._record(node, "conv2d", None, a, w)
+            return imp._conv2d(node)
+        relax = _relax()
+        args = imp.retrieve_args(node)
+        bias = args[2] if len(args) > 2 else None
+        stride, padding, dilation, groups = ((list(args) + [None] * 7)[3:7])
+        wcodes = w.codes
+        if (self.vnni and rule.name == "int8" and w.np_codes is not None and not _is_const(wcodes)
+                and K.conv_vnni_applicable(w.np_codes.shape[1], w.np_codes.shape[0], groups or 1,
+                                          _pair(dilation or 1))):
+            wcodes = _const(w.np_codes)  # VNNI kernels read pre-packed int8 (int4 values)
+            w = QTensor(**{**w.__dict__, "storage": f"int8 (holds {w.fmt.name} values)"})
+        conv = relax.op.nn.conv2d(a.codes, wcodes, strides=stride or 1, padding=padding or 0,
+                                  dilation=dilation or 1, groups=groups or 1, out_dtype=rule.acc)
+        y = imp.block_builder.emit(conv)
+        wconst = wcodes if _is_const(wcodes) else None
+        self._record(node, "conv2d", rule, a, w, wconst)
+        y = self._rescale(imp.block_builder, y, a, w, rule, 4)
+        if not imp._is_no_bias(bias):
+            y = imp.block_builder.emit(relax.op.add(y, relax.op.reshape(bias, (1, -1, 1, 1))))
+        return y
+
+    def linear(self, node, imp):
+        a, w = self._quant_inputs(node)
+        rule = _match_rule(w, a)
+        if rule is None:
+            self._record(node, "linear", None, a, w)
+            return imp._linear(node)
+        relax = _relax()
+        args = imp.retrieve_args(node)
+        bias = args[2] if len(args) > 2 else None
+        bb = imp.block_builder
+        if self.vnni and rule.name == "int8" and w.np_codes is not None and not _is_const(w.codes):
+            w = QTensor(**{**w.__dict__, "codes": _const(w.np_codes),
+                           "storage": f"int8 (holds {w.fmt.name} values)"})
+        if _is_const(w.codes):  # constant [K, N]: what the VNNI rewrite matches
+            wt = _const(w.codes.value.numpy().T.copy())
+        else:
+            wt = bb.emit(relax.op.permute_dims(w.codes, [1, 0]))
+        y = bb.emit(relax.op.matmul(a.codes, wt, out_dtype=rule.acc))
+        self._record(node, "linear", rule, a, w, wt if _is_const(wt) else None)
+        y = self._rescale(bb, y, a, w, rule, len(a.codes.ty.shape))
+        if not imp._is_no_bias(bias):
+            y = bb.emit(relax.op.add(y, bias))
+        return y
+
+    def _float_op(self, key, op_name):
+        """Quantizable ops without a native rule here: TVM's own converter (fp32 on dequantized
+        values), recorded so every quantizable op appears in ``executed`` in order."""
+        def convert(node, imp):
+            a, w = self._quant_inputs(node)
+            self._record(node, op_name, None, a, w)
+            if not hasattr(self, "_stock"):
+                self._stock = type(imp).create_convert_map(imp)
+            return self._stock[key](node)
+        return convert
+
+    def convert_map(self):
+        table = {"fake_quant.default": self.fake_quant, "conv2d.default": self.conv2d,
+                 "linear.default": self.linear}
+        # aten ops TVM 0.27's importer lacks when decompositions are off
+        table["t.default"] = lambda node, imp: imp.block_builder.emit(
+            _relax().op.permute_dims(imp.env[node.args[0]]))
+        for key, op_name in (("conv1d.default", "conv1d"), ("conv_transpose1d.default", "conv_transpose1d"),
+                             ("conv_transpose2d.input", "conv_transpose2d"), ("matmul.default", "matmul")):
+            table[key] = self._float_op(key, op_name)
+        return table
+
+
+def _pair(v):
+    return tuple(v) if isinstance(v, (list, tuple)) else (v, v)
+
+
+def translate(ep, vnni: bool = False):
+    """ExportedProgram (with ``fliqs.fake_quant`` nodes) → (IRModule, per-layer records).
+
+    Requires: every fake_quant scale / zero point is a buffer (constant); weights are parameters.
+    Guarantees: weights are bound as constants; main takes only the user inputs.
+    """
+    from tvm.relax.frontend.torch import from_exported_program
+    tr = _Translator(ep, vnni)
+    try:
+        mod = from_exported_program(ep, custom_convert_map=tr.convert_map(),
+                                    run_ep_decomposition=False, unwrap_unit_return_tuple=True)
+    except FliqsError:
+        raise
+    except AssertionError as e:
+        raise FliqsError(f"TVM's torch importer cannot translate this graph ({e}); the model uses an "
+                         "operator TVM 0.27 does not support") from None
+    return mod, tr.layers
+
+
+# ---- compile, export, run ---------------------------------------------------------------------
+def fuse_pipeline():
+    """Legalize + operator fusion WITHOUT FoldConstant: packed / low-precision weights stay as
+    stored and are decoded at run time; epilogues (rescale, bias, ReLU, next quantize) fuse into
+    one loop nest. No scheduling (that is MetaSchedule's job)."""
+    from tvm import relax, transform
+    return transform.Sequential([relax.transform.LegalizeOps(),
+                                 relax.transform.AnnotateTIROpPattern(),
+                                 relax.transform.FuseOps(), relax.transform.FuseTIR()])
+
+
+def compile_module(mod, target: Target, *, tune: bool = False, trials: int = 64,
+                   max_trials_per_task: Optional[int] = None, work_dir=None, fuse: bool = False):
+    """Relax IRModule → ``tvm.compile`` executable.
+
+    Default: TVM's default build (naive, unscheduled loops; hand VNNI kernels keep their
+    schedules). ``fuse=True``: ``fuse_pipeline`` first (exact: fp8 / bf16 rounding does not rely
+    on casts, see ``tvm_kernels.fp_round_te``). ``tune``: ``_tune`` — TVM's static-shape tuning
+    steps (zero pipeline, MetaSchedule with ``trials`` in total and ``max_trials_per_task`` each,
+    apply the database) with a persistent database in ``work_dir`` (reused across calls). The zero
+    pipeline runs FoldConstant, which pre-decodes constant packed weights at build time.
+    """
+    import tvm
+    tgt = target.tvm()
+    if fuse and not tune:
+        with tgt:
+            mod = fuse_pipeline()(mod)
+    if tune:
+        wd = Path(work_dir or Path(tempfile.gettempdir()) / "fliqs-tvm-tune" / _safe(target.key))
+        wd.mkdir(parents=True, exist_ok=True)
+        mod = _tune(mod, tgt, wd, trials, max_trials_per_task or max(1, trials))
+    return tvm.compile(mod, target=tgt)
+
+
+def _tune(mod, tgt, work_dir: Path, trials: int, per_task: int, build_timeout_s: float = 300.0):
+    """TVM's ``static_shape_tuning`` steps with patient builders/runners: MetaSchedule's default
+    30 s build timeout fails EVERY candidate on a loaded 2-core machine (measured: 0 valid
+    samples in 12 tasks), so nothing was tuned. Database: JSON files in ``work_dir``, reused."""
+    from tvm import relax, transform
+    from tvm.s_tir import meta_schedule as ms
+    with tgt:
+        mod = transform.Sequential([relax.transform.DecomposeOpsForInference(),
+                                    relax.transform.CanonicalizeBindings(),
+                                    relax.get_pipeline("zero")])(mod)
+        if trials > 0:
+            ms.relax_integration.tune_relax(
+                mod=mod, params={}, target=tgt, work_dir=str(work_dir), max_trials_global=trials,
+                max_trials_per_task=per_task, num_trials_per_iter=min(64, max(1, per_task)),
+                builder=ms.builder.LocalBuilder(timeout_sec=build_timeout_s),
+                runner=ms.runner.LocalRunner(timeout_sec=build_timeout_s))
+        mod = relax.transform.MetaScheduleApplyDatabase(str(work_dir))(mod)
+    return mod
+
+
+def _safe(key: str) -> str:
+    import hashlib
+    return hashlib.sha1(key.encode()).hexdigest()[:12]
+
+
+def asm_functions(asm: str) -> dict:
+    """Split x86 assembly text into {function symbol: body text}.
+
+    Functions are the ``.type X,@function`` labels; TVM's outlined ``.L__tvm_parallel_lambda``
+    bodies follow their parent function and are appended to it."""
+    fn_names = set()
+    for line in asm.splitlines():
+        s = line.strip()
+        if s.startswith(".type") and "@function" in s:
+            fn_names.add(s[len(".type"):].split(",")[0].strip())
+    out, name, buf = {}, None, []
+    for line in asm.splitlines():
+        label = line[:-1] if line and not line[0].isspace() and line.endswith(":") else None
+        if label in fn_names and not label.startswith(".L"):
+            if name:
+                out[name] = "\n".join(buf)
+            name, buf = label, []
+        elif name:
+            buf.append(line)
+    if name:
+        out[name] = "\n".join(buf)
+    return out
+
+
+def _kernel_asm(fns: dict, sym: str) -> str:
+    """The assembly of PrimFunc ``sym``: its packed wrapper and its compute body."""
+    return "\n".join(fns.get(k, "") for k in (sym, f"{sym}_compute_", f"__tvm_ffi_{sym}"))
+
+
+@dataclass
+class Lowered:
+    """A compiled model. ``run`` / ``time_ms`` take the model's inputs (numpy, in order)."""
+
+    path: Optional[Path]
+    executable: object
+    executed: dict
+    target: Target
+    mod: object = None
+    asm_stats: dict = field(default_factory=dict)
+    timing_s: dict = field(default_factory=dict)
+    _vm: object = None
+
+    def vm(self):
+        if self._vm is None:
+            import tvm
+            from tvm import relax
+            self._vm = relax.VirtualMachine(self.executable, tvm.cpu())
+        return self._vm
+
+    def _args(self, inputs):
+        import tvm
+        return [tvm.runtime.tensor(np.ascontiguousarray(x), tvm.cpu()) for x in inputs]
+
+    def run(self, inputs) -> list:
+        """Run ``main`` on numpy inputs; returns the outputs as a list of numpy arrays."""
+        out = self.vm()["main"](*self._args(inputs))
+        if hasattr(out, "numpy"):
+            return [out.numpy()]
+        return [o.numpy() for o in out]
+
+    def time_ms(self, inputs, number: int = 1, repeat: int = 5, min_repeat_ms: int = 50) -> float:
+        """Median latency in ms (``time_evaluator``: ``repeat`` runs of ≥ ``min_repeat_ms``)."""
+        import tvm
+        f = self.vm().time_evaluator("main", tvm.cpu(), number=number, repeat=repeat,
+                                     min_repeat_ms=min_repeat_ms)
+        return float(f(*self._args(inputs)).median * 1e3)
+
+
+def _write_library(ex, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=str(path.parent))
+    os.close(fd)
+    try:
+        ex.export_library(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _public_names(graph, records: list) -> list:
+    """Map translated conv/linear records (in order) to ``graph.layers`` public names.
+
+    Layers are ordered by their fx node's position in ``graph.gm``; when the counts agree they
+    are zipped with the records (torch.export keeps execution order); otherwise the fx node name
+    is used where it matches a layer's ``.node`` and the exported node name elsewhere."""
+    order = {n.name: i for i, n in enumerate(graph.gm.graph.nodes)}
+    layers = sorted(getattr(graph, "layers", {}).values(), key=lambda L: order.get(L.node, 1 << 30))
+    if layers and len(layers) == len(records):
+        return [L.name for L in layers]
+    by_node = {L.node: L.name for L in layers}
+    return [by_node.get(r.fx_name, r.fx_name) for r in records]
+
+
+def lower(graph, target, out_dir=None, *, tune: bool = False, trials: int = 64,
+          max_trials_per_task: Optional[int] = None, work_dir=None, vnni: bool = True,
+          fuse: bool = False, example_inputs=None) -> Lowered:
+    """Lower a materialized ``Graph`` for a TVM ``target`` and compile it.
+
+    Requires: ``graph.gm`` holds only fixed ``FormatQuantizer``s (or ``fliqs.fake_quant`` calls)
+    with constant scales; ``graph.inputs`` gives the input shapes. ``target``: text or Target.
+    Guarantees: ``out_dir/tvm/model.so`` (when ``out_dir``) is written atomically and loads in a
+    fresh ``relax.VirtualMachine`` whose ``main`` takes only the model inputs; ``executed`` names
+    the realized compute per layer public name. Bad target / unsupported format → FliqsError.
+    """
+    target = parse_target(target).require_local()
+    if target.kind != "tvm":
+        raise FliqsError(f"target {target.text!r} is not a TVM target; lower() needs 'llvm' or a "
+                         "JSON target dict")
+    times = {}
+    t0 = time.perf_counter()
+    inputs = example_inputs or graph.example_inputs()
+    was_training = graph.gm.training
+    try:
+        ep = torch.export.export(graph.gm.eval(), tuple(inputs))
+    except Exception as e:  # noqa: BLE001
+        raise FliqsError(f"graph {graph.name!r}: torch.export failed ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}); check the model is traceable") from None
+    finally:
+        graph.gm.train(was_training)
+    use_vnni = bool(vnni and K.has_vnni(target.tvm_target))
+    mod, records = translate(ep, use_vnni)
+    times["translate"] = time.perf_counter() - t0
+    names = _public_names(graph, records)
+    vnni_layers = {}
+    if use_vnni:
+        mod, vnni_layers = K.vnni_rewrite(mod, {id(r.weight_const): n for r, n in zip(records, names)
+                                                if r.weight_const is not None},
+                                          [r.weight_const for r in records if r.weight_const is not None])
+    t1 = time.perf_counter()
+    ex = compile_module(mod, target, tune=tune, trials=trials,
+                        max_trials_per_task=max_trials_per_task, work_dir=work_dir, fuse=fuse)
+    times["compile"] = time.perf_counter() - t1
+    asm = ex.mod.imports[0].inspect_source("asm") if ex.mod.imports else ""
+    fns = asm_functions(asm)
+    stats = {"vpdpbusd": asm.count("vpdpbusd"), "vdpbf16ps": asm.count("vdpbf16ps"),
+             "vpmaddubsw": asm.count("vpmaddubsw")}
+    executed = {}
+    for r, name in zip(records, names):
+        entry = {"dtype": r.dtype, "kernel": r.rule or "fp32", "weight": r.weight_fmt,
+                 "activation": r.act_fmt, "weight_storage": r.storage, "op": r.op}
+        sym = vnni_layers.get(name)
+        if sym is not None:
+            n_dp = _kernel_asm(fns, sym).count("vpdpbusd")
+            entry["vpdpbusd"] = n_dp
+            if n_dp:
+                entry["kernel"] = "vnni"
+                entry["weight_storage"] = "int8 (VNNI-prepacked)"
+        elif r.rule == "int8" and use_vnni:
+            entry["fallback"] = "VNNI kernel not applicable (shape/groups/layout): plain int8 loops"
+        if r.rule and r.rule.startswith("bf16") and stats["vdpbf16ps"]:
+            entry["kernel"] = "avx512bf16"
+        if tune and not entry["weight_storage"].startswith(("int8", "fp32")):
+            entry["weight_storage"] += " (tuning pipeline's FoldConstant pre-decodes it at build time)"
+        executed[name] = entry
+    path = None
+    if out_dir is not None:
+        path = Path(out_dir) / "tvm" / "model.so"
+        _write_library(ex, path)
+        meta = {"target": target.tvm_target, "executed": executed, "asm": stats}
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(meta, indent=1))
+        os.replace(tmp, path.with_suffix(".json"))
+    times["total"] = time.perf_counter() - t0
+    return Lowered(path, ex, executed, target, mod, stats, times)

@@ -1,0 +1,129 @@
+"""Per-layer TVM latency: one quantized layer compiled alone and timed on a target.
+
+``tvm_layer_ms(layer, fmt_w, fmt_a, target)`` builds a micro-graph with the layer's shapes and
+attributes (``LayerInfo.op``, ``weight_shape``, ``input_shape``, ``attrs`` stride / padding /
+dilation / groups), the weight quantized per output channel in ``fmt_w`` and the input per tensor
+in ``fmt_a`` (``FormatQuantizer``s, exactly what ``materialize`` leaves), lowers it with
+``tvm_lower.lower`` (the same rules as whole models, VNNI included) and returns the median time in
+ms. It plugs into ``latency_table.build(graph, pairs, measure_fn)`` as ``measure_fn``.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+os.environ.setdefault("TVM_NUM_THREADS", "2")
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from fliqs_compiler import formats as F  # noqa: E402
+from fliqs_compiler.errors import FliqsError  # noqa: E402
+from fliqs_compiler.graph import Graph, InputSpec, LayerInfo  # noqa: E402
+from fliqs_compiler.quant import absmax_scale  # noqa: E402
+from fliqs_compiler.quantizers import FormatQuantizer  # noqa: E402
+
+__all__ = ["tvm_layer_ms", "measure_fn", "layer_module", "layer_graph"]
+
+_CACHE: dict = {}
+
+
+def _quantizer(fmt: str, t: torch.Tensor, role: str) -> Optional[FormatQuantizer]:
+    f = F.get(fmt)
+    if f.kind == "float":
+        return None
+    if role == "weight":
+        if f.kind == "mx":
+            return FormatQuantizer(f.name, torch.ones(1), role=role, block_axis=1)
+        return FormatQuantizer(f.name, absmax_scale(t, f, 0), axis=0, role=role)
+    if f.kind == "mx":
+        return FormatQuantizer(f.name, torch.ones(1), role=role, block_axis=1)
+    zp = torch.zeros(1) if (f.kind == "int" and not f.signed) else None
+    return FormatQuantizer(f.name, absmax_scale(t.abs() if zp is not None else t, f), role=role,
+                           zero_point=zp)
+
+
+class _Layer(nn.Module):
+    """One conv2d / linear / matmul with fixed quantizers on weight and input."""
+
+    def __init__(self, layer: LayerInfo, fmt_w: str, fmt_a: str, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.op = layer.op
+        a = layer.attrs or {}
+        self.stride, self.padding = a.get("stride") or 1, a.get("padding") or 0
+        self.dilation, self.groups = a.get("dilation") or 1, a.get("groups") or 1
+        self.weight = nn.Parameter(torch.randn(tuple(layer.weight_shape), generator=g) * 0.05)
+        self.bias = nn.Parameter(torch.zeros(layer.weight_shape[0])) if self.op != "matmul" else None
+        x = torch.randn(tuple(layer.input_shape), generator=g)
+        self.wq = _quantizer(fmt_w, self.weight.detach(), "weight")
+        self.aq = _quantizer(fmt_a, x, "activation")
+
+    def forward(self, x):
+        w = self.wq(self.weight) if self.wq is not None else self.weight
+        x = self.aq(x) if self.aq is not None else x
+        if self.op == "conv2d":
+            return nn.functional.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation,
+                                        self.groups)
+        if self.op == "conv1d":
+            return nn.functional.conv1d(x, w, self.bias, self.stride, self.padding, self.dilation,
+                                        self.groups)
+        if self.op == "linear":
+            return nn.functional.linear(x, w, self.bias)
+        return torch.matmul(x, w.t())
+
+
+def layer_module(layer: LayerInfo, fmt_w: str, fmt_a: str) -> nn.Module:
+    """The micro-model for one layer (eval mode). Unsupported op → FliqsError."""
+    if layer.op not in ("conv2d", "conv1d", "linear", "matmul"):
+        raise FliqsError(f"layer {layer.name}: op {layer.op!r} has no TVM micro-benchmark; "
+                         "supported: conv2d, conv1d, linear, matmul")
+    if not layer.weight_shape or not layer.input_shape:
+        raise FliqsError(f"layer {layer.name}: weight_shape / input_shape unknown; run shape "
+                         "propagation (passes.prepare) before measuring latency")
+    return _Layer(layer, fmt_w, fmt_a).eval()
+
+
+def layer_graph(layer: LayerInfo, fmt_w: str, fmt_a: str) -> Graph:
+    """A ``Graph`` of the micro-model, with one LayerInfo named like ``layer``."""
+    m = layer_module(layer, fmt_w, fmt_a)
+    gm = torch.fx.symbolic_trace(m)
+    g = Graph(gm, [InputSpec("x", tuple(layer.input_shape))], name=f"layer:{layer.name}")
+    node = next(n.name for n in gm.graph.nodes if n.op == "call_function"
+                and getattr(n.target, "__name__", "") in ("conv2d", "conv1d", "linear", "matmul"))
+    g.layers[layer.name] = LayerInfo(layer.name, layer.op, node, weight_shape=layer.weight_shape,
+                                     input_shape=layer.input_shape, attrs=dict(layer.attrs or {}))
+    return g
+
+
+def tvm_layer_ms(layer: LayerInfo, fmt_w: str, fmt_a: str, target="llvm", tuned: bool = False,
+                 trials: int = 32, work_dir=None, *, repeat: int = 5, min_repeat_ms: int = 50,
+                 return_lowered: bool = False):
+    """Median latency (ms) of ``layer`` with weight format ``fmt_w`` and input format ``fmt_a``.
+
+    Requires: ``layer.weight_shape`` and ``layer.input_shape``. ``tuned``: MetaSchedule with
+    ``trials`` trials and a persistent database in ``work_dir``. Results are cached per process
+    by (layer signature, formats, target key, tuned, trials).
+    """
+    from .targets import parse_target
+    from .tvm_lower import lower
+    target = parse_target(target)
+    key = (layer.signature(), F.get(fmt_w).name, F.get(fmt_a).name, target.key, tuned, trials)
+    if key in _CACHE and not return_lowered:
+        return _CACHE[key]
+    g = layer_graph(layer, fmt_w, fmt_a)
+    low = lower(g, target, None, tune=tuned, trials=trials, max_trials_per_task=trials,
+                work_dir=work_dir)
+    x = torch.randn(tuple(layer.input_shape)).numpy()
+    ms = low.time_ms([x], repeat=repeat, min_repeat_ms=min_repeat_ms)
+    _CACHE[key] = ms
+    return (ms, low) if return_lowered else ms
+
+
+def measure_fn(target="llvm", tuned: bool = False, trials: int = 32, work_dir=None):
+    """``(layer, fmt_w, fmt_a) -> ms`` bound to a target: the ``measure_fn`` that
+    ``latency_table.build(graph, pairs, measure_fn)`` expects."""
+    def measure(layer: LayerInfo, fmt_w: str, fmt_a: str) -> float:
+        return tvm_layer_ms(layer, fmt_w, fmt_a, target, tuned=tuned, trials=trials,
+                            work_dir=work_dir)
+    return measure

@@ -1,0 +1,263 @@
+"""Benchmark: end-to-end latency of fp32 and mixed INT8/INT4/FP8 models on TVM, onnxruntime, torch.
+
+    .venv/bin/python bench/latency.py [--quick] [--models resnet18,cnn] [--tune-trials N]
+                                      [--tune-dir DIR] [--out bench/results/latency.json]
+
+Models: ResNet-18 at 1×3×224×224 (built here, random weights, BN folded by the passes) and the
+Fashion-MNIST-size CNN (``search.toy.ResNet8``, 1×1×28×28). Configs: ``fp32`` and ``mixed`` (every
+quantized layer gets int8 / int4 / fp8_e4m3 in turn, weight = activation format; calibrated
+scales). Engines (2 threads everywhere; the thread count is printed with the table):
+- ``torch``: eager fp32 module / the fake-quant graph;
+- ``ort``: onnxruntime on the fp32 ONNX / the QDQ ONNX (``backends.onnx_export.export_qdq``);
+- ``tvm``: ``tvm_lower.lower`` default build (naive loops; hand VNNI kernels for int8/int4
+  conv/linear), ``tvm-novnni`` (same without VNNI), and ``tvm-tuned`` when ``--tune-trials N``
+  > 0 (MetaSchedule, database in ``--tune-dir``, reused by later runs; tuning time printed).
+``--layers`` adds single ResNet-18 layers (int8 VNNI / plain int8 / fp32 TVM, ORT fp32 and QDQ,
+torch fp32).
+One table of medians (ms) and ratios to torch fp32 of the same model. ``--quick``: the CNN only,
+fewer repeats. These machines are shared and noisy: compare numbers from one run only.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TVM_NUM_THREADS", "2")
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+THREADS = int(os.environ["TVM_NUM_THREADS"])
+MIX = ("int8", "int4", "fp8_e4m3")
+
+
+# ---- models ------------------------------------------------------------------------------------
+class _Basic(nn.Module):
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.down = None
+        if stride != 1 or cin != cout:
+            self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        y = torch.relu(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(y))
+        return torch.relu(y + (self.down(x) if self.down is not None else x))
+
+
+class ResNet18(nn.Module):
+    """torchvision's ResNet-18 architecture (no torchvision dependency)."""
+
+    def __init__(self, classes=1000):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        layers, cin = [], 64
+        for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+            layers += [_Basic(cin, cout, stride), _Basic(cout, cout, 1)]
+            cin = cout
+        self.layers = nn.Sequential(*layers)
+        self.fc = nn.Linear(512, classes)
+
+    def forward(self, x):
+        x = nn.functional.max_pool2d(torch.relu(self.bn1(self.conv1(x))), 3, 2, 1)
+        x = self.layers(x)
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+def _models(names):
+    from fliqs_compiler.search.toy import ResNet8
+    table = {"resnet18": (lambda: ResNet18(), (1, 3, 224, 224)),
+             "cnn": (lambda: ResNet8(in_ch=1, classes=10), (1, 1, 28, 28))}
+    for n in names:
+        if n not in table:
+            sys.exit(f"unknown model {n!r}; choose from {', '.join(table)}")
+        torch.manual_seed(0)
+        ctor, shape = table[n]
+        m = ctor().eval()
+        for mod in m.modules():  # non-trivial BN statistics
+            if isinstance(mod, nn.BatchNorm2d):
+                mod.running_mean.uniform_(-0.1, 0.1)
+                mod.running_var.uniform_(0.5, 1.5)
+        yield n, m, shape
+
+
+# ---- configs -----------------------------------------------------------------------------------
+def _graphs(model, shape):
+    """(fp32 Graph, mixed materialized Graph, mixed formats)."""
+    import fliqs_compiler as fq
+    from fliqs_compiler import passes
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    g = fq.load(model, (x,))
+    opts = passes.PrepareOptions(formats=list(MIX), keep_float_first=False, keep_float_last=False,
+                                 scale_mode="calibrated")
+    sg = passes.prepare(g, opts)
+    formats = {name: {"weight": MIX[i % 3], "activation": MIX[i % 3]}
+               for i, name in enumerate(sg.layers)}
+    with torch.no_grad():  # calibrate every candidate's scale once, then fix formats
+        for fmt in MIX:
+            sg.space.apply(sg.gm, sg.space.choice_of({n: {"weight": fmt, "activation": fmt}
+                                                      for n in sg.layers}))
+            sg(x)
+    return passes.materialize(sg, {}), passes.materialize(sg, formats), formats, x
+
+
+# ---- timing ------------------------------------------------------------------------------------
+def _median_ms(fn, repeat, min_s=0.2):
+    for _ in range(2):
+        fn()
+    times, start = [], time.perf_counter()
+    while len(times) < repeat or time.perf_counter() - start < min_s:
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+        if len(times) >= 50 * repeat:
+            break
+    return statistics.median(times)
+
+
+def _torch_ms(graph, x, repeat):
+    with torch.no_grad():
+        return _median_ms(lambda: graph(x), repeat)
+
+
+def _ort_ms(graph, x, repeat, work, tag):
+    from fliqs_compiler.backends.onnx_export import export_qdq
+    from fliqs_compiler.backends.ort_backend import time_onnx
+    path = export_qdq(graph, Path(work) / f"{tag}.onnx")
+    return time_onnx(path, [x.numpy()], threads=THREADS, repeat=repeat)
+
+
+def _tvm(graph, x, repeat, **kw):
+    from fliqs_compiler.backends.tvm_lower import lower
+    t0 = time.perf_counter()
+    low = lower(graph, "llvm", None, **kw)
+    build_s = time.perf_counter() - t0
+    ms = low.time_ms([x.numpy()], repeat=max(3, repeat // 10), min_repeat_ms=100)
+    kernels = {}
+    for e in low.executed.values():
+        kernels[e["kernel"]] = kernels.get(e["kernel"], 0) + 1
+    return ms, build_s, kernels
+
+
+LAYERS = [  # representative ResNet-18 @224 layers: (name, op, weight shape, input shape, attrs)
+    ("layer1.0.conv1", "conv2d", (64, 64, 3, 3), (1, 64, 56, 56), {"stride": 1, "padding": 1}),
+    ("layer2.0.conv1", "conv2d", (128, 64, 3, 3), (1, 64, 56, 56), {"stride": 2, "padding": 1}),
+    ("layer4.1.conv2", "conv2d", (512, 512, 3, 3), (1, 512, 7, 7), {"stride": 1, "padding": 1}),
+    ("fc", "linear", (1000, 512), (1, 512), {}),
+]
+
+
+def layer_rows(repeat: int):
+    """Per-layer medians: TVM int8 (u8 activations) with / without VNNI, TVM fp32 (naive),
+    onnxruntime fp32 and int8 QDQ micro-graphs, torch fp32."""
+    from fliqs_compiler.backends.latency_table import ort_layer_ms
+    from fliqs_compiler.backends.tvm_lower import lower
+    from fliqs_compiler.backends.tvm_measure import layer_graph, layer_module
+    from fliqs_compiler.graph import LayerInfo
+    rows = []
+    for name, op, ws, xs, attrs in LAYERS:
+        layer = LayerInfo(name, op, "n", weight_shape=ws, input_shape=xs, attrs=attrs)
+        x = torch.randn(xs).abs()
+        with torch.no_grad():
+            layer.output_shape = tuple(layer_module(layer, "float", "float")(x).shape)
+        r = {"layer": name}
+        for key, fw, fa, vnni in (("tvm_int8_vnni", "int8", "uint8", True),
+                                  ("tvm_int8_plain", "int8", "uint8", False),
+                                  ("tvm_fp32", "float", "float", False)):
+            low = lower(layer_graph(layer, fw, fa), "llvm", vnni=vnni)
+            r[key] = low.time_ms([x.numpy()], repeat=max(3, repeat // 10), min_repeat_ms=50)
+            r[key + "_kernel"] = next(iter(low.executed.values()))["kernel"]
+        r["ort_fp32"] = ort_layer_ms(layer, "float", "float", threads=THREADS, repeat=repeat)
+        r["ort_int8_qdq"] = ort_layer_ms(layer, "int8", "uint8", threads=THREADS, repeat=repeat)
+        m = layer_module(layer, "float", "float")
+        r["torch_fp32"] = _torch_ms(m, x, repeat)
+        rows.append(r)
+        print("  " + "  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
+                               for k, v in r.items()), flush=True)
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="the small CNN only, fewer repeats")
+    ap.add_argument("--models", default=None, help="comma list of resnet18,cnn")
+    ap.add_argument("--tune-trials", type=int, default=0, help="MetaSchedule trials (0: no tuning)")
+    ap.add_argument("--tune-per-task", type=int, default=8)
+    ap.add_argument("--tune-configs", default="fp32,mixed", help="configs to tune (comma list)")
+    ap.add_argument("--configs", default="fp32,mixed", help="configs to run (comma list)")
+    ap.add_argument("--tune-dir", default=str(Path(tempfile.gettempdir()) / "fliqs-tvm-tune-bench"))
+    ap.add_argument("--layers", action="store_true", help="also time single ResNet-18 layers")
+    ap.add_argument("--out", default=None, help="write the results as JSON here (atomic)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(THREADS)
+    names = [n for n in (args.models if args.models is not None
+                         else ("cnn" if args.quick else "resnet18,cnn")).split(",") if n]
+    repeat = 10 if args.quick else 30
+    rows = []
+    work = tempfile.mkdtemp(prefix="fliqs-bench-")
+    for name, model, shape in _models(names):
+        fp32, mixed, formats, x = _graphs(model, shape)
+        base = _torch_ms(fp32, x, repeat)
+        for cfg, g in (("fp32", fp32), ("mixed", mixed)):
+            if cfg not in args.configs.split(","):
+                continue
+            def add(engine, ms, **extra):
+                rows.append({"model": name, "config": cfg, "engine": engine, "ms": ms,
+                             "ratio_to_torch_fp32": ms / base if ms else None, **extra})
+                print(f"  {name:9s} {cfg:6s} {engine:11s} {ms:10.3f} ms  x{ms / base:7.2f}  "
+                      + (json.dumps(extra) if extra else ""), flush=True)
+            add("torch", base if cfg == "fp32" else _torch_ms(g, x, repeat))
+            try:
+                add("ort", _ort_ms(g, x, repeat, work, f"{name}-{cfg}"))
+            except Exception as e:  # noqa: BLE001 — report, keep the other engines
+                print(f"  {name} {cfg} ort: failed: {type(e).__name__}: {str(e)[:120]}")
+            ms, build_s, kernels = _tvm(g, x, repeat, vnni=True)
+            add("tvm", ms, build_s=round(build_s, 1), kernels=kernels)
+            if cfg == "mixed":
+                ms, build_s, kernels = _tvm(g, x, repeat, vnni=False)
+                add("tvm-novnni", ms, build_s=round(build_s, 1), kernels=kernels)
+            if args.tune_trials > 0 and cfg in args.tune_configs.split(","):
+                ms, build_s, kernels = _tvm(g, x, repeat, vnni=True, tune=True,
+                                            trials=args.tune_trials,
+                                            max_trials_per_task=args.tune_per_task,
+                                            work_dir=Path(args.tune_dir) / name)
+                add("tvm-tuned", ms, tune_s=round(build_s, 1), trials=args.tune_trials,
+                    per_task=args.tune_per_task, kernels=kernels)
+    lrows = layer_rows(repeat) if args.layers else []
+    env = {"threads": THREADS, "torch": torch.__version__, "cpu": platform.processor() or platform.machine()}
+    try:
+        import onnxruntime
+        import tvm
+        env.update(onnxruntime=onnxruntime.__version__, tvm=tvm.__version__)
+    except ImportError:
+        pass
+    print(f"\nthreads: {THREADS} (torch, onnxruntime intra-op, TVM_NUM_THREADS)")
+    print(f"{'model':9s} {'config':6s} {'engine':11s} {'median ms':>10s} {'/torch fp32':>11s}")
+    for r in rows:
+        print(f"{r['model']:9s} {r['config']:6s} {r['engine']:11s} {r['ms']:10.3f} "
+              f"{r['ratio_to_torch_fp32']:11.2f}")
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"environment": env, "mixed_formats": list(MIX), "rows": rows,
+                                   "layers": lrows},
+                                  indent=1))
+        os.replace(tmp, out)
+    return rows, lrows
+
+
+if __name__ == "__main__":
+    main()
