@@ -1,0 +1,84 @@
+"""``fliqs compile``: the main job (import, passes, search, materialize, export, lower, measure,
+report) as a thin layer over ``fliqs_compiler.api.compile``.
+
+Also home of ``OneLineCommand``: usage errors (missing argument, bad option type) become one
+``fliqs: error: ...`` line on stderr with exit code 2, like every other bad input.
+"""
+from __future__ import annotations
+
+import click
+
+from .common import debug_option, handle_errors, input_shape_option, parse_input_shapes
+
+
+class UsageLine(click.ClickException):
+    """A click usage error shown as one line (exit 2)."""
+
+    exit_code = 2
+
+    def show(self, file=None):
+        click.echo(f"fliqs: error: {self.format_message()}", err=True)
+
+
+class OneLineCommand(click.Command):
+    """A click command whose usage errors print one line (no usage block) and exit 2."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.UsageError as e:
+            raise UsageLine(f"{e.format_message()} (see 'fliqs {info_name} --help')") from None
+
+
+@click.command("compile", cls=OneLineCommand)
+@click.argument("model", type=click.Path(dir_okay=True, path_type=str))
+@click.option("--target", "target", metavar="TARGET",
+              help="Required: llvm (host CPU via TVM), a JSON target dict, ort, or rpc://HOST:PORT/KEY.")
+@click.option("--data", metavar="DATA",
+              help="digits, fashion-mnist, a .npz with x (and y), or an image folder. "
+                   "Without labels (or without --data) the float model is the teacher.")
+@click.option("--formats", metavar="LIST", help="Candidate formats, comma-separated "
+              "(default int4,int8,fp8_e4m3; see 'fliqs formats').")
+@click.option("--budget", metavar="KIND=VALUE",
+              help="bops=0.25x | bops=12.5G | size=2MB | latency=3ms (default bops=0.5x).")
+@click.option("--sweep", metavar="KIND=V1,V2,...",
+              help="One search per budget, e.g. bops=0.2x,0.3x,0.5x; draws pareto.png.")
+@click.option("--steps", metavar="N", default="300", show_default=True, help="Search steps.")
+@click.option("--out", metavar="DIR", help="Output folder (default ./fliqs-out/<model-stem>/).")
+@click.option("--seed", metavar="N", default="0", show_default=True, help="Random seed.")
+@click.option("--resume", is_flag=True, help="Continue from DIR/checkpoint/ of an interrupted run.")
+@input_shape_option
+@click.option("--baselines", metavar="LIST",
+              help="Also run baselines on the same graph/data/steps/budget: uniform,random,ilp,dnas.")
+@click.option("--quiet", is_flag=True, help="No progress display.")
+@click.option("--checkpoint-every", metavar="N", default=None, hidden=True,
+              help="Search checkpoint interval in steps (tests).")
+@debug_option
+@handle_errors
+def compile_(model, target, data, formats, budget, sweep, steps, out, seed, resume, input_shapes,
+             baselines, quiet, checkpoint_every):
+    """Search a mixed-precision format per layer of MODEL under a budget, then export, lower,
+    compile and measure it for TARGET."""
+    from fliqs_compiler import api
+    from fliqs_compiler.errors import FliqsError
+    if not target:
+        raise FliqsError("--target is required: use llvm (host CPU via TVM), ort, or a JSON target dict")
+    shapes = parse_input_shapes(input_shapes)
+    search_options = None
+    if checkpoint_every is not None:
+        search_options = {"checkpoint_every": api.check_steps(checkpoint_every)}
+    result = api.compile(model, target=target, data=data, formats=formats, budget=budget,
+                         steps=api.check_steps(steps), out=out, seed=parse_int("--seed", seed),
+                         resume=resume, sweep=sweep, baselines=baselines,
+                         input_shapes=shapes or None, progress=not quiet,
+                         search_options=search_options)
+    click.echo(f"wrote {result.out_dir} (report: {result.out_dir / 'report.md'})")
+
+
+def parse_int(option: str, value) -> int:
+    """An integer option value, or a one-line FliqsError naming the option."""
+    from fliqs_compiler.errors import FliqsError
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise FliqsError(f"{option} {value!r}: give an integer") from None

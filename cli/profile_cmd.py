@@ -1,0 +1,44 @@
+"""``fliqs profile``: build or refresh the per-layer latency table of a model on a target."""
+from __future__ import annotations
+
+import json
+
+import click
+
+from .common import debug_option, handle_errors, input_shape_option, parse_input_shapes
+from .compile_cmd import OneLineCommand
+
+
+@click.command("profile", cls=OneLineCommand)
+@click.argument("model", type=click.Path(path_type=str))
+@click.option("--target", metavar="TARGET", help="llvm, a JSON target dict, or ort.")
+@click.option("--formats", metavar="LIST", help="Formats to measure (default int4,int8,fp8_e4m3).")
+@click.option("--cache-dir", metavar="DIR", help="Latency cache (default ~/.cache/fliqs/latency).")
+@click.option("--json", "as_json", is_flag=True, help="Print the table as JSON.")
+@input_shape_option
+@click.option("--quiet", is_flag=True, help="No progress display.")
+@debug_option
+@handle_errors
+def profile(model, target, formats, cache_dir, as_json, input_shapes, quiet):
+    """Measure every searched layer of MODEL in every format on TARGET (cached on disk)."""
+    from fliqs_compiler import api
+    from fliqs_compiler.errors import FliqsError
+    if not target:
+        raise FliqsError("--target is required: use llvm (host CPU via TVM), ort, or a JSON target dict")
+    fmts = api.parse_formats(formats)
+    graph, table = api.profile(model, target=target, formats=fmts, cache_dir=cache_dir,
+                               input_shapes=parse_input_shapes(input_shapes) or None,
+                               progress=not quiet)
+    rows = [{"node": layer.name, "op": layer.op,
+             **{f: table.layer_ms(layer, f, f) for f in fmts}} for layer in graph.searched_layers()]
+    if as_json:
+        click.echo(json.dumps({"model": graph.name, "target": target, "unit": "ms", "layers": rows}, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+    t = Table(title=f"latency (ms, median) of {graph.name} on {target}")
+    for col in ("node", "op", *fmts):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(r["node"], r["op"], *(f"{r[f]:.4g}" for f in fmts))
+    Console(width=160).print(t)

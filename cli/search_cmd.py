@@ -1,0 +1,31 @@
+"""``fliqs search``: the FLIQS search on its own (import, passes, search) → config.json."""
+from __future__ import annotations
+
+import click
+
+from .common import debug_option, handle_errors, input_shape_option, parse_input_shapes
+from .compile_cmd import OneLineCommand, parse_int
+
+
+@click.command("search", cls=OneLineCommand)
+@click.argument("model", type=click.Path(path_type=str))
+@click.option("--data", metavar="DATA", help="digits, fashion-mnist, .npz, or an image folder.")
+@click.option("--formats", metavar="LIST", help="Candidate formats (default int4,int8,fp8_e4m3).")
+@click.option("--budget", metavar="KIND=VALUE", help="bops=0.25x | bops=12.5G | size=2MB | latency=3ms.")
+@click.option("--target", metavar="TARGET", help="Needed for latency budgets (the latency table's target).")
+@click.option("--steps", metavar="N", default="300", show_default=True, help="Search steps.")
+@click.option("--out", metavar="DIR", help="Output folder (default ./fliqs-out/<model-stem>/).")
+@click.option("--seed", metavar="N", default="0", show_default=True, help="Random seed.")
+@click.option("--resume", is_flag=True, help="Continue from DIR/checkpoint/.")
+@input_shape_option
+@click.option("--quiet", is_flag=True, help="No progress display.")
+@debug_option
+@handle_errors
+def search(model, data, formats, budget, target, steps, out, seed, resume, input_shapes, quiet):
+    """Run the FLIQS one-shot search on MODEL and write DIR/config.json (and search.jsonl)."""
+    from fliqs_compiler import api
+    res = api.search_only(model, data=data, formats=formats, budget=budget, target=target,
+                          steps=api.check_steps(steps), out=out, seed=parse_int("--seed", seed),
+                          resume=resume, input_shapes=parse_input_shapes(input_shapes) or None,
+                          progress=not quiet)
+    click.echo(f"wrote {res['config']}")
