@@ -20,7 +20,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from importlib import metadata
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Union
@@ -31,6 +30,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from fliqs_compiler import formats as F
+from fliqs_compiler import atomic
 from fliqs_compiler.errors import FliqsError
 from fliqs_compiler.graph import Graph, LayerInfo
 from fliqs_compiler.quant import absmax_scale
@@ -106,16 +106,7 @@ class LatencyTable:
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         body = {"target": self.target_key, "backend": self.backend,
                 "entries": sorted(merged.values(), key=lambda e: e["key"])}
-        fd, tmp = tempfile.mkstemp(prefix=self.path.name, suffix=".tmp", dir=self.cache_dir)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(body, f, indent=1)
-            os.replace(tmp, self.path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        return self.path
+        return atomic.write_text(self.path, json.dumps(body, indent=1))
 
     # -- LatencyModel ---------------------------------------------------------------------------
     def has(self, layer: LayerInfo, fmt_w: str, fmt_a: str) -> bool:

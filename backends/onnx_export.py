@@ -35,8 +35,6 @@ MX weights use blocked DQ. FP4 models (``native_fp4=True``) therefore only run i
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Optional, Sequence
@@ -47,6 +45,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from fliqs_compiler import formats as F
+from fliqs_compiler import atomic
 from fliqs_compiler.errors import FliqsError
 from fliqs_compiler.quant import fake_quant, mx_block_scales, quantize_to_grid
 from fliqs_compiler.quantizers import FormatQuantizer
@@ -402,19 +401,8 @@ def lower_fake_quant(model: onnx.ModelProto, native_fp4: bool = True) -> onnx.Mo
 
 # ---- step 3: driver -------------------------------------------------------------------------
 def save_atomic(model: onnx.ModelProto, path: Path) -> Path:
-    """Serialize ``model`` to ``path`` via a temporary file in the same folder + os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(model.SerializeToString())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    """Serialize ``model`` to ``path`` atomically."""
+    return atomic.write_bytes(path, model.SerializeToString())
 
 
 def gemm_to_matmul(model: onnx.ModelProto) -> onnx.ModelProto:

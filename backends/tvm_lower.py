@@ -42,6 +42,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from fliqs_compiler import formats as F  # noqa: E402
+from fliqs_compiler import atomic  # noqa: E402
 from fliqs_compiler.errors import FliqsError  # noqa: E402
 from fliqs_compiler.quant import fake_quant, quantize_to_grid  # noqa: E402
 
@@ -593,15 +594,8 @@ class Lowered:
 
 
 def _write_library(ex, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=str(path.parent))
-    os.close(fd)
-    try:
+    with atomic.replacing(path, suffix=".so") as tmp:
         ex.export_library(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _public_names(graph, records: list) -> list:
@@ -684,8 +678,6 @@ def lower(graph, target, out_dir=None, *, tune: bool = False, trials: int = 64,
         path = Path(out_dir) / "tvm" / "model.so"
         _write_library(ex, path)
         meta = {"target": target.tvm_target, "executed": executed, "asm": stats}
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(meta, indent=1))
-        os.replace(tmp, path.with_suffix(".json"))
+        atomic.write_text(path.with_suffix(".json"), json.dumps(meta, indent=1))
     times["total"] = time.perf_counter() - t0
     return Lowered(path, ex, executed, target, mod, stats, times)

@@ -9,8 +9,6 @@ Deterministic under the seed (2 threads). The preprocessing is the one ``fliqs``
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -85,20 +83,13 @@ def export(model: nn.Module, path: Path) -> Path:
     """Export to ONNX (legacy exporter, opset 17, BN folded, input 'input' 1x1x8x8, output 'logits'),
     check it, and write it atomically."""
     import onnx
+    from fliqs_compiler import atomic
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic.replacing(path, suffix=".onnx") as tmp:
         torch.onnx.export(model, (torch.zeros(1, 1, 8, 8),), tmp, input_names=["input"],
                           output_names=["logits"], opset_version=17, dynamo=False,
                           do_constant_folding=True)
         onnx.checker.check_model(onnx.load(tmp))
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 

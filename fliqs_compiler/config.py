@@ -8,12 +8,11 @@ format (as the cost model reads it). Format names are normalised to registry nam
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Optional
 
 from . import formats as F
+from . import atomic
 from .errors import FliqsError
 
 __all__ = ["load_config", "save_config", "validate_formats", "ROLES"]
@@ -98,15 +97,5 @@ def save_config(path, model: str, formats: dict, extra: Optional[dict] = None) -
     for k, v in (extra or {}).items():
         if k not in data:
             data[k] = v
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic.write_text(path, json.dumps(data, indent=2) + "\n")
     return path

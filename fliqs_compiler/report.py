@@ -10,12 +10,11 @@ file is written atomically (tmp + ``os.replace``): a reader never sees a half-wr
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Optional
 
 from .errors import FliqsError
+from . import atomic
 
 __all__ = ["CONTRACT", "validate_report", "write_report", "render", "render_markdown", "build_report",
            "layer_rows", "environment", "print_summary",
@@ -70,24 +69,8 @@ def validate_report(report: dict) -> list:
 
 
 # ---- atomic files ------------------------------------------------------------------------------
-def atomic_write_bytes(path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
-def atomic_write_text(path, text: str) -> Path:
-    return atomic_write_bytes(path, text.encode("utf-8"))
+atomic_write_bytes = atomic.write_bytes
+atomic_write_text = atomic.write_text
 
 
 def _savefig_atomic(fig, path: Path) -> Path:

@@ -120,9 +120,6 @@ def test_compile_unlabeled_npz_uses_float_teacher(tmp_path):
     assert "teacher" in res.out_dir.joinpath("report.md").read_text()
 
 
-@pytest.mark.xfail(raises=AssertionError, strict=False,
-                   reason="the torch frontend's torch.export pins the example batch size "
-                          "(guard x.size()[0] == 1), so batched search/eval of nn.Modules fails")
 def test_compile_torch_module_without_data(tmp_path):
     """An nn.Module, no data (random inputs, float model as teacher), the ort target."""
     torch.manual_seed(0)

@@ -103,19 +103,6 @@ def test_render_from_dir_and_errors(tmp_path):
         R.render(tmp_path)
 
 
-def test_atomic_write_keeps_old_file_on_failure(tmp_path, monkeypatch):
-    target = tmp_path / "a.txt"
-    R.atomic_write_text(target, "old")
-
-    def boom(*a, **k):
-        raise OSError("disk full")
-    monkeypatch.setattr(R.os, "replace", boom)
-    with pytest.raises(OSError):
-        R.atomic_write_text(target, "new")
-    assert target.read_text() == "old"
-    assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]
-
-
 def test_many_layers_plot(tmp_path):
     r = sample_report()
     base = r["layers"][1]

@@ -41,6 +41,24 @@ def test_resnet_export_keeps_bn_and_trains():
     assert all(p.grad is not None for p in params)
 
 
+def test_batch_dimension_is_dynamic_even_from_a_batch_of_one():
+    """Search and evaluation run the graph on data batches; an example of batch 1 must not pin it."""
+    model = M._seeded_resnet().eval()
+    graph = fq.load(model, (torch.randn(1, 3, 16, 16),))
+    assert graph.inputs[0].shape == (1, 3, 16, 16)
+    x = torch.randn(5, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(graph(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_batch_baked_into_a_reshape_falls_back_to_a_static_export():
+    class Pinned(nn.Module):
+        def forward(self, x):
+            return x.reshape(1, -1).relu()
+    graph = fq.load(Pinned(), (torch.randn(1, 2, 3),))
+    assert torch.equal(graph(torch.ones(1, 2, 3)), torch.ones(1, 6))
+
+
 def test_weights_are_get_attr_read():
     graph = import_module(nn.Sequential(nn.Linear(4, 3), nn.ReLU()), (torch.randn(2, 4),))
     lin = next(n for n in graph.gm.graph.nodes if n.target is torch.ops.aten.linear.default)

@@ -32,6 +32,20 @@ def _specs(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> list[I
             for name, t in zip(names, example_inputs)]
 
 
+def _export(module: nn.Module, example_inputs: tuple) -> fx.GraphModule:
+    """``torch.export`` with a dynamic batch dimension, so the search and the exporters can run
+    the graph on any batch size. A batch of 1 would be specialised by export's 0/1 rule, so the
+    example is tiled to a batch of 2 first. Modules whose batch cannot be symbolic (a reshape
+    that bakes it in) fall back to a static export of the example as given."""
+    batched = tuple(t.expand(2, *t.shape[1:]).contiguous() if t.dim() > 0 and t.shape[0] == 1
+                    else t for t in example_inputs)
+    dynamic = tuple({0: torch.export.Dim.AUTO} if t.dim() > 0 else None for t in batched)
+    try:
+        return torch.export.export(module, batched, dynamic_shapes=dynamic, strict=False).module()
+    except Exception:  # noqa: BLE001 — a static export is still a correct (if batch-pinned) graph
+        return torch.export.export(module, example_inputs, strict=False).module()
+
+
 def import_module(module: nn.Module, example_inputs: Optional[tuple]) -> Graph:
     """Export ``module`` on ``example_inputs`` into a Graph whose parameters stay trainable.
 
@@ -53,7 +67,7 @@ def import_module(module: nn.Module, example_inputs: Optional[tuple]) -> Graph:
     module.eval()
     try:
         try:
-            gm = torch.export.export(module, example_inputs, strict=False).module()
+            gm = _export(module, example_inputs)
         except Exception as export_error:  # noqa: BLE001 — any export failure → fallback
             try:
                 gm = fx.symbolic_trace(module)

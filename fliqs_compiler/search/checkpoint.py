@@ -13,13 +13,13 @@ after its last checkpoint are replaced by the resumed run's identical ones.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Optional
 
 import torch
 
 from ..errors import FliqsError
+from .. import atomic
 
 __all__ = ["CHECKPOINT_DIR", "checkpoint_path", "save_checkpoint", "load_checkpoint",
            "StepLog", "atomic_write_text"]
@@ -29,14 +29,7 @@ _FILE = "state.pt"
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic.write_text(path, text, fsync=True)
 
 
 def checkpoint_path(out_dir) -> Path:
@@ -46,13 +39,8 @@ def checkpoint_path(out_dir) -> Path:
 def save_checkpoint(out_dir, state: dict) -> Path:
     """Write ``state`` (tensors, numbers, strings, nested dicts/lists) atomically."""
     path = checkpoint_path(out_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{_FILE}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with atomic.replacing(path, fsync=True) as tmp:
+        torch.save(state, tmp)
     return path
 
 
