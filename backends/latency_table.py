@@ -2,8 +2,8 @@
 format) on a target, cached on disk, and the onnxruntime measure function.
 
 ``LatencyTable`` implements ``fliqs_compiler.cost.LatencyModel``. Entries are keyed by
-(target, ``LayerInfo.signature()``, fmt_w, fmt_a, backend, versions of torch / onnxruntime /
-tvm), so a library upgrade re-measures instead of reusing stale numbers. The cache is one JSON
+(target, ``LayerInfo.signature()``, fmt_w, fmt_a, backend, thread count, versions of torch /
+onnxruntime / tvm), so a library upgrade re-measures instead of reusing stale numbers. The cache is one JSON
 file per (target, backend) under ``cache_dir`` (default ``$FLIQS_CACHE_DIR`` or
 ``~/.cache/fliqs/latency``), rewritten atomically after every measured entry (an interrupted
 ``build`` keeps everything measured so far). Writers merge with what is on disk, so two
@@ -37,6 +37,7 @@ from fliqs_compiler.quant import absmax_scale
 
 from .onnx_export import detach_float_bias, quantizer_nodes
 from .ort_backend import make_session, time_onnx
+from .targets import default_threads
 
 __all__ = ["LatencyTable", "ort_layer_ms", "layer_micrograph", "default_cache_dir",
            "library_versions"]
@@ -72,8 +73,10 @@ class LatencyTable:
     (signature, fmt_w, fmt_a), saving after each.
     """
 
-    def __init__(self, target_key: str, backend: str, cache_dir: Optional[Path] = None):
+    def __init__(self, target_key: str, backend: str, cache_dir: Optional[Path] = None,
+                 threads: Optional[int] = None):
         self.target_key, self.backend = str(target_key), str(backend)
+        self.threads = int(threads) if threads is not None else default_threads()
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self.versions = library_versions()
         stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", self.target_key)[:60]
@@ -87,7 +90,8 @@ class LatencyTable:
     def key(self, layer: LayerInfo, fmt_w: str, fmt_a: str) -> str:
         """The cache key: every field that changes the measurement, as canonical JSON."""
         return json.dumps([self.target_key, layer.signature(), F.get(fmt_w).name,
-                           F.get(fmt_a).name, self.backend, self.versions], sort_keys=True)
+                           F.get(fmt_a).name, self.backend, self.threads, self.versions],
+                          sort_keys=True)
 
     def _read(self) -> dict:
         if not self.path.exists():
@@ -129,7 +133,7 @@ class LatencyTable:
         k = self.key(layer, fmt_w, fmt_a)
         self.entries[k] = {"key": k, "signature": layer.signature(), "op": layer.op,
                            "fmt_w": F.get(fmt_w).name, "fmt_a": F.get(fmt_a).name, "ms": ms,
-                           "versions": self.versions}
+                           "threads": self.threads, "versions": self.versions}
         self.save()
 
     def build(self, graph: Graph, format_pairs: Union[Iterable, dict], measure_fn: MeasureFn,

@@ -44,10 +44,8 @@ NUMERIC_SAMPLES = 4
 
 
 def _threads() -> int:
-    try:
-        return max(1, int(os.environ.get("TVM_NUM_THREADS", "2")))
-    except ValueError:
-        return 2
+    from .backends.targets import default_threads  # one rule for the thread count
+    return default_threads()
 
 
 # ---- option parsing (shared by the API and the CLI) ---------------------------------------------
@@ -333,7 +331,7 @@ def _latency_model(graph, target, formats: list, progress: bool, cache_dir=None,
     from .backends.latency_table import LatencyTable
     backend, measure = _measure_fn(target)
     kwargs = {"cache_dir": Path(cache_dir)} if cache_dir else {}
-    table = LatencyTable(target.key, backend, **kwargs)
+    table = LatencyTable(target.key, backend, threads=_threads(), **kwargs)
     if pairs is None:
         pairs = sorted({(c, c) for d in graph.space.decisions for c in d.candidates}
                        | {(f, f) for f in formats})

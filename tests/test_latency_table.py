@@ -67,7 +67,8 @@ def test_second_build_measures_nothing_and_cache_survives_reload(tmp_path):
 def test_key_separates_target_backend_formats_and_versions(tmp_path):
     graph = _graph(CONV)
     LatencyTable("cpu-a", "ort", tmp_path).build(graph, PAIRS[:1], Counter(), progress=False)
-    for table in (LatencyTable("cpu-b", "ort", tmp_path), LatencyTable("cpu-a", "tvm", tmp_path)):
+    for table in (LatencyTable("cpu-b", "ort", tmp_path), LatencyTable("cpu-a", "tvm", tmp_path),
+                  LatencyTable("cpu-a", "ort", tmp_path, threads=7)):
         assert not table.has(CONV, "int8", "int8")
     newer = LatencyTable("cpu-a", "ort", tmp_path)
     assert newer.has(CONV, "int8", "int8") and not newer.has(CONV, "int4", "int8")
