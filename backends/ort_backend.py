@@ -36,6 +36,10 @@ QDQ_DISABLED_OPTIMIZERS = ("MatMulAddFusion",)
 # int8 on the fly (measured: 3e-4 off on a model the exact session matches to 1.5e-8).
 EXACT_DISABLED_OPTIMIZERS = ("WeightBiasQuantization", "ReluQuantRewrite")
 EXACT_CONFIG = {"session.qdq_matmulnbits_accuracy_level": "0"}
+# Retried without when a session fails to build: QDQPropagationTransformer moves a 4-bit Q/DQ
+# pair across MaxPool, and the QDQ selectors then leave MaxPool reading tensor(uint4), for
+# which ORT 1.32 has no kernel (INVALID_GRAPH; seen on the demo model at int4).
+RETRY_DISABLED_OPTIMIZERS = ("QDQPropagationTransformer",)
 
 
 def _is_qdq(path) -> bool:
@@ -68,14 +72,19 @@ def make_session(path, threads: int = 2, disabled_optimizers=None,
     for key, value in (EXACT_CONFIG.items() if exact else ()):
         so.add_session_config_entry(key, value)
     src = path if isinstance(path, bytes) else str(path)
-    try:
-        return ort.InferenceSession(src, sess_options=so, providers=["CPUExecutionProvider"],
-                                    disabled_optimizers=list(disabled_optimizers))
-    except Exception as e:  # noqa: BLE001 — ORT raises its own exception types
-        name = "<model bytes>" if isinstance(path, bytes) else str(path)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise FliqsError(f"{name}: onnxruntime cannot load the model ({first[:300]}); "
-                         "check the file or use engine='reference'") from e
+    attempts = [list(disabled_optimizers),
+                list(disabled_optimizers) + list(RETRY_DISABLED_OPTIMIZERS)]
+    for i, disabled in enumerate(attempts):
+        try:
+            return ort.InferenceSession(src, sess_options=so, providers=["CPUExecutionProvider"],
+                                        disabled_optimizers=disabled)
+        except Exception as e:  # noqa: BLE001 — ORT raises its own exception types
+            if i + 1 < len(attempts) and "INVALID_GRAPH" in str(e):
+                continue
+            name = "<model bytes>" if isinstance(path, bytes) else str(path)
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise FliqsError(f"{name}: onnxruntime cannot load the model ({first[:300]}); "
+                             "check the file or use engine='reference'") from e
 
 
 def ort_can_run(path) -> bool:

@@ -122,3 +122,27 @@ def test_pipeline_graph_export_is_exact(assign, tmp_path):
         np.testing.assert_allclose(run_onnx(path, [x])[0], ref, atol=1e-6)
     ops = [n.op_type for n in model.graph.node]
     assert "Max" in ops  # ReLU before an FP8 QuantizeLinear is protected from ReluQuantRewrite
+
+
+def test_four_bit_activation_before_maxpool_runs_in_onnxruntime(tmp_path):
+    """ORT's QDQ propagation would leave MaxPool reading tensor(uint4) (INVALID_GRAPH); the
+    session is rebuilt without that rewrite, and its output still matches the torch graph."""
+    from importlib import resources
+
+    import fliqs_compiler as fq
+    from fliqs_compiler import passes
+    torch.manual_seed(0)
+    graph = fq.load(str(resources.files("fliqs_compiler") / "assets" / "demo.onnx"))
+    searchable = passes.prepare(graph, passes.PrepareOptions(formats=["int4"],
+                                                             scale_mode="calibrated"))
+    x = torch.randn(4, 1, 8, 8)
+    with torch.no_grad():
+        searchable(x)  # calibrate
+    names = [layer.name for layer in searchable.searched_layers()]
+    fixed = passes.materialize(searchable, {n: {"weight": "int4", "activation": "int4"}
+                                            for n in names})
+    path = export_qdq(fixed, tmp_path / "demo_int4.onnx")
+    assert ort_can_run(path)
+    one = x[:1]  # the demo model's input has batch 1
+    got = run_onnx(make_session(path, exact=True), [one])[0]
+    np.testing.assert_allclose(got, fixed(one).detach().numpy(), rtol=0, atol=1e-5)
