@@ -17,6 +17,7 @@ Requires ``apt-get install -y dataset-fashion-mnist``. 2 threads.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -104,6 +105,8 @@ def main(argv=None):
     ap.add_argument("--spaces", default=None, help=f"comma list of {', '.join(SPACES)} (default all; quick int,fp)")
     ap.add_argument("--methods", default=None, help="comma list of fliqs,uniform,random,ilp,dnas")
     ap.add_argument("--dnas", action="store_true", help="also run the DNAS baseline")
+    ap.add_argument("--finetune", type=int, default=0,
+                    help="also fine-tune each FLIQS result N steps (the no-retraining goal compares them)")
     ap.add_argument("--test-limit", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(RESULTS))
@@ -163,9 +166,13 @@ def main(argv=None):
             target = resolve_budget(budget, base)
             if "fliqs" in methods:
                 g = make_searchable(model, data.x_train[:1], fmts, name=f"resnet8-{space}")
-                res = run_search(g, data, budget, opts, progress=False)
-                record("fliqs", space, fmts, target, res.cost, res.quality["final"], res.seconds,
-                       {"chosen": res.formats, "budget": f"{frac}x"})
+                res = run_search(g, data, budget, dataclasses.replace(opts, finetune=a.finetune),
+                                 progress=False)
+                extra = {"chosen": res.formats, "budget": f"{frac}x"}
+                if a.finetune:
+                    extra.update(accuracy_finetuned=res.quality["final_finetuned"],
+                                 finetune_steps=a.finetune)
+                record("fliqs", space, fmts, target, res.cost, res.quality["final"], res.seconds, extra)
             for name in ("random", "ilp", "dnas"):
                 if name in methods:
                     r = B.BASELINES[name](base, data, budget, opts)

@@ -50,13 +50,16 @@ class OneLineCommand(click.Command):
 @input_shape_option
 @click.option("--baselines", metavar="LIST",
               help="Also run baselines on the same graph/data/steps/budget: uniform,random,ilp,dnas.")
+@click.option("--finetune", metavar="N", default="0", show_default=True,
+              help="Fine-tune N steps under the found configuration (for comparison: FLIQS "
+                   "needs no retraining; the report keeps both qualities).")
 @click.option("--quiet", is_flag=True, help="No progress display.")
 @click.option("--checkpoint-every", metavar="N", default=None, hidden=True,
               help="Search checkpoint interval in steps (tests).")
 @debug_option
 @handle_errors
 def compile_(model, target, data, formats, budget, sweep, steps, out, seed, resume, input_shapes,
-             baselines, quiet, checkpoint_every):
+             baselines, finetune, quiet, checkpoint_every):
     """Search a mixed-precision format per layer of MODEL under a budget, then export, lower,
     compile and measure it for TARGET."""
     from fliqs_compiler import api
@@ -64,15 +67,24 @@ def compile_(model, target, data, formats, budget, sweep, steps, out, seed, resu
     if not target:
         raise FliqsError("--target is required: use llvm (host CPU via TVM), ort, or a JSON target dict")
     shapes = parse_input_shapes(input_shapes)
-    search_options = None
+    search_options = finetune_options(finetune)
     if checkpoint_every is not None:
-        search_options = {"checkpoint_every": api.check_steps(checkpoint_every)}
+        search_options["checkpoint_every"] = api.check_steps(checkpoint_every)
     result = api.compile(model, target=target, data=data, formats=formats, budget=budget,
                          steps=api.check_steps(steps), out=out, seed=parse_int("--seed", seed),
                          resume=resume, sweep=sweep, baselines=baselines,
                          input_shapes=shapes or None, progress=not quiet,
                          search_options=search_options)
     click.echo(f"wrote {result.out_dir} (report: {result.out_dir / 'report.md'})")
+
+
+def finetune_options(value) -> dict:
+    """``--finetune N`` → search options (a negative N is a one-line error)."""
+    from fliqs_compiler.errors import FliqsError
+    steps = parse_int("--finetune", value)
+    if steps < 0:
+        raise FliqsError(f"--finetune {value}: give a number of steps ≥ 0")
+    return {"finetune": steps} if steps else {}
 
 
 def parse_int(option: str, value) -> int:

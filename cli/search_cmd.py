@@ -4,7 +4,7 @@ from __future__ import annotations
 import click
 
 from .common import debug_option, handle_errors, input_shape_option, parse_input_shapes
-from .compile_cmd import OneLineCommand, parse_int
+from .compile_cmd import OneLineCommand, finetune_options, parse_int
 
 
 @click.command("search", cls=OneLineCommand)
@@ -18,14 +18,17 @@ from .compile_cmd import OneLineCommand, parse_int
 @click.option("--seed", metavar="N", default="0", show_default=True, help="Random seed.")
 @click.option("--resume", is_flag=True, help="Continue from DIR/checkpoint/.")
 @input_shape_option
+@click.option("--finetune", metavar="N", default="0", show_default=True,
+              help="Fine-tune N steps under the found configuration (comparison only).")
 @click.option("--quiet", is_flag=True, help="No progress display.")
 @debug_option
 @handle_errors
-def search(model, data, formats, budget, target, steps, out, seed, resume, input_shapes, quiet):
+def search(model, data, formats, budget, target, steps, out, seed, resume, input_shapes, finetune,
+           quiet):
     """Run the FLIQS one-shot search on MODEL and write DIR/config.json (and search.jsonl)."""
     from fliqs_compiler import api
     res = api.search_only(model, data=data, formats=formats, budget=budget, target=target,
                           steps=api.check_steps(steps), out=out, seed=parse_int("--seed", seed),
                           resume=resume, input_shapes=parse_input_shapes(input_shapes) or None,
-                          progress=not quiet)
+                          progress=not quiet, search_options=finetune_options(finetune))
     click.echo(f"wrote {res['config']}")

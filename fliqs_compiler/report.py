@@ -168,6 +168,14 @@ def render_markdown(report: dict) -> str:
             lines.append(f"- FLIQS one-shot search: {search.get('steps', '?')} steps, "
                          f"{search.get('decisions', '?')} decisions, seed {search.get('seed', '?')}, "
                          f"{search.get('seconds', 0):.1f} s")
+            sq = search.get("search_quality") or {}
+            if "final_finetuned" in sq:
+                metric = sq.get("metric", "")
+                lines.append(f"- without retraining (the FLIQS result): {_q(sq['final'], metric)}; "
+                             f"after {sq.get('finetune_steps', '?')} fine-tuning steps under the "
+                             f"found configuration (`--finetune`): "
+                             f"{_q(sq['final_finetuned'], metric)} "
+                             "(the exported model carries the fine-tuned weights)")
     lines += ["", "## Layers", "",
               "| layer | op | MACs | params | weight | activation | BOPs | latency | executed |",
               "|---|---|---:|---:|---|---|---:|---:|---|"]

@@ -195,6 +195,17 @@ def test_sweep_draws_pareto(tmp_path):
     assert report["sweep"][0]["budget_value"] < report["sweep"][1]["budget_value"]
 
 
+def test_finetune_reports_both_qualities(tmp_path):
+    out = tmp_path / "ft"
+    run_cli(["compile", str(DEMO_MODEL), "--target", "ort", "--data", "digits", "--steps", "6",
+             "--formats", "int4,int8", "--finetune", "3", "--out", str(out), "--quiet"])
+    sq = json.loads((out / "report.json").read_text())["search"]["search_quality"]
+    assert sq["finetune_steps"] == 3 and 0.0 <= sq["final_finetuned"] <= 1.0
+    assert "fine-tuning steps" in (out / "report.md").read_text()
+    r = CliRunner().invoke(cli, ["compile", str(DEMO_MODEL), "--target", "ort", "--finetune", "-1"])
+    assert r.exit_code == 2 and "--finetune" in r.output
+
+
 @pytest.mark.slow
 @pytest.mark.tvm
 def test_compile_llvm_builds_loadable_model_so(tmp_path):
