@@ -21,7 +21,9 @@ import time
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 FORMATS = ["int2", "int4", "int8", "fp8_e4m3"]
-METHODS = [f"qat:{f}" for f in FORMATS] + ["fliqs", "fliqs_trainbatch", "dnas"]
+# fliqs: held-out reward batch as large as the training batch (default); fliqs_quarter: held-out
+# batch of batch/4 (SearchOptions.reward_batch_size); fliqs_trainbatch: reward on the step's batch.
+METHODS = [f"qat:{f}" for f in FORMATS] + ["fliqs", "fliqs_quarter", "fliqs_trainbatch", "dnas"]
 
 
 def _status_kb(field: str) -> int:
@@ -51,7 +53,8 @@ def worker(method: str, steps: int, warmup: int, batch: int) -> dict:
     torch.manual_seed(0)
     data = load_data("fashion-mnist", InputSpec("x", (1, 1, 28, 28)), limit=4096)
     graph = make_searchable(fuse_bn(ResNet8()), data.x_train[:1], FORMATS, name="resnet8")
-    opts = SearchOptions(steps=10 ** 6, train=TrainOptions(batch_size=batch), reward_batch_size=batch,
+    reward_size = batch // 4 if method == "fliqs_quarter" else batch
+    opts = SearchOptions(steps=10 ** 6, train=TrainOptions(batch_size=batch), reward_batch_size=reward_size,
                          reward_batch="train" if method == "fliqs_trainbatch" else "heldout")
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():  # every candidate's scales initialised before anything is timed
