@@ -336,7 +336,8 @@ def make_transformer(folder: Path, dynamo: bool = False) -> Path:
 def make_pool_zoo(folder: Path) -> Path:
     """Pooling/pad/reduce/resize edge cases built by hand: ceil_mode, count_include_pad,
     asymmetric pads, SAME_UPPER auto_pad, reflect pad, ReduceMean with axes input (opset 18),
-    TF-style Resize (linear asymmetric; nearest tf_half_pixel_for_nn)."""
+    TF-style Resize (linear asymmetric; nearest tf_half_pixel_for_nn), LRN (GoogLeNet / AlexNet;
+    onnxruntime refuses even window sizes: test_onnx_import checks those on onnx.reference)."""
     nodes = [
         helper.make_node("MaxPool", ["x"], ["m1"], name="mp_ceil", kernel_shape=[3, 3],
                          strides=[2, 2], ceil_mode=1),
@@ -357,6 +358,8 @@ def make_pool_zoo(folder: Path) -> Path:
         helper.make_node("Resize", ["x", "", "", "sizes"], ["rn"], name="resize_tf_nearest",
                          mode="nearest", coordinate_transformation_mode="tf_half_pixel_for_nn",
                          nearest_mode="round_prefer_ceil"),
+        helper.make_node("LRN", ["x"], ["lrn3"], name="lrn_odd", size=3, alpha=0.3, beta=0.75,
+                         bias=1.5),
     ]
     inits = [numpy_helper.from_array(np.array([0, 0, 1, 2, 0, 0, 2, 1], np.int64), "pads"),
              numpy_helper.from_array(np.array([-1, 2], np.int64), "axes"),
@@ -364,7 +367,7 @@ def make_pool_zoo(folder: Path) -> Path:
              numpy_helper.from_array(np.array([1, 2, 10, 5], np.int64), "sizes")]
     outs = {"m1": [1, 2, 3, 3], "a1": [1, 2, 4, 4], "a2": [1, 2, 4, 4], "a3": [1, 2, 4, 4],
             "m2": [1, 2, 7, 7], "rm": [1, 2, 1, 1], "rx": [1, 2], "g": [1, 2, 1, 1],
-            "rl": [1, 2, 10, 14], "rn": [1, 2, 10, 5]}
+            "rl": [1, 2, 10, 14], "rn": [1, 2, 10, 5], "lrn3": [1, 2, 7, 7]}
     graph = helper.make_graph(
         nodes, "pool_zoo", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 7, 7])],
         [helper.make_tensor_value_info(o, TensorProto.FLOAT, s) for o, s in outs.items()],

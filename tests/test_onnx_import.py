@@ -373,3 +373,27 @@ def test_onnx_backend_node_cases(tmp_path):
         (passed if ok else wrong).append(case.name)
     assert not set(wrong) - KNOWN_MISMATCH, sorted(set(wrong) - KNOWN_MISMATCH)
     assert len(passed) > 800, (len(passed), len(refused))
+
+
+@pytest.mark.parametrize("size", [2, 4, 5])
+def test_lrn_window_matches_the_onnx_spec(size, tmp_path):
+    """LRN's channel window (floor((size-1)/2) before, ceil after), for even sizes too, which
+    onnxruntime refuses; checked against the spec's formula written out in numpy
+    (onnx.reference's LRN disagrees with both the spec and onnxruntime, so it is not used)."""
+    alpha, beta, bias, channels = 0.4, 0.7, 1.2, 6
+    node = helper.make_node("LRN", ["x"], ["y"], name="lrn", size=size, alpha=alpha, beta=beta,
+                            bias=bias)
+    graph = helper.make_graph([node], "lrn", [helper.make_tensor_value_info(
+        "x", TensorProto.FLOAT, [2, channels, 3, 3])], [helper.make_tensor_value_info(
+            "y", TensorProto.FLOAT, [2, channels, 3, 3])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    path = tmp_path / "lrn.onnx"
+    onnx.save(model, str(path))
+    x = np.random.default_rng(size).standard_normal((2, channels, 3, 3)).astype(np.float32)
+    square_sum = np.zeros_like(x)
+    for c in range(channels):
+        lo, hi = max(0, c - (size - 1) // 2), min(channels - 1, c + size // 2)
+        square_sum[:, c] = (x[:, lo:hi + 1] ** 2).sum(1)
+    ref = x / (bias + alpha / size * square_sum) ** beta
+    got = import_onnx(str(path))(torch.from_numpy(x)).detach().numpy()
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)

@@ -422,6 +422,22 @@ def _avg_pool(b, n, x, a):
     return b.call(torch.div, out, frac)
 
 
+@op("LRN")
+def _lrn(b, n, x, a):
+    """ONNX LRN: x / (bias + alpha/size · Σ x² over a window of channels)^beta. The window spans
+    floor((size-1)/2) channels before and ceil((size-1)/2) after (torch's local_response_norm
+    pads the other way round for even sizes, so it is spelled out here with standard ops)."""
+    size = int(a["size"])
+    alpha, beta, bias = a.get("alpha", 1e-4), a.get("beta", 0.75), a.get("bias", 1.0)
+    shape = tuple(x[0].shape)
+    before = (size - 1) // 2
+    sq = b.call(torch.reshape, b.call(torch.mul, x[0], x[0]), (shape[0], 1, shape[1], -1))
+    sq = b.call(F.pad, sq, (0, 0, before, size - 1 - before))
+    mean = b.call(torch.reshape, b.call(F.avg_pool2d, sq, (size, 1), 1), shape)
+    den = b.call(torch.pow, b.call(torch.add, b.call(torch.mul, mean, alpha), bias), beta)
+    return b.call(torch.div, x[0], den)
+
+
 @op("GlobalAveragePool", "GlobalMaxPool")
 def _global_pool(b, n, x, a):
     """Mean / amax over all spatial dims, keepdim."""
