@@ -397,3 +397,18 @@ def test_lrn_window_matches_the_onnx_spec(size, tmp_path):
     ref = x / (bias + alpha / size * square_sum) ** beta
     got = import_onnx(str(path))(torch.from_numpy(x)).detach().numpy()
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_paddle_negative_dims_are_dynamic(tmp_path):
+    """Paddle2ONNX writes a dynamic dim as dim_value -1: it needs --input-shape like a named dim."""
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"], name="relu")], "paddle_like",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [-1, 3, -1, -1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [-1, 3, -1, -1])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)])
+    path = tmp_path / "paddle_like.onnx"
+    onnx.save(model, str(path))
+    with pytest.raises(FliqsError, match=r"dynamic shape \?x3x\?x\?; pin it with --input-shape x=1x3x1x1"):
+        import_onnx(str(path))
+    graph = import_onnx(str(path), {"x": (2, 3, 4, 5)})
+    assert graph.inputs[0].shape == (2, 3, 4, 5)

@@ -161,7 +161,9 @@ def _input_specs(model, path: Path, input_shapes: Optional[dict]) -> list[InputS
         if dtype is None or tt.elem_type in (4, 12, 13, 21, 22):  # no torch kernels for these
             raise FliqsError(f"{path}: input {inp.name!r} has unsupported element type "
                              f"{tt.elem_type}; use float32 or an integer type")
-        dims = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
+        # dim_param, no value, or a negative value (Paddle2ONNX writes -1) is a dynamic dim
+        dims = [d.dim_value if d.HasField("dim_value") and d.dim_value >= 0 else None
+                for d in tt.shape.dim]
         if inp.name in input_shapes:
             shape = tuple(input_shapes[inp.name])
             if tt.HasField("shape") and len(shape) != len(dims):
