@@ -46,12 +46,22 @@ input_shape_option = click.option(
     help="Pin an input's shape (repeatable); needed for dynamic dimensions.")
 
 
+def _quiet_fx_call_errors() -> None:
+    """torch.fx's GraphModule prints the failing line of its generated code to stderr before
+    re-raising (``torch.fx.graph_module._WrappedCall``), which breaks the one-line-error rule;
+    without --debug, that module's ``print`` is silenced (the error itself still propagates)."""
+    import torch.fx.graph_module as fx_graph_module
+    fx_graph_module.print = lambda *args, **kwargs: None
+
+
 def handle_errors(fn):
     """Run a command body: FliqsError → one line on stderr and its exit code; anything else →
     one line and exit 1 (a traceback with --debug or FLIQS_DEBUG=1)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        if not os.environ.get(DEBUG_ENV):
+            _quiet_fx_call_errors()
         try:
             return fn(*args, **kwargs)
         except (FliqsError, click.exceptions.Exit, click.ClickException, KeyboardInterrupt) as e:

@@ -252,6 +252,7 @@ def _load_dataset(data, graph, seed: int, holdout: float):
         raise FliqsError(f"model {graph.name} has {len(graph.inputs)} inputs; the search data feeds "
                          "single-input models only")
     spec = graph.inputs[0]
+    _check_runs_on_batches(graph)
     if data is not None:
         return load_data(str(data), spec, holdout=holdout, seed=seed, num_classes=_num_classes(graph))
     import torch
@@ -261,6 +262,22 @@ def _load_dataset(data, graph, seed: int, holdout: float):
     return Dataset(x_train=x[n_val:], y_train=None, x_val=x[:n_val], y_val=None, num_classes=None,
                    description="no --data: 512 seeded Gaussian random inputs (the float model is "
                                "the teacher; quality = agreement with it)")
+
+
+def _check_runs_on_batches(graph) -> None:
+    """Search and evaluation feed batches of data: a graph whose folded shapes keep the pinned
+    batch size cannot take them. Found here with a one-line error instead of deep in a stage."""
+    import torch
+    spec = graph.inputs[0]
+    x = torch.zeros((3, *spec.shape[1:]), dtype=getattr(torch, spec.dtype, torch.float32))
+    try:
+        with torch.no_grad():
+            graph.gm(x)
+    except Exception as e:  # noqa: BLE001 — any failure here is this one problem
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise FliqsError(f"model {graph.name}: does not run on a batch of 3 inputs shaped "
+                         f"{tuple(spec.shape[1:])} ({first}); a shape in the model fixes the batch "
+                         f"size at {spec.shape[0]}: export it with a dynamic batch dimension") from None
 
 
 def _num_classes(graph) -> Optional[int]:

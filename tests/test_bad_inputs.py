@@ -118,6 +118,15 @@ def _case_files(tmp: Path) -> dict:
     f["badfmt_config"].write_text(json.dumps({"model": "demo", "formats": {"x": {"weight": "int99"}}}))
     f["junk_config"] = tmp / "junk_config.json"
     f["junk_config"].write_text("{not json")
+    pinned = helper.make_model(helper.make_graph(  # a literal Reshape fixes the batch at 1
+        [helper.make_node("Reshape", ["input", "shape"], ["r"], name="reshape_8x8"),
+         helper.make_node("Relu", ["r"], ["y"], name="relu")], "pinned",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 1, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [8, 8])],
+        [numpy_helper.from_array(np.array([8, 8], np.int64), "shape")]),
+        opset_imports=[helper.make_opsetid("", 17)])
+    f["pinned"] = tmp / "pinned.onnx"
+    onnx.save(pinned, f["pinned"])
     return {k: str(v) for k, v in f.items()}
 
 
@@ -136,6 +145,7 @@ CASES = [
     ("nan-weights", C + ["{nan}", *OK], ["nan.onnx"]),
     ("inf-weights", C + ["{inf}", *OK], ["inf.onnx"]),
     ("external-data-outside", C + ["{external}", *OK], ["ext.onnx"]),
+    ("batch-pinned-by-reshape", C + ["{pinned}", *OK], ["pinned", "batch"]),
     ("data-wrong-shape", C + [DEMO, "--data", "{shape_npz}", *OK], ["shape.npz"]),
     ("zero-size-weight", C + ["{zero_w}", *OK], ["zero_w.onnx"]),
     ("labels-beyond-classes", C + [DEMO, "--data", "{classes_npz}", *OK], ["classes.npz", "[0, 9]"]),

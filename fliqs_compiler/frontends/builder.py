@@ -27,6 +27,18 @@ from ..errors import FliqsError
 __all__ = ["V", "Builder", "sanitize"]
 
 
+
+def batch_free_shape(shape, in_shape) -> tuple:
+    """A folded reshape target that keeps the input's leading (batch) dim writes it as -1, so the
+    graph also runs on batches other than the pinned one (search and evaluation feed data
+    batches): (1, 200) of a (1, 200, 1, 1) tensor becomes (-1, 200). At the pinned shape the
+    result is identical; targets that mix the batch into other dims are left as they are (a
+    batch of another size then fails loudly, never silently)."""
+    shape = [int(d) for d in shape]
+    if shape and len(in_shape) and shape[0] == in_shape[0] and -1 not in shape[1:]:
+        shape[0] = -1
+    return tuple(shape)
+
 class V:
     """One ONNX value: ``const`` (CPU tensor) or ``node`` (fx node) with ``meta`` (meta tensor)."""
 
@@ -145,6 +157,8 @@ class Builder:
             if isinstance(out, (tuple, list)):
                 return [V(const=o) for o in out]
             return V(const=out)
+        if fn is torch.reshape and len(args) == 2 and isinstance(args[1], (tuple, list)):
+            args = (args[0], batch_free_shape(args[1], args[0].shape))
         fx_args = map_aggregate(args, lambda a: self.node_of(a) if isinstance(a, V) else a)
         fx_kwargs = map_aggregate(kwargs, lambda a: self.node_of(a) if isinstance(a, V) else a)
         meta_out = fn(*_unwrap(args, "meta"), **_unwrap(kwargs, "meta"))

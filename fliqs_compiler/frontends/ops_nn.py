@@ -431,7 +431,8 @@ def _lrn(b, n, x, a):
     alpha, beta, bias = a.get("alpha", 1e-4), a.get("beta", 0.75), a.get("bias", 1.0)
     shape = tuple(x[0].shape)
     before = (size - 1) // 2
-    sq = b.call(torch.reshape, b.call(torch.mul, x[0], x[0]), (shape[0], 1, shape[1], -1))
+    sq = b.call(torch.reshape, b.call(torch.mul, x[0], x[0]),
+                (shape[0], 1, shape[1], math.prod(shape[2:])))
     sq = b.call(F.pad, sq, (0, 0, before, size - 1 - before))
     mean = b.call(torch.reshape, b.call(F.avg_pool2d, sq, (size, 1), 1), shape)
     den = b.call(torch.pow, b.call(torch.add, b.call(torch.mul, mean, alpha), bias), beta)
