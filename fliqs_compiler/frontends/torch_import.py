@@ -79,6 +79,8 @@ def import_module(module: nn.Module, example_inputs: Optional[tuple]) -> Graph:
                     "or export the model to ONNX and import that") from None
     finally:
         module.train(was_training)
+    from ..passes.manager import enable_train_eval
+    enable_train_eval(gm)  # ExportedProgram.module() refuses .train()/.eval(); callers toggle modes
     with torch.no_grad():
         out = gm(*example_inputs)
     n_out = len(out) if isinstance(out, (tuple, list)) else 1
