@@ -3,26 +3,11 @@ the local torch build)."""
 import torch
 from torch import nn
 
-
-class _Basic(nn.Module):
-    def __init__(self, cin, cout, stride):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.down = None
-        if stride != 1 or cin != cout:
-            self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x):
-        y = torch.relu(self.bn1(self.conv1(x)))
-        y = self.bn2(self.conv2(y))
-        return torch.relu(y + (self.down(x) if self.down is not None else x))
+from fliqs_compiler.search.toy import BasicBlock
 
 
 class ResNet18(nn.Module):
-    """torchvision's ResNet-18 architecture (no torchvision dependency)."""
+    """torchvision's ResNet-18 architecture (stem, 4 stages × 2 basic blocks, fc), random weights."""
 
     def __init__(self, classes=1000):
         super().__init__()
@@ -30,7 +15,7 @@ class ResNet18(nn.Module):
         self.bn1 = nn.BatchNorm2d(64)
         layers, cin = [], 64
         for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
-            layers += [_Basic(cin, cout, stride), _Basic(cout, cout, 1)]
+            layers += [BasicBlock(cin, cout, stride), BasicBlock(cout, cout, 1)]
             cin = cout
         self.layers = nn.Sequential(*layers)
         self.fc = nn.Linear(512, classes)

@@ -118,3 +118,26 @@ def test_per_channel_runtime_quantizer_broadcasts_on_its_axis(fmt):
     g = Graph(torch.fx.symbolic_trace(m.eval()), [InputSpec("x", (2, 3, 5))])
     x = _x((2, 3, 5)) * 10
     np.testing.assert_array_equal(lower(g, "llvm").run([x.numpy()])[0], m(x).numpy())
+
+
+class _TiesModule(nn.Module):
+    """fake_quant with scales as buffers, fed values exactly halfway between grid points."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("half", torch.tensor(0.5))
+        self.register_buffer("one", torch.tensor(1.0))
+
+    def forward(self, x):
+        import fliqs_compiler as fq
+        return fq.fake_quant(x, "int8", self.half) + fq.fake_quant(x * 3, "int4", self.one)
+
+
+def test_torch_module_lowers_directly_and_rounds_ties_to_even():
+    """A graph from the torch frontend lowers without passes, and TVM rounds ties like torch."""
+    import fliqs_compiler as fq
+    x = torch.tensor([[0.25, 0.75, 1.25, -0.25, -1.25, 1.75, 0.5, 2.5]])
+    graph = fq.load(_TiesModule(), (x,))
+    got = np.asarray(lower(graph, "llvm").run([x])[0])
+    np.testing.assert_array_equal(got, graph(x).numpy())
+    np.testing.assert_array_equal(got, [[1, 3, 5, -1, -5, 7, 2.5, 9.5]])

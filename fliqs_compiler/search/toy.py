@@ -131,7 +131,9 @@ class _ConvBN(nn.Module):
         return self.bn(self.conv(x))
 
 
-class _Block(nn.Module):
+class BasicBlock(nn.Module):
+    """The ResNet basic block: conv-BN-ReLU, conv-BN, plus an identity or 1×1 conv-BN shortcut."""
+
     def __init__(self, cin, cout, stride):
         super().__init__()
         self.c1 = _ConvBN(cin, cout, 3, stride)
@@ -149,7 +151,9 @@ class ResNet8(nn.Module):
         super().__init__()
         w = width
         self.stem = _ConvBN(in_ch, w, 3, 1)
-        self.b1, self.b2, self.b3 = _Block(w, w, 1), _Block(w, 2 * w, 2), _Block(2 * w, 4 * w, 2)
+        self.b1 = BasicBlock(w, w, 1)
+        self.b2 = BasicBlock(w, 2 * w, 2)
+        self.b3 = BasicBlock(2 * w, 4 * w, 2)
         self.fc = nn.Linear(4 * w, classes)
 
     def forward(self, x):
