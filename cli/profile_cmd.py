@@ -6,7 +6,7 @@ import json
 import click
 
 from .common import debug_option, handle_errors, input_shape_option, parse_input_shapes
-from .compile_cmd import OneLineCommand
+from .compile_cmd import OneLineCommand, parse_int
 
 
 @click.command("profile", cls=OneLineCommand)
@@ -14,21 +14,27 @@ from .compile_cmd import OneLineCommand
 @click.option("--target", metavar="TARGET", help="llvm, a JSON target dict, or ort.")
 @click.option("--formats", metavar="LIST", help="Formats to measure (default int4,int8,fp8_e4m3).")
 @click.option("--cache-dir", metavar="DIR", help="Latency cache (default ~/.cache/fliqs/latency).")
+@click.option("--tune-trials", metavar="N", default="0", show_default=True,
+              help="TVM targets: MetaSchedule trials per layer (0: default schedules, fast but "
+                   "not representative). The tuning database is kept and reused.")
 @click.option("--json", "as_json", is_flag=True, help="Print the table as JSON.")
 @input_shape_option
 @click.option("--quiet", is_flag=True, help="No progress display.")
 @debug_option
 @handle_errors
-def profile(model, target, formats, cache_dir, as_json, input_shapes, quiet):
+def profile(model, target, formats, cache_dir, tune_trials, as_json, input_shapes, quiet):
     """Measure every searched layer of MODEL in every format on TARGET (cached on disk)."""
     from fliqs_compiler import api
     from fliqs_compiler.errors import FliqsError
     if not target:
         raise FliqsError("--target is required: use llvm (host CPU via TVM), ort, or a JSON target dict")
     fmts = api.parse_formats(formats)
+    trials = parse_int("--tune-trials", tune_trials)
+    if trials < 0:
+        raise FliqsError(f"--tune-trials {tune_trials}: give a number of trials ≥ 0")
     graph, table = api.profile(model, target=target, formats=fmts, cache_dir=cache_dir,
                                input_shapes=parse_input_shapes(input_shapes) or None,
-                               progress=not quiet)
+                               progress=not quiet, tune_trials=trials)
     rows = [{"node": layer.name, "op": layer.op,
              **{f: table.layer_ms(layer, f, f) for f in fmts}} for layer in graph.searched_layers()]
     if as_json:
@@ -36,7 +42,7 @@ def profile(model, target, formats, cache_dir, as_json, input_shapes, quiet):
         return
     from rich.console import Console
     from rich.table import Table
-    t = Table(title=f"latency (ms, median) of {graph.name} on {target}")
+    t = Table(title=f"latency (ms, median) of {graph.name} on {target} ({table.backend})")
     for col in ("node", "op", *fmts):
         t.add_column(col)
     for r in rows:

@@ -322,31 +322,37 @@ def _max_err(a: list, b: list) -> float:
                      for x, y in zip(a, b)))
 
 
-def _tvm_measure(target):
-    from .backends.tvm_measure import tvm_layer_ms
-    return lambda layer, fw, fa: tvm_layer_ms(layer, fw, fa, target)
+def _tvm_measure(target, tune_trials: int, cache_dir):
+    """TVM default schedules (fast, not representative), or MetaSchedule with ``tune_trials``
+    trials per layer and a tuning database kept beside the latency cache (reused across runs
+    and models)."""
+    from .backends.tvm_measure import measure_fn
+    if not tune_trials:
+        return "tvm", measure_fn(target)
+    from .backends.latency_table import default_cache_dir
+    work_dir = (Path(cache_dir) if cache_dir else default_cache_dir()) / "metaschedule"
+    return f"tvm-tuned{tune_trials}", measure_fn(target, tuned=True, trials=tune_trials,
+                                                  work_dir=str(work_dir))
 
 
-def _ort_measure(target):
+def _ort_measure(target, tune_trials: int, cache_dir):
     from .backends.latency_table import ort_layer_ms
-    return lambda layer, fw, fa: ort_layer_ms(layer, fw, fa, threads=_threads())
+    if tune_trials:
+        raise FliqsError(f"--tune-trials applies to TVM targets, not {target.text!r}")
+    return "ort", lambda layer, fw, fa: ort_layer_ms(layer, fw, fa, threads=_threads())
 
 
-# target kind → latency-table backend name and the factory of its measure function
-_MEASURE = {"tvm": ("tvm", _tvm_measure), "ort": ("ort", _ort_measure)}
+# target kind → (backend name, ``measure(layer, fmt_w, fmt_a) -> ms``) of its latency table
+_MEASURE = {"tvm": _tvm_measure, "ort": _ort_measure}
 
 
-def _measure_fn(target):
-    """(backend name, ``measure(layer, fmt_w, fmt_a) -> ms``) for the target's latency table."""
-    backend, factory = _MEASURE[target.kind]
-    return backend, factory(target)
-
-
-def _latency_model(graph, target, formats: list, progress: bool, cache_dir=None, pairs=None):
+def _latency_model(graph, target, formats: list, progress: bool, cache_dir=None, pairs=None,
+                   tune_trials: int = 0):
     """A LatencyTable measured on ``target`` for every searched layer × format pair (default:
-    each candidate format for weight and activation alike, as decisions are tied)."""
+    each candidate format for weight and activation alike, as decisions are tied);
+    ``tune_trials`` > 0: MetaSchedule-tuned TVM kernels (a table of its own)."""
     from .backends.latency_table import LatencyTable
-    backend, measure = _measure_fn(target)
+    backend, measure = _MEASURE[target.kind](target, tune_trials, cache_dir)
     kwargs = {"cache_dir": Path(cache_dir)} if cache_dir else {}
     table = LatencyTable(target.key, backend, threads=_threads(), **kwargs)
     if pairs is None:
@@ -872,9 +878,10 @@ def lower_config(model, config, *, target, out=None, data=None, input_shapes: Op
 
 
 def profile(model, *, target, formats=None, input_shapes: Optional[dict] = None,
-            progress: bool = True, cache_dir=None, example_inputs=None):
+            progress: bool = True, cache_dir=None, example_inputs=None, tune_trials: int = 0):
     """Build (or refresh from the on-disk cache) the latency table of ``model`` on ``target``:
-    every searched layer × candidate format. Returns ``(prepared graph, LatencyTable)``."""
+    every searched layer × candidate format (``tune_trials`` > 0: MetaSchedule-tuned TVM
+    kernels, that many trials per layer). Returns ``(prepared graph, LatencyTable)``."""
     import torch
     from .backends.targets import parse_target
     torch.set_num_threads(_threads())
@@ -882,4 +889,5 @@ def profile(model, *, target, formats=None, input_shapes: Optional[dict] = None,
     tgt = parse_target(target).require_local()
     _check_model_arg(model)
     graph = _prepare(_load_graph(model, input_shapes, example_inputs), fmts, None)
-    return graph, _latency_model(graph, tgt, fmts, progress, cache_dir=cache_dir)
+    return graph, _latency_model(graph, tgt, fmts, progress, cache_dir=cache_dir,
+                                 tune_trials=tune_trials)

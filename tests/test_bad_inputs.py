@@ -185,6 +185,8 @@ CASES = [
     ("lower-unknown-format", ["lower", DEMO, "--config", "{badfmt_config}", "--target", "ort", "--quiet"], ["int99"]),
     ("lower-junk-config", ["lower", DEMO, "--config", "{junk_config}", "--target", "ort", "--quiet"], ["junk_config.json"]),
     ("search-latency-no-target", ["search", DEMO, "--budget", "latency=1ms", "--quiet"], ["--target"]),
+    ("profile-tune-on-ort", ["profile", DEMO, "--target", "ort", "--tune-trials", "8", "--quiet"], ["--tune-trials", "TVM"]),
+    ("profile-negative-trials", ["profile", DEMO, "--target", "llvm", "--tune-trials", "-3", "--quiet"], ["--tune-trials"]),
     ("profile-unknown-format", ["profile", DEMO, "--target", "ort", "--formats", "int99", "--quiet"], ["int99"]),
     ("report-no-run", ["report", "{tmp}/empty_dir"], ["report.json"]),
 ]
