@@ -50,6 +50,9 @@ class OneLineCommand(click.Command):
 @input_shape_option
 @click.option("--baselines", metavar="LIST",
               help="Also run baselines on the same graph/data/steps/budget: uniform,random,ilp,dnas.")
+@click.option("--tune-trials", metavar="N", default="0", show_default=True,
+              help="TVM targets: MetaSchedule trials per layer for the latency tables "
+                   "(0: default schedules, fast but not representative).")
 @click.option("--finetune", metavar="N", default="0", show_default=True,
               help="Fine-tune N steps under the found configuration (for comparison: FLIQS "
                    "needs no retraining; the report keeps both qualities).")
@@ -59,7 +62,7 @@ class OneLineCommand(click.Command):
 @debug_option
 @handle_errors
 def compile_(model, target, data, formats, budget, sweep, steps, out, seed, resume, input_shapes,
-             baselines, finetune, quiet, checkpoint_every):
+             baselines, tune_trials, finetune, quiet, checkpoint_every):
     """Search a mixed-precision format per layer of MODEL under a budget, then export, lower,
     compile and measure it for TARGET."""
     from fliqs_compiler import api
@@ -74,7 +77,8 @@ def compile_(model, target, data, formats, budget, sweep, steps, out, seed, resu
                          steps=api.check_steps(steps), out=out, seed=parse_int("--seed", seed),
                          resume=resume, sweep=sweep, baselines=baselines,
                          input_shapes=shapes or None, progress=not quiet,
-                         search_options=search_options)
+                         search_options=search_options,
+                         tune_trials=parse_int("--tune-trials", tune_trials))
     click.echo(f"wrote {result.out_dir} (report: {result.out_dir / 'report.md'})")
 
 

@@ -29,12 +29,10 @@ def profile(model, target, formats, cache_dir, tune_trials, as_json, input_shape
     if not target:
         raise FliqsError("--target is required: use llvm (host CPU via TVM), ort, or a JSON target dict")
     fmts = api.parse_formats(formats)
-    trials = parse_int("--tune-trials", tune_trials)
-    if trials < 0:
-        raise FliqsError(f"--tune-trials {tune_trials}: give a number of trials ≥ 0")
     graph, table = api.profile(model, target=target, formats=fmts, cache_dir=cache_dir,
                                input_shapes=parse_input_shapes(input_shapes) or None,
-                               progress=not quiet, tune_trials=trials)
+                               progress=not quiet,
+                               tune_trials=parse_int("--tune-trials", tune_trials))
     rows = [{"node": layer.name, "op": layer.op,
              **{f: table.layer_ms(layer, f, f) for f in fmts}} for layer in graph.searched_layers()]
     if as_json:

@@ -337,8 +337,6 @@ def _tvm_measure(target, tune_trials: int, cache_dir):
 
 def _ort_measure(target, tune_trials: int, cache_dir):
     from .backends.latency_table import ort_layer_ms
-    if tune_trials:
-        raise FliqsError(f"--tune-trials applies to TVM targets, not {target.text!r}")
     return "ort", lambda layer, fw, fa: ort_layer_ms(layer, fw, fa, threads=_threads())
 
 
@@ -346,12 +344,13 @@ def _ort_measure(target, tune_trials: int, cache_dir):
 _MEASURE = {"tvm": _tvm_measure, "ort": _ort_measure}
 
 
-def _latency_model(graph, target, formats: list, progress: bool, cache_dir=None, pairs=None,
-                   tune_trials: int = 0):
+def _latency_model(graph, target, formats: list, progress: bool, cache_dir=None, pairs=None):
     """A LatencyTable measured on ``target`` for every searched layer × format pair (default:
-    each candidate format for weight and activation alike, as decisions are tied);
-    ``tune_trials`` > 0: MetaSchedule-tuned TVM kernels (a table of its own)."""
+    each candidate format for weight and activation alike, as decisions are tied). A target
+    carrying ``extra["tune_trials"]`` > 0 (:func:`_with_tuning`) gets MetaSchedule-tuned TVM
+    kernels (a table of its own)."""
     from .backends.latency_table import LatencyTable
+    tune_trials = int(target.extra.get("tune_trials", 0))
     backend, measure = _MEASURE[target.kind](target, tune_trials, cache_dir)
     kwargs = {"cache_dir": Path(cache_dir)} if cache_dir else {}
     table = LatencyTable(target.key, backend, threads=_threads(), **kwargs)
@@ -573,7 +572,7 @@ def compile(model, *, target, data=None, formats=None, budget=None, steps: int =
             input_shapes: Optional[dict] = None, progress: bool = True,
             holdout: float = DEFAULT_HOLDOUT, example_inputs=None, layer_latency: bool = True,
             prepare_options: Optional[dict] = None, search_options: Optional[dict] = None,
-            baselines=None) -> Result:
+            baselines=None, tune_trials: int = 0) -> Result:
     """Compile ``model`` (an .onnx path or an ``nn.Module`` with ``example_inputs``) for ``target``.
 
     import → passes → data → latency table (latency budgets) → FLIQS search → materialize →
@@ -586,7 +585,8 @@ def compile(model, *, target, data=None, formats=None, budget=None, steps: int =
     first value's result lands in ``out``, the others in ``out/sweep/<budget>/``, plus pareto.png);
     ``holdout``: fraction of the data kept out of training to measure quality; ``baselines``:
     names from ``search.baselines.BASELINES`` ("uniform,random,ilp,dnas") run on the same graph,
-    data, steps and budget, reported next to FLIQS.
+    data, steps and budget, reported next to FLIQS; ``tune_trials`` > 0: per-layer latency
+    tables (latency budgets, the report) from MetaSchedule-tuned TVM kernels.
 
     Requires nothing of ``out`` but that it can be created/written. Guarantees: on success ``out``
     holds every file of architecture.md's output folder and report.json meets the contract; on
@@ -600,7 +600,7 @@ def compile(model, *, target, data=None, formats=None, budget=None, steps: int =
     torch.set_num_threads(_threads())
     fmts = parse_formats(formats)
     steps = check_steps(steps)
-    tgt = parse_target(target).require_local()
+    tgt = _with_tuning(parse_target(target).require_local(), tune_trials)
     sweep_budgets = parse_sweep(sweep)
     if sweep_budgets and budget is not None:
         raise FliqsError("--budget and --sweep given together; a sweep runs one search per budget, "
@@ -614,6 +614,17 @@ def compile(model, *, target, data=None, formats=None, budget=None, steps: int =
         return _compile(model, tgt, data, fmts, budgets, steps, out_dir, seed, resume, input_shapes,
                         progress, float(holdout), example_inputs, layer_latency, prepare_options,
                         search_options, sweep is not None, baseline_names)
+
+
+def _with_tuning(target, tune_trials):
+    """The target carrying ``tune_trials`` for its latency tables (TVM targets only)."""
+    import dataclasses
+    trials = int(tune_trials or 0)
+    if trials < 0:
+        raise FliqsError(f"--tune-trials {tune_trials}: give a number of trials ≥ 0")
+    if trials and target.kind != "tvm":
+        raise FliqsError(f"--tune-trials applies to TVM targets, not {target.text!r}")
+    return dataclasses.replace(target, extra={**target.extra, "tune_trials": trials})
 
 
 def _compile(model, target, data, fmts, budgets, steps, out_dir, seed, resume, input_shapes,
@@ -886,8 +897,7 @@ def profile(model, *, target, formats=None, input_shapes: Optional[dict] = None,
     from .backends.targets import parse_target
     torch.set_num_threads(_threads())
     fmts = parse_formats(formats)
-    tgt = parse_target(target).require_local()
+    tgt = _with_tuning(parse_target(target).require_local(), tune_trials)
     _check_model_arg(model)
     graph = _prepare(_load_graph(model, input_shapes, example_inputs), fmts, None)
-    return graph, _latency_model(graph, tgt, fmts, progress, cache_dir=cache_dir,
-                                 tune_trials=tune_trials)
+    return graph, _latency_model(graph, tgt, fmts, progress, cache_dir=cache_dir)

@@ -187,6 +187,7 @@ CASES = [
     ("search-latency-no-target", ["search", DEMO, "--budget", "latency=1ms", "--quiet"], ["--target"]),
     ("profile-tune-on-ort", ["profile", DEMO, "--target", "ort", "--tune-trials", "8", "--quiet"], ["--tune-trials", "TVM"]),
     ("profile-negative-trials", ["profile", DEMO, "--target", "llvm", "--tune-trials", "-3", "--quiet"], ["--tune-trials"]),
+    ("compile-tune-on-ort", C + [DEMO, *OK, "--tune-trials", "8"], ["--tune-trials", "TVM"]),
     ("profile-unknown-format", ["profile", DEMO, "--target", "ort", "--formats", "int99", "--quiet"], ["int99"]),
     ("report-no-run", ["report", "{tmp}/empty_dir"], ["report.json"]),
 ]
