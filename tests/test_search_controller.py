@@ -124,3 +124,35 @@ def test_bad_options():
         ControllerOptions(warmup=1.0)
     with pytest.raises(ValueError):
         Controller([], ControllerOptions(), 10)
+
+
+def _run_policy(quality_of, costs, target, gamma, steps=400, seed=0):
+    """The search loop with a synthetic environment: sample one candidate per decision, reward
+    with TuNAS, update; returns the final argmax. ``costs[d][c]``: cost of candidate c at d."""
+    ctrl = make(counts=tuple(len(c) for c in costs), steps=steps, lr=0.1)
+    gen = torch.Generator().manual_seed(seed)
+    noise = torch.Generator().manual_seed(seed + 1)
+    for step in range(steps):
+        choice = ctrl.sample(gen, uniform=ctrl.in_warmup(step))
+        cost = sum(costs[d][c] for d, c in enumerate(choice))
+        quality = quality_of(choice) + 0.01 * float(torch.randn((), generator=noise))
+        ctrl.update(choice, tunas_reward(quality, cost, target, gamma), step)
+    return ctrl.argmax()
+
+
+# candidates in the order of the search spaces: int2, int4, int8 (bits² as the BOPs cost)
+COSTS = [[4.0, 16.0, 64.0]] * 4
+
+
+def test_converges_to_the_cheapest_when_quality_cannot_change():
+    # the cheapest candidate last: a policy that learned nothing (argmax of equal logits → 0)
+    # cannot pass
+    costs = [row[::-1] for row in COSTS]
+    cheapest = sum(min(row) for row in costs)
+    assert _run_policy(lambda choice: 0.9, costs, target=cheapest, gamma=1.0) == [2, 2, 2, 2]
+
+
+def test_converges_to_the_most_accurate_when_gamma_is_zero():
+    def quality(choice):  # each layer loses accuracy at fewer bits; int8 is the best everywhere
+        return 1.0 - sum((0.2, 0.05, 0.0)[c] for c in choice)
+    assert _run_policy(quality, COSTS, target=16.0 * 4, gamma=0.0) == [2, 2, 2, 2]
