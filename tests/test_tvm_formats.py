@@ -125,12 +125,12 @@ class _TiesModule(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.register_buffer("half", torch.tensor(0.5))
-        self.register_buffer("one", torch.tensor(1.0))
+        self.register_buffer("scale_half", torch.tensor(0.5))
+        self.register_buffer("scale_one", torch.tensor(1.0))
 
     def forward(self, x):
         import fliqs_compiler as fq
-        return fq.fake_quant(x, "int8", self.half) + fq.fake_quant(x * 3, "int4", self.one)
+        return fq.fake_quant(x, "int8", self.scale_half) + fq.fake_quant(x * 3, "int4", self.scale_one)
 
 
 def test_torch_module_lowers_directly_and_rounds_ties_to_even():
