@@ -55,22 +55,7 @@ def parse_formats(value: Union[str, Sequence[str], None]) -> list:
     if value is None:
         return list(DEFAULT_FORMATS)
     items = value.split(",") if isinstance(value, str) else list(value)
-    items = [str(i).strip() for i in items if str(i).strip()]
-    if not items:
-        raise FliqsError("--formats is empty; give comma-separated names such as int4,int8,fp8_e4m3 "
-                         "(see 'fliqs formats')")
-    out = []
-    for item in items:
-        try:
-            name = F.get(item).name
-        except KeyError:
-            raise FliqsError(f"--formats: unknown format {item!r}; known: "
-                             f"{', '.join(F.searchable_names())}") from None
-        if name not in F.searchable_names():
-            raise FliqsError(f"--formats: {item!r} is internal; use one of {', '.join(F.searchable_names())}")
-        if name not in out:
-            out.append(name)
-    return out
+    return list(F.check_searchable([str(i).strip() for i in items if str(i).strip()]))
 
 
 def parse_sweep(value: Optional[str]) -> Optional[list]:

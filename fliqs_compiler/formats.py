@@ -241,3 +241,24 @@ def emax_of(fmt: Format) -> int:
 def searchable_names() -> list[str]:
     """Formats a user may put in ``--formats`` (internal helper formats excluded)."""
     return [n for n in names() if not n.endswith("_element")]
+
+
+def check_searchable(formats) -> tuple:
+    """Canonical names of ``formats`` (order kept, no repeats), each one a user may search; an
+    empty list, an unknown or an internal name is a one-line FliqsError naming ``--formats``."""
+    from .errors import FliqsError
+    if not formats:
+        raise FliqsError("--formats is empty; give comma-separated names such as int4,int8,fp8_e4m3 "
+                         "(see 'fliqs formats')")
+    allowed = searchable_names()
+    out = []
+    for item in formats:
+        try:
+            name = get(item).name
+        except KeyError:
+            raise FliqsError(f"--formats: unknown format {item!r}; known: {', '.join(allowed)}") from None
+        if name not in allowed:
+            raise FliqsError(f"--formats: {item!r} is internal; use one of {', '.join(allowed)}")
+        if name not in out:
+            out.append(name)
+    return tuple(out)

@@ -15,6 +15,7 @@ import copy
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
+from fliqs_compiler import formats as F
 from fliqs_compiler.errors import FliqsError
 from fliqs_compiler.graph import Graph
 
@@ -23,7 +24,7 @@ from .cost_annotate import annotate_costs
 from .discover import discover_quantizable
 from .functionalize import functionalize_modules
 from .fusion import annotate_fusion
-from .grouping import check_formats, group_decisions
+from .grouping import group_decisions
 from .insert_quant import insert_quantizers
 from .manager import (bind, check_graph, enable_train_eval, numeric, run_passes,
                       set_training)
@@ -74,7 +75,7 @@ class PrepareOptions:
             raise FliqsError(f"scale mode {self.scale_mode!r}: use 'learned' or 'calibrated'")
         if isinstance(self.formats, str):
             self.formats = [f for f in self.formats.split(",") if f.strip()]
-        self.formats = list(check_formats(self.formats))
+        self.formats = list(F.check_searchable(self.formats))
         for name in ("keep_float_patterns", "group_patterns"):
             value = getattr(self, name)
             setattr(self, name, (value,) if isinstance(value, str) else tuple(value))

@@ -25,26 +25,10 @@ from fliqs_compiler.errors import FliqsError
 from fliqs_compiler.graph import Graph
 from fliqs_compiler.space import Decision, SearchSpace
 
-__all__ = ["group_decisions", "check_formats"]
+__all__ = ["group_decisions"]
 
 ROLES = ("weight", "activation")
 _SEE_THROUGH = ir.TRANSPARENT_KINDS + ("relu", "relu6")
-
-
-def check_formats(formats: Sequence[str]) -> tuple:
-    """Canonical names of ``formats``; an unknown or empty list is a FliqsError."""
-    if not formats:
-        raise FliqsError("--formats: the list is empty; give at least one, e.g. int4,int8")
-    out = []
-    for f in formats:
-        try:
-            name = F.get(f).name
-        except KeyError:
-            raise FliqsError(f"--formats: unknown format {f!r}; known: "
-                             f"{', '.join(F.searchable_names())}") from None
-        if name not in out:
-            out.append(name)
-    return tuple(out)
 
 
 class _UnionFind:
@@ -79,7 +63,7 @@ def group_decisions(graph: Graph, formats: Sequence[str] = ("int4", "int8"),
     ``formats`` (canonical names); ``LayerInfo.group`` = the name of the decision holding the
     layer's weight ('' for layers kept in float); ``space.quantizers`` is filled later by
     ``insert_quantizers`` (kept if already present)."""
-    candidates = check_formats(formats)
+    candidates = F.check_searchable(formats)
     try:
         regexes = [(p, re.compile(p)) for p in group_patterns]
     except re.error as e:
