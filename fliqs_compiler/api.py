@@ -249,6 +249,15 @@ def _load_dataset(data, graph, seed: int, holdout: float):
                                "the teacher; quality = agreement with it)")
 
 
+def _data_and_teacher(data, graph, seed: int, holdout: float) -> tuple:
+    """(dataset, float teacher, metric, float quality): the data stage of compile and lower."""
+    import copy
+    dataset = _load_dataset(data, graph, seed, holdout)
+    teacher = copy.deepcopy(graph.gm).eval()
+    metric, q_float = _evaluate(teacher, dataset, teacher)
+    return dataset, teacher, metric, q_float
+
+
 def _check_runs_on_batches(graph) -> None:
     """Search and evaluation feed batches of data: a graph whose folded shapes keep the pinned
     batch size cannot take them. Found here with a one-line error instead of deep in a stage."""
@@ -625,9 +634,7 @@ def _compile(model, target, data, fmts, budgets, steps, out_dir, seed, resume, i
     with stages("import", str(model) if isinstance(model, (str, Path)) else type(model).__name__):
         graph = _load_graph(model, input_shapes, example_inputs)
     with stages("data", str(data or "random inputs")):
-        dataset = _load_dataset(data, graph, seed, holdout)
-        teacher = copy.deepcopy(graph.gm).eval()
-        metric, q_float = _evaluate(teacher, dataset, teacher)
+        dataset, teacher, metric, q_float = _data_and_teacher(data, graph, seed, holdout)
     with stages("passes", f"formats {', '.join(fmts)}"):
         graph = _prepare(graph, fmts, prepare_options)
     latency = None
@@ -801,7 +808,6 @@ def lower_config(model, config, *, target, out=None, data=None, input_shapes: Op
     ``data`` or on seeded random inputs: post-training, with the model's own weights); every
     other layer stays float. Unknown layer names / formats in the config → FliqsError naming them.
     Same out-folder guarantees as ``compile``."""
-    import copy
     import re
 
     import torch
@@ -823,9 +829,7 @@ def lower_config(model, config, *, target, out=None, data=None, input_shapes: Op
         with stages("import"):
             graph = _load_graph(model, input_shapes, example_inputs)
         with stages("data", str(data or "random inputs")):
-            dataset = _load_dataset(data, graph, seed, holdout)
-            teacher = copy.deepcopy(graph.gm).eval()
-            metric, q_float = _evaluate(teacher, dataset, teacher)
+            dataset, teacher, metric, q_float = _data_and_teacher(data, graph, seed, holdout)
         with stages("passes", f"formats {', '.join(used)}"):
             names = _layer_names(graph)
             unknown = [n for n in formats if n not in names]
