@@ -18,123 +18,25 @@ import os
 
 os.environ.setdefault("TVM_NUM_THREADS", "2")  # before anything imports tvm
 
-import shutil  # noqa: E402
-import tempfile  # noqa: E402
 import time  # noqa: E402
 from contextlib import contextmanager  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Optional, Sequence, Union  # noqa: E402
+from typing import Optional, Sequence  # noqa: E402
 
-from . import formats as F  # noqa: E402
 from .errors import FliqsError  # noqa: E402
+from .backend_stage import backend_stage, latency_model, numeric_inputs, threads  # noqa: E402
+from .options import (DEFAULT_BUDGET, DEFAULT_FORMATS, DEFAULT_HOLDOUT, DEFAULT_STEPS,  # noqa: E402
+                      check_model_arg, check_steps, parse_baselines, parse_formats, parse_sweep)
+from . import outdir  # noqa: E402
+from .outdir import resolve_out_dir  # noqa: E402
 from .report import build_report, print_summary, write_report  # noqa: E402
 
 __all__ = ["Result", "compile", "search_only", "lower_config", "profile", "parse_formats",
            "parse_sweep", "parse_baselines", "check_steps", "resolve_out_dir", "DEFAULT_FORMATS", "DEFAULT_BUDGET",
            "DEFAULT_STEPS", "DEMO_MODEL"]
 
-DEFAULT_FORMATS = ("int4", "int8", "fp8_e4m3")
-DEFAULT_BUDGET = "bops=0.5x"
-DEFAULT_STEPS = 300
-DEFAULT_HOLDOUT = 0.2
 DEMO_MODEL = Path(__file__).parent / "assets" / "demo.onnx"
-STAGING = ".fliqs-partial"
-NUMERIC_SAMPLES = 4
-
-
-def _threads() -> int:
-    from .backends.targets import default_threads  # one rule for the thread count
-    return default_threads()
-
-
-# ---- option parsing (shared by the API and the CLI) ---------------------------------------------
-def parse_formats(value: Union[str, Sequence[str], None]) -> list:
-    """``"int4,int8"`` or ``["int4", "int8"]`` → canonical registry names, order kept, no repeats.
-    Unknown names / an empty list → FliqsError listing the registry."""
-    if value is None:
-        return list(DEFAULT_FORMATS)
-    items = value.split(",") if isinstance(value, str) else list(value)
-    return list(F.check_searchable([str(i).strip() for i in items if str(i).strip()]))
-
-
-def parse_sweep(value: Optional[str]) -> Optional[list]:
-    """``"bops=0.2x,0.3x,0.5x"`` → ``["bops=0.2x", "bops=0.3x", "bops=0.5x"]`` (each checked with
-    ``budget.parse_budget``); None → None. Malformed → FliqsError with an example."""
-    if value is None:
-        return None
-    from .budget import parse_budget
-    kind, sep, values = str(value).partition("=")
-    vals = [v.strip() for v in values.split(",") if v.strip()]
-    if not sep or not kind.strip() or not vals:
-        raise FliqsError(f"--sweep {value!r}: expected KIND=V1,V2,... e.g. --sweep bops=0.2x,0.3x,0.5x")
-    budgets = [f"{kind.strip()}={v}" for v in vals]
-    for b in budgets:
-        try:
-            parse_budget(b)
-        except FliqsError as e:
-            raise FliqsError(f"--sweep {value!r}: {str(e).replace('--budget ', '', 1)}") from None
-    if len(set(budgets)) != len(budgets):
-        raise FliqsError(f"--sweep {value!r}: a value is repeated; list each budget once")
-    return budgets
-
-
-def check_steps(steps) -> int:
-    """A positive step count, or FliqsError."""
-    try:
-        n = int(steps)
-        if n != float(steps) or n <= 0:
-            raise ValueError
-    except (TypeError, ValueError):
-        raise FliqsError(f"--steps {steps!r}: give a positive integer number of search steps, "
-                         f"e.g. --steps {DEFAULT_STEPS}") from None
-    return n
-
-
-def parse_baselines(value) -> list:
-    """``"uniform,random"`` (or a list) → baseline names from ``search.baselines.BASELINES``;
-    unknown names → FliqsError listing them. None/empty → []."""
-    if not value:
-        return []
-    from .search.baselines import BASELINES
-    items = [v.strip().lower() for v in (value.split(",") if isinstance(value, str) else value)]
-    items = [v for v in items if v]
-    unknown = [v for v in items if v not in BASELINES]
-    if unknown:
-        raise FliqsError(f"--baselines: unknown baseline {unknown[0]!r}; use any of {', '.join(BASELINES)}")
-    return list(dict.fromkeys(items))
-
-
-def _model_stem(model) -> str:
-    if isinstance(model, (str, Path)):
-        return Path(model).stem or "model"
-    return type(model).__name__.lower()
-
-
-def resolve_out_dir(out, model) -> Path:
-    """``out`` or ``./fliqs-out/<model stem>/``; created and probed for writing up front.
-    Not a folder / not writable → FliqsError (nothing left behind)."""
-    path = Path(out) if out is not None else Path("fliqs-out") / _model_stem(model)
-    if path.exists() and not path.is_dir():
-        raise FliqsError(f"--out {path}: exists and is not a folder; choose a folder path")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".fliqs-probe-", dir=path)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise FliqsError(f"--out {path}: not writable ({e.strerror or e}); choose a folder you can "
-                         "write to") from None
-    return path
-
-
-def _check_model_arg(model) -> None:
-    if isinstance(model, (str, Path)):
-        p = Path(model)
-        if not p.exists():
-            raise FliqsError(f"{p}: model file not found; give the path of an .onnx file")
-        if p.is_dir():
-            raise FliqsError(f"{p}: is a folder; give the path of an .onnx file")
 
 
 # ---- result --------------------------------------------------------------------------------------
@@ -220,7 +122,7 @@ class _Stages:
 # ---- pipeline pieces -------------------------------------------------------------------------------
 def _load_graph(model, input_shapes, example_inputs=None):
     from .graph import load
-    _check_model_arg(model)
+    check_model_arg(model)
     return load(model, example_inputs=example_inputs, input_shapes=input_shapes)
 
 
@@ -287,155 +189,6 @@ def _num_classes(graph) -> Optional[int]:
     return int(out.shape[1]) if torch.is_tensor(out) and out.dim() == 2 and out.shape[1] > 1 else None
 
 
-def _numeric_inputs(graph, dataset, k: int = NUMERIC_SAMPLES) -> list:
-    """``k`` input lists shaped exactly like the model's inputs (held-out samples when possible)."""
-    import numpy as np
-    spec = graph.inputs[0]
-    b = int(spec.shape[0])
-    xs = dataset.x_val if dataset is not None else None
-    out = []
-    for i in range(k):
-        if xs is not None and len(xs) >= (i + 1) * b:
-            out.append([xs[i * b:(i + 1) * b].numpy().astype(np.float32)])
-        else:
-            out.append([t.numpy() for t in graph.example_inputs(seed=i)])
-    return out
-
-
-def _torch_outputs(graph, inputs: list) -> list:
-    import torch
-    with torch.no_grad():
-        y = graph.gm(*[torch.from_numpy(a) for a in inputs])
-    ys = y if isinstance(y, (tuple, list)) else [y]
-    return [t.detach().numpy() for t in ys]
-
-
-def _max_err(a: list, b: list) -> float:
-    import numpy as np
-    return float(max(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64)))
-                     for x, y in zip(a, b)))
-
-
-def _tvm_measure(target, tune_trials: int, cache_dir):
-    """TVM default schedules (fast, not representative), or MetaSchedule with ``tune_trials``
-    trials per layer and a tuning database kept beside the latency cache (reused across runs
-    and models)."""
-    from .backends.tvm_measure import measure_fn
-    if not tune_trials:
-        return "tvm", measure_fn(target)
-    from .backends.latency_table import default_cache_dir
-    work_dir = (Path(cache_dir) if cache_dir else default_cache_dir()) / "metaschedule"
-    return f"tvm-tuned{tune_trials}", measure_fn(target, tuned=True, trials=tune_trials,
-                                                  work_dir=str(work_dir))
-
-
-def _ort_measure(target, tune_trials: int, cache_dir):
-    from .backends.latency_table import ort_layer_ms
-    return "ort", lambda layer, fw, fa: ort_layer_ms(layer, fw, fa, threads=_threads())
-
-
-# target kind → (backend name, ``measure(layer, fmt_w, fmt_a) -> ms``) of its latency table
-_MEASURE = {"tvm": _tvm_measure, "ort": _ort_measure}
-
-
-def _latency_model(graph, target, formats: list, progress: bool, cache_dir=None, pairs=None):
-    """A LatencyTable measured on ``target`` for every searched layer × format pair (default:
-    each candidate format for weight and activation alike, as decisions are tied). A target
-    carrying ``extra["tune_trials"]`` > 0 (:func:`_with_tuning`) gets MetaSchedule-tuned TVM
-    kernels (a table of its own)."""
-    from .backends.latency_table import LatencyTable
-    tune_trials = int(target.extra.get("tune_trials", 0))
-    backend, measure = _MEASURE[target.kind](target, tune_trials, cache_dir)
-    kwargs = {"cache_dir": Path(cache_dir)} if cache_dir else {}
-    table = LatencyTable(target.key, backend, threads=_threads(), **kwargs)
-    if pairs is None:
-        pairs = sorted({(c, c) for d in graph.space.decisions for c in d.candidates}
-                       | {(f, f) for f in formats})
-    table.build(graph, pairs, measure, progress=progress)
-    return table
-
-
-def _staging(out: Path) -> Path:
-    stage = out / STAGING
-    if stage.exists():
-        shutil.rmtree(stage)
-    stage.mkdir()
-    return stage
-
-
-def _publish(stage: Path, out: Path) -> dict:
-    """Move every file of ``stage`` into ``out`` (same relative path, ``os.replace``), then drop
-    ``stage``. Returns ``{relative path: final Path}``."""
-    moved = {}
-    for src in sorted(p for p in stage.rglob("*") if p.is_file()):
-        rel = src.relative_to(stage)
-        dst = out / rel
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        os.chmod(src, 0o644)
-        os.replace(src, dst)
-        moved[str(rel)] = dst
-    shutil.rmtree(stage, ignore_errors=True)
-    return moved
-
-
-def _quiet_exporter_logs() -> None:
-    """torch.onnx logs one warning per missing torchvision op on every export; keep stderr for
-    what matters."""
-    import logging
-    for name in ("torch.onnx", "torch.onnx._internal.exporter._registration"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-
-
-def _run_tvm(fixed, target, stage: Path, onnx_path: Path, runnable: bool, inputs: list,
-             stages: _Stages, facts: dict) -> None:
-    """TVM targets: lower + compile (``tvm/model.so``), numerics vs the torch graph, latency."""
-    from .backends.tvm_lower import lower
-    refs = [_torch_outputs(fixed, x) for x in inputs]
-    with stages("lower", f"TVM Relax for {target.text}"):
-        lowered = lower(fixed, target, stage)
-        facts["tvm_err"] = _max_err([o for x in inputs for o in lowered.run(x)],
-                                    [o for r in refs for o in r])
-        facts["executed"] = dict(lowered.executed or {})
-    with stages("measure", "TVM latency (time_evaluator median)"):
-        facts["latency_ms"] = float(lowered.time_ms(inputs[0]))
-
-
-def _run_ort(fixed, target, stage: Path, onnx_path: Path, runnable: bool, inputs: list,
-             stages: _Stages, facts: dict) -> None:
-    """``ort``: the QDQ model is the deployable; its onnxruntime latency (when ORT loads it)."""
-    from .backends.ort_backend import time_onnx
-    stages.timing.setdefault("lower", 0.0)
-    if runnable:
-        with stages("measure", "onnxruntime latency (median)"):
-            facts["latency_ms"] = float(time_onnx(str(onnx_path), inputs[0], threads=_threads()))
-
-
-# target kind → what runs after the QDQ export
-_TARGET_STAGES = {"tvm": _run_tvm, "ort": _run_ort}
-
-
-def _backend_stage(fixed, target, stage: Path, inputs: list, stages: _Stages, notes: list) -> dict:
-    """QDQ export + onnxruntime numerics, then the target's stages (``_TARGET_STAGES``: TVM
-    lowering + numerics + latency, or onnxruntime latency). Requires a materialized graph; writes
-    only into ``stage``. Returns ``{"ort_err", "tvm_err", "latency_ms", "executed"}``."""
-    from .backends.onnx_export import export_qdq
-    from .backends.ort_backend import compare, ort_can_run
-    facts = {"ort_err": None, "tvm_err": None, "latency_ms": None, "executed": {}}
-    _quiet_exporter_logs()
-    with stages("export", "QDQ ONNX + onnxruntime check"):
-        onnx_path = export_qdq(fixed, stage / "model.qdq.onnx")
-        runnable = ort_can_run(onnx_path)
-        engine = "ort" if runnable else "reference"
-        if not runnable:
-            notes.append("onnxruntime cannot load model.qdq.onnx (ort_backend.ort_can_run is false: "
-                         "e.g. FLOAT4E2M1 Q/DQ, or a 4-bit activation its full graph optimizations "
-                         "reject); numerics were checked with onnx.reference, no onnxruntime latency")
-        facts["ort_err"] = max(float(compare(fixed, onnx_path, x, engine=engine, threads=_threads()))
-                               for x in inputs)
-    _TARGET_STAGES[target.kind](fixed, target, stage, onnx_path, runnable, inputs, stages, facts)
-    return facts
-
-
 # ---- quality and the report ------------------------------------------------------------------------
 def _evaluate(gm, dataset, teacher=None, batch: int = 256) -> tuple:
     """(metric, value) of ``gm`` on the held-out split (``x_test``: the official test split where
@@ -459,57 +212,6 @@ def _evaluate(gm, dataset, teacher=None, batch: int = 256) -> tuple:
                 ref = pred
             hits += int((pred == ref).sum())
     return ("accuracy" if y is not None else "agreement"), hits / max(1, len(x))
-
-
-# ---- out-dir bookkeeping ----------------------------------------------------------------------------
-def _first_missing_ancestor(path: Path) -> Optional[Path]:
-    """The outermost folder of ``path`` that does not exist yet (what a run would create)."""
-    missing = None
-    p = path.absolute()
-    while not p.exists():
-        missing = p
-        p = p.parent
-    return missing
-
-
-KEEP_ON_FAILURE = ("checkpoint", "search.jsonl", "sweep")  # what --resume needs
-
-
-def _cleanup_failed(out: Path, created: Optional[Path], before: set) -> None:
-    """After a failure: remove what this run added to ``out`` except the search checkpoint and
-    its step log (kept for ``--resume``), then the folders this run created if they are empty."""
-    for p in list(out.iterdir()) if out.is_dir() else []:
-        if p.name in before or p.name in KEEP_ON_FAILURE:
-            continue
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p, ignore_errors=True)
-        else:
-            p.unlink(missing_ok=True)
-    if created is None:
-        return
-    out = out.absolute()
-    for d in [out, *out.parents]:
-        if d != created and created not in d.parents:
-            break
-        try:
-            d.rmdir()  # only succeeds when empty
-        except OSError:
-            break
-
-
-@contextmanager
-def _out_dir(out, model):
-    """The output folder (``out`` or ``./fliqs-out/<model stem>/``), created and probed; if the
-    body fails, ``_cleanup_failed`` leaves it as it was (plus the checkpoint)."""
-    out_path = Path(out) if out is not None else Path("fliqs-out") / _model_stem(model)
-    created = _first_missing_ancestor(out_path)
-    out_dir = resolve_out_dir(out_path, model)
-    before = {p.name for p in out_dir.iterdir()}
-    try:
-        yield out_dir
-    except BaseException:
-        _cleanup_failed(out_dir, created, before)
-        raise
 
 
 def _label(budget) -> str:
@@ -591,7 +293,7 @@ def compile(model, *, target, data=None, formats=None, budget=None, steps: int =
     from .backends.targets import parse_target
     from .budget import parse_budget
 
-    torch.set_num_threads(_threads())
+    torch.set_num_threads(threads())
     fmts = parse_formats(formats)
     steps = check_steps(steps)
     tgt = _with_tuning(parse_target(target).require_local(), tune_trials)
@@ -603,8 +305,8 @@ def compile(model, *, target, data=None, formats=None, budget=None, steps: int =
     baseline_names = parse_baselines(baselines)
     if not 0.0 < float(holdout) < 1.0:
         raise FliqsError(f"holdout={holdout}: use a fraction between 0 and 1, e.g. 0.2")
-    _check_model_arg(model)
-    with _out_dir(out, model) as out_dir:
+    check_model_arg(model)
+    with outdir.out_dir(out, model) as out_dir:
         return _compile(model, tgt, data, fmts, budgets, steps, out_dir, seed, resume, input_shapes,
                         progress, float(holdout), example_inputs, layer_latency, prepare_options,
                         search_options, sweep is not None, baseline_names)
@@ -640,7 +342,7 @@ def _compile(model, target, data, fmts, budgets, steps, out_dir, seed, resume, i
     latency = None
     if any(b.kind == "latency" for b in budgets):
         with stages("latency table", f"per layer × format on {target.text}"):
-            latency = _latency_model(graph, target, fmts, progress)
+            latency = latency_model(graph, target, fmts, progress)
     values = [resolve_budget(b, graph, latency) for b in budgets]  # impossible budgets: refused now
     shared = dict(stages.timing)
     results, cache = [], {}
@@ -691,13 +393,13 @@ def _compile_point(graph, model, target, dataset, teacher, metric, q_float, fmts
     with stages("search", f"{budget.text}, {steps} steps"):
         sr = _search(graph, dataset, budget, steps=steps, seed=seed, out_dir=out, resume=resume,
                      latency=latency, progress=progress, search_options=search_options)
-    stage = _staging(out)  # only now: a run killed during the search leaves just its checkpoint
+    stage = outdir.staging(out)  # only now: a run killed during the search leaves just its checkpoint
     formats = sr.formats
     with stages("materialize"):
         fixed = materialize(graph, formats)
         _, q_final = _evaluate(fixed.gm, dataset, teacher)
-    inputs = _numeric_inputs(fixed, dataset)
-    facts = _backend_stage(fixed, target, stage, inputs, stages, notes)
+    inputs = numeric_inputs(fixed, dataset)
+    facts = backend_stage(fixed, target, stage, inputs, stages, notes)
     with stages("report"):
         table = latency
         if table is None and layer_latency:
@@ -724,7 +426,7 @@ def _compile_point(graph, model, target, dataset, teacher, metric, q_float, fmts
             facts=facts, timing=stages.timing, latency=table, dataset=dataset,
             search_info=search_info, baselines=baseline_rows, notes=notes, files=files)
         write_report(stage, report)
-    published = _publish(stage, out)
+    published = outdir.publish(stage, out)
     return Result(out, report, published)
 
 
@@ -733,7 +435,7 @@ def _chosen_latency(graph, target, formats: dict, progress: bool):
     (one micro-graph per layer, cached on disk)."""
     pairs = {name: [(e.get("weight", "float"), e.get("activation", e.get("weight", "float")))]
              for name, e in formats.items()}
-    return _latency_model(graph, target, [], progress, pairs=pairs)
+    return latency_model(graph, target, [], progress, pairs=pairs)
 
 
 # ---- the other stages on their own ----------------------------------------------------------------
@@ -748,7 +450,7 @@ def search_only(model, *, data=None, formats=None, budget=None, steps: int = DEF
     guarantees as ``compile``."""
     import torch
     from .budget import parse_budget, resolve_budget
-    torch.set_num_threads(_threads())
+    torch.set_num_threads(threads())
     fmts = parse_formats(formats)
     steps = check_steps(steps)
     b = parse_budget(budget or DEFAULT_BUDGET)
@@ -759,16 +461,16 @@ def search_only(model, *, data=None, formats=None, budget=None, steps: int = DEF
     if b.kind == "latency" and tgt is None:
         raise FliqsError(f"--budget {b.text}: a latency budget is measured on a target; add --target "
                          "(e.g. --target llvm)")
-    _check_model_arg(model)
+    check_model_arg(model)
     stages = _Stages(["import", "data", "passes", "search", "config"], progress)
-    with _out_dir(out, model) as out_dir:
+    with outdir.out_dir(out, model) as out_dir:
         with stages("import"):
             graph = _load_graph(model, input_shapes, example_inputs)
         with stages("data"):
             dataset = _load_dataset(data, graph, seed, holdout)
         with stages("passes"):
             graph = _prepare(graph, fmts, prepare_options)
-        latency = _latency_model(graph, tgt, fmts, progress) if b.kind == "latency" else None
+        latency = latency_model(graph, tgt, fmts, progress) if b.kind == "latency" else None
         value = resolve_budget(b, graph, latency)
         with stages("search", f"{b.text}, {steps} steps"):
             sr = _search(graph, dataset, b, steps=steps, seed=seed, out_dir=out_dir, resume=resume,
@@ -814,9 +516,9 @@ def lower_config(model, config, *, target, out=None, data=None, input_shapes: Op
     from .backends.targets import parse_target
     from .budget import parse_budget
     from .config import load_config
-    torch.set_num_threads(_threads())
+    torch.set_num_threads(threads())
     tgt = parse_target(target).require_local()
-    _check_model_arg(model)
+    check_model_arg(model)
     if not Path(config).is_file():
         raise FliqsError(f"--config {config}: file not found; give a config.json written by "
                          "'fliqs compile' or 'fliqs search'")
@@ -825,7 +527,7 @@ def lower_config(model, config, *, target, out=None, data=None, input_shapes: Op
     used = sorted({f for v in formats.values() for f in v.values()} - {"float"}) or ["int8"]
     stages = _Stages(["import", "data", "passes", "materialize", "export", "lower", "measure",
                       "report"], progress)
-    with _out_dir(out, model) as out_dir:
+    with outdir.out_dir(out, model) as out_dir:
         with stages("import"):
             graph = _load_graph(model, input_shapes, example_inputs)
         with stages("data", str(data or "random inputs")):
@@ -846,9 +548,9 @@ def lower_config(model, config, *, target, out=None, data=None, input_shapes: Op
         with stages("materialize"):
             fixed = materialize(graph, formats)
             _, q_final = _evaluate(fixed.gm, dataset, teacher)
-        stage = _staging(out_dir)
+        stage = outdir.staging(out_dir)
         notes = ["lower: scales calibrated post-training on the data; the weights are the model's own"]
-        facts = _backend_stage(fixed, tgt, stage, _numeric_inputs(fixed, dataset), stages, notes)
+        facts = backend_stage(fixed, tgt, stage, numeric_inputs(fixed, dataset), stages, notes)
         with stages("report"):
             from .cost import config_cost
             bops = float(config_cost(graph, formats, "bops"))
@@ -871,7 +573,7 @@ def lower_config(model, config, *, target, out=None, data=None, input_shapes: Op
                        **({"tvm": "tvm/model.so"} if tgt.kind == "tvm" else {})})
             report["budget"]["text"] = "given config (no search)"
             write_report(stage, report)
-        published = _publish(stage, out_dir)
+        published = outdir.publish(stage, out_dir)
     if progress:
         print_summary(report, out_dir, "lower")
     return Result(out_dir, report, published)
@@ -884,9 +586,9 @@ def profile(model, *, target, formats=None, input_shapes: Optional[dict] = None,
     kernels, that many trials per layer). Returns ``(prepared graph, LatencyTable)``."""
     import torch
     from .backends.targets import parse_target
-    torch.set_num_threads(_threads())
+    torch.set_num_threads(threads())
     fmts = parse_formats(formats)
     tgt = _with_tuning(parse_target(target).require_local(), tune_trials)
-    _check_model_arg(model)
+    check_model_arg(model)
     graph = _prepare(_load_graph(model, input_shapes, example_inputs), fmts, None)
-    return graph, _latency_model(graph, tgt, fmts, progress, cache_dir=cache_dir)
+    return graph, latency_model(graph, tgt, fmts, progress, cache_dir=cache_dir)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import fliqs_compiler as fq
-from fliqs_compiler import api
+from fliqs_compiler import api, outdir
 from fliqs_compiler.errors import FliqsError
 
 
@@ -53,11 +53,11 @@ def test_publish_moves_everything_atomically(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "report.json").write_text("old")
-    stage = api._staging(out)
+    stage = outdir.staging(out)
     (stage / "tvm").mkdir()
     (stage / "tvm" / "model.so").write_bytes(b"so")
     (stage / "report.json").write_text("new")
-    moved = api._publish(stage, out)
+    moved = outdir.publish(stage, out)
     assert set(moved) == {"report.json", "tvm/model.so"}
     assert (out / "report.json").read_text() == "new"
     assert (out / "tvm" / "model.so").read_bytes() == b"so"
@@ -67,16 +67,16 @@ def test_publish_moves_everything_atomically(tmp_path):
 def test_failed_run_keeps_only_checkpoint(tmp_path):
     parent = tmp_path / "new"
     with pytest.raises(RuntimeError):
-        with api._out_dir(parent / "deep" / "out", "m.onnx") as out:
+        with outdir.out_dir(parent / "deep" / "out", "m.onnx") as out:
             (out / "checkpoint").mkdir()
             (out / "checkpoint" / "state.pt").write_bytes(b"ckpt")
             (out / "search.jsonl").write_text("{}\n")
             (out / "search_result.json").write_text("{}")
-            api._staging(out).joinpath("config.json").write_text("{}")
+            outdir.staging(out).joinpath("config.json").write_text("{}")
             raise RuntimeError("export failed")
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint", "search.jsonl"]
     with pytest.raises(FliqsError):
-        with api._out_dir(tmp_path / "fresh" / "out", "m.onnx") as out2:
+        with outdir.out_dir(tmp_path / "fresh" / "out", "m.onnx") as out2:
             (out2 / "half.onnx").write_text("")
             raise FliqsError("bad data")
     assert not (tmp_path / "fresh").exists()  # every folder this run created is gone again
@@ -84,7 +84,7 @@ def test_failed_run_keeps_only_checkpoint(tmp_path):
     keep.mkdir()
     (keep / "mine.txt").write_text("user file")
     with pytest.raises(KeyboardInterrupt):
-        with api._out_dir(keep, "m.onnx"):
+        with outdir.out_dir(keep, "m.onnx"):
             raise KeyboardInterrupt
     assert [p.name for p in keep.iterdir()] == ["mine.txt"]
 
