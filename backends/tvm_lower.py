@@ -478,15 +478,17 @@ def fuse_pipeline():
 
 
 def compile_module(mod, target: Target, *, tune: bool = False, trials: int = 64,
-                   max_trials_per_task: Optional[int] = None, work_dir=None, fuse: bool = False):
+                   max_trials_per_task: Optional[int] = None, work_dir=None, fuse: bool = False,
+                   log=None, per_round: Optional[int] = None):
     """Relax IRModule → ``tvm.compile`` executable.
 
     Default: TVM's default build (naive, unscheduled loops; hand VNNI kernels keep their
     schedules). ``fuse=True``: ``fuse_pipeline`` first (exact: fp8 / bf16 rounding does not rely
     on casts, see ``tvm_kernels.fp_round_te``). ``tune``: ``_tune`` — TVM's static-shape tuning
     steps (zero pipeline, MetaSchedule with ``trials`` in total and ``max_trials_per_task`` each,
-    apply the database) with a persistent database in ``work_dir`` (reused across calls). The zero
-    pipeline runs FoldConstant, which pre-decodes constant packed weights at build time.
+    apply the database) with a persistent database in ``work_dir``: tasks it already holds are not
+    tuned again, by any later call, model or process. The zero pipeline runs FoldConstant, which
+    pre-decodes constant packed (int4 / fp8 / fp4) weights to fp32 at build time.
     """
     import tvm
     tgt = target.tvm()
@@ -496,28 +498,56 @@ def compile_module(mod, target: Target, *, tune: bool = False, trials: int = 64,
     if tune:
         wd = Path(work_dir or Path(tempfile.gettempdir()) / "fliqs-tvm-tune" / _safe(target.key))
         wd.mkdir(parents=True, exist_ok=True)
-        mod = _tune(mod, tgt, wd, trials, max_trials_per_task or max(1, trials))
+        mod = _tune(mod, tgt, wd, trials, max_trials_per_task or max(1, trials), log=log,
+                    per_round=per_round)
     return tvm.compile(mod, target=tgt)
 
 
-def _tune(mod, tgt, work_dir: Path, trials: int, per_task: int, build_timeout_s: float = 300.0):
-    """TVM's ``static_shape_tuning`` steps with patient builders/runners: MetaSchedule's default
-    30 s build timeout fails EVERY candidate on a loaded 2-core machine (measured: 0 valid
-    samples in 12 tasks), so nothing was tuned. Database: JSON files in ``work_dir``, reused."""
+def _tune(mod, tgt, work_dir: Path, trials: int, per_task: int, build_timeout_s: float = 300.0,
+          log=None, per_round: Optional[int] = None):
+    """TVM's ``static_shape_tuning`` steps with patient builders/runners and database reuse.
+
+    Requires: a Relax module before the zero pipeline. Guarantees: every task with a valid record
+    in ``work_dir``'s JSON database (from any earlier run or model: workloads are matched
+    structurally) is reused, not re-tuned — only new tasks get trials (``trials`` in total,
+    ``per_task`` each); hand-scheduled PrimFuncs (``tirx.is_scheduled``: the VNNI kernels) are
+    never handed to MetaSchedule. Builders/runners wait ``build_timeout_s``: the default 30 s
+    fails EVERY candidate on a loaded 2-core machine (measured: 0 valid samples in 12 tasks).
+    ``per_round``: candidates measured per scheduler round (default ``per_task``); MetaSchedule's
+    gradient scheduler first gives every task one round, then spends the rest of ``trials`` on the
+    tasks with the largest expected gain — a small round with ``trials`` > tasks × round does that.
+    ``log``: called with one line about what is reused and tuned."""
     from tvm import relax, transform
     from tvm.s_tir import meta_schedule as ms
     with tgt:
         mod = transform.Sequential([relax.transform.DecomposeOpsForInference(),
                                     relax.transform.CanonicalizeBindings(),
                                     relax.get_pipeline("zero")])(mod)
-        if trials > 0:
-            ms.relax_integration.tune_relax(
-                mod=mod, params={}, target=tgt, work_dir=str(work_dir), max_trials_global=trials,
-                max_trials_per_task=per_task, num_trials_per_iter=min(64, max(1, per_task)),
+        database = ms.database.JSONDatabase(work_dir=str(work_dir))
+        tasks = [t for t in ms.relax_integration.extract_tasks(mod, tgt)
+                 if not _is_scheduled(t.dispatched[0])]
+        todo = [t for t in tasks if database.query_tuning_record(
+            t.dispatched[0], tgt, t.task_name) is None]
+        if log:
+            log(f"MetaSchedule: {len(tasks)} tasks, {len(tasks) - len(todo)} reused from "
+                f"{work_dir}, {len(todo) if trials > 0 else 0} to tune")
+        if trials > 0 and todo:
+            contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+                todo, str(work_dir), space="post-order-apply", strategy="evolutionary")
+            ms.tune.tune_tasks(
+                tasks=contexts, task_weights=weights, work_dir=str(work_dir),
+                max_trials_global=max(trials, per_task), max_trials_per_task=per_task,
+                num_trials_per_iter=min(64, max(1, per_round or per_task)), database=database,
                 builder=ms.builder.LocalBuilder(timeout_sec=build_timeout_s),
                 runner=ms.runner.LocalRunner(timeout_sec=build_timeout_s))
         mod = relax.transform.MetaScheduleApplyDatabase(str(work_dir))(mod)
     return mod
+
+
+def _is_scheduled(prim_mod) -> bool:
+    """True when the task's PrimFunc carries ``tirx.is_scheduled`` (our hand VNNI kernels)."""
+    return any(bool(f.attrs and f.attrs.get("tirx.is_scheduled", False))
+               for f in prim_mod.functions.values())
 
 
 def _safe(key: str) -> str:
@@ -614,7 +644,8 @@ def _public_names(graph, records: list) -> list:
 
 def lower(graph, target, out_dir=None, *, tune: bool = False, trials: int = 64,
           max_trials_per_task: Optional[int] = None, work_dir=None, vnni: bool = True,
-          fuse: bool = False, example_inputs=None) -> Lowered:
+          fuse: bool = False, example_inputs=None, log=None,
+          per_round: Optional[int] = None) -> Lowered:
     """Lower a materialized ``Graph`` for a TVM ``target`` and compile it.
 
     Requires: ``graph.gm`` holds only fixed ``FormatQuantizer``s (or ``fliqs.fake_quant`` calls)
@@ -649,7 +680,8 @@ def lower(graph, target, out_dir=None, *, tune: bool = False, trials: int = 64,
                                           [r.weight_const for r in records if r.weight_const is not None])
     t1 = time.perf_counter()
     ex = compile_module(mod, target, tune=tune, trials=trials,
-                        max_trials_per_task=max_trials_per_task, work_dir=work_dir, fuse=fuse)
+                        max_trials_per_task=max_trials_per_task, work_dir=work_dir, fuse=fuse,
+                        log=log, per_round=per_round)
     times["compile"] = time.perf_counter() - t1
     asm = ex.mod.imports[0].inspect_source("asm") if ex.mod.imports else ""
     fns = asm_functions(asm)

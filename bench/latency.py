@@ -105,6 +105,10 @@ def _ort_ms(graph, x, repeat, work, tag):
     return time_onnx(path, [x.numpy()], threads=THREADS, repeat=repeat)
 
 
+def _say(line):
+    print("  " + line, flush=True)
+
+
 def _tvm(graph, x, repeat, **kw):
     from fliqs_compiler.backends.tvm_lower import lower
     t0 = time.perf_counter()
@@ -125,30 +129,38 @@ LAYERS = [  # representative ResNet-18 @224 layers: (name, op, weight shape, inp
 ]
 
 
-def layer_rows(repeat: int):
-    """Per-layer medians: TVM int8 (u8 activations) with / without VNNI, TVM fp32 (naive),
-    onnxruntime fp32 and int8 QDQ micro-graphs, torch fp32."""
+def layer_rows(repeat: int, tune_trials: int = 0, tune_dir=None):
+    """Per-layer medians: TVM int8 (u8 activations) with / without VNNI, TVM fp32 (naive and,
+    with ``tune_trials``, MetaSchedule-tuned: the fair fp32 baseline), onnxruntime fp32 and int8
+    QDQ micro-graphs, torch fp32."""
     from fliqs_compiler.backends.latency_table import ort_layer_ms
     from fliqs_compiler.backends.tvm_lower import lower
     from fliqs_compiler.backends.tvm_measure import layer_graph, layer_module
     from fliqs_compiler.graph import LayerInfo
     rows = []
+    variants = [("tvm_int8_vnni", "int8", "uint8", True, False),
+                ("tvm_int8_plain", "int8", "uint8", False, False),
+                ("tvm_fp32", "float", "float", False, False)]
+    if tune_trials > 0:
+        variants.append(("tvm_fp32_tuned", "float", "float", False, True))
     for name, op, ws, xs, attrs in LAYERS:
         layer = LayerInfo(name, op, "n", weight_shape=ws, input_shape=xs, attrs=attrs)
         x = torch.randn(xs).abs()
         with torch.no_grad():
             layer.output_shape = tuple(layer_module(layer, "float", "float")(x).shape)
         r = {"layer": name}
-        for key, fw, fa, vnni in (("tvm_int8_vnni", "int8", "uint8", True),
-                                  ("tvm_int8_plain", "int8", "uint8", False),
-                                  ("tvm_fp32", "float", "float", False)):
-            low = lower(layer_graph(layer, fw, fa), "llvm", vnni=vnni)
+        for key, fw, fa, vnni, tune in variants:
+            low = lower(layer_graph(layer, fw, fa), "llvm", vnni=vnni, tune=tune,
+                        trials=tune_trials, max_trials_per_task=tune_trials, per_round=2,
+                        work_dir=tune_dir, log=_say)
             r[key] = low.time_ms([x.numpy()], repeat=max(3, repeat // 10), min_repeat_ms=50)
             r[key + "_kernel"] = next(iter(low.executed.values()))["kernel"]
         r["ort_fp32"] = ort_layer_ms(layer, "float", "float", threads=THREADS, repeat=repeat)
         r["ort_int8_qdq"] = ort_layer_ms(layer, "int8", "uint8", threads=THREADS, repeat=repeat)
         m = layer_module(layer, "float", "float")
         r["torch_fp32"] = _torch_ms(m, x, repeat)
+        if tune_trials > 0:
+            r["vnni_speedup_vs_tuned_fp32"] = r["tvm_fp32_tuned"] / r["tvm_int8_vnni"]
         rows.append(r)
         print("  " + "  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
                                for k, v in r.items()), flush=True)
@@ -160,11 +172,15 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="the small CNN only, fewer repeats")
     ap.add_argument("--models", default=None, help="comma list of resnet18,cnn")
     ap.add_argument("--tune-trials", type=int, default=0, help="MetaSchedule trials (0: no tuning)")
-    ap.add_argument("--tune-per-task", type=int, default=8)
+    ap.add_argument("--tune-per-task", type=int, default=8, help="MetaSchedule trials cap per task")
+    ap.add_argument("--tune-round", type=int, default=2,
+                    help="candidates per scheduler round (every task gets one round first)")
     ap.add_argument("--tune-configs", default="fp32,mixed", help="configs to tune (comma list)")
     ap.add_argument("--configs", default="fp32,mixed", help="configs to run (comma list)")
     ap.add_argument("--tune-dir", default=str(Path(tempfile.gettempdir()) / "fliqs-tvm-tune-bench"))
     ap.add_argument("--layers", action="store_true", help="also time single ResNet-18 layers")
+    ap.add_argument("--layer-tune-trials", type=int, default=0,
+                    help="MetaSchedule trials for the fp32 single layers (0: naive only)")
     ap.add_argument("--out", default=None, help="write the results as JSON here (atomic)")
     args = ap.parse_args(argv)
     torch.set_num_threads(THREADS)
@@ -195,13 +211,18 @@ def main(argv=None):
                 ms, build_s, kernels = _tvm(g, x, repeat, vnni=False)
                 add("tvm-novnni", ms, build_s=round(build_s, 1), kernels=kernels)
             if args.tune_trials > 0 and cfg in args.tune_configs.split(","):
+                said = []
                 ms, build_s, kernels = _tvm(g, x, repeat, vnni=True, tune=True,
                                             trials=args.tune_trials,
                                             max_trials_per_task=args.tune_per_task,
-                                            work_dir=Path(args.tune_dir) / name)
+                                            per_round=args.tune_round,
+                                            work_dir=Path(args.tune_dir),
+                                            log=lambda line: (said.append(line), _say(line)))
                 add("tvm-tuned", ms, tune_s=round(build_s, 1), trials=args.tune_trials,
-                    per_task=args.tune_per_task, kernels=kernels)
-    lrows = layer_rows(repeat) if args.layers else []
+                    per_task=args.tune_per_task, per_round=args.tune_round, metaschedule=said[-1] if said else "",
+                    kernels=kernels)
+    lrows = (layer_rows(repeat, args.layer_tune_trials, Path(args.tune_dir))
+             if args.layers else [])
     env = {"threads": THREADS, "torch": torch.__version__, "cpu": platform.processor() or platform.machine()}
     try:
         import onnxruntime

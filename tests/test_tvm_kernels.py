@@ -83,3 +83,29 @@ def test_support_predicates():
     assert K.conv_vnni_supported(64, 64, 1) and not K.conv_vnni_supported(64, 64, 2)
     assert K.conv_vnni_applicable(3, 20, 1)  # padded to 4 / 32 channels
     assert not K.conv_vnni_applicable(3, 20, 1, (2, 2))
+
+
+@needs_vnni
+def test_tuning_pipeline_keeps_hand_vnni_kernels(tmp_path):
+    """MetaSchedule is never handed our scheduled VNNI PrimFuncs (``tirx.is_scheduled``), and the
+    tuning pipeline (zero pipeline + apply database; 0 trials here) still runs them with VNNI."""
+    from tvm import relax
+    from tvm.s_tir import meta_schedule as ms
+
+    from fliqs_compiler.backends.tvm_lower import _is_scheduled, lower
+    from fliqs_compiler.backends.tvm_measure import layer_graph
+    from fliqs_compiler.graph import LayerInfo
+    conv = LayerInfo("c", "conv2d", "n", weight_shape=(32, 16, 3, 3), input_shape=(1, 16, 8, 8),
+                     attrs={"stride": 1, "padding": 1})
+    said = []
+    low = lower(layer_graph(conv, "int8", "uint8"), "llvm", tune=True, trials=0,
+                work_dir=tmp_path, log=said.append)
+    assert low.executed["c"]["kernel"] == "vnni" and low.executed["c"]["vpdpbusd"] > 0
+    with TARGET.tvm():
+        tasks = ms.relax_integration.extract_tasks(relax.get_pipeline("zero")(low.mod),
+                                                   TARGET.tvm())
+    flagged = {t.task_name for t in tasks if _is_scheduled(t.dispatched[0])}
+    assert flagged and all(n.startswith("fliqs_vnni") for n in flagged)
+    assert said == [f"MetaSchedule: {len(tasks) - len(flagged)} tasks, 0 reused from {tmp_path}, "
+                    "0 to tune"]
+    assert low.run([np.ones((1, 16, 8, 8), np.float32)])[0].shape == (1, 32, 8, 8)

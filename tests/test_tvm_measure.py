@@ -42,10 +42,22 @@ def test_unsupported_layer_is_fliqs_error():
 @pytest.mark.slow
 def test_tuned_layer_uses_persistent_database(tmp_path):
     """MetaSchedule (1 trial, ~1-4 min on 2 shared cores): the candidate builds, a record lands in
-    the on-disk database, and the tuned kernel beats the naive one on a tiny linear."""
+    the on-disk database, the tuned kernel beats the naive one on a tiny linear, and a later
+    tuning call (another process would do the same) reuses the record instead of tuning again."""
+    import time
+
+    from fliqs_compiler.backends.tvm_lower import lower
     fc = LayerInfo("fc", "linear", "n", weight_shape=(64, 128), input_shape=(1, 128))
     naive = tvm_layer_ms(fc, "float", "float", "llvm")
     tuned = tvm_layer_ms(fc, "float", "float", "llvm", tuned=True, trials=1, work_dir=tmp_path)
     records = (tmp_path / "database_tuning_record.json").read_text().strip().splitlines()
     assert records, "no tuning record: every candidate failed to build"
     assert 0 < tuned < naive
+    said = []
+    t0 = time.perf_counter()
+    again = lower(layer_graph(fc, "float", "float"), "llvm", tune=True, trials=1,
+                  max_trials_per_task=1, work_dir=tmp_path, log=said.append)
+    assert said == [f"MetaSchedule: 1 tasks, 1 reused from {tmp_path}, 0 to tune"]
+    assert time.perf_counter() - t0 < 60
+    assert (tmp_path / "database_tuning_record.json").read_text().strip().splitlines() == records
+    assert again.time_ms([__import__("numpy").ones((1, 128), "float32")], repeat=2) < naive
