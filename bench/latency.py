@@ -1,7 +1,8 @@
 """Benchmark: end-to-end latency of fp32 and mixed INT8/INT4/FP8 models on TVM, onnxruntime, torch.
 
-    .venv/bin/python bench/latency.py [--quick] [--models resnet18,cnn] [--tune-trials N]
-                                      [--tune-dir DIR] [--out bench/results/latency.json]
+    .venv/bin/python bench/latency.py [--quick] [--models resnet18,cnn] [--configs fp32,mixed]
+        [--tune-trials N --tune-per-task P --tune-round R] [--tune-dir DIR]
+        [--layers [--layer-tune-trials T]] [--out bench/results/latency.json]
 
 Models: ResNet-18 at 1×3×224×224 (built here, random weights, BN folded by the passes) and the
 Fashion-MNIST-size CNN (``search.toy.ResNet8``, 1×1×28×28). Configs: ``fp32`` and ``mixed`` (every
@@ -11,8 +12,12 @@ scales). Engines (2 threads everywhere; the thread count is printed with the tab
 - ``ort``: onnxruntime on the fp32 ONNX / the QDQ ONNX (``backends.onnx_export.export_qdq``);
 - ``tvm``: ``tvm_lower.lower`` default build (naive loops; hand VNNI kernels for int8/int4
   conv/linear), ``tvm-novnni`` (same without VNNI), and ``tvm-tuned`` when ``--tune-trials N``
-  > 0 (MetaSchedule, database in ``--tune-dir``, reused by later runs; tuning time printed).
-``--layers`` adds single ResNet-18 layers (int8 VNNI / plain int8 / fp32 TVM, ORT fp32 and QDQ,
+  > 0 (MetaSchedule: at most N trials per model and P per task, R candidates per scheduler round —
+  every task gets one round, the rest goes to the tasks with the largest expected gain; database
+  in ``--tune-dir``: tasks it already holds, from any earlier run or model, are not tuned again;
+  tuning time and reused / tuned task counts printed).
+``--layers`` adds single ResNet-18 layers (int8 VNNI / plain int8 / fp32 TVM, with
+``--layer-tune-trials`` also MetaSchedule-tuned fp32 — the fair fp32 baseline; ORT fp32 and QDQ;
 torch fp32).
 One table of medians (ms) and ratios to torch fp32 of the same model. ``--quick``: the CNN only,
 fewer repeats. These machines are shared and noisy: compare numbers from one run only.
