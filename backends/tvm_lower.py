@@ -540,7 +540,8 @@ def _tune(mod, tgt, work_dir: Path, trials: int, per_task: int, build_timeout_s:
                 num_trials_per_iter=min(64, max(1, per_round or per_task)), database=database,
                 builder=ms.builder.LocalBuilder(timeout_sec=build_timeout_s),
                 runner=ms.runner.LocalRunner(timeout_sec=build_timeout_s))
-        mod = relax.transform.MetaScheduleApplyDatabase(str(work_dir))(mod)
+        with database:  # the database already in memory: no second read of the JSON files
+            mod = relax.transform.MetaScheduleApplyDatabase()(mod)
     return mod
 
 

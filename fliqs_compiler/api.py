@@ -25,7 +25,8 @@ from pathlib import Path  # noqa: E402
 from typing import Optional, Sequence  # noqa: E402
 
 from .errors import FliqsError  # noqa: E402
-from .backend_stage import backend_stage, latency_model, numeric_inputs, threads  # noqa: E402
+from .backend_stage import backend_stage, latency_model, numeric_inputs  # noqa: E402
+from .backends.targets import default_threads as threads  # noqa: E402
 from .options import (DEFAULT_BUDGET, DEFAULT_FORMATS, DEFAULT_HOLDOUT, DEFAULT_STEPS,  # noqa: E402
                       check_model_arg, check_steps, parse_baselines, parse_formats, parse_sweep)
 from . import outdir  # noqa: E402

@@ -6,12 +6,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .backends.targets import default_threads as threads  # one rule for the thread count
+
 NUMERIC_SAMPLES = 4
-
-
-def threads() -> int:
-    from .backends.targets import default_threads  # one rule for the thread count
-    return default_threads()
 
 
 def numeric_inputs(graph, dataset, k: int = NUMERIC_SAMPLES) -> list:

@@ -46,6 +46,8 @@ def test_tuned_layer_uses_persistent_database(tmp_path):
     tuning call (another process would do the same) reuses the record instead of tuning again."""
     import time
 
+    import numpy as np
+
     from fliqs_compiler.backends.tvm_lower import lower
     fc = LayerInfo("fc", "linear", "n", weight_shape=(64, 128), input_shape=(1, 128))
     naive = tvm_layer_ms(fc, "float", "float", "llvm")
@@ -60,4 +62,4 @@ def test_tuned_layer_uses_persistent_database(tmp_path):
     assert said == [f"MetaSchedule: 1 tasks, 1 reused from {tmp_path}, 0 to tune"]
     assert time.perf_counter() - t0 < 60
     assert (tmp_path / "database_tuning_record.json").read_text().strip().splitlines() == records
-    assert again.time_ms([__import__("numpy").ones((1, 128), "float32")], repeat=2) < naive
+    assert again.time_ms([np.ones((1, 128), np.float32)], repeat=2) < naive
