@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import click
 
+from fliqs_compiler.options import check_data_arg
+
 from .common import debug_option, handle_errors, input_shape_option, parse_input_shapes
 
 
@@ -69,6 +71,7 @@ def compile_(model, target, data, formats, budget, sweep, steps, out, seed, resu
     from fliqs_compiler.errors import FliqsError
     if not target:
         raise FliqsError("--target is required: use llvm (host CPU via TVM), ort, or a JSON target dict")
+    check_data_arg(data)  # before the model is imported (cheap options first)
     shapes = parse_input_shapes(input_shapes)
     search_options = finetune_options(finetune)
     if checkpoint_every is not None:

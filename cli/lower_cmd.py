@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from fliqs_compiler.options import check_data_arg
+
 from .common import debug_option, handle_errors, input_shape_option, parse_input_shapes
 from .compile_cmd import OneLineCommand
 
@@ -26,6 +28,7 @@ def lower(model, config, target, out, data, input_shapes, quiet):
         raise FliqsError("--config is required: give a config.json written by 'fliqs compile' or 'fliqs search'")
     if not target:
         raise FliqsError("--target is required: use llvm (host CPU via TVM), ort, or a JSON target dict")
+    check_data_arg(data)  # before the model is imported (cheap options first)
     result = api.lower_config(model, config, target=target, out=out, data=data,
                               input_shapes=parse_input_shapes(input_shapes) or None, progress=not quiet)
     click.echo(f"wrote {result.out_dir} (report: {result.out_dir / 'report.md'})")

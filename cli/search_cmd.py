@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import click
 
+from fliqs_compiler.options import check_data_arg
+
 from .common import debug_option, handle_errors, input_shape_option, parse_input_shapes
 from .compile_cmd import OneLineCommand, finetune_options, parse_int
 
@@ -27,6 +29,7 @@ def search(model, data, formats, budget, target, steps, out, seed, resume, input
            quiet):
     """Run the FLIQS one-shot search on MODEL and write DIR/config.json (and search.jsonl)."""
     from fliqs_compiler import api
+    check_data_arg(data)  # before the model is imported (cheap options first)
     res = api.search_only(model, data=data, formats=formats, budget=budget, target=target,
                           steps=api.check_steps(steps), out=out, seed=parse_int("--seed", seed),
                           resume=resume, input_shapes=parse_input_shapes(input_shapes) or None,

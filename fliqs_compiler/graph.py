@@ -64,7 +64,10 @@ class Graph:
         self.source = source  # path of the ONNX file, or 'torch'
         self.layers: dict[str, LayerInfo] = {}  # filled by passes.discover_quantizable
         self.space = None  # SearchSpace, filled by passes.insert_quantizers / group_decisions
-        self.meta: dict[str, Any] = {}  # pass timings, notes
+        # pass timings, notes; ONNX imports add "batch": {"dynamic": bool, "size": traced batch,
+        # "pinned_by": one-line reason or None, "unpinned": ONNX nodes whose literal batch-1
+        # targets were generalized, "inputs": the batch inputs} (frontends/batch.py)
+        self.meta: dict[str, Any] = {}
 
     def __call__(self, *args):
         return self.gm(*args)

@@ -78,3 +78,13 @@ def check_model_arg(model) -> None:
             raise FliqsError(f"{p}: model file not found; give the path of an .onnx file")
         if p.is_dir():
             raise FliqsError(f"{p}: is a folder; give the path of an .onnx file")
+
+
+def check_data_arg(data) -> None:
+    """``--data`` checked without reading it (before any model work): a known source name, an
+    existing ``.npz`` file or a folder; anything else is the data loader's one-line FliqsError.
+    None (seeded random inputs) passes."""
+    if data is None:
+        return
+    from .data import _source_of  # picks the loader; reads nothing
+    _source_of(str(data))

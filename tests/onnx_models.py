@@ -16,6 +16,9 @@ small (import + onnxruntime run well under a second) and deterministic (seeded w
 - ``make_pool_zoo(folder)``: pooling / pad / reduce edge cases built by hand.
 - ``make_op_zoo(folder, opset=11)``: older-opset attribute forms and misc ops (see its doc).
 - ``make_unsupported(folder)``: uses a custom-domain op and two unknown ops.
+- ``make_tf_conv1d(folder, opset, conv)``: tf2onnx-style int32-id Conv1D text classifier.
+- ``make_paddle_pinned(folder)``, ``make_batch_merge(folder)``, ``make_vit(folder)``: batch
+  polymorphism cases (literal batch-1 targets; a batch merged into features; a torch ViT).
 - ``standard_models(folder)``: ``{key: (path, input_shapes or None)}`` for the models above.
 """
 from __future__ import annotations
@@ -33,7 +36,8 @@ from torch import nn
 
 __all__ = ["ResNetish", "make_resnet_legacy", "make_resnet_dynamo", "make_tf_style", "make_qdq",
            "make_conv1d", "make_conv_transpose", "make_transformer", "make_unsupported",
-           "make_pool_zoo", "make_op_zoo", "make_ort_qdq", "standard_models", "save"]
+           "make_pool_zoo", "make_op_zoo", "make_ort_qdq", "standard_models", "save",
+           "make_tf_conv1d", "make_paddle_pinned", "make_batch_merge", "make_vit", "TinyViT"]
 
 
 def save(model: onnx.ModelProto, path: Path) -> Path:
@@ -509,3 +513,205 @@ def make_op_zoo(folder: Path, opset: int = 11) -> Path:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = 7
     return save(model, Path(folder) / f"op_zoo_op{opset}.onnx")
+
+
+# ---- tf2onnx / Paddle2ONNX / ViT graphs for the conformance and batch tests --------------------
+def make_tf_conv1d(folder: Path, opset: int = 13, conv: str = "2d", vocab: int = 256,
+                   seq: int = 16) -> Path:
+    """A tf2onnx-style byte-level text classifier (Keras Embedding → Conv1D → PReLU → Dense →
+    GlobalMaxPooling1D → Dense → softmax), written the way tf2onnx writes it: int32 ids with a
+    dynamic ``unk__`` batch, Cast to int64 before Gather, Conv1D as Unsqueeze → NHWC→NCHW
+    Transpose → 1×k ``Conv`` with ``auto_pad=SAME_UPPER`` → Transpose → Squeeze (``conv="2d"``;
+    ``"1d"``: Transpose + 1-D Conv), Keras PReLU (shared over time: slope (1, C)) as PRelu,
+    Dense as MatMul + BiasAdd-as-Add, Relu6 as Clip with min/max inputs, ReduceMax keepdims=0,
+    a Reshape with 0/-1 and Softmax (axis=1 on 2-D; opset < 13 uses the flatten-at-axis form)."""
+    rng = np.random.default_rng(7)
+    f32 = lambda *s, k=1.0: (rng.standard_normal(s) * k).astype(np.float32)  # noqa: E731
+    emb, ch, hid, classes = 16, 8, 32, 5  # ch == time steps after the stride-2 conv (16 → 8)
+    sq_axes = {"axes": [1]} if opset < 13 else {}
+    nodes = [
+        helper.make_node("Cast", ["ids"], ["ids64"], name="embedding/Cast", to=TensorProto.INT64),
+        helper.make_node("Gather", ["embedding/table", "ids64"], ["emb"], name="embedding/Gather",
+                         axis=0),
+    ]
+    if conv == "2d":
+        unsq_in = ["emb"] if opset < 13 else ["emb", "axes1"]
+        sq_in = ["conv_nhwc"] if opset < 13 else ["conv_nhwc", "axes1"]
+        nodes += [
+            helper.make_node("Unsqueeze", unsq_in, ["emb4"], name="conv1d/ExpandDims", **sq_axes),
+            helper.make_node("Transpose", ["emb4"], ["emb_nchw"], name="conv1d/Transpose",
+                             perm=[0, 3, 1, 2]),
+            helper.make_node("Conv", ["emb_nchw", "conv1d/kernel", "conv1d/bias"], ["conv"],
+                             name="conv1d/Conv2D", auto_pad="SAME_UPPER", kernel_shape=[1, 5],
+                             strides=[1, 2], dilations=[1, 1]),
+            helper.make_node("Transpose", ["conv"], ["conv_nhwc"], name="conv1d/Transpose_1",
+                             perm=[0, 2, 3, 1]),
+            helper.make_node("Squeeze", sq_in, ["conv_ntc"], name="conv1d/Squeeze", **sq_axes),
+        ]
+        kernel = f32(ch, emb, 1, 5, k=0.3)
+    else:
+        nodes += [
+            helper.make_node("Transpose", ["emb"], ["emb_ncw"], name="conv1d/Transpose",
+                             perm=[0, 2, 1]),
+            helper.make_node("Conv", ["emb_ncw", "conv1d/kernel", "conv1d/bias"], ["conv"],
+                             name="conv1d/Conv1D", auto_pad="SAME_UPPER", kernel_shape=[5],
+                             strides=[2]),
+            helper.make_node("Transpose", ["conv"], ["conv_ntc"], name="conv1d/Transpose_1",
+                             perm=[0, 2, 1]),
+        ]
+        kernel = f32(ch, emb, 5, k=0.3)
+    nodes += [
+        helper.make_node("PRelu", ["conv_ntc", "p_re_lu/alpha"], ["act"], name="p_re_lu/PRelu"),
+        helper.make_node("MatMul", ["act", "dense/kernel"], ["mm"], name="dense/MatMul"),
+        helper.make_node("Add", ["mm", "dense/bias"], ["dense"], name="dense/BiasAdd"),
+        helper.make_node("Clip", ["dense", "relu6/min", "relu6/max"], ["r6"], name="relu6/Relu6"),
+        helper.make_node("ReduceMax", ["r6"], ["pool"], name="global_max_pooling1d/Max",
+                         axes=[1], keepdims=0),
+        helper.make_node("Reshape", ["pool", "flat_shape"], ["flat"], name="flatten/Reshape"),
+        helper.make_node("MatMul", ["flat", "logits/kernel"], ["lmm"], name="logits/MatMul"),
+        helper.make_node("Add", ["lmm", "logits/bias"], ["logits"], name="logits/BiasAdd"),
+        helper.make_node("Mul", ["logits", "temperature"], ["scaled"], name="temperature/mul"),
+        helper.make_node("Softmax", ["scaled"], ["probs"], name="probs/Softmax", axis=1),
+    ]
+    inits = [numpy_helper.from_array(f32(vocab, emb), "embedding/table"),
+             numpy_helper.from_array(np.array([1], np.int64), "axes1"),
+             numpy_helper.from_array(kernel, "conv1d/kernel"),
+             numpy_helper.from_array(f32(ch, k=0.1), "conv1d/bias"),
+             numpy_helper.from_array(f32(1, ch, k=0.3) + 0.25, "p_re_lu/alpha"),
+             numpy_helper.from_array(f32(ch, hid, k=0.3), "dense/kernel"),
+             numpy_helper.from_array(f32(hid, k=0.1), "dense/bias"),
+             numpy_helper.from_array(np.array(0.0, np.float32), "relu6/min"),
+             numpy_helper.from_array(np.array(6.0, np.float32), "relu6/max"),
+             numpy_helper.from_array(np.array([0, -1], np.int64), "flat_shape"),
+             numpy_helper.from_array(f32(hid, classes, k=0.3), "logits/kernel"),
+             numpy_helper.from_array(f32(classes, k=0.1), "logits/bias"),
+             numpy_helper.from_array(np.array(1.5, np.float32), "temperature")]
+    if opset < 13:
+        inits = [t for t in inits if t.name != "axes1"]
+    graph = helper.make_graph(
+        nodes, "tf2onnx_conv1d",
+        [helper.make_tensor_value_info("ids", TensorProto.INT32, ["unk__12", seq])],
+        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["unk__12", classes])],
+        initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
+                              producer_name="tf2onnx")
+    model.ir_version = 8
+    return save(model, Path(folder) / f"tf_conv1d_op{opset}_{conv}.onnx")
+
+
+def make_paddle_pinned(folder: Path) -> Path:
+    """A Paddle2ONNX-style graph exported at a static batch of 1: Conv → Relu → GAP → Reshape to
+    the literal ``[1, -1]`` → Gemm, and a token branch whose folded Shape→…→Expand baked the batch
+    as a literal ``[1, 1, 8]`` class token concatenated with patches, plus a ConstantOfShape
+    ``[1, 5, 1]`` mask."""
+    rng = np.random.default_rng(8)
+    f32 = lambda *s, k=1.0: (rng.standard_normal(s) * k).astype(np.float32)  # noqa: E731
+    nodes = [
+        helper.make_node("Conv", ["x", "conv_w", "conv_b"], ["c"], name="conv2d_0", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"], name="relu_0"),
+        helper.make_node("GlobalAveragePool", ["r"], ["g"], name="pool2d_0"),
+        helper.make_node("Reshape", ["g", "pinned_flat"], ["flat"], name="flatten_0"),
+        helper.make_node("Gemm", ["flat", "fc_w", "fc_b"], ["logits"], name="linear_0", transB=1),
+        # token branch: 4 patches of 8 features, a class token expanded to the baked batch
+        helper.make_node("Reshape", ["r", "pinned_tokens"], ["tok"], name="reshape2_0"),
+        helper.make_node("Transpose", ["tok"], ["tok_t"], name="transpose2_0", perm=[0, 2, 1]),
+        helper.make_node("Expand", ["cls", "pinned_cls"], ["cls_b"], name="expand_v2_0"),
+        helper.make_node("Concat", ["cls_b", "tok_t"], ["seq"], name="concat_0", axis=1),
+        helper.make_node("ConstantOfShape", ["pinned_mask"], ["mask"], name="fill_constant_0",
+                         value=numpy_helper.from_array(np.array([0.5], np.float32))),
+        helper.make_node("Mul", ["seq", "mask"], ["seq_m"], name="elementwise_mul_0"),
+        helper.make_node("ReduceMean", ["seq_m"], ["tokens"], name="reduce_mean_0", axes=[1],
+                         keepdims=0),
+    ]
+    inits = [numpy_helper.from_array(f32(8, 3, 3, 3, k=0.3), "conv_w"),
+             numpy_helper.from_array(f32(8, k=0.1), "conv_b"),
+             numpy_helper.from_array(np.array([1, -1], np.int64), "pinned_flat"),
+             numpy_helper.from_array(f32(4, 8, k=0.3), "fc_w"),
+             numpy_helper.from_array(f32(4, k=0.1), "fc_b"),
+             numpy_helper.from_array(np.array([1, 8, -1], np.int64), "pinned_tokens"),
+             numpy_helper.from_array(f32(1, 1, 8), "cls"),
+             numpy_helper.from_array(np.array([1, 1, 8], np.int64), "pinned_cls"),
+             numpy_helper.from_array(np.array([1, 5, 1], np.int64), "pinned_mask")]
+    graph = helper.make_graph(
+        nodes, "paddle_pinned",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 2, 2])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 4]),
+         helper.make_tensor_value_info("tokens", TensorProto.FLOAT, [1, 8])], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)],
+                              producer_name="PaddlePaddle")
+    model.ir_version = 7
+    return save(model, Path(folder) / "paddle_pinned.onnx")
+
+
+def make_batch_merge(folder: Path) -> Path:
+    """Input [1, 6] → Reshape to ``[6]`` (merges the batch into the features) → MatMul: a graph
+    that truly runs on a batch of 1 only."""
+    rng = np.random.default_rng(9)
+    nodes = [helper.make_node("Reshape", ["x", "shape"], ["v"], name="merge_batch"),
+             helper.make_node("MatMul", ["v", "w"], ["y"], name="fc")]
+    graph = helper.make_graph(
+        nodes, "batch_merge", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3])],
+        initializer=[numpy_helper.from_array(np.array([6], np.int64), "shape"),
+                     numpy_helper.from_array(rng.standard_normal((6, 3)).astype(np.float32), "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    return save(model, Path(folder) / "batch_merge.onnx")
+
+
+class _Attention(nn.Module):
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, t, d = x.shape  # Shape → Gather → Concat chains in the legacy export
+        qkv = self.qkv(x).reshape(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        att = ((q @ k.transpose(-2, -1)) * (d // self.heads) ** -0.5).softmax(-1)
+        return self.proj((att @ v).transpose(1, 2).reshape(b, t, d))
+
+
+class _ViTBlock(nn.Module):
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.norm1, self.attn = nn.LayerNorm(dim), _Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class TinyViT(nn.Module):
+    """A ViT for 8×8 digits: 2×2 patches (16 tokens) + class token, ``depth`` blocks."""
+
+    def __init__(self, dim: int = 32, depth: int = 2, heads: int = 4, classes: int = 10):
+        super().__init__()
+        self.patch = nn.Conv2d(1, dim, 2, 2)
+        self.cls = nn.Parameter(torch.randn(1, 1, dim) * 0.5)
+        self.pos = nn.Parameter(torch.randn(1, 17, dim) * 0.1)
+        self.blocks = nn.Sequential(*[_ViTBlock(dim, heads) for _ in range(depth)])
+        self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, classes)
+
+    def forward(self, x):
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], 1) + self.pos
+        return self.head(self.norm(self.blocks(x))[:, 0])
+
+
+def make_vit(folder: Path) -> Path:
+    """TinyViT (width 32, 2 blocks) via ``torch.onnx.export(dynamo=False, opset_version=17,
+    dynamic_axes={'x': {0: 'batch'}})``: class-token Expand to (batch, 1, D) + Concat, attention
+    reshapes from Shape→Gather→Concat chains."""
+    torch.manual_seed(10)
+    path = Path(folder) / "vit.onnx"
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(TinyViT().eval(), (torch.randn(1, 1, 8, 8),), str(path), dynamo=False,
+                          opset_version=17, input_names=["x"], output_names=["logits"],
+                          dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}})
+    return path

@@ -114,3 +114,34 @@ def test_inspect_verify_bundled_onnx_model_against_onnxruntime():
     r = CliRunner().invoke(cli, ["inspect", str(DEMO), "--verify"])
     assert r.exit_code == 0, r.output
     assert "verify: max abs error vs onnxruntime" in r.stderr and "DISAGREES" not in r.stderr
+
+
+def test_inspect_symbolic_batch_needs_no_input_shape(tmp_path):
+    """An ONNX input whose only symbolic dim is the batch is inspected at batch 1 without
+    --input-shape (and --verify agrees with onnxruntime); a symbolic height still needs it."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    pytest.importorskip("fliqs_compiler.frontends.onnx_import")
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((4, 1, 3, 3))
+                                .astype(np.float32), "w")
+    fc = numpy_helper.from_array(np.ones((3, 4), np.float32), "fc")
+
+    def save(dims):
+        nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+                 helper.make_node("GlobalAveragePool", ["c"], ["g"], name="gap"),
+                 helper.make_node("Flatten", ["g"], ["f"], name="flat"),
+                 helper.make_node("Gemm", ["f", "fc"], ["y"], name="fc", transB=1)]
+        graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(
+            "x", TensorProto.FLOAT, dims)], [helper.make_tensor_value_info(
+                "y", TensorProto.FLOAT, [dims[0], 3])], [w, fc])
+        path = tmp_path / "sym.onnx"
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+        return path
+
+    r = CliRunner().invoke(cli, ["inspect", str(save(["batch", 1, 6, 6])), "--json", "--verify"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["inputs"][0]["shape"] == [1, 1, 6, 6]
+    r = CliRunner().invoke(cli, ["inspect", str(save(["batch", 1, "H", 6]))])
+    assert r.exit_code == 2 and "--input-shape x=1x1x1x6" in r.stderr

@@ -24,20 +24,23 @@ from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from ..errors import FliqsError
 
-__all__ = ["V", "Builder", "sanitize"]
+__all__ = ["V", "Builder", "sanitize", "MAX_ELEMENTS", "check_numel"]
+
+# One tensor larger than this (1 GiB of float32) means a corrupt or absurd shape, not a model
+# fliqs can search on a CPU: refused before anything is allocated.
+MAX_ELEMENTS = 2 ** 28
 
 
+def check_numel(shape, where: str) -> None:
+    """Raise a one-line FliqsError when a tensor of ``shape`` would exceed MAX_ELEMENTS."""
+    numel = 1
+    for d in shape:
+        numel *= max(int(d), 0)
+    if numel > MAX_ELEMENTS:
+        raise FliqsError(f"{where} would make a tensor of {numel:,} elements "
+                         f"({'x'.join(str(int(d)) for d in shape)}); the model's shapes are "
+                         "corrupt or far too large")
 
-def batch_free_shape(shape, in_shape) -> tuple:
-    """A folded reshape target that keeps the input's leading (batch) dim writes it as -1, so the
-    graph also runs on batches other than the pinned one (search and evaluation feed data
-    batches): (1, 200) of a (1, 200, 1, 1) tensor becomes (-1, 200). At the pinned shape the
-    result is identical; targets that mix the batch into other dims are left as they are (a
-    batch of another size then fails loudly, never silently)."""
-    shape = [int(d) for d in shape]
-    if shape and len(in_shape) and shape[0] == in_shape[0] and -1 not in shape[1:]:
-        shape[0] = -1
-    return tuple(shape)
 
 class V:
     """One ONNX value: ``const`` (CPU tensor) or ``node`` (fx node) with ``meta`` (meta tensor)."""
@@ -153,15 +156,15 @@ class Builder:
         map_aggregate((args, kwargs),
                       lambda a: dynamic.append(a) if isinstance(a, V) and not a.is_const else None)
         if not dynamic:
+            self._check_sizes(fn, args, kwargs)
             out = fn(*_unwrap(args, "const"), **_unwrap(kwargs, "const"))
             if isinstance(out, (tuple, list)):
                 return [V(const=o) for o in out]
             return V(const=out)
-        if fn is torch.reshape and len(args) == 2 and isinstance(args[1], (tuple, list)):
-            args = (args[0], batch_free_shape(args[1], args[0].shape))
         fx_args = map_aggregate(args, lambda a: self.node_of(a) if isinstance(a, V) else a)
         fx_kwargs = map_aggregate(kwargs, lambda a: self.node_of(a) if isinstance(a, V) else a)
         meta_out = fn(*_unwrap(args, "meta"), **_unwrap(kwargs, "meta"))
+        self._check_outputs(meta_out)
         node = self._new_node(fn, fx_args, fx_kwargs, meta_out)
         if isinstance(meta_out, (tuple, list)):
             outs = []
@@ -170,6 +173,23 @@ class Builder:
                 outs.append(V(node=item, meta=m))
             return outs
         return V(node=node, meta=meta_out)
+
+    def _where(self) -> str:
+        return f"node {self.current[0]!r} ({self.current[1]})" if self.current else "a constant"
+
+    def _check_outputs(self, out) -> None:
+        for o in (out if isinstance(out, (tuple, list)) else [out]):
+            if isinstance(o, torch.Tensor):
+                check_numel(o.shape, self._where())
+
+    def _check_sizes(self, fn, args, kwargs) -> None:
+        """Before folding: the output size from a meta run (ops without a meta kernel fold
+        unchecked; their outputs are bounded by their inputs)."""
+        try:
+            meta = fn(*_unwrap(args, "meta"), **_unwrap(kwargs, "meta"))
+        except Exception:  # noqa: BLE001 — no meta kernel, or the real call fails too
+            return
+        self._check_outputs(meta)
 
     def _new_node(self, fn, args, kwargs, meta_out) -> fx.Node:
         name = sanitize(self.current[0]) if self.current else None

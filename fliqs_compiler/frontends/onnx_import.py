@@ -1,15 +1,18 @@
 """ONNX → trainable ``torch.fx`` importer (our own op table, :mod:`.onnx_ops`).
 
-``import_onnx(path, input_shapes)`` reads and validates the file, pins every input shape, then
-walks the nodes in order: shape arithmetic folds to constants (inputs have static shapes), the
-rest becomes ``call_function`` nodes on ``torch`` / ``torch.nn.functional`` callables, weights
-become ``nn.Parameter``s and other constants buffers (see ``docs/design.md``).
+``import_onnx(path, input_shapes)`` reads and validates the file, pins every input shape (a
+symbolic leading dim is the batch, traced at 1), then walks the nodes in order: shape arithmetic
+folds to constants (inputs have static shapes), the rest becomes ``call_function`` nodes on
+``torch`` / ``torch.nn.functional`` callables, weights become ``nn.Parameter``s and other
+constants buffers (see ``docs/design.md``). :mod:`.batch` then generalizes the folded shapes to
+any batch size (``graph.meta['batch']``), or guards a graph that cannot be batched.
 
 Every user-facing failure is a one-line :class:`~fliqs_compiler.errors.FliqsError` naming the
 file (and node / input) and what to do.
 """
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Optional
@@ -19,7 +22,8 @@ import torch
 
 from ..errors import FliqsError
 from ..graph import Graph, InputSpec
-from .builder import Builder, V
+from . import batch
+from .builder import MAX_ELEMENTS, Builder, V
 from .onnx_ops import OPS, ONNX_TO_TORCH_DTYPE, NodeInfo, PendingQ
 
 __all__ = ["import_onnx", "check_supported", "read_model", "tensor_value", "SUPPORTED_OPS"]
@@ -45,7 +49,11 @@ def tensor_value(t, name: str = "") -> V:
     """Decode an ONNX TensorProto into a constant ``V`` (int4/uint4 widened to int8/uint8)."""
     from onnx import numpy_helper
 
-    arr = numpy_helper.to_array(t)
+    try:
+        arr = numpy_helper.to_array(t)
+    except Exception as e:  # noqa: BLE001 — data that does not match its dims / element type
+        raise FliqsError(f"tensor {name or t.name!r} cannot be decoded ({_one_line(e)}); "
+                         "re-export the model") from None
     kind = str(arr.dtype)
     if t.data_type in (21, 22):  # uint4 / int4 → widened integers, element type remembered
         arr = arr.astype(np.uint8 if t.data_type == 21 else np.int8)
@@ -157,6 +165,9 @@ def _input_specs(model, path: Path, input_shapes: Optional[dict]) -> list[InputS
     specs = []
     for inp in graph_inputs:
         tt = inp.type.tensor_type
+        if not inp.type.HasField("tensor_type"):
+            raise FliqsError(f"{path}: input {inp.name!r} is not a tensor (sequence/map/optional "
+                             "inputs are not supported); export it as a tensor")
         dtype = ONNX_TO_TORCH_DTYPE.get(tt.elem_type)
         if dtype is None or tt.elem_type in (4, 12, 13, 21, 22):  # no torch kernels for these
             raise FliqsError(f"{path}: input {inp.name!r} has unsupported element type "
@@ -174,18 +185,32 @@ def _input_specs(model, path: Path, input_shapes: Optional[dict]) -> list[InputS
                 raise FliqsError(f"{path}: --input-shape {inp.name}={'x'.join(map(str, shape))}"
                                  f" conflicts with the model's fixed dims {dims}")
         else:
-            if not tt.HasField("shape") or any(d is None or d < 1 for d in dims):
-                shown = "x".join(str(d) if d else "?" for d in dims) or "unknown"
-                example = "x".join(str(d) if d else "1" for d in dims) or "1x3x224x224"
-                raise FliqsError(f"{path}: input {inp.name!r} has dynamic shape {shown}; pin it "
-                                 f"with --input-shape {inp.name}={example} (use the real sizes "
-                                 "for the '?' dims)")
-            shape = tuple(dims)
+            shape = _default_shape(inp.name, tt, dims, path)
         if any(d <= 0 for d in shape):
             raise FliqsError(f"{path}: input {inp.name!r} has a zero-size shape {shape}; "
                              "pin a positive shape with --input-shape")
+        if math.prod(shape) > _MAX_INPUT_ELEMENTS:
+            raise FliqsError(f"{path}: input {inp.name!r} has {math.prod(shape):,} elements "
+                             f"({'x'.join(map(str, shape))}); pin a smaller shape with "
+                             "--input-shape")
         specs.append(InputSpec(inp.name, shape, str(dtype).replace("torch.", "")))
     return specs
+
+
+_MAX_INPUT_ELEMENTS = MAX_ELEMENTS  # one example larger than this is a corrupt shape
+
+
+def _default_shape(name: str, tt, dims: list, path: Path) -> tuple:
+    """The input shape without --input-shape. A dynamic *leading* dim (``batch``, ``N``, ``?``,
+    ``-1``, unnamed) is the batch: traced at 1, and the graph stays batch-polymorphic (see
+    :mod:`.batch`). Any other dynamic dim needs real sizes from the user."""
+    if not tt.HasField("shape") or any(d is None for d in dims[1:]):
+        shown = "x".join(str(d) if d else "?" for d in dims) or "unknown"
+        example = "x".join(str(d) if d else "1" for d in dims) or "1x3x224x224"
+        raise FliqsError(f"{path}: input {name!r} has dynamic shape {shown}; pin it "
+                         f"with --input-shape {name}={example} (use the real sizes "
+                         "for the '?' dims)")
+    return tuple(1 if d is None else d for d in dims)
 
 
 def _check_finite(gm: torch.nn.Module, path: Path) -> None:
@@ -218,12 +243,14 @@ def _attrs(node) -> dict:
 
 
 # ---- conversion -------------------------------------------------------------------------
-def _convert(model, specs: list[InputSpec], path: Path):
+def _convert(model, specs: list[InputSpec], path: Path, inits: dict, record: Optional[dict] = None,
+             unpin=None):
+    """One conversion at the input shapes ``specs`` → (GraphModule, output names).
+    ``record`` (at the pinned batch) collects what shape ops read; ``unpin`` (at a probe batch)
+    rewrites literal targets that baked the pinned batch (see :mod:`.batch`)."""
     b = Builder()
     opset = _opset(model)
-    env: dict[str, object] = {}
-    for t in model.graph.initializer:
-        env[t.name] = tensor_value(t)
+    env: dict[str, object] = dict(inits)
     for spec in specs:
         env[spec.name] = b.placeholder(spec.name, spec.shape, getattr(torch, spec.dtype))
     for idx, node in enumerate(model.graph.node):
@@ -238,6 +265,10 @@ def _convert(model, specs: list[InputSpec], path: Path):
         if any(isinstance(v, PendingQ) for v in ins) and node.op_type != "DequantizeLinear":
             raise FliqsError(f"{path}: node {name!r} ({node.op_type}) consumes quantized integers "
                              "directly; only QuantizeLinear→DequantizeLinear pairs are supported")
+        if record is not None:
+            batch.record_inputs(record, idx, node.op_type, ins)
+        if unpin is not None:
+            ins = unpin(idx, node.op_type, name, ins)
         b.current = (name, node.op_type)
         try:
             outs = OPS[node.op_type](b, info, ins, _attrs(node))
@@ -266,8 +297,37 @@ def _convert(model, specs: list[InputSpec], path: Path):
         results.append(value)
     b.output(results)
     gm = b.finish(path.stem)
-    _check_finite(gm, path)
     return gm, [o.name for o in model.graph.output]
+
+
+def _batch_polymorphic(model, specs, path: Path, inits: dict, gm0, record: dict) -> tuple:
+    """(graph module, batch facts for ``graph.meta['batch']``): ``gm0`` generalized to any
+    batch size, or ``gm0`` itself, guarded to refuse other batch sizes with one line naming
+    the ONNX node that pins it."""
+    p = batch.plan(specs)
+    if p is None:
+        return gm0, {"dynamic": False, "size": None, "pinned_by": None, "unpinned": []}
+
+    def convert(batched_specs, unpin):
+        return _convert(model, batched_specs, path, inits, unpin=unpin)[0]
+
+    try:
+        gm, unpinned = batch.generalize(convert, gm0, record, specs, p, prefix=f"{path}: ")
+    except batch.ModelFails as e:
+        raise FliqsError(f"{path}: {e}; the model is invalid, re-export it") from None
+    except batch.NotBatchable as e:
+        reason = str(e)
+        batch.guard(gm0, p, f"{path.name}: {reason}; the model only runs on a batch of {p.b0}")
+        return gm0, {"dynamic": False, "size": p.b0, "pinned_by": reason, "unpinned": []}
+    return gm, {"dynamic": True, "size": p.b0, "pinned_by": None, "unpinned": unpinned,
+                "inputs": [specs[i].name for i in p.inputs]}
+
+
+def _initializers(model, path: Path) -> dict:
+    try:
+        return {t.name: tensor_value(t) for t in model.graph.initializer}
+    except FliqsError as e:
+        raise FliqsError(f"{path}: {e}") from None
 
 
 def import_onnx(path: Path, input_shapes: Optional[dict] = None) -> Graph:
@@ -276,8 +336,11 @@ def import_onnx(path: Path, input_shapes: Optional[dict] = None) -> Graph:
     Requires: a valid ONNX model whose ops are in :data:`SUPPORTED_OPS` (default domain) and whose
     input shapes are static or pinned by ``input_shapes`` ({name: shape}).
     Guarantees: ``graph.gm`` reproduces onnxruntime's outputs (a single tensor for one output,
-    a tuple otherwise); ``graph.inputs`` follow the ONNX input order; every node built from an
-    ONNX node has ``meta['onnx_name']`` / ``meta['onnx_op']``; float weights are trainable.
+    a tuple otherwise); ``graph.meta['batch']`` says whether it runs on any batch size
+    (``dynamic``; the batch inputs' leading dim) or which ONNX node pins it (``pinned_by``: other
+    batch sizes then raise that one-line FliqsError); ``graph.inputs`` follow the ONNX input
+    order; every node built from an ONNX node has ``meta['onnx_name']`` / ``meta['onnx_op']``;
+    float weights are trainable.
     """
     path = Path(path)
     model = read_model(path)
@@ -285,8 +348,12 @@ def import_onnx(path: Path, input_shapes: Optional[dict] = None) -> Graph:
     _load_external(model, path)
     _check_model(model, path)
     specs = _input_specs(model, path, input_shapes)
-    gm, output_names = _convert(model, specs, path)
+    inits = _initializers(model, path)
+    record: dict = {}
+    gm, output_names = _convert(model, specs, path, inits, record=record)
+    _check_finite(gm, path)
+    gm, batch_facts = _batch_polymorphic(model, specs, path, inits, gm, record)
     graph = Graph(gm, specs, name=path.stem, output_names=output_names, source=str(path))
     graph.meta.update(onnx_opset=_opset(model), onnx_producer=model.producer_name,
-                      input_shapes={s.name: s.shape for s in specs})
+                      input_shapes={s.name: s.shape for s in specs}, batch=batch_facts)
     return graph

@@ -41,11 +41,22 @@ def _binary(b, n, x, a):
     """Broadcasting binary op; a constant added to a MatMul/linear output trains (bias)."""
     lhs, rhs = x[0], x[1]
     if n.op == "Add":  # the bias of a MatMul (dynamo/TF exports) trains with its weight
-        if rhs.is_const and not lhs.is_const and lhs.node.target in _LINEAR_TARGETS:
+        if _is_bias(rhs, lhs):
             rhs = b.param(rhs)
-        elif lhs.is_const and not rhs.is_const and rhs.node.target in _LINEAR_TARGETS:
+        elif _is_bias(lhs, rhs):
             lhs = b.param(lhs)
     return b.call(_BINARY[n.op], lhs, rhs)
+
+
+def _is_bias(c: V, y: V) -> bool:
+    """A finite constant vector along the last axis added to a MatMul/linear output — not an
+    attention mask (a -inf causal mask added to Q·Kᵀ is data, not a weight)."""
+    if not c.is_const or y.is_const or y.node.target not in _LINEAR_TARGETS:
+        return False
+    if not c.dtype.is_floating_point or not bool(torch.isfinite(c.const).all()):
+        return False
+    return c.ndim >= 1 and all(d == 1 for d in c.shape[:-1]) and y.ndim >= 1 \
+        and c.shape[-1] == y.shape[-1]
 
 
 @op(*_VARIADIC)
@@ -125,14 +136,29 @@ def _hard_sigmoid(b, n, x, a):
 
 @op("PRelu")
 def _prelu(b, n, x, a):
-    """F.prelu for per-channel/scalar slopes (trainable), else where(x<0, x*slope, x)."""
+    """F.prelu (trainable slope) where it means the same, else where(x<0, x*slope, x).
+
+    ONNX PRelu: "slope ... should be unidirectional broadcastable to input tensor X", i.e.
+    numpy broadcasting, aligned from the *last* axis; F.prelu instead applies a 1-D weight along
+    axis 1. They agree only for one slope value or a slope that, right-aligned, is (C, 1, …, 1)
+    on axis 1 — a (C,) slope on an N×T×C tensor broadcasts over C, the last axis (tf2onnx /
+    Keras PReLU), not over axis 1."""
     slope = x[1]
-    channels = x[0].shape[1] if x[0].ndim > 1 else 1
-    if slope.is_const and slope.const.numel() in (1, channels):
+    if slope.is_const and _per_channel(slope.shape, x[0].shape):
         flat = V(const=slope.const.reshape(-1), name=slope.name)
         return b.call(F.prelu, x[0], b.param(flat))
     neg = b.call(torch.mul, x[0], b.param(slope))
     return b.call(torch.where, b.call(torch.lt, x[0], 0.0), neg, x[0])
+
+
+def _per_channel(slope_shape, x_shape) -> bool:
+    """Is ``slope`` (broadcast the ONNX way) one value, or one value per axis-1 channel?"""
+    if math.prod(slope_shape) == 1:
+        return True
+    if len(x_shape) < 2 or len(slope_shape) > len(x_shape):
+        return False
+    full = (1,) * (len(x_shape) - len(slope_shape)) + tuple(slope_shape)
+    return full[1] == x_shape[1] and all(d == 1 for i, d in enumerate(full) if i != 1)
 
 
 @op("Clip")
@@ -200,6 +226,23 @@ def _same_pads(auto_pad, in_sizes, kernel, strides, dilations):
     return begins + ends
 
 
+def _ints(n, a: dict, key: str, count: int, default, low: int = 1) -> list:
+    """A per-spatial-axis attribute: ``count`` integers ≥ ``low`` (torch's meta kernels accept
+    wrong lengths that the real kernels then refuse, so they are checked here)."""
+    value = a.get(key, default)
+    if not isinstance(value, (list, tuple)) or len(value) != count or \
+            any(not isinstance(v, int) or isinstance(v, bool) or v < low for v in value):
+        raise n.fail(f"attribute {key}={value!r} does not fit its input: expected {count} "
+                     f"integers >= {low}")
+    return list(value)
+
+
+def _geometry(n, a: dict, nd: int, kernel_default) -> tuple:
+    """(kernel, strides, dilations), checked against the ``nd`` spatial axes."""
+    return (_ints(n, a, "kernel_shape", nd, kernel_default), _ints(n, a, "strides", nd, [1] * nd),
+            _ints(n, a, "dilations", nd, [1] * nd))
+
+
 def _resolve_pads(n, a, in_sizes, kernel, strides, dilations):
     auto_pad = a.get("auto_pad", "NOTSET")
     if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
@@ -208,7 +251,7 @@ def _resolve_pads(n, a, in_sizes, kernel, strides, dilations):
         return [0] * (2 * len(kernel))
     if auto_pad != "NOTSET":
         raise n.fail(f"auto_pad={auto_pad!r} is not supported")
-    return list(a.get("pads", [0] * (2 * len(kernel))))
+    return _ints(n, a, "pads", 2 * len(kernel), [0] * (2 * len(kernel)), low=0)
 
 
 def _split_pads(b, xv, pads, value=0.0):
@@ -225,11 +268,12 @@ def _conv(b, n, x, a):
     w = b.param(x[1])
     bias = b.param(x[2]) if len(x) > 2 else None
     nd = w.ndim - 2
-    if nd not in _CONV:
-        raise n.fail(f"{nd}-D convolution is not supported")
-    kernel = list(a.get("kernel_shape", w.shape[2:]))
-    strides = list(a.get("strides", [1] * nd))
-    dilations = list(a.get("dilations", [1] * nd))
+    if nd not in _CONV or x[0].ndim != nd + 2:
+        raise n.fail(f"a {nd}-D kernel on a rank-{x[0].ndim} input is not a supported "
+                     "convolution")
+    kernel, strides, dilations = _geometry(n, a, nd, list(w.shape[2:]))
+    if kernel != list(w.shape[2:]):
+        raise n.fail(f"kernel_shape={kernel} does not match the weight shape {list(w.shape)}")
     pads = _resolve_pads(n, a, x[0].shape[2:], kernel, strides, dilations)
     inp, padding = _split_pads(b, x[0], pads)
     return b.call(_CONV[nd], inp, w, bias, strides, padding, dilations, a.get("group", 1))
@@ -241,13 +285,14 @@ def _conv_transpose(b, n, x, a):
     w = b.param(x[1])
     bias = b.param(x[2]) if len(x) > 2 else None
     nd = w.ndim - 2
-    if nd not in _CONV_T:
-        raise n.fail(f"{nd}-D transposed convolution is not supported")
+    if nd not in _CONV_T or x[0].ndim != nd + 2:
+        raise n.fail(f"a {nd}-D kernel on a rank-{x[0].ndim} input is not a supported "
+                     "transposed convolution")
     groups = a.get("group", 1)
-    kernel = list(a.get("kernel_shape", w.shape[2:]))
-    strides = list(a.get("strides", [1] * nd))
-    dilations = list(a.get("dilations", [1] * nd))
-    out_pad = list(a.get("output_padding", [0] * nd))
+    kernel, strides, dilations = _geometry(n, a, nd, list(w.shape[2:]))
+    if kernel != list(w.shape[2:]):
+        raise n.fail(f"kernel_shape={kernel} does not match the weight shape {list(w.shape)}")
+    out_pad = _ints(n, a, "output_padding", nd, [0] * nd, low=0)
     in_sizes = x[0].shape[2:]
     full = [s * (i - 1) + op_ + (k - 1) * d + 1
             for i, s, op_, k, d in zip(in_sizes, strides, out_pad, kernel, dilations)]
@@ -377,10 +422,10 @@ _AVG_POOL = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
 
 
 def _pool_geometry(n, a, xv):
-    kernel = list(a["kernel_shape"])
-    nd = len(kernel)
-    strides = list(a.get("strides", [1] * nd))
-    dilations = list(a.get("dilations", [1] * nd))
+    nd = xv.ndim - 2
+    if "kernel_shape" not in a or nd < 1:
+        raise n.fail("needs kernel_shape and an input of rank 3 or more")
+    kernel, strides, dilations = _geometry(n, a, nd, None)
     pads = _resolve_pads(n, a, xv.shape[2:], kernel, strides, dilations)
     return nd, kernel, strides, dilations, pads
 

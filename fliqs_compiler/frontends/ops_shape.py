@@ -9,7 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .builder import V, require_const
+from .builder import V, check_numel, require_const
 from .onnx_ops import attr_or_input, axis_of, op, torch_pad_order
 
 
@@ -42,6 +42,9 @@ def _constant(b, n, x, a):
 @op("ConstantOfShape")
 def _constant_of_shape(b, n, x, a):
     shape = require_const(x[0], "shape", n.name).ints()
+    if any(d < 0 for d in shape):
+        raise n.fail(f"negative dimension in shape {shape}")
+    check_numel(shape, f"node {n.name!r} (ConstantOfShape)")
     if "value" in a:
         from .onnx_import import tensor_value
         fill = tensor_value(a["value"], n.name).const.reshape(-1)
@@ -53,7 +56,11 @@ def _constant_of_shape(b, n, x, a):
 @op("Range")
 def _range(b, n, x, a):
     s, e, d = (require_const(v, "start/limit/delta", n.name) for v in x[:3])
-    return V(const=torch.arange(s.const.item(), e.const.item(), d.const.item(), dtype=s.dtype))
+    start, limit, delta = s.const.item(), e.const.item(), d.const.item()
+    if delta == 0:
+        raise n.fail("delta is 0")
+    check_numel([max(math.ceil((limit - start) / delta), 0)], f"node {n.name!r} (Range)")
+    return V(const=torch.arange(start, limit, delta, dtype=s.dtype))
 
 
 @op("Reshape")
@@ -77,6 +84,8 @@ def _flatten(b, n, x, a):
 @op("Transpose")
 def _transpose(b, n, x, a):
     perm = a.get("perm", list(reversed(range(x[0].ndim))))
+    if sorted(perm) != list(range(x[0].ndim)):
+        raise n.fail(f"perm={perm} is not a permutation of the input's {x[0].ndim} axes")
     return b.call(torch.permute, x[0], tuple(perm))
 
 
@@ -204,7 +213,40 @@ def _pad(b, n, x, a):
         return x[0]
     if mode == "constant":
         return b.call(F.pad, x[0], order, "constant", value)
-    return b.call(F.pad, x[0], order, mode)
+    try:  # torch pads only the trailing 1-3 dims in these modes, without negative pads
+        return b.call(F.pad, x[0], order, mode)
+    except (RuntimeError, NotImplementedError, ValueError):
+        return _pad_by_index(b, x[0], full, a.get("mode"))
+
+
+def _pad_source(mode: str, idx: np.ndarray, size: int) -> np.ndarray:
+    """ONNX Pad: the input index each padded position reads. reflect mirrors without
+    repeating the edge element, edge repeats it, wrap continues periodically."""
+    if mode == "edge":
+        return np.clip(idx, 0, size - 1)
+    if mode == "wrap":
+        return np.mod(idx, size)
+    period = 2 * (size - 1)
+    if period == 0:
+        return np.zeros_like(idx)
+    m = np.mod(idx, period)
+    return np.where(m >= size, period - m, m)
+
+
+def _pad_by_index(b, xv, full, mode):
+    """reflect / edge / wrap padding (or cropping) on any axis: one index_select per padded
+    axis with indices computed here."""
+    rank = xv.ndim
+    out = xv
+    for axis in range(rank):
+        begin, end = full[axis], full[axis + rank]
+        if begin == 0 and end == 0:
+            continue
+        size = xv.shape[axis]
+        check_numel([size + begin + end], "Pad")
+        idx = _pad_source(mode, np.arange(-begin, size + end), size).astype(np.int64)
+        out = b.call(torch.index_select, out, axis, V(const=torch.from_numpy(idx)))
+    return out
 
 
 @op("Expand")
@@ -360,6 +402,7 @@ def _resized_axes(xv, sizes, scales):
         size_in = xv.shape[axis]
         scale = scales[axis] if scales else sizes[axis] / size_in
         size_out = sizes[axis] if sizes else int(math.floor(size_in * scale))
+        check_numel([size_out], "Resize")
         if not (size_out == size_in and scale == 1.0):
             out.append((axis, size_in, size_out, scale))
     return out
