@@ -18,11 +18,17 @@ Pipeline of ``export_qdq``:
      fp6_*, MX) are decomposed into standard ops computing exactly ``fq.fake_quant``
      (Round/Clip for integers; a Where-chain for the exponent of small floats; for MX, exact
      ``floor(log2(block absmax))`` via Log + Pow correction and per-block power-of-two scales).
-3. Form fixes for onnxruntime (numerically neutral): ``gemm_to_matmul`` (per-channel QDQ
-   Gemm → MatMul + Add so ORT uses integer MatMul kernels), ``detach_float_bias`` (FP8 conv
-   bias as a separate Add: ORT's int32 bias quantization overflows at FP8 scales), and
-   ``protect_relu_before_float_q`` (ORT's ReluQuantRewrite drops a ReLU before an FP8
-   QuantizeLinear, which does not clamp negatives).
+3. Form fixes for onnxruntime (numerically neutral, ``ORT_FORM_FIXES``) so that a DEFAULT
+   ``onnxruntime.InferenceSession(path)`` computes what the graph means: ``gemm_to_matmul``
+   (per-channel QDQ Gemm → MatMul + Sub(-bias) so ORT uses integer MatMul kernels and its
+   MatMulAddFusion cannot rebuild a Gemm whose bias it rounds to int32),
+   ``detach_float_bias`` (the bias of a conv that is not an 8-bit integer kernel as a separate
+   Add: ORT's int32 bias quantization overflows at FP8 scales and rounds at 4 bits),
+   ``shield_float_weight`` (ORT would quantize a float/bf16 weight behind a DQ input to INT8),
+   ``shield_four_bit_q`` (a 4-bit Q that QDQ propagation would move across a MaxPool, or onto
+   a Clip, makes the session fail to build) and
+   ``protect_relu_before_unclamped_q`` (ReluQuantRewrite, after QDQ propagation, drops a ReLU
+   before an FP8/INT4 QuantizeLinear, which does not clamp negatives).
 4. ``onnx.checker.check_model(full_check=True)`` and an atomic write.
 
 onnxruntime 1.32 facts this relies on (measured): blocked ``DequantizeLinear`` (``block_size``)
@@ -52,7 +58,9 @@ from fliqs_compiler.quantizers import FormatQuantizer
 
 __all__ = ["export_qdq", "lower_fake_quant", "quantizer_nodes", "gemm_to_matmul",
            "detach_float_bias",
-           "protect_relu_before_float_q", "formats_used", "required_opset", "save_atomic"]
+           "protect_relu_before_unclamped_q", "shield_four_bit_q", "shield_float_weight",
+           "ORT_FORM_FIXES",
+           "formats_used", "required_opset", "save_atomic"]
 
 DOMAIN = "fliqs"
 _TP = TensorProto
@@ -405,12 +413,27 @@ def save_atomic(model: onnx.ModelProto, path: Path) -> Path:
     return atomic.write_bytes(path, model.SerializeToString())
 
 
+def _bias_node(x: str, bias: str, out: str, inits: dict, name: str):
+    """``x + bias`` as ``Sub(x, -bias)`` when bias is an initializer (see gemm_to_matmul)."""
+    if bias not in inits:
+        return helper.make_node("Add", [x, bias], [out], name=name)
+    neg = bias + "/neg"
+    inits[neg] = numpy_helper.from_array(-numpy_helper.to_array(inits[bias]), neg)
+    return helper.make_node("Sub", [x, neg], [out], name=name)
+
+
 def gemm_to_matmul(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Rewrite ``Gemm(A, DequantizeLinear(W), C, transB=1)`` as ``MatMul(A, DQ(W^T)) + C``
-    (in place).
+    """Rewrite ``Gemm(A, DequantizeLinear(W), C, transB=1)`` as ``MatMul(A, DQ(W^T)) - (-C)``
+    (in place; ``+ C`` where C is not an initializer).
 
     Why: onnxruntime fuses QDQ MatMul with per-channel weight scales into integer kernels
-    (QLinearMatMul / MatMulIntegerToFloat) but leaves a per-channel QDQ Gemm in float.
+    (QLinearMatMul / MatMulIntegerToFloat) but leaves a per-channel QDQ Gemm in float. The bias
+    is a ``Sub`` of the negated constant because a default session's MatMulAddFusion turns
+    MatMul + Add back into a Gemm, whose float bias WeightBiasQuantization then rounds to int32
+    at s_x*s_w: that overflows at FP8 scales (measured: 34 output LSB on an fp8_e5m2 Linear),
+    rounds elsewhere, and the Gemm runs in float (measured, int8 128x1024x1024 x2, default
+    session: 23.8 ms with Add, 0.96 ms with Sub). No fusion matches Sub, and x - (-C) is
+    bit-identical to x + C.
     Requires: W is an initializer read only by that DQ; alpha = beta = 1, transA = 0.
     Anything else is left unchanged. Numerics: the same products and sums (float).
     """
@@ -449,12 +472,13 @@ def gemm_to_matmul(model: onnx.ModelProto) -> onnx.ModelProto:
         new_nodes.append(helper.make_node("MatMul", [node.input[0], node.input[1]], [mm_out],
                                           name=(node.name or out) + "/matmul"))
         if mm_out != out:
-            new_nodes.append(helper.make_node("Add", [mm_out, node.input[2]], [out],
-                                              name=(node.name or out) + "/bias"))
+            new_nodes.append(_bias_node(mm_out, node.input[2], out, inits,
+                                        (node.name or out) + "/bias"))
     del g.node[:]
     g.node.extend(new_nodes)
+    used = {i for n in new_nodes for i in n.input} | {o.name for o in g.output}
     del g.initializer[:]
-    g.initializer.extend(inits.values())
+    g.initializer.extend(t for name, t in inits.items() if name in used)
     stale = {n.input[1] for n in new_nodes if n.op_type == "MatMul"}  # transposed now
     keep = [v for v in g.value_info if v.name not in stale]
     del g.value_info[:]
@@ -465,24 +489,60 @@ def gemm_to_matmul(model: onnx.ModelProto) -> onnx.ModelProto:
 INT_TYPES = {_TP.INT8, _TP.UINT8, _TP.INT4, _TP.UINT4, _TP.INT16, _TP.UINT16, _TP.INT32}
 
 
+INT8_KERNEL_TYPES = (_TP.INT8, _TP.UINT8)  # what ORT's integer conv kernel (QLinearConv) takes
+
+
+def _dq_type(tensor: str, producers: dict, inits: dict):
+    """The quantized element type behind ``tensor`` when a DequantizeLinear produces it (the
+    stored weight's type, or an activation's zero-point type), else None."""
+    dq = producers.get(tensor)
+    if dq is None or dq.op_type != "DequantizeLinear":
+        return None
+    src = inits.get(dq.input[0])  # a stored weight
+    if src is None and len(dq.input) > 2:
+        src = inits.get(dq.input[2])  # an activation: its zero point has the Q type
+    return None if src is None else src.data_type
+
+
+def _runs_as_qlinearconv(conv, producers: dict, consumers: dict, inits: dict) -> bool:
+    """Whether ORT's QDQ fusion makes ``conv`` an integer kernel (QLinearConv): DQs of 8-bit
+    integers on input and weight, and its output (after at most a Relu) read only by a
+    QuantizeLinear to an 8-bit integer."""
+    if _dq_type(conv.input[0], producers, inits) not in INT8_KERNEL_TYPES \
+            or _dq_type(conv.input[1], producers, inits) not in INT8_KERNEL_TYPES:
+        return False
+    readers = consumers.get(conv.output[0], [])
+    if len(readers) == 1 and readers[0].op_type == "Relu":
+        readers = consumers.get(readers[0].output[0], [])
+    zp = _zero_point(readers[0], inits) if len(readers) == 1 else None
+    return zp is not None and zp.data_type in INT8_KERNEL_TYPES
+
+
 def detach_float_bias(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Move the bias of a Conv/ConvTranspose whose weight is a non-integer DequantizeLinear
-    (FP8, FP4) into a following ``Add`` (in place).
+    """Move the bias of a Conv/ConvTranspose with a DequantizeLinear weight into a following
+    ``Add`` (in place), unless the conv runs as QLinearConv (``_runs_as_qlinearconv``).
 
     Why: onnxruntime's WeightBiasQuantization turns a QDQ conv's float bias into int32 at scale
-    s_x * s_w; FP8 scales are so small that this overflows int32 and corrupts the output. No
-    FP8 conv kernel exists in ORT, so nothing is lost. Integer-weight convs keep their bias
-    (ORT needs it there to fuse QLinearConv). Requires: the bias is an initializer.
+    s_x * s_w. Only QLinearConv needs it there (its int32 bias is the kernel's own rounding,
+    measured <= 1 output LSB); every other conv stays float with a needlessly rounded bias: FP8
+    scales are so small that the int32 overflows and corrupts the output, and at 4 bits, or
+    before an FP8 quantizer, the rounding (up to 0.5 s_x s_w per channel) shifts whole channels
+    across the next quantizer's steps (measured on the demo model with int4 layers: 4.4 output
+    LSB in a default session, 0 with the bias detached). Requires: the bias is an initializer.
     """
     g = model.graph
     inits = {t.name: t for t in g.initializer}
     producers = {o: n for n in g.node for o in n.output}
+    consumers: dict = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
     new_nodes = []
     for node in g.node:
-        dq = producers.get(node.input[1]) if node.op_type in ("Conv", "ConvTranspose") \
-            and len(node.input) > 2 and node.input[2] in inits else None
-        if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in inits \
-                or inits[dq.input[0]].data_type in INT_TYPES:
+        conv = node.op_type in ("Conv", "ConvTranspose") and len(node.input) > 2 \
+            and node.input[2] in inits
+        if not conv or _dq_type(node.input[1], producers, inits) is None \
+                or _runs_as_qlinearconv(node, producers, consumers, inits):
             new_nodes.append(node)
             continue
         bias = numpy_helper.to_array(inits[node.input[2]])
@@ -505,35 +565,167 @@ def detach_float_bias(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def protect_relu_before_float_q(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Replace ``Relu`` by ``Max(x, 0)`` where it feeds a QuantizeLinear to a float type (in place).
+def _minus_inf(g, name: str = "fliqs/minus_inf") -> str:
+    """The -inf initializer of the identity ``Max(x, -inf)`` barriers (added once)."""
+    if not any(t.name == name for t in g.initializer):
+        g.initializer.append(numpy_helper.from_array(np.array(-np.inf, np.float32), name))
+    return name
 
-    Why: onnxruntime 1.32's ReluQuantRewrite deletes a Relu in front of any QuantizeLinear whose
-    zero point is 0, assuming Q clamps negatives; a FLOAT8 QuantizeLinear does not, so vanilla
-    ORT would pass negative values through (measured: error 0.06 on outputs of 0.3).
-    ``Max`` computes the same values and is not matched by that rewrite.
+
+def _barrier_before(node, index: int, g, new_nodes: list) -> None:
+    """Feed input ``index`` of ``node`` through ``Max(x, -inf)`` (the identity; NaN stays NaN;
+    not a propagation op, and no onnxruntime rewrite removes it or looks through it)."""
+    shielded = node.input[index] + "/shield"
+    new_nodes.append(helper.make_node("Max", [node.input[index], _minus_inf(g)], [shielded],
+                                      name=shielded + "_node"))
+    node.input[index] = shielded
+
+
+def shield_float_weight(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Put ``Max(x, -inf)`` between an input DequantizeLinear and a Conv/ConvTranspose/Gemm
+    whose weight is not a DequantizeLinear (float, bf16/fp16 Cast) (in place).
+
+    Why: onnxruntime's WeightBiasQuantization sees a DQ input and a float weight initializer
+    (bf16/fp16 Cast weights become one by constant folding) and quantizes that weight to
+    per-tensor INT8 (measured: DQ(int8) -> Conv(bf16 weight) -> Q: 6 output LSB). It needs the
+    DQ as the conv's direct producer; the barrier keeps the graph's float/bf16 weight.
+    """
+    g = model.graph
+    producers = {o: n for n in g.node for o in n.output}
+    new_nodes = []
+    for node in g.node:
+        if node.op_type in ("Conv", "ConvTranspose", "Gemm") and len(node.input) > 1 \
+                and getattr(producers.get(node.input[0]), "op_type", "") == "DequantizeLinear" \
+                and getattr(producers.get(node.input[1]), "op_type", "") != "DequantizeLinear":
+            _barrier_before(node, 0, g, new_nodes)
+        new_nodes.append(node)
+    del g.node[:]
+    g.node.extend(new_nodes)
+    return model
+
+
+# Ops across which onnxruntime's QDQPropagationTransformer moves a QuantizeLinear backwards
+# (1.32, qdq_propagation.cc ``CanNodePropagate``), each step only over an edge that is the
+# producer's single use and not a graph output.
+QDQ_PROPAGATION_OPS = ("MaxPool", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Slice")
+# ReluQuantRewrite (relu_quantizelinear.cc) checks the zero point only for these Q types (it
+# keeps the Relu unless zp == the type's minimum, which is correct); for every other type
+# (INT4, UINT4, INT16, FLOAT8...) it drops a Relu in front of any scalar-zero-point Q.
+RELU_Q_CHECKED_TYPES = (_TP.INT8, _TP.UINT8)
+# The lowest code of each integer Q type: a Q clamps negatives to 0 only when zp is this value.
+INT_QMIN = {_TP.INT4: -8, _TP.UINT4: 0, _TP.INT8: -128, _TP.UINT8: 0, _TP.INT16: -2 ** 15,
+            _TP.UINT16: 0}
+FOUR_BIT_TYPES = (_TP.INT4, _TP.UINT4)
+
+
+class _Uses:
+    """Producers and use counts of a graph's tensors."""
+
+    def __init__(self, g):
+        self.producer = {o: n for n in g.node for o in n.output}
+        self.count: dict = {}
+        for n in g.node:
+            for i in n.input:
+                self.count[i] = self.count.get(i, 0) + 1
+        self.outputs = {o.name for o in g.output}
+
+
+def _propagation_path(q, uses: _Uses) -> tuple:
+    """Where ORT's QDQ propagation moves QuantizeLinear ``q``: ``(crossed, source)``, the
+    ``QDQ_PROPAGATION_OPS`` nodes it is moved across (nearest first) and the node it then
+    directly follows (None: a graph input or initializer)."""
+    crossed, tensor = [], q.input[0]
+    while True:
+        src = uses.producer.get(tensor)
+        if src is None or src.op_type not in QDQ_PROPAGATION_OPS or uses.count[tensor] != 1 \
+                or tensor in uses.outputs:
+            return crossed, src
+        crossed.append(src)
+        tensor = src.input[0]
+
+
+def _zero_point(q, inits: dict):
+    """The scalar zero-point initializer of QuantizeLinear ``q``, else None."""
+    zp = inits.get(q.input[2]) if q.op_type == "QuantizeLinear" and len(q.input) > 2 else None
+    return zp if zp is not None and np.asarray(numpy_helper.to_array(zp)).size == 1 else None
+
+
+def _relu_drop_breaks(zp) -> bool:
+    """Whether ReluQuantRewrite would drop a Relu in front of a Q with zero point ``zp`` although
+    that Q does not map negatives to 0 (a float type, or an integer type with zp above its
+    minimum)."""
+    if zp.data_type in RELU_Q_CHECKED_TYPES:
+        return False  # ORT keeps the Relu, or drops it only where that is exact
+    qmin = INT_QMIN.get(zp.data_type)
+    return qmin is None or int(np.asarray(numpy_helper.to_array(zp), np.int64)) != qmin
+
+
+def protect_relu_before_unclamped_q(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Replace ``Relu`` by ``Max(x, 0)`` where onnxruntime would wrongly delete it (in place).
+
+    Why: ReluQuantRewrite deletes a Relu directly in front of a QuantizeLinear, assuming Q
+    clamps negatives; a FLOAT8 Q (or INT4, or UINT4 with a non-zero zero point) does not, so a
+    default session passes negative values through. QDQPropagationTransformer first moves the
+    Q back across MaxPool/Reshape/..., so ``Relu -> MaxPool -> Q(fp8)`` is hit too (measured on
+    a digits CNN, int8/int4/fp8/bf16 with the fp8 conv after a MaxPool: 15 output LSB, 3.3 %
+    of the logits, all from that conv's negative inputs). ``Max`` computes the same values and
+    no rewrite matches it; Relus before clamping Qs (uint8 zp 0, the common case) stay Relus.
     """
     g = model.graph
     inits = {t.name: t for t in g.initializer}
-    consumers: dict = {}
-    for n in g.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
-    zero = None
-    for node in g.node:
-        if node.op_type != "Relu":
-            continue
-        float_q = any(c.op_type == "QuantizeLinear" and len(c.input) > 2 and c.input[2] in inits
-                      and inits[c.input[2]].data_type not in INT_TYPES
-                      for c in consumers.get(node.output[0], []))
-        if not float_q:
-            continue
-        if zero is None:
-            zero = "fliqs/relu_zero"
-            g.initializer.append(numpy_helper.from_array(np.zeros((), np.float32), zero))
-        node.op_type = "Max"
-        node.input.append(zero)
+    uses = _Uses(g)
+    relus = []
+    for q in g.node:
+        zp = _zero_point(q, inits)
+        src = _propagation_path(q, uses)[1] if zp is not None else None
+        if src is not None and src.op_type == "Relu" and _relu_drop_breaks(zp):
+            relus.append(src)
+    if relus:
+        zero = "fliqs/relu_zero"
+        g.initializer.append(numpy_helper.from_array(np.zeros((), np.float32), zero))
+        for relu in relus:
+            relu.op_type = "Max"
+            relu.input.append(zero)
     return model
+
+
+def _four_bit_q_breaks_session(crossed: list, src) -> bool:
+    """Whether a 4-bit Q moved across ``crossed`` to follow ``src`` makes ORT 1.32 refuse to
+    build the session: across a MaxPool the QDQ selectors leave MaxPool reading tensor(int4)
+    (no kernel: INVALID_GRAPH); after a Clip, ClipQuantFusion aborts on the 4-bit zero point
+    ("Unexpected data type for QuantizeLinear input y_zero_point"). Measured: Reshape,
+    Transpose, Unsqueeze, Slice are fine."""
+    return any(n.op_type == "MaxPool" for n in crossed) or (src is not None
+                                                             and src.op_type == "Clip")
+
+
+def shield_four_bit_q(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Put ``Max(x, -inf)`` in front of each 4-bit QuantizeLinear whose propagation would make
+    a default onnxruntime session fail to build (``_four_bit_q_breaks_session``; in place).
+
+    Why: behind the barrier (``_barrier_before``) the Q stays where it is and MaxPool/Clip run
+    in float (measured: the session builds and equals ORT_DISABLE_ALL). Requires: Q zero
+    points are initializers.
+    """
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    uses = _Uses(g)
+    new_nodes = []
+    for node in g.node:
+        zp = _zero_point(node, inits)
+        if zp is not None and zp.data_type in FOUR_BIT_TYPES \
+                and _four_bit_q_breaks_session(*_propagation_path(node, uses)):
+            _barrier_before(node, 0, g, new_nodes)
+        new_nodes.append(node)
+    del g.node[:]
+    g.node.extend(new_nodes)
+    return model
+
+
+# Step 3, in order (each numerically neutral, each a docstring on why): the shield goes before
+# the Relu protection, so a Relu it already cut off from QDQ propagation stays a Relu.
+ORT_FORM_FIXES = (gemm_to_matmul, detach_float_bias, shield_float_weight, shield_four_bit_q,
+                  protect_relu_before_unclamped_q)
 
 
 def _set_opset(model: onnx.ModelProto, opset: int) -> None:
@@ -580,7 +772,8 @@ def export_qdq(graph, path, opset: Optional[int] = None, native_fp4: bool = True
     finally:
         quiet.setLevel(level)
     model = lower_fake_quant(prog.model_proto, native_fp4=native_fp4)
-    model = protect_relu_before_float_q(detach_float_bias(gemm_to_matmul(model)))
+    for fix in ORT_FORM_FIXES:
+        model = fix(model)
     _set_opset(model, opset)
     onnx.checker.check_model(model, full_check=True)
     return save_atomic(model, Path(path))

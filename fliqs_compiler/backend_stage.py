@@ -9,21 +9,42 @@ from pathlib import Path
 from .backends.targets import default_threads as threads  # one rule for the thread count
 
 NUMERIC_SAMPLES = 4
+# The numerics checks also run every input batch scaled by this factor: activations then leave
+# the calibrated range and saturate at the quantizers' clip values, where rewrites that assume
+# in-range values (a dropped Relu, a removed Q/DQ pair) show most.
+OUT_OF_RANGE_SCALE = 3.0
 
 
-def numeric_inputs(graph, dataset, k: int = NUMERIC_SAMPLES) -> list:
-    """``k`` input lists shaped exactly like the model's inputs (held-out samples when possible)."""
+class NumericInputs(list):
+    """Input lists for the numerics checks (each shaped like the model's inputs), with a
+    ``description`` of what they are for the report (``numerics.numerics_inputs``)."""
+
+    def __init__(self, items, description: str):
+        super().__init__(items)
+        self.description = description
+
+
+def numeric_inputs(graph, dataset, k: int = NUMERIC_SAMPLES) -> NumericInputs:
+    """``k`` input lists shaped exactly like the model's inputs (held-out samples when possible,
+    else seeded random inputs), then the same ``k`` scaled by ``OUT_OF_RANGE_SCALE``."""
     import numpy as np
     spec = graph.inputs[0]
     b = int(spec.shape[0])
     xs = dataset.x_val if dataset is not None else None
-    out = []
+    out, held_out = [], 0
     for i in range(k):
         if xs is not None and len(xs) >= (i + 1) * b:
             out.append([xs[i * b:(i + 1) * b].numpy().astype(np.float32)])
+            held_out += 1
         else:
             out.append([t.numpy() for t in graph.example_inputs(seed=i)])
-    return out
+    scaled = [[(a * np.float32(OUT_OF_RANGE_SCALE)).astype(a.dtype) if a.dtype.kind == "f" else a
+               for a in x] for x in out]
+    what = [f"{held_out * b} held-out samples" if held_out else "",
+            f"{(k - held_out) * b} seeded random inputs" if held_out < k else ""]
+    n = k * b
+    desc = f"{' + '.join(w for w in what if w)} + the same {n} scaled x{OUT_OF_RANGE_SCALE:g}"
+    return NumericInputs(out + scaled, desc)
 
 
 def _torch_outputs(graph, inputs: list) -> list:
@@ -115,23 +136,39 @@ def _run_ort(fixed, target, stage: Path, onnx_path: Path, runnable: bool, inputs
 _TARGET_STAGES = {"tvm": _run_tvm, "ort": _run_ort}
 
 
+def _ort_numerics(fixed, onnx_path: Path, runnable: bool, inputs: list, facts: dict,
+                  notes: list) -> None:
+    """The QDQ artifact's numerics: a default onnxruntime session (what users run; raises
+    CheckFailed beyond ``ort_backend.DEFAULT_TOLERANCE_LSB``) beside our exact session, or
+    onnx.reference where onnxruntime cannot load the model."""
+    from .backends.ort_backend import check_numerics, compare
+    facts["numerics_inputs"] = getattr(inputs, "description", f"{len(inputs)} input batches")
+    if not runnable:
+        notes.append("onnxruntime cannot load model.qdq.onnx (ort_backend.ort_can_run is false: "
+                     "e.g. FLOAT4E2M1 Q/DQ, or a 4-bit activation its full graph optimizations "
+                     "reject); numerics were checked with onnx.reference, no onnxruntime latency")
+        facts["ort_err"] = max(float(compare(fixed, onnx_path, x, engine="reference",
+                                             threads=threads())) for x in inputs)
+        return
+    n = check_numerics(fixed, onnx_path, inputs, threads=threads())
+    facts.update(ort_err=n["default_err"], ort_exact_err=n["exact_err"],
+                 ort_default_lsb=n["default_lsb"])
+
+
 def backend_stage(fixed, target, stage: Path, inputs: list, stages, notes: list) -> dict:
-    """QDQ export + onnxruntime numerics, then the target's stages (``_TARGET_STAGES``: TVM
-    lowering + numerics + latency, or onnxruntime latency). Requires a materialized graph; writes
-    only into ``stage``. Returns ``{"ort_err", "tvm_err", "latency_ms", "executed"}``."""
+    """QDQ export + onnxruntime numerics (a default session, as users run the artifact), then
+    the target's stages (``_TARGET_STAGES``: TVM lowering + numerics + latency, or onnxruntime
+    latency). Requires a materialized graph; writes only into ``stage``. Returns ``{"ort_err",
+    "ort_exact_err", "ort_default_lsb", "numerics_inputs", "tvm_err", "latency_ms",
+    "executed"}``; raises CheckFailed when the default session disagrees with the graph."""
     from .backends.onnx_export import export_qdq
-    from .backends.ort_backend import compare, ort_can_run
-    facts = {"ort_err": None, "tvm_err": None, "latency_ms": None, "executed": {}}
+    from .backends.ort_backend import ort_can_run
+    facts = {"ort_err": None, "ort_exact_err": None, "ort_default_lsb": None,
+             "numerics_inputs": None, "tvm_err": None, "latency_ms": None, "executed": {}}
     _quiet_exporter_logs()
-    with stages("export", "QDQ ONNX + onnxruntime check"):
+    with stages("export", "QDQ ONNX + default onnxruntime session check"):
         onnx_path = export_qdq(fixed, stage / "model.qdq.onnx")
         runnable = ort_can_run(onnx_path)
-        engine = "ort" if runnable else "reference"
-        if not runnable:
-            notes.append("onnxruntime cannot load model.qdq.onnx (ort_backend.ort_can_run is false: "
-                         "e.g. FLOAT4E2M1 Q/DQ, or a 4-bit activation its full graph optimizations "
-                         "reject); numerics were checked with onnx.reference, no onnxruntime latency")
-        facts["ort_err"] = max(float(compare(fixed, onnx_path, x, engine=engine, threads=threads()))
-                               for x in inputs)
+        _ort_numerics(fixed, onnx_path, runnable, inputs, facts, notes)
     _TARGET_STAGES[target.kind](fixed, target, stage, onnx_path, runnable, inputs, stages, facts)
     return facts

@@ -107,7 +107,10 @@ def test_report_contract_and_consistency(run):
         assert la["format_w"] in report["formats"] and la["format_a"] in report["formats"]
         assert la["bops"] == la["macs"] * F.get(la["format_w"]).bits * F.get(la["format_a"]).bits
         assert la["latency_ms"] is None or la["latency_ms"] > 0
-    assert report["numerics"]["onnxruntime_max_abs_err"] < 1e-2  # QDQ ONNX == quantized torch graph
+    # QDQ ONNX == quantized torch graph: exactly in our exact session, within the stated LSB
+    # tolerance in the default session users run
+    assert report["numerics"]["onnxruntime_exact_max_abs_err"] < 1e-2
+    assert report["numerics"]["onnxruntime_default_lsb"] <= 2.0
     assert report["numerics"]["tvm_max_abs_err"] is None
     assert report["totals"]["latency_ms"] > 0
     assert report["environment"]["threads"] == 2

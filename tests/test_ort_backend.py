@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 
 from fliqs_compiler.backends.onnx_export import export_qdq
-from fliqs_compiler.backends.ort_backend import (compare, make_session, ort_can_run, run_onnx,
-                                                 time_onnx)
-from fliqs_compiler.errors import FliqsError
+from fliqs_compiler.backends.ort_backend import (check_numerics, compare, default_session,
+                                                 make_session, ort_can_run, output_steps,
+                                                 run_onnx, time_onnx)
+from fliqs_compiler.errors import CheckFailed, FliqsError
 from test_onnx_export import assert_within_lsb, lsb, make_graph
 
 torch.set_num_threads(2)
@@ -32,6 +34,44 @@ def test_onnxruntime_matches_torch_within_one_lsb(fmt, tmp_path):
     assert compare(graph, path, [x]) <= float(np.max(lsb(ref, q_out)))
     # the output really is quantized: every value is on the output quantizer's grid
     np.testing.assert_array_equal(q_out(torch.from_numpy(got)).numpy(), got)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_default_session_matches_torch_within_one_lsb(fmt, tmp_path):
+    """What users run, ``onnxruntime.InferenceSession(path)`` with every default rewrite, is
+    within one step of the output quantizer for every format, also on inputs x3 beyond the
+    calibration range; ``check_numerics`` measures the same in LSBs."""
+    graph, x, q_out = make_graph(fmt)
+    path = export_qdq(graph, tmp_path / f"{fmt}.onnx")
+    sess = default_session(path)
+    assert sess.get_session_options().graph_optimization_level == \
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL  # the library default, nothing changed
+    for xs in (x, 3.0 * x):
+        ref = graph(xs).detach().numpy()
+        assert_within_lsb(ref, sess.run(None, {"images": xs.numpy()})[0], q_out)
+    n = check_numerics(graph, path, [[x.numpy()], [3.0 * x.numpy()]])
+    assert n["default_lsb"] <= 1.0 + 1e-6 and n["exact_err"] <= n["default_err"] + 1e-6
+
+
+def test_output_steps_are_the_output_quantizers_step():
+    graph, x, q_out = make_graph("fp8_e4m3")
+    ref = graph(x).detach().numpy()
+    assert output_steps(graph, [[x]]) == [float(lsb(np.abs(ref).max(), q_out))]
+    graph, x, q_out = make_graph("int8")
+    assert output_steps(graph, [[x], [3 * x]]) == [float(q_out.scale.reshape(-1)[0])]
+
+
+def test_check_numerics_fails_one_line_on_a_wrong_artifact(tmp_path):
+    graph, x, _ = make_graph("int8")
+    model = onnx.load(export_qdq(graph, tmp_path / "ok.onnx"))
+    bias = next(t for t in model.graph.initializer
+                if "bias" in t.name and t.data_type == onnx.TensorProto.FLOAT)
+    arr = onnx.numpy_helper.to_array(bias) + 1.0
+    bias.CopyFrom(onnx.numpy_helper.from_array(arr.astype(np.float32), bias.name))
+    onnx.save(model, tmp_path / "wrong.onnx")
+    with pytest.raises(CheckFailed, match="output LSBs") as e:
+        check_numerics(graph, tmp_path / "wrong.onnx", [[x]])
+    assert "\n" not in str(e.value) and e.value.exit_code == 1
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +115,8 @@ def test_compare_reports_a_real_difference(int8_model, tmp_path):
     """compare is not vacuous: perturbing a weight in the ONNX file shows up as an error."""
     graph, x, path, q_out = int8_model
     model = onnx.load(path)
-    bias = next(t for t in model.graph.initializer if t.name.endswith("bias") and len(t.dims) == 1)
+    bias = next(t for t in model.graph.initializer
+                if "bias" in t.name and t.data_type == onnx.TensorProto.FLOAT)
     arr = onnx.numpy_helper.to_array(bias) + 5.0
     bias.CopyFrom(onnx.numpy_helper.from_array(arr.astype(np.float32), bias.name))
     onnx.save(model, tmp_path / "perturbed.onnx")
