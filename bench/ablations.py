@@ -1,12 +1,14 @@
-"""FLIQS ablations: entropy schedule (cosine / constant / none), warmup (0 vs 25 %), tied vs untied
-weight/activation decisions. Same float model, data, budget, steps and seeds for every variant.
+"""FLIQS ablations on Fashion-MNIST: what each part of the search recipe does.
 
-Reported per variant (mean over ``--seeds``): final test accuracy of the argmax configuration
-(no retraining), its cost relative to the budget, the final policy's mean max-probability
-(how decided it is), and seconds. Default: TinyCNN on sklearn digits (fast); ``--data
-fashion-mnist`` uses a width-8 ResNet-8. Writes ``bench/results/ablations.json``. 2 threads.
+Every variant starts from the same float ResNet-8 (``bench/quality.py``'s, cached), the same
+data, budget, steps and seeds, and changes ONE thing from the default recipe (``SearchOptions()``
+as shipped); ``tunas 2023`` is the recipe before the rework (uniform 25 % warmup, no final
+stretch, raw advantage, no distillation — the scale fixes stay, they are not optional).
+Reported per variant (mean ± std over ``--seeds``): test accuracy of the returned configuration
+with the one-shot weights (no retraining), its cost / budget, how decided the policy is
+(mean max-probability), and seconds. Writes ``bench/results/ablations.json``. 2 threads.
 
-    python bench/ablations.py [--steps 200] [--seeds 3] [--budget bops=0.3x]
+    python bench/ablations.py [--steps 300] [--seeds 2] [--budget bops=0.14x] [--variants a,b]
 """
 from __future__ import annotations
 
@@ -14,70 +16,80 @@ import argparse
 import json
 import os
 import statistics
+import sys
 from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 import torch  # noqa: E402
 
-from fliqs_compiler.data import load_data  # noqa: E402
-from fliqs_compiler.graph import InputSpec  # noqa: E402
-from fliqs_compiler.search import ControllerOptions, SearchOptions, TrainOptions, run_search  # noqa: E402
-from fliqs_compiler.search.toy import ResNet8, TinyCNN, fuse_bn, make_searchable, train_float  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quality import SPACES, bench_options, float_model, load_fmnist  # noqa: E402
 
-FORMATS = ["int2", "int4", "int8", "fp4_e2m1", "fp8_e4m3"]
-VARIANTS = {  # name -> (controller option overrides, tied)
-    "cosine (default)": ({}, True),
-    "constant entropy": ({"entropy_schedule": "constant"}, True),
-    "no entropy term": ({"entropy_schedule": "none"}, True),
-    "warmup 0": ({"warmup": 0.0}, True),
-    "untied w/a": ({}, False),
+from fliqs_compiler.search import run_search  # noqa: E402
+from fliqs_compiler.search.toy import make_searchable  # noqa: E402
+
+# name -> (SearchOptions overrides, TrainOptions overrides, ControllerOptions overrides)
+VARIANTS = {
+    "default": ({}, {}, {}),
+    "no distillation": ({}, {"distill": 0.0}, {}),
+    "uniform warmup": ({"warmup_sampling": "uniform"}, {}, {}),
+    "no final stretch": ({}, {}, {"freeze": 1.0}),
+    "raw advantage": ({}, {}, {"advantage": "raw"}),
+    "4 reward samples": ({"reward_samples": 4}, {}, {}),
+    "gamma 1.0": ({"gamma": 1.0}, {}, {}),
+    "tunas 2023": ({"warmup_sampling": "uniform"}, {"distill": 0.0},
+                   {"freeze": 1.0, "advantage": "raw", "warmup": 0.25, "entropy_max": 0.1}),
 }
+
+
+def variant_options(base, name: str, seed: int):
+    s, t, c = VARIANTS[name]
+    return replace(base, seed=seed, train=replace(base.train, **t),
+                   controller=replace(base.controller, **c), **s)
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default="digits", choices=["digits", "fashion-mnist"])
-    ap.add_argument("--steps", type=int, default=200)
-    ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--budget", default="bops=0.3x")
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--seeds", type=int, default=2)
+    ap.add_argument("--space", default="int", choices=list(SPACES))
+    ap.add_argument("--budget", default="bops=0.14x")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "ablations.json"))
     a = ap.parse_args(argv)
     torch.set_num_threads(2)
-    if a.data == "digits":
-        data = load_data("digits", InputSpec("x", (1, 1, 8, 8)))
-        model = train_float(TinyCNN(), data.x_train, data.y_train, 300, seed=0)
-    else:
-        data = load_data("fashion-mnist", InputSpec("x", (1, 1, 28, 28)), mean=0.2860, std=0.3530, limit=12000)
-        model = fuse_bn(train_float(ResNet8(width=8), data.x_train, data.y_train, 300, seed=0))
-    base = SearchOptions(steps=a.steps, gamma=1.0, reward_batch_size=128, checkpoint_every=10 ** 9,
-                         train=TrainOptions(batch_size=64, lr=5e-4),
-                         controller=ControllerOptions(lr=0.05, entropy_max=0.1))
-    rows = {}
-    for name, (over, tied) in VARIANTS.items():
+    data = load_fmnist(seed=0)
+    model = float_model(data, 10, 128, 0, 16)
+    base = bench_options(a.steps)
+    out = Path(a.out)
+    done = json.loads(out.read_text()).get("variants", {}) if out.exists() else {}
+    rows = {k: v for k, v in done.items() if v.get("steps") == a.steps and v.get("budget") == a.budget}
+    for name in a.variants.split(","):
+        if name in rows and len(rows[name]["seeds"]) >= a.seeds:
+            continue  # resumable: finished variants are kept
         per_seed = []
         for seed in range(a.seeds):
-            g = make_searchable(model, data.x_train[:1], FORMATS, tied=tied, name="ablation")
-            opts = replace(base, seed=seed, controller=replace(base.controller, **over))
-            r = run_search(g, data, a.budget, opts, progress=False)
-            per_seed.append({"accuracy": r.quality["final"], "cost_ratio": r.cost / r.budget_target,
+            g = make_searchable(model, data.x_train[:1], SPACES[a.space], name="ablation")
+            r = run_search(g, data, a.budget, variant_options(base, name, seed), progress=False)
+            per_seed.append({"seed": seed, "accuracy": r.quality["final"], "cost_ratio": r.cost / r.budget_target,
                              "decided": statistics.fmean(max(p) for p in r.probabilities),
-                             "seconds": r.seconds, "formats": r.formats})
-        rows[name] = {"accuracy": statistics.fmean(s["accuracy"] for s in per_seed),
-                      "accuracy_sd": statistics.pstdev(s["accuracy"] for s in per_seed),
+                             "seconds": r.seconds, "formats": r.formats, "schedule": r.schedule})
+        acc = [s["accuracy"] for s in per_seed]
+        rows[name] = {"accuracy": statistics.fmean(acc), "accuracy_sd": statistics.pstdev(acc),
                       "cost_ratio": statistics.fmean(s["cost_ratio"] for s in per_seed),
                       "decided": statistics.fmean(s["decided"] for s in per_seed),
-                      "seconds": statistics.fmean(s["seconds"] for s in per_seed), "seeds": per_seed}
+                      "seconds": statistics.fmean(s["seconds"] for s in per_seed), "steps": a.steps,
+                      "budget": a.budget, "space": a.space, "seeds": per_seed}
         r = rows[name]
         print(f"{name:18s} acc {r['accuracy'] * 100:6.2f} ± {r['accuracy_sd'] * 100:4.2f} %  "
-              f"cost/budget {r['cost_ratio']:.2f}  policy max-p {r['decided']:.2f}  {r['seconds']:.0f} s",
+              f"cost/budget {r['cost_ratio']:.3f}  policy max-p {r['decided']:.2f}  {r['seconds']:.0f} s",
               flush=True)
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps({"data": a.data, "steps": a.steps, "seeds": a.seeds, "budget": a.budget,
-                               "formats": FORMATS, "threads": 2, "variants": rows}, indent=1))
-    os.replace(tmp, out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps({"data": "fashion-mnist", "model": "ResNet-8 w16", "threads": 2,
+                                   "variants": rows}, indent=1))
+        os.replace(tmp, out)
 
 
 if __name__ == "__main__":

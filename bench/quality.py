@@ -1,17 +1,26 @@
-"""Quality benchmark on Fashion-MNIST: FLIQS vs baselines at equal BOPs, INT / FP / mixed spaces.
+"""Quality benchmark on Fashion-MNIST: FLIQS vs baselines at equal BOPs, under one fair protocol.
 
-1. Train a float ResNet-8 (BatchNorm, Adam, cosine LR; cached under ~/.cache/fliqs) and fold BN.
-2. For each space (int: int2/3/4/8, fp: fp4_e2m1/fp6_e3m2/fp8_e4m3, mixed: both) and each BOPs
-   budget (fractions of the all-INT8 BOPs): FLIQS one-shot search (no retraining) and the
-   baselines in the same harness (random search, sensitivity+ILP; DNAS with --dnas), each with
-   the same number of steps; uniform QAT per format once per space (no budget).
-3. Accuracy on the official test split; writes ``bench/results/quality.json``
-   (``{"float_accuracy", "runs": [{method, space, formats, budget_bops, bops, accuracy, steps,
-   seconds}]}``), ``quality_details.json`` (chosen per-layer formats, notes) and ``quality.png``
-   (accuracy vs BOPs per space).
+Protocol (every method, every row):
+- one float ResNet-8 (BatchNorm, Adam, 10 epochs; cached under ~/.cache/fliqs), BN folded,
+  exported to ONNX and brought in through the real pipeline (``fq.load`` + ``passes.prepare``,
+  every conv/linear searched, first and last included);
+- the same data, the same ``TrainOptions`` (optimizer, LR, MSE scale initialisation, log-scale
+  learning, distillation from the float model) and the same number of weight-update steps:
+  ILP's sensitivity passes and random search's trials are charged against it;
+- every returned configuration meets its budget (FLIQS and DNAS project their argmax; random
+  samples near the budget; a uniform format counts only if it fits within 2 %); each row
+  reports the BOPs it really uses;
+- every accuracy is measured on the 10k test images from the exported ``model.qdq.onnx`` in a
+  DEFAULT ``onnxruntime.InferenceSession`` (FP4 Q/DQ, which ORT cannot run, from the torch graph,
+  marked ``evaluated_by``);
+- two numbers for FLIQS: the one-shot weights as they come out (``fliqs``, no retraining) and
+  its configuration retrained with the same N-step QAT as the baselines (``fliqs-config``).
+Seeds (``--seeds``), step counts (``--steps 300,900``), budgets per space. ``quality.json`` keeps
+one row per (space, budget, method, seed, steps) — ``bops``, ``accuracy``, ``steps``, ``seconds`` —
+and the run resumes from it (finished rows are skipped). ``quality.png``: accuracy vs BOPs.
 
-    python bench/quality.py --quick            # reduced run (width 8; ~20 min on a shared 2-core box)
-    python bench/quality.py --epochs 10 --steps 600 --budgets 0.3,0.45,0.6 --dnas
+    python bench/quality.py --quick                       # small smoke run
+    python bench/quality.py --seeds 3 --steps 300,900 --spaces int,fp,mixed
 Requires ``apt-get install -y dataset-fashion-mnist``. 2 threads.
 """
 from __future__ import annotations
@@ -20,26 +29,33 @@ import argparse
 import dataclasses
 import json
 import os
+import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from fliqs_compiler.budget import parse_budget, resolve_budget  # noqa: E402
+from fliqs_compiler.cost import config_cost  # noqa: E402
 from fliqs_compiler.data import load_data  # noqa: E402
 from fliqs_compiler.errors import FliqsError  # noqa: E402
 from fliqs_compiler.graph import InputSpec  # noqa: E402
-from fliqs_compiler.search import ControllerOptions, SearchOptions, TrainOptions, run_search  # noqa: E402
+from fliqs_compiler.search import SearchOptions, run_search  # noqa: E402
+from fliqs_compiler.search.oneshot import recipe_train  # noqa: E402
 from fliqs_compiler.search import baselines as B  # noqa: E402
-from fliqs_compiler.search.toy import ResNet8, evaluate_float, fuse_bn, make_searchable, train_float  # noqa: E402
+from fliqs_compiler.search.toy import ResNet8, evaluate_float, fuse_bn, train_float  # noqa: E402
 
 SPACES = {
     "int": ["int2", "int3", "int4", "int8"],
     "fp": ["fp4_e2m1", "fp6_e3m2", "fp8_e4m3"],
     "mixed": ["int2", "int3", "int4", "int8", "fp4_e2m1", "fp6_e3m2", "fp8_e4m3"],
 }
+BUDGETS = {"int": [0.14, 0.25, 0.45], "fp": [0.25, 0.35, 0.45], "mixed": [0.14, 0.25, 0.45]}
+TOLERANCE = 0.02  # a configuration "meets" a budget T when its cost is at most T·(1 + 2 %)
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -47,6 +63,17 @@ def _atomic_json(path: Path, obj) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=1))
     os.replace(tmp, path)
+
+
+def load_fmnist(seed: int = 0, limit=None):
+    return load_data("fashion-mnist", InputSpec("x", (1, 1, 28, 28)), holdout=0.1, seed=seed,
+                     mean=0.2860, std=0.3530, limit=limit)
+
+
+def bench_options(steps: int, seed: int = 0) -> SearchOptions:
+    """The one training/search setting every method shares (the package defaults, batch 128)."""
+    return SearchOptions(steps=steps, seed=seed, reward_batch_size=256, checkpoint_every=10 ** 9,
+                         train=dataclasses.replace(recipe_train(), batch_size=128, lr=2e-4))
 
 
 def float_model(data, epochs: float, batch: int, seed: int, width: int = 16):
@@ -66,125 +93,204 @@ def float_model(data, epochs: float, batch: int, seed: int, width: int = 16):
     return fuse_bn(model.eval())
 
 
-def pareto_png(runs, float_acc, path: Path) -> None:
+def pareto_png(rows, float_acc, path: Path) -> None:
+    """Accuracy vs BOPs per space at the longest schedule; mean over seeds per point."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    marks = {"fliqs": "o", "uniform": "s", "random": "^", "ilp": "D", "dnas": "v"}
-    colours = dict(zip(marks, ["C0", "C1", "C2", "C3", "C4"]))
-    present = [s for s in SPACES if any(r["space"] == s for r in runs)]
+    marks = {"fliqs": "o", "fliqs-config": "P", "uniform": "s", "random": "^", "ilp": "D", "dnas": "v"}
+    present = [s for s in SPACES if any(r["space"] == s for r in rows)]
+    if not present:
+        return
     fig, axes = plt.subplots(1, len(present), figsize=(5 * len(present), 4), sharey=True, squeeze=False)
-    axes = axes[0]
-    for ax, space in zip(axes, present):
-        for method, mk in marks.items():
-            pts = sorted((r["bops"] / 1e6, r["accuracy"] * 100) for r in runs if r["method"] == method
-                         and (r["space"] == space or (method == "uniform" and space == "mixed")))
+    for ax, space in zip(axes[0], present):
+        steps = max(r["steps"] for r in rows if r["space"] == space)
+        for i, (method, mk) in enumerate(marks.items()):
+            groups: dict = {}
+            for r in rows:
+                m = "uniform" if r["method"].startswith("uniform-") else r["method"]
+                if m == method and r["space"] == space and r["steps"] == steps:
+                    groups.setdefault((r["budget"], r["method"]), []).append(r)
+            pts = sorted((statistics.fmean(r["bops"] for r in g) / 1e6,
+                          statistics.fmean(r["accuracy"] for r in g) * 100) for g in groups.values())
             if pts:
-                ax.plot(*zip(*pts), marker=mk, color=colours[method], label=method,
+                ax.plot(*zip(*pts), marker=mk, color=f"C{i}", label=method,
                         linestyle="-" if method == "fliqs" else "")
         ax.axhline(float_acc * 100, color="grey", linestyle=":", label="float")
-        ax.set_title(f"{space} space")
+        ax.set_title(f"{space} space, {steps} steps")
         ax.set_xlabel("MBOPs (searched layers, batch 1)")
         ax.set_xscale("log")
-    axes[0].set_ylabel("test accuracy (%)")
-    axes[0].legend(fontsize=8)
+    axes[0][0].set_ylabel("test accuracy (%), mean over seeds")
+    axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     tmp = path.with_name(path.name + ".tmp.png")
     fig.savefig(tmp, dpi=110)
     os.replace(tmp, path)
 
 
+def searchable(model, fmts, name: str, cache: Path):
+    """The float model through the real front door: ONNX export, ``fq.load``, ``prepare``."""
+    import fliqs_compiler as fq
+    from fliqs_compiler.passes import PrepareOptions, prepare
+    path = cache / "resnet8_float.onnx"
+    if not path.exists():
+        torch.onnx.export(model, (torch.zeros(1, 1, 28, 28),), str(path), input_names=["x"],
+                          output_names=["logits"], dynamic_axes={"x": {0: "batch"}}, dynamo=False)
+    g = fq.load(str(path), input_shapes={"x": (1, 1, 28, 28)})
+    g = prepare(g, PrepareOptions(formats=list(fmts), keep_float_first=False, keep_float_last=False))
+    g.name = name
+    return g
+
+
+def onnx_accuracy(graph, formats: dict, data, work: Path) -> tuple:
+    """Test accuracy of the exported QDQ ONNX in a default onnxruntime session (torch graph
+    where ORT cannot load the model, e.g. FP4 Q/DQ) → (accuracy, evaluated_by)."""
+    import onnxruntime as ort
+    from fliqs_compiler.backends.onnx_export import export_qdq
+    from fliqs_compiler.passes import materialize
+    fixed = materialize(graph, formats)
+    path = export_qdq(fixed, work / "model.qdq.onnx")
+    x, y = data.x_test.numpy(), data.y_test.numpy()
+    try:
+        sess = ort.InferenceSession(str(path))  # default options: what a user runs
+    except Exception:  # noqa: BLE001 — ORT has no FLOAT4E2M1 kernel
+        with torch.no_grad():
+            fixed.gm.eval()
+            pred = torch.cat([fixed.gm(data.x_test[i:i + 1000]) for i in range(0, len(x), 1000)]).argmax(1)
+        return float((pred == data.y_test).float().mean()), "torch (onnxruntime cannot load it)"
+    inp = sess.get_inputs()[0]
+    b = inp.shape[0] if isinstance(inp.shape[0], int) else 1000  # a pinned batch runs sample-wise
+    pred = np.concatenate([sess.run(None, {inp.name: x[i:i + b]})[0].argmax(1) for i in range(0, len(x), b)])
+    return float((pred == y).mean()), "onnxruntime default session"
+
+
+def run_method(method, graph, data, budget, opts, work):
+    """(formats, trained graph, seconds, notes) of one method at one budget."""
+    t0 = time.perf_counter()
+    if method in ("fliqs", "fliqs-config"):
+        g = __import__("copy").deepcopy(graph)
+        res = run_search(g, data, budget, opts, progress=False)
+        if method == "fliqs":
+            return res.formats, g, time.perf_counter() - t0, {"schedule": res.schedule}
+        choice = graph.space.choice_of(res.formats)  # the configuration, retrained from float
+        r = B.fixed(graph, data, choice, opts)
+        return r.formats, r.graph, time.perf_counter() - t0, {"search_seconds": res.seconds}
+    r = B.BASELINES[method](graph, data, budget, opts)
+    return r.formats, r.graph, time.perf_counter() - t0, {"notes": r.notes}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="reduced run: width-8 ResNet-8, 1 float epoch, "
-                    "100 steps, batch 64, 1000 test images, int+fp spaces, fliqs/uniform/ilp only")
-    ap.add_argument("--width", type=int, default=None, help="ResNet-8 base width (default 16; quick 8)")
-    ap.add_argument("--epochs", type=float, default=None, help="float training epochs (default 10; quick 2)")
-    ap.add_argument("--steps", type=int, default=None, help="search/QAT steps per run (default 600; quick 80)")
-    ap.add_argument("--batch", type=int, default=None)
-    ap.add_argument("--budgets", default="0.3,0.45,0.6", help="BOPs budgets as fractions of all-INT8")
-    ap.add_argument("--spaces", default=None, help=f"comma list of {', '.join(SPACES)} (default all; quick int,fp)")
-    ap.add_argument("--methods", default=None, help="comma list of fliqs,uniform,random,ilp,dnas")
-    ap.add_argument("--dnas", action="store_true", help="also run the DNAS baseline")
-    ap.add_argument("--finetune", type=int, default=0,
-                    help="also fine-tune each FLIQS result N steps (the no-retraining goal compares them)")
+    ap.add_argument("--quick", action="store_true", help="smoke run: 1 seed, 100 steps, int space, 2000 test images")
+    ap.add_argument("--epochs", type=float, default=10)
+    ap.add_argument("--steps", default=None, help="comma list of step counts (default 300,900; quick 100)")
+    ap.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (default 3; quick 1)")
+    ap.add_argument("--spaces", default=None, help=f"comma list of {', '.join(SPACES)} (default int,fp)")
+    ap.add_argument("--budgets", default=None, help="fractions of all-INT8 BOPs (default: per space)")
+    ap.add_argument("--methods", default="fliqs,fliqs-config,uniform,ilp,random",
+                    help="comma list of fliqs,fliqs-config,uniform,ilp,random,dnas")
+    ap.add_argument("--uniform", default=None, help="uniform formats to train (default: all of the space)")
     ap.add_argument("--test-limit", type=int, default=None)
-    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--replot", action="store_true", help="only redraw quality.png from quality.json")
     a = ap.parse_args(argv)
-    if a.replot:
-        res = json.loads((Path(a.out) / "quality.json").read_text())
-        return pareto_png(res["runs"], res["float_accuracy"], Path(a.out) / "quality.png")
-    torch.set_num_threads(2)
-    epochs = a.epochs if a.epochs is not None else (1 if a.quick else 10)
-    steps = a.steps if a.steps is not None else (100 if a.quick else 600)
-    width = a.width if a.width is not None else (8 if a.quick else 16)
-    batch = a.batch if a.batch is not None else (64 if a.quick else 128)
-    methods = (a.methods.split(",") if a.methods else
-               ["fliqs", "uniform", "ilp"] + ([] if a.quick else ["random"])) + (["dnas"] if a.dnas else [])
-    test_limit = a.test_limit if a.test_limit is not None else (1000 if a.quick else None)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-
-    data = load_data("fashion-mnist", InputSpec("x", (1, 1, 28, 28)), holdout=0.1, seed=a.seed,
-                     mean=0.2860, std=0.3530)
-    model = float_model(data, epochs, 128, a.seed, width)
-    if test_limit:
-        data.x_test, data.y_test = data.x_test[:test_limit], data.y_test[:test_limit]
+    state_path = out / "quality.json"
+    state = json.loads(state_path.read_text()) if state_path.exists() else {}
+    rows = [r for r in state.get("rows", []) if "seed" in r]
+    if a.replot:
+        return pareto_png(rows, state["float_accuracy"], out / "quality.png")
+    torch.set_num_threads(2)
+    steps_list = [int(s) for s in (a.steps or ("100" if a.quick else "300,900")).split(",")]
+    seeds = range(a.seeds if a.seeds is not None else (1 if a.quick else 3))
+    spaces = (a.spaces or "int" if a.quick else a.spaces or "int,fp").split(",")
+    methods = a.methods.split(",")
+    data = load_fmnist(0)
+    model = float_model(data, a.epochs, 128, 0, 16)
+    limit = a.test_limit or (2000 if a.quick else None)
+    if limit:
+        data.x_test, data.y_test = data.x_test[:limit], data.y_test[:limit]
     float_acc = evaluate_float(model, data.x_test, data.y_test)
-    print(f"float ResNet-8 width {width} (BN folded): test accuracy {float_acc * 100:.2f} % "
-          f"({len(data.x_test)} test images; {epochs} epochs)", flush=True)
-    opts = SearchOptions(steps=steps, seed=a.seed, gamma=1.0, reward_batch_size=128, checkpoint_every=10 ** 9,
-                         train=TrainOptions(batch_size=batch, lr=2e-4),
-                         controller=ControllerOptions(lr=0.1, entropy_max=0.1))
-    runs, details = [], []
+    print(f"float ResNet-8 (BN folded): {float_acc * 100:.2f} % on {len(data.x_test)} test images", flush=True)
+    work = Path(tempfile.mkdtemp(prefix="fliqs-quality-"))
+    done = {(r["space"], r["budget"], r["method"], r["seed"], r["steps"]) for r in rows}
 
-    def record(method, space, formats, budget_bops, bops, acc, seconds, extra):
-        run = {"method": method, "space": space, "formats": list(formats),
-               "budget_bops": None if budget_bops is None else int(round(budget_bops)),
-               "bops": int(round(bops)), "accuracy": float(acc), "steps": int(steps), "seconds": float(seconds)}
-        runs.append(run)
-        details.append(dict(run, **extra))
-        print(f"{method:8s} {space:6s} budget={'-' if budget_bops is None else f'{budget_bops / 1e6:.3f}M':>8s} "
-              f"bops={bops / 1e6:8.3f}M acc={acc * 100:6.2f} % ({seconds:.0f} s)", flush=True)
-        _atomic_json(out / "quality.json", {"float_accuracy": float_acc, "runs": runs})
-        _atomic_json(out / "quality_details.json", {"float_accuracy": float_acc, "threads": 2, "epochs": epochs,
-                                                    "steps": steps, "batch": batch, "width": width,
-                                                    "runs": details})
+    def record(row):
+        rows.append(row)
+        _atomic_json(state_path, {"float_accuracy": float_acc, "threads": 2, "test_images": len(data.x_test),
+                                  "protocol": "bench/quality.py docstring", "rows": rows})
+        print(f"{row['space']:5s} {row['budget']:>6s} {row['method']:12s} seed {row['seed']} {row['steps']:4d} steps "
+              f"bops={row['bops'] / 1e6:7.2f}M acc={row['accuracy'] * 100:6.2f} % ({row['seconds']:.0f} s)", flush=True)
 
-    spaces = a.spaces.split(",") if a.spaces else (["int", "fp"] if a.quick else list(SPACES))
     for space in spaces:
-        fmts = SPACES[space]
-        base = make_searchable(model, data.x_train[:1], fmts, name=f"resnet8-{space}")
-        done = {f for r in runs if r["method"] == "uniform" for f in r["formats"]}
-        if "uniform" in methods and not set(fmts) <= done:  # mixed = int ∪ fp: already measured
-            for r in B.uniform(base, data, None, opts, formats=[f for f in fmts if f not in done]):
-                record("uniform", space, [r.name.split("-", 1)[1]], None, r.cost, r.quality, r.seconds,
-                       {"notes": r.notes})
-        for frac in [float(f) for f in a.budgets.split(",")]:
-            budget = parse_budget(f"bops={frac}x")
-            try:
-                target = resolve_budget(budget, base)
-            except FliqsError as e:  # e.g. 0.14x in the FP space: fp4 everywhere is 0.25x
-                print(f"skip {space} {frac}x: {e}", flush=True)
-                continue
-            if "fliqs" in methods:
-                g = make_searchable(model, data.x_train[:1], fmts, name=f"resnet8-{space}")
-                res = run_search(g, data, budget, dataclasses.replace(opts, finetune=a.finetune),
-                                 progress=False)
-                extra = {"chosen": res.formats, "budget": f"{frac}x"}
-                if a.finetune:
-                    extra.update(accuracy_finetuned=res.quality["final_finetuned"],
-                                 finetune_steps=a.finetune)
-                record("fliqs", space, fmts, target, res.cost, res.quality["final"], res.seconds, extra)
-            for name in ("random", "ilp", "dnas"):
-                if name in methods:
-                    r = B.BASELINES[name](base, data, budget, opts)
-                    record(name, space, fmts, target, r.cost, r.quality, r.seconds,
-                           {"chosen": r.formats, "budget": f"{frac}x", "notes": r.notes})
-    pareto_png(runs, float_acc, out / "quality.png")
-    print(f"wrote {out / 'quality.json'} and {out / 'quality.png'}")
+        graph = searchable(model, SPACES[space], f"resnet8-{space}", work)
+        for steps in steps_list:
+            for seed in seeds:
+                opts = bench_options(steps, seed)
+                if "uniform" in methods:  # once per format: the row is matched to budgets later
+                    for fmt in (f for f in SPACES[space] if not a.uniform or f in a.uniform.split(",")):
+                        key = (space, "-", f"uniform-{fmt}", seed, steps)
+                        if key in done:
+                            continue
+                        r = B.uniform(graph, data, None, opts, formats=[fmt])[0]
+                        acc, by = onnx_accuracy(r.graph, r.formats, data, work)
+                        record({"space": space, "budget": "-", "method": f"uniform-{fmt}", "seed": seed,
+                                "steps": steps, "bops": int(config_cost(graph, r.formats, "bops")),
+                                "accuracy": acc, "evaluated_by": by, "seconds": r.seconds})
+                for frac in (float(b) for b in (a.budgets.split(",") if a.budgets else BUDGETS[space])):
+                    budget = parse_budget(f"bops={frac}x")
+                    try:
+                        target = resolve_budget(budget, graph)
+                    except FliqsError as e:
+                        print(f"skip {space} {frac}x: {e}", flush=True)
+                        continue
+                    for method in (m for m in methods if m != "uniform"):
+                        key = (space, f"{frac}x", method, seed, steps)
+                        if key in done:
+                            continue
+                        formats, g, secs, extra = run_method(method, graph, data, budget, opts, work)
+                        acc, by = onnx_accuracy(g, formats, data, work)
+                        bops = config_cost(graph, formats, "bops")
+                        record(dict({"space": space, "budget": f"{frac}x", "budget_bops": int(target),
+                                     "method": method, "seed": seed, "steps": steps, "bops": int(bops),
+                                     "meets_budget": bool(bops <= target * (1 + TOLERANCE)),
+                                     "accuracy": acc, "evaluated_by": by, "seconds": secs,
+                                     "formats": formats}, **extra))
+    pareto_png(rows, float_acc, out / "quality.png")
+    print(summary(rows, float_acc))
+    print(f"wrote {state_path} and {out / 'quality.png'}")
+
+
+def summary(rows, float_acc) -> str:
+    """Markdown: mean ± std over seeds per (space, budget, steps, method); uniform = the best
+    uniform format that meets the budget."""
+    lines = [f"float {float_acc * 100:.2f} %", "",
+             "| space | budget | steps | FLIQS (no retraining) | FLIQS config + QAT | best uniform within budget | ILP + QAT | random |",
+             "|---|---|---|---|---|---|---|---|"]
+    keys = sorted({(r["space"], r["budget"], r["steps"]) for r in rows if r["budget"] != "-"})
+
+    def cell(sel):
+        acc = [r["accuracy"] * 100 for r in sel]
+        if not acc:
+            return "–"
+        bops = statistics.fmean(r["bops"] for r in sel) / 1e6
+        sd = statistics.pstdev(acc) if len(acc) > 1 else 0.0
+        return f"{statistics.fmean(acc):.2f} ± {sd:.2f} @ {bops:.0f} M (n={len(acc)})"
+    for space, budget, steps in keys:
+        same = [r for r in rows if r["space"] == space and r["steps"] == steps]
+        target = next(r["budget_bops"] for r in same if r["budget"] == budget)
+        uni = {}
+        for r in same:
+            if r["method"].startswith("uniform-") and r["bops"] <= target * (1 + TOLERANCE):
+                uni.setdefault(r["method"], []).append(r)
+        best_u = max(uni.values(), key=lambda s: statistics.fmean(r["accuracy"] for r in s), default=[])
+        at = [r for r in same if r["budget"] == budget]
+        lines.append(f"| {space} | {budget} | {steps} | " + " | ".join(
+            [cell([r for r in at if r["method"] == "fliqs"]), cell([r for r in at if r["method"] == "fliqs-config"]),
+             (best_u[0]["method"][8:] + " " + cell(best_u)) if best_u else "none fits",
+             cell([r for r in at if r["method"] == "ilp"]), cell([r for r in at if r["method"] == "random"])]) + " |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,8 @@ from .errors import FliqsError  # noqa: E402
 from .backend_stage import backend_stage, latency_model, numeric_inputs  # noqa: E402
 from .backends.targets import default_threads as threads  # noqa: E402
 from .options import (DEFAULT_BUDGET, DEFAULT_FORMATS, DEFAULT_HOLDOUT, DEFAULT_STEPS,  # noqa: E402
-                      check_model_arg, check_steps, parse_baselines, parse_formats, parse_sweep)
+                      check_data_arg, check_model_arg, check_steps, parse_baselines, parse_formats,
+                      parse_sweep)
 from . import outdir  # noqa: E402
 from .outdir import resolve_out_dir  # noqa: E402
 from .report import build_report, print_summary, write_report  # noqa: E402
@@ -306,6 +307,7 @@ def compile(model, *, target, data=None, formats=None, budget=None, steps: int =
     baseline_names = parse_baselines(baselines)
     if not 0.0 < float(holdout) < 1.0:
         raise FliqsError(f"holdout={holdout}: use a fraction between 0 and 1, e.g. 0.2")
+    check_data_arg(data)
     check_model_arg(model)
     with outdir.out_dir(out, model) as out_dir:
         return _compile(model, tgt, data, fmts, budgets, steps, out_dir, seed, resume, input_shapes,
@@ -412,11 +414,13 @@ def _compile_point(graph, model, target, dataset, teacher, metric, q_float, fmts
                        "seconds": round(stages.timing.get("search", 0.0), 2), "resumed": bool(resume),
                        "cost": float(sr.cost), "cost_kind": sr.cost_kind,
                        "search_quality": sr.quality,
-                       "final_probabilities": [list(map(float, p)) for p in sr.probabilities]}
+                       "final_probabilities": [list(map(float, p)) for p in sr.probabilities],
+                       "schedule": sr.schedule}
         _save_config(stage / "config.json", graph.name, formats,
                      {"target": target.text, "budget": budget.text, "seed": seed, "steps": steps})
         files = {"config": "config.json", "onnx": "model.qdq.onnx", "report_md": "report.md",
-                 "formats_png": "formats.png", "search_log": "search.jsonl", "checkpoint": "checkpoint/"}
+                 "formats_png": "formats.png", "search_log": "search.jsonl", "search_png": "search.png",
+                 "checkpoint": "checkpoint/"}
         if target.kind == "tvm":
             files["tvm"] = "tvm/model.so"
         report = build_report(
@@ -462,6 +466,7 @@ def search_only(model, *, data=None, formats=None, budget=None, steps: int = DEF
     if b.kind == "latency" and tgt is None:
         raise FliqsError(f"--budget {b.text}: a latency budget is measured on a target; add --target "
                          "(e.g. --target llvm)")
+    check_data_arg(data)
     check_model_arg(model)
     stages = _Stages(["import", "data", "passes", "search", "config"], progress)
     with outdir.out_dir(out, model) as out_dir:
@@ -519,6 +524,7 @@ def lower_config(model, config, *, target, out=None, data=None, input_shapes: Op
     from .config import load_config
     torch.set_num_threads(threads())
     tgt = parse_target(target).require_local()
+    check_data_arg(data)
     check_model_arg(model)
     if not Path(config).is_file():
         raise FliqsError(f"--config {config}: file not found; give a config.json written by "

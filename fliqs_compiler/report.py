@@ -31,6 +31,10 @@ CONTRACT = {
     "totals": {"bops": int, "float_bops": int, "size_bytes": int, "latency_ms": OPT_NUM},
     "quality": {"metric": str, "float": NUM, "final": NUM},
     "baselines": [{"name": str, "bops": int, "quality": NUM, "latency_ms": OPT_NUM}],
+    # onnxruntime_max_abs_err: a DEFAULT onnxruntime.InferenceSession(path) (what users run) vs
+    # the quantized torch graph. Extra fields written by build_report: onnxruntime_exact_max_abs_err
+    # (our exact session), onnxruntime_default_lsb (the default session's max |err| in output
+    # LSBs, ort_backend.output_steps), numerics_inputs (what the checks ran on).
     "numerics": {"onnxruntime_max_abs_err": OPT_NUM, "tvm_max_abs_err": OPT_NUM},
     "timing_s": {"import": NUM, "passes": NUM, "search": NUM, "export": NUM, "lower": NUM},
     "environment": {"threads": int, "torch": str, "tvm": str, "onnxruntime": str, "cpu": str},
@@ -168,6 +172,14 @@ def render_markdown(report: dict) -> str:
             lines.append(f"- FLIQS one-shot search: {search.get('steps', '?')} steps, "
                          f"{search.get('decisions', '?')} decisions, seed {search.get('seed', '?')}, "
                          f"{search.get('seconds', 0):.1f} s")
+            sched = search.get("schedule") or {}
+            if sched:
+                lines.append(f"- schedule: {sched.get('warmup_steps', '?')} warmup steps "
+                             f"({sched.get('warmup_sampling', '?')}), {sched.get('search_steps', '?')} "
+                             f"policy steps, final stretch {sched.get('final_stretch_steps', '?')} steps; "
+                             f"the last {sched.get('final_config_trained_steps', '?')} steps trained "
+                             f"exactly the returned configuration; budget projection moved "
+                             f"{sched.get('projection_moves', 0)} decision(s) (`search.png`)")
             sq = search.get("search_quality") or {}
             if "final_finetuned" in sq:
                 metric = sq.get("metric", "")
@@ -199,11 +211,16 @@ def render_markdown(report: dict) -> str:
             lines.append(f"| `{p['budget']}` | {_si(p['bops'])} | {_q(p['quality'], metric)} | "
                          f"{_ms(p.get('latency_ms'))} | `{p.get('dir', '')}` |")
     n = r["numerics"]
+
+    def num(key, spec=".3g"):
+        return "—" if n.get(key) is None else format(n[key], spec)
     lines += ["", "## Numerics", "",
-              f"- onnxruntime (model.qdq.onnx) vs the quantized torch graph: max |err| "
-              f"{'—' if n['onnxruntime_max_abs_err'] is None else format(n['onnxruntime_max_abs_err'], '.3g')}",
-              f"- TVM (tvm/model.so) vs the quantized torch graph: max |err| "
-              f"{'—' if n['tvm_max_abs_err'] is None else format(n['tvm_max_abs_err'], '.3g')}"]
+              f"- onnxruntime (model.qdq.onnx, default session) vs the quantized torch graph: "
+              f"max |err| {num('onnxruntime_max_abs_err')} ({num('onnxruntime_default_lsb', '.2f')} "
+              f"output LSB); exact session {num('onnxruntime_exact_max_abs_err')}",
+              f"- TVM (tvm/model.so) vs the quantized torch graph: max |err| {num('tvm_max_abs_err')}"]
+    if n.get("numerics_inputs"):
+        lines.append(f"- checked on: {n['numerics_inputs']}")
     for note in r.get("notes") or []:
         lines.append(f"- note: {note}")
     t = r["timing_s"]
@@ -402,7 +419,11 @@ def build_report(*, graph, model_name: str, target, formats_searched: list, budg
                                                if la.keep_float))},
         "quality": quality,
         "baselines": baselines,
-        "numerics": {"onnxruntime_max_abs_err": facts.get("ort_err"), "tvm_max_abs_err": facts.get("tvm_err")},
+        "numerics": {"onnxruntime_max_abs_err": facts.get("ort_err"),
+                     "onnxruntime_exact_max_abs_err": facts.get("ort_exact_err"),
+                     "onnxruntime_default_lsb": facts.get("ort_default_lsb"),
+                     "tvm_max_abs_err": facts.get("tvm_err"),
+                     "numerics_inputs": facts.get("numerics_inputs")},
         "timing_s": timing_s,
         "environment": environment(),
         "data": {"description": dataset.description, "labels": dataset.y_val is not None,
@@ -444,8 +465,11 @@ def print_summary(report: dict, out: Path, command: str = "compile") -> None:
     lat = r["totals"]["latency_ms"]
     t.add_row("measured latency", "—" if lat is None else f"{lat:.4g} ms ({r['environment']['threads']} threads)")
     n = r["numerics"]
-    t.add_row("max |err| ORT / TVM", " / ".join("—" if v is None else f"{v:.3g}"
-                                               for v in (n["onnxruntime_max_abs_err"], n["tvm_max_abs_err"])))
+    t.add_row("max |err| ORT (default session) / TVM",
+              " / ".join("—" if v is None else f"{v:.3g}"
+                         for v in (n["onnxruntime_max_abs_err"], n["tvm_max_abs_err"]))
+              + ("" if n.get("onnxruntime_default_lsb") is None
+                 else f" (ORT {n['onnxruntime_default_lsb']:.2f} output LSB)"))
     if r.get("sweep"):
         t.add_row("sweep", ", ".join(f"{p['budget']}: {q(p['quality'])}" for p in r["sweep"]))
     t.add_row("artifacts", str(out))

@@ -338,7 +338,7 @@ def test_searchable_graph_forward_backward_and_switching(cnn):
         y.square().mean().backward()
         outs.append(y.detach())
         assert weight.grad is not None and weight.grad.abs().sum() > 0
-        scale = p.gm.get_submodule("conv2d_1_wq").scales[i]
+        scale = p.gm.get_submodule("conv2d_1_wq").log_scales[i]  # learned as its logarithm
         assert (scale.grad is not None) == (fmt != "mxfp4_e2m1")  # MX: no learned scale
     assert not torch.equal(outs[0], outs[1]) and not torch.equal(outs[1], outs[2])
 

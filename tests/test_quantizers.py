@@ -50,7 +50,10 @@ def test_scales_learn_and_gradients_reach_weights():
     q = SearchableQuantizer(["int3"], "activation")
     x = torch.randn(512) * 2
     x.requires_grad_(True)
-    q(x.detach())  # initialise
+    q(x.detach())  # initialise (MSE-optimal already)
+    best = q.scales[0].detach().clone()
+    with torch.no_grad():  # start 3x too wide: learning must bring it back
+        q.log_scales[0].add_(torch.log(torch.tensor(3.0)))
     opt = torch.optim.Adam(q.parameters(), lr=0.05)
     first = None
     for _ in range(60):
@@ -59,8 +62,24 @@ def test_scales_learn_and_gradients_reach_weights():
         opt.zero_grad()
         loss.backward()
         opt.step()
-    assert loss.item() < first
+    assert loss.item() < 0.8 * first
+    ratio = float(q.scales[0].detach() / best)
+    assert 0.7 < ratio < 1.6  # back near the MSE-optimal scale (started at 3x)
     assert x.grad is not None and (x.grad != 0).any()
+
+
+def test_activation_scales_start_mse_optimal_for_every_width():
+    from fliqs_compiler.quant import mse_scale
+    torch.manual_seed(0)
+    x = torch.randn(4096).relu() ** 1.5  # heavy-tailed, non-negative, like a post-ReLU activation
+    q = SearchableQuantizer(["int2", "int3", "int4", "int8"], "activation", unsigned=True)
+    for i in range(4):
+        q.active = i
+        q(x)
+        expected = mse_scale(x, q.executed(i), None)
+        assert torch.allclose(q.scales[i].detach(), expected, rtol=1e-5)
+    # low widths clip much harder than absmax would
+    assert float(q.scales[0]) < 0.6 * float(x.max()) / 3
 
 
 def test_mx_and_float_candidates_have_no_learned_scale():

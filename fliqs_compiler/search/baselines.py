@@ -15,6 +15,7 @@ Each returns a ``BaselineResult``; none modifies the graph passed in (they work 
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Optional, Sequence
@@ -28,9 +29,10 @@ from ..cost import config_cost
 from ..graph import Graph
 from ..quantizers import SearchableQuantizer
 from .oneshot import SearchOptions
-from .trainer import WeightTrainer, default_metric, first_output, float_copy
+from .projection import project_to_budget
+from .trainer import WeightTrainer, default_metric, first_output, float_copy, needs_teacher
 
-__all__ = ["BaselineResult", "uniform", "random_search", "sensitivity_ilp", "dnas", "DNASMixer",
+__all__ = ["BaselineResult", "uniform", "fixed", "random_search", "sensitivity_ilp", "dnas", "DNASMixer",
            "dnas_wrap", "marginal_costs", "BASELINES"]
 
 
@@ -46,15 +48,18 @@ class BaselineResult:
     seconds: float
     notes: str = ""
     extra: dict = field(default_factory=dict)
+    graph: Optional[Graph] = field(default=None, repr=False, compare=False)  # trained, config applied
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        d.pop("graph")
+        return d
 
 
 def _setup(graph: Graph, data, options: SearchOptions):
     g = copy.deepcopy(graph)
     metric = options.metric or default_metric(data)
-    teacher = float_copy(g.gm) if not data.labeled else None
+    teacher = float_copy(g.gm) if needs_teacher(data, options.train, metric) else None
     torch.manual_seed(options.seed)
     return g, WeightTrainer(g.gm, data, options.train, teacher), metric, torch.Generator().manual_seed(options.seed)
 
@@ -67,9 +72,10 @@ def _target(graph, budget, latency):
 
 
 def _result(name, method, g, choice, kind, latency, quality, steps, t0, notes="", **extra):
+    g.space.apply(g.gm, choice)
     return BaselineResult(name, method, list(choice), g.space.formats_of(choice),
                           config_cost(g, g.space.formats_of(choice), kind, latency), quality, steps,
-                          time.perf_counter() - t0, notes, extra)
+                          time.perf_counter() - t0, notes, extra, graph=g)
 
 
 def uniform(graph: Graph, data, budget, options: SearchOptions, formats: Optional[Sequence[str]] = None,
@@ -90,20 +96,35 @@ def uniform(graph: Graph, data, budget, options: SearchOptions, formats: Optiona
     return out
 
 
+def fixed(graph: Graph, data, choice: Sequence[int], options: SearchOptions, latency=None) -> BaselineResult:
+    """QAT of one given configuration for ``options.steps`` steps from the float weights (how a
+    search's configuration is judged apart from its one-shot weights)."""
+    t0 = time.perf_counter()
+    g, trainer, metric, gen = _setup(graph, data, options)
+    trainer.train_fixed(g.space.apply, choice, options.steps, gen)
+    return _result("fixed", "fixed", g, choice, "bops", latency, trainer.evaluate(metric, "test"),
+                   options.steps, t0, f"QAT of the given configuration, {options.steps} steps")
+
+
 def random_search(graph: Graph, data, budget, options: SearchOptions, n: int = 8, latency=None,
-                  max_tries: int = 10000) -> BaselineResult:
-    """Best of ``n`` random in-budget configurations, each QAT-trained for steps // n steps."""
+                  max_tries: int = 20000, band: float = 0.1) -> BaselineResult:
+    """Best of ``n`` random configurations near the budget (cost in [(1-band)·T, T]: a random
+    search that rejection-samples far below the budget is no competitor), each QAT-trained for
+    steps // n steps; the band widens when too few configurations fall into it."""
     t0 = time.perf_counter()
     target, kind = _target(graph, budget, latency)
     space = graph.space
     gen = torch.Generator().manual_seed(options.seed + 1)
-    configs = []
-    for _ in range(max_tries):
+    configs, lo = [], 0.0 if target is None else (1.0 - band) * target
+    for tries in range(max_tries):
         choice = [int(torch.randint(len(d.candidates), (1,), generator=gen)) for d in space.decisions]
-        if target is None or config_cost(graph, space.formats_of(choice), kind, latency) <= target:
+        cost = config_cost(graph, space.formats_of(choice), kind, latency)
+        if target is None or lo <= cost <= target:
             configs.append(choice)
             if len(configs) == n:
                 break
+        if tries % 2000 == 1999:
+            lo *= 0.5  # few configurations this close to the budget: widen the band
     each = max(1, options.steps // max(1, len(configs)))
     best = None
     for choice in configs:
@@ -139,9 +160,17 @@ def _most_precise(graph: Graph) -> list:
             for d in graph.space.decisions]
 
 
+def forward_step_equivalents(forward_samples: int, batch_size: int) -> int:
+    """Weight-update steps that cost as much as ``forward_samples`` forward-only samples (a
+    training step is about one forward and two backward passes of its batch)."""
+    return int(math.ceil(forward_samples / (3.0 * max(1, batch_size))))
+
+
 def sensitivity_ilp(graph: Graph, data, budget, options: SearchOptions, latency=None,
-                    sens_samples: int = 512) -> BaselineResult:
-    """HAWQ-like: measured per-decision loss sensitivity + MILP under the budget, then QAT."""
+                    sens_samples: int = 512, charge_sensitivity: bool = True) -> BaselineResult:
+    """HAWQ-like: measured per-decision loss sensitivity + MILP under the budget, then QAT.
+    ``charge_sensitivity``: the sensitivity passes count toward ``options.steps`` (QAT gets
+    the rest), so the method costs what the others do."""
     from scipy.optimize import Bounds, LinearConstraint, milp
     t0 = time.perf_counter()
     target, kind = _target(graph, budget, latency)
@@ -189,9 +218,13 @@ def sensitivity_ilp(graph: Graph, data, budget, options: SearchOptions, latency=
             choice.append(int(np.argmax(x[pos:pos + len(r)])))
             pos += len(r)
         note = "sensitivity = measured val-loss increase per (decision, format); MILP; then QAT"
-    trainer.train_fixed(space.apply, choice, options.steps, gen)
+    evals = 1 + sum(len(r) for r in sens)
+    charged = forward_step_equivalents(evals * n, options.train.batch_size) if charge_sensitivity else 0
+    qat = max(0, options.steps - charged)
+    trainer.train_fixed(space.apply, choice, qat, gen)
     return _result("ilp", "ilp", g, choice, kind, latency, trainer.evaluate(metric, "test"),
-                   options.steps, t0, f"{note}, {options.steps} steps", sensitivity=sens)
+                   options.steps, t0, f"{note}, {qat} QAT steps ({charged} charged for {evals} "
+                   f"sensitivity passes of {n} samples)", sensitivity=sens, qat_steps=qat)
 
 
 class DNASMixer(nn.Module):
@@ -233,7 +266,8 @@ def dnas(graph: Graph, data, budget, options: SearchOptions, latency=None, alpha
     target, kind = _target(graph, budget, latency)
     g, alphas = dnas_wrap(graph)
     metric = options.metric or default_metric(data)
-    trainer = WeightTrainer(g.gm, data, options.train, float_copy(graph.gm) if not data.labeled else None)
+    trainer = WeightTrainer(g.gm, data, options.train,
+                            float_copy(graph.gm) if needs_teacher(data, options.train, metric) else None)
     ref = _most_precise(graph)
     base_cost, deltas = marginal_costs(graph, ref, kind, latency)
     k = graph.space.max_candidates
@@ -245,7 +279,7 @@ def dnas(graph: Graph, data, budget, options: SearchOptions, latency=None, alpha
     warm = int(round(options.controller.warmup * options.steps))
     for step in range(options.steps):
         x, y, idx = trainer.batch("train", options.train.batch_size, gen)
-        t = trainer.teacher_out("train", idx) if y is None else None
+        t = trainer.teacher_out("train", idx)
         g.gm.train()
         loss = trainer.loss(first_output(g.gm(x)), y, t)
         if target is not None:
@@ -258,7 +292,10 @@ def dnas(graph: Graph, data, budget, options: SearchOptions, latency=None, alpha
         trainer.optimizer.step()
         if step >= warm:
             aopt.step()
-    choice = alphas.detach().masked_fill(~mask, -1e9).argmax(-1).tolist()
+    logp = torch.log_softmax(alphas.detach().masked_fill(~mask, float("-inf")), -1)
+    choice, _ = project_to_budget(logp.argmax(-1).tolist(), logp,
+                                  lambda c: config_cost(graph, graph.space.formats_of(c), kind, latency),
+                                  target)  # the argmax alone ignores the budget
     final = copy.deepcopy(graph)
     prefixes = [f"{path}.q." for path in graph.space.quantizers.values()]
 
@@ -272,7 +309,8 @@ def dnas(graph: Graph, data, budget, options: SearchOptions, latency=None, alpha
     final.space.apply(final.gm, choice)
     return _result("dnas", "dnas", final, choice, kind, latency, ftrainer.evaluate(metric, "test"),
                    options.steps, t0, f"DNAS branching (all K candidates mixed), {options.steps} steps, "
-                   "argmax α, no retraining")
+                   "argmax α projected onto the budget, no retraining")
 
 
+# the budgeted methods (``fixed`` takes a configuration instead of a budget, so is not here)
 BASELINES = {"uniform": uniform, "random": random_search, "ilp": sensitivity_ilp, "dnas": dnas}

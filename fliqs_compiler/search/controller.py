@@ -9,6 +9,12 @@ After warmup: ``A = r - b`` (``b`` before this step's update; the first reward s
 (β1 = 0 by default, as TuNAS). ``β(s)`` follows an entropy schedule over the normalised
 post-warmup step ``s ∈ [0, 1]``; ``sign = +1`` (default, the authors' code) penalises entropy so
 the policy becomes near one-hot before the end, ``-1`` makes it an exploration bonus.
+
+``advantage='standardized'`` divides ``r - b`` by a moving estimate of the reward's standard
+deviation (same momentum as ``b``): the policy's step size then no longer depends on the scale
+of the reward, so one learning rate serves accuracy, loss and latency rewards alike.
+``update`` takes one or several (configuration, reward) samples of the same step: several
+forward-only evaluations per weight step give a lower-variance gradient for little time.
 """
 from __future__ import annotations
 
@@ -53,6 +59,11 @@ class ControllerOptions:
     entropy_schedule: str = "cosine"  # cosine | constant | linear | none
     entropy_max: float = 0.05  # β_max
     entropy_sign: float = 1.0  # +1: penalty (near one-hot at the end); -1: exploration bonus
+    advantage: str = "raw"  # raw: r - b | standardized: (r - b) / running std of r
+    # Fraction of the steps after which the policy stops learning (the search's final stretch
+    # trains the chosen configuration); 1.0: learns to the end. The entropy schedule spans
+    # [warmup, freeze].
+    freeze: float = 1.0
 
     def __post_init__(self):
         if self.entropy_schedule not in ENTROPY_SCHEDULES:
@@ -60,6 +71,10 @@ class ControllerOptions:
                              f"{', '.join(ENTROPY_SCHEDULES)}")
         if not 0.0 <= self.warmup < 1.0:
             raise ValueError(f"warmup {self.warmup}: use a fraction in [0, 1)")
+        if not self.warmup < self.freeze <= 1.0:
+            raise ValueError(f"freeze {self.freeze}: use a fraction in (warmup, 1]")
+        if self.advantage not in ("raw", "standardized"):
+            raise ValueError(f"advantage {self.advantage!r}: use 'raw' or 'standardized'")
 
 
 class Controller:
@@ -77,6 +92,7 @@ class Controller:
         self.options = options
         self.total_steps = int(total_steps)
         self.warmup_steps = int(round(options.warmup * self.total_steps))
+        self.freeze_steps = max(self.warmup_steps + 1, int(round(options.freeze * self.total_steps)))
         k = max(counts)
         self.mask = torch.zeros(len(counts), k, dtype=torch.bool)
         for d, c in enumerate(counts):
@@ -85,6 +101,7 @@ class Controller:
         self.optimizer = torch.optim.Adam([self.logits], lr=options.lr,
                                           betas=(options.beta1, options.beta2))
         self.baseline: Optional[float] = None
+        self.reward_var: Optional[float] = None  # moving variance of the reward (standardized)
 
     # -- policy ----------------------------------------------------------------------------
     def log_probs(self) -> torch.Tensor:
@@ -102,9 +119,13 @@ class Controller:
     def in_warmup(self, step: int) -> bool:
         return step < self.warmup_steps
 
+    def frozen(self, step: int) -> bool:
+        """The policy does not learn at ``step`` (warmup, or after ``freeze``)."""
+        return self.in_warmup(step) or step >= self.freeze_steps
+
     def progress(self, step: int) -> float:
-        """Normalised post-warmup step s ∈ [0, 1] (0 during warmup)."""
-        span = max(1, self.total_steps - self.warmup_steps - 1)
+        """Normalised step s ∈ [0, 1] between warmup and freeze (0 during warmup)."""
+        span = max(1, self.freeze_steps - self.warmup_steps - 1)
         return min(1.0, max(0.0, (step - self.warmup_steps) / span))
 
     def beta(self, step: int) -> float:
@@ -124,21 +145,41 @@ class Controller:
     # -- learning --------------------------------------------------------------------------
     def update(self, choice: Sequence[int], reward: float, step: int) -> dict:
         """One REINFORCE step for ``choice`` with ``reward`` at ``step``; returns the numbers logged."""
-        b = reward if self.baseline is None else self.baseline
-        advantage = float(reward) - b
+        return self.update_many([choice], [reward], step)
+
+    def _advantages(self, rewards: Sequence[float]) -> list:
+        """Advantages against the baseline before this step; then the baseline (and the reward
+        variance) move towards each reward in turn."""
         m = self.options.baseline_momentum
-        self.baseline = m * b + (1.0 - m) * float(reward)
+        if self.baseline is None:  # the first reward seeds the baseline
+            self.baseline = float(rewards[0])
+        advantages = [float(r) - self.baseline for r in rewards]
+        var = self.reward_var
+        for r in rewards:
+            d = float(r) - self.baseline
+            var = d * d if var is None else m * var + (1.0 - m) * d * d
+            self.baseline = m * self.baseline + (1.0 - m) * float(r)
+        self.reward_var = var
+        if self.options.advantage == "standardized":
+            std = math.sqrt(var) if var else 0.0
+            advantages = [a / max(std, 1e-6) if std > 0 else 0.0 for a in advantages]
+        return advantages
+
+    def update_many(self, choices: Sequence[Sequence[int]], rewards: Sequence[float], step: int) -> dict:
+        """One REINFORCE step from several samples of the same policy (mean of their terms)."""
+        advantages = self._advantages(rewards)
+        advantage = sum(advantages) / len(advantages)
         beta = self.beta(step)
-        if self.in_warmup(step):
+        if self.frozen(step):
             with torch.no_grad():
                 ent = float(self.entropy())
             return {"advantage": advantage, "baseline": self.baseline, "entropy": ent, "beta": 0.0,
                     "frozen": True}
         lp = self.log_probs()
-        idx = torch.as_tensor(list(choice), dtype=torch.long)
-        chosen = lp.gather(1, idx.view(-1, 1)).sum()
+        idx = torch.as_tensor([list(c) for c in choices], dtype=torch.long)  # [samples, decisions]
+        chosen = lp.gather(1, idx.t()).sum(0)  # Σ_d log π_d(a_d) per sample
         ent = -(lp.exp() * lp).sum()
-        loss = -advantage * chosen + self.options.entropy_sign * beta * ent
+        loss = -(torch.as_tensor(advantages) * chosen).mean() + self.options.entropy_sign * beta * ent
         self.optimizer.zero_grad()
         loss.backward()
         self.optimizer.step()
@@ -149,7 +190,8 @@ class Controller:
     def state_dict(self) -> dict:
         """A snapshot (copies, not views of the live optimizer state)."""
         return {"logits": self.logits.detach().clone(), "optimizer": copy.deepcopy(self.optimizer.state_dict()),
-                "baseline": float("nan") if self.baseline is None else float(self.baseline)}
+                "baseline": float("nan") if self.baseline is None else float(self.baseline),
+                "reward_var": float("nan") if self.reward_var is None else float(self.reward_var)}
 
     def load_state_dict(self, state: dict) -> None:
         with torch.no_grad():
@@ -157,3 +199,5 @@ class Controller:
         self.optimizer.load_state_dict(state["optimizer"])
         b = float(state["baseline"])
         self.baseline = None if math.isnan(b) else b
+        v = float(state.get("reward_var", float("nan")))
+        self.reward_var = None if math.isnan(v) else v

@@ -21,7 +21,7 @@ from ..data import Dataset
 from ..quantizers import SearchableQuantizer
 
 __all__ = ["TrainOptions", "WeightTrainer", "QUALITY", "float_copy", "bypass_quantizers",
-           "first_output", "default_metric"]
+           "first_output", "default_metric", "needs_teacher", "weight_optimizer"]
 
 
 def first_output(out):
@@ -100,12 +100,44 @@ def default_metric(data: Dataset, classification: bool = True) -> str:
 
 @dataclass
 class TrainOptions:
+    """How weights and scales are trained — shared by the search and every baseline, so all
+    methods train the same way."""
     batch_size: int = 64
     lr: float = 1e-3
     optimizer: str = "adam"  # adam | sgd (momentum 0.9)
     weight_decay: float = 0.0
     kd_temperature: float = 1.0
     eval_batch_size: int = 1024
+    # Adam step on the log of every learned scale: a relative change per step (1e-2 ≈ 1 %).
+    scale_lr: float = 1e-2
+    # Weight of distillation from the float model when labels exist: loss = (1-d)·CE + d·KD.
+    # Every sampled configuration learns to match the float model (in-place distillation as in
+    # BigNAS); without labels the loss is pure KD whatever this is.
+    distill: float = 0.0
+
+    def __post_init__(self):
+        if not 0.0 <= float(self.distill) <= 1.0:
+            raise ValueError(f"distill={self.distill}: use a weight in [0, 1]")
+
+
+def needs_teacher(data: Dataset, options: TrainOptions, metric: Optional[str] = None) -> bool:
+    """Whether training or the quality signal reads the float model's outputs."""
+    return (not data.labeled) or options.distill > 0 or bool(metric and QUALITY[metric][2])
+
+
+def weight_optimizer(gm: nn.Module, options: TrainOptions) -> torch.optim.Optimizer:
+    """The optimizer over every trainable parameter: weights at ``lr``, learned log-scales of
+    the quantizers in their own group at ``scale_lr``."""
+    named = [(n, p) for n, p in gm.named_parameters() if p.requires_grad]
+    scales = [p for n, p in named if ".log_scales." in f".{n}"]
+    weights = [p for n, p in named if ".log_scales." not in f".{n}"]
+    groups = [{"params": weights}] + ([{"params": scales, "lr": options.scale_lr,
+                                        "weight_decay": 0.0}] if scales else [])
+    if options.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=options.lr, weight_decay=options.weight_decay)
+    if options.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=options.lr, momentum=0.9, weight_decay=options.weight_decay)
+    raise ValueError(f"unknown weight optimizer {options.optimizer!r}; use adam or sgd")
 
 
 class WeightTrainer:
@@ -120,14 +152,9 @@ class WeightTrainer:
     def __init__(self, gm: nn.Module, data: Dataset, options: TrainOptions,
                  teacher: Optional[nn.Module] = None):
         self.gm, self.data, self.options, self.teacher = gm, data, options, teacher
-        params = [p for p in gm.parameters() if p.requires_grad]
-        if options.optimizer == "adam":
-            self.optimizer = torch.optim.Adam(params, lr=options.lr, weight_decay=options.weight_decay)
-        elif options.optimizer == "sgd":
-            self.optimizer = torch.optim.SGD(params, lr=options.lr, momentum=0.9,
-                                             weight_decay=options.weight_decay)
-        else:
-            raise ValueError(f"unknown weight optimizer {options.optimizer!r}; use adam or sgd")
+        if options.distill > 0 and teacher is None:
+            raise ValueError("TrainOptions.distill > 0 needs the float model as teacher")
+        self.optimizer = weight_optimizer(gm, options)
         self._teacher_cache: dict = {}
 
     # -- teacher outputs (cached per split: the float model never changes) ---------------------
@@ -144,9 +171,15 @@ class WeightTrainer:
         return t if idx is None else t[idx]
 
     def loss(self, out, y, t):
-        """Cross-entropy with labels; else KD (KL to the teacher at ``kd_temperature``) or MSE."""
+        """Cross-entropy with labels, mixed with KD at weight ``distill``; without labels KD
+        (KL to the teacher at ``kd_temperature``) or MSE."""
         if y is not None:
-            return Fn.cross_entropy(out, y)
+            ce = Fn.cross_entropy(out, y)
+            d = self.options.distill
+            return ce if d <= 0 or t is None else (1 - d) * ce + d * self._kd(out, t)
+        return self._kd(out, t)
+
+    def _kd(self, out, t):
         if out.dim() == 2 and out.shape[1] > 1:
             T = self.options.kd_temperature
             return Fn.kl_div(Fn.log_softmax(out / T, -1), Fn.log_softmax(t / T, -1), log_target=True,
@@ -162,7 +195,7 @@ class WeightTrainer:
     def step(self, generator: torch.Generator) -> float:
         """One optimizer step on a training batch; returns the loss."""
         x, y, idx = self.batch("train", self.options.batch_size, generator)
-        t = self.teacher_out("train", idx) if y is None else None
+        t = self.teacher_out("train", idx)
         self.gm.train()
         loss = self.loss(first_output(self.gm(x)), y, t)
         self.optimizer.zero_grad(set_to_none=True)
