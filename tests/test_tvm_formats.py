@@ -20,6 +20,8 @@ pytestmark = pytest.mark.tvm
 
 WEIGHT_STORAGE = {
     "int4": "int4 packed 2/byte (uint8) + LUT unpack",
+    "uint4": "uint4 packed 2/byte (uint8) + LUT unpack",  # nibbles 8..15 are not negative
+    "uint8": "fp32 (dequantized uint8)",  # levels 128..255 do not fit int8 codes
     "fp4_e2m1": "fp4_e2m1 packed 2/byte (uint8) + LUT unpack",
     "fp8_e4m3": "float8_e4m3fn",
     "fp8_e5m2": "float8_e5m2",

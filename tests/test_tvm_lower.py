@@ -213,3 +213,31 @@ def test_pipeline_graph_lowers_with_public_layer_names(tmp_path):
     out = low.run([x.numpy()])[0]
     # a 1-ulp difference before a later quantizer may flip one of its rounding steps
     assert np.abs(out - ref).max() <= 0.05 * max(1.0, np.abs(ref).max())
+
+
+class SequenceLinear(nn.Module):
+    """int8 linear with per-output-channel weight scales on [B, T, C] inputs (OCR / transformer
+    heads): the rescale's channels are the LAST axis, whatever T is."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(16, 7)
+        self.aq, self.wq = _aq("int8", 0.0123457), _wq("int8", self.fc.weight)
+
+    def forward(self, x0, x1, x2):
+        return tuple(nn.functional.linear(self.aq(x), self.wq(self.fc.weight), self.fc.bias)
+                     for x in (x0, x1, x2))
+
+
+def test_linear_on_sequences_rescales_the_channel_axis():
+    # T = 5: the old axis-1 scale [1, 7, 1] did not broadcast (compile error); T = 7 = N: it
+    # did, scaling time steps by channel scales; T = 1: it broadcast to a [B, 7, 7] output
+    m = SequenceLinear().eval()
+    shapes = [(2, 5, 16), (2, 7, 16), (2, 1, 16)]
+    g = Graph(torch.fx.symbolic_trace(m), [InputSpec(f"x{i}", s) for i, s in enumerate(shapes)])
+    xs = [_x(s, seed=i) for i, s in enumerate(shapes)]
+    low = lower(g, "llvm")
+    for ref, out in zip(m(*xs), low.run([x.numpy() for x in xs])):
+        assert out.shape == ref.shape
+        assert np.abs(out - ref.detach().numpy()).max() <= 1e-5
