@@ -47,6 +47,10 @@ def test_demo_end_to_end(tmp_path):
         assert point["bops"] <= point["budget_value"] * 1.02
     uniform = {b["name"] for b in report["sweep_baselines"]}
     assert {"uniform-int2", "uniform-int8"} <= uniform
-    # precision matters here: the tightest point is below float, the loosest close to it
-    assert sweep[0]["quality"] < report["quality"]["float"]
-    assert max(p["quality"] for p in sweep) > 0.9
+    # the printed table: at every point FLIQS is no worse than the best uniform format that fits
+    # the same budget (2 pp slack: 360 held-out digits, one sample is 0.28 pp)
+    from fliqs_compiler.cli.demo_cmd import versus_uniform
+    rows = versus_uniform(report)
+    assert len(rows) == 3
+    for budget, q, bops, name, uq, ubops in rows:
+        assert uq is None or q >= uq - 0.02, (budget, q, name, uq)
