@@ -26,6 +26,7 @@ Requires ``apt-get install -y dataset-fashion-mnist``. 2 threads.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import os
@@ -39,7 +40,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from fliqs_compiler.budget import parse_budget, resolve_budget  # noqa: E402
+from fliqs_compiler.budget import meets_budget, parse_budget, resolve_budget  # noqa: E402
 from fliqs_compiler.cost import config_cost  # noqa: E402
 from fliqs_compiler.data import load_data  # noqa: E402
 from fliqs_compiler.errors import FliqsError  # noqa: E402
@@ -55,7 +56,6 @@ SPACES = {
     "mixed": ["int2", "int3", "int4", "int8", "fp4_e2m1", "fp6_e3m2", "fp8_e4m3"],
 }
 BUDGETS = {"int": [0.14, 0.25, 0.45], "fp": [0.25, 0.35, 0.45], "mixed": [0.14, 0.25, 0.45]}
-TOLERANCE = 0.02  # a configuration "meets" a budget T when its cost is at most T·(1 + 2 %)
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -168,7 +168,7 @@ def run_method(method, graph, data, budget, opts, work):
     """(formats, trained graph, seconds, notes) of one method at one budget."""
     t0 = time.perf_counter()
     if method in ("fliqs", "fliqs-config"):
-        g = __import__("copy").deepcopy(graph)
+        g = copy.deepcopy(graph)
         res = run_search(g, data, budget, opts, progress=False)
         if method == "fliqs":
             return res.formats, g, time.perf_counter() - t0, {"schedule": res.schedule}
@@ -254,7 +254,7 @@ def main(argv=None):
                         bops = config_cost(graph, formats, "bops")
                         record(dict({"space": space, "budget": f"{frac}x", "budget_bops": int(target),
                                      "method": method, "seed": seed, "steps": steps, "bops": int(bops),
-                                     "meets_budget": bool(bops <= target * (1 + TOLERANCE)),
+                                     "meets_budget": meets_budget(bops, target),
                                      "accuracy": acc, "evaluated_by": by, "seconds": secs,
                                      "formats": formats}, **extra))
     pareto_png(rows, float_acc, out / "quality.png")
@@ -282,7 +282,7 @@ def summary(rows, float_acc) -> str:
         target = next(r["budget_bops"] for r in same if r["budget"] == budget)
         uni = {}
         for r in same:
-            if r["method"].startswith("uniform-") and r["bops"] <= target * (1 + TOLERANCE):
+            if r["method"].startswith("uniform-") and meets_budget(r["bops"], target):
                 uni.setdefault(r["method"], []).append(r)
         best_u = max(uni.values(), key=lambda s: statistics.fmean(r["accuracy"] for r in s), default=[])
         at = [r for r in same if r["budget"] == budget]

@@ -15,16 +15,16 @@ DEMO_STEPS = 200
 DEMO_FORMATS = "int2,int3,int4,int8"
 DEMO_SWEEP = "bops=0.07x,0.1x,0.15x"  # between uniform INT2 (0.0625x) and INT4 (0.25x)
 DEMO_PREPARE = {"keep_float_first": False, "keep_float_last": False}
-FITS = 1.02  # a uniform point counts at a budget when within 2 % of it
 
 
 def versus_uniform(report: dict) -> list:
     """Per sweep point: (budget, FLIQS quality, FLIQS BOPs, best uniform that fits, its quality,
     its BOPs) — the uniform format is the most accurate one whose BOPs fit the point's budget."""
+    from fliqs_compiler.budget import meets_budget
     uniform = [b for b in report.get("sweep_baselines") or [] if b.get("method") == "uniform"]
     rows = []
     for p in report.get("sweep") or []:
-        fits = [b for b in uniform if b["bops"] <= p["budget_value"] * FITS]
+        fits = [b for b in uniform if meets_budget(b["bops"], p["budget_value"])]
         best = max(fits, key=lambda b: b["quality"], default=None)
         rows.append((p["budget"], p["quality"], p["bops"], best["name"] if best else "none fits",
                      best["quality"] if best else None, best["bops"] if best else None))

@@ -16,7 +16,7 @@ from .cost import LatencyModel, config_cost
 from .errors import FliqsError
 from .graph import Graph
 
-__all__ = ["BudgetKind", "Budget", "KINDS", "parse_budget", "resolve_budget", "reference_cost",
+__all__ = ["BudgetKind", "Budget", "KINDS", "TOLERANCE", "meets_budget", "parse_budget", "resolve_budget", "reference_cost",
            "cheapest_config", "format_cost"]
 
 
@@ -112,6 +112,15 @@ def cheapest_config(graph: Graph, kind: str, latency: Optional[LatencyModel] = N
         if not improved:
             break
     return best, choice
+
+
+# A configuration meets a budget T when its cost is at most T·(1 + TOLERANCE): the rule every
+# comparison at "equal cost" uses (the demo's table, the quality bench, the tests).
+TOLERANCE = 0.02
+
+
+def meets_budget(cost: float, target: float) -> bool:
+    return float(cost) <= float(target) * (1.0 + TOLERANCE)
 
 
 def format_cost(kind: str, value: float) -> str:
