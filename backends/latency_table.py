@@ -1,7 +1,7 @@
 """Per-layer latency tables: measured milliseconds per (layer shape, weight format, activation
 format) on a target, cached on disk, and the onnxruntime measure function.
 
-``LatencyTable`` implements ``fliqs_compiler.cost.LatencyModel``. Entries are keyed by
+``LatencyTable`` implements ``fliqs_compiler.cost.model.LatencyModel``. Entries are keyed by
 (target, ``LayerInfo.signature()``, fmt_w, fmt_a, backend, thread count, versions of torch /
 onnxruntime / tvm), so a library upgrade re-measures instead of reusing stale numbers. The cache is one JSON
 file per (target, backend) under ``cache_dir`` (default ``$FLIQS_CACHE_DIR`` or
@@ -11,8 +11,9 @@ processes filling the same table lose nothing but a duplicate measurement.
 
 ``ort_layer_ms`` times a one-layer QDQ micro-graph (conv / conv-transpose / linear / matmul
 with the layer's shapes and attributes; activation Q/DQ in ``fmt_a`` on the input and on the
-output, weight stored quantized in ``fmt_w``) in onnxruntime, built with ``onnx.helper`` and
-the exporter's own ``quantizer_nodes``, so it has the form ``export_qdq`` produces.
+output, weight stored quantized in ``fmt_w``) in onnxruntime, built with ``onnx.helper``, the
+exporter's own ``spec_nodes`` and all of its ``ORT_FORM_FIXES``, so it has the form
+``export_qdq`` produces.
 """
 from __future__ import annotations
 
@@ -29,15 +30,15 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from fliqs_compiler import formats as F
-from fliqs_compiler import atomic
-from fliqs_compiler.errors import FliqsError
-from fliqs_compiler.graph import Graph, LayerInfo
-from fliqs_compiler.quant import absmax_scale
+from fliqs_compiler.numerics import formats as F
+from fliqs_compiler.base import atomic
+from fliqs_compiler.base.errors import FliqsError
+from fliqs_compiler.ir.graph import Graph, LayerInfo
+from fliqs_compiler.numerics.qspec import QuantSpec
 
-from .onnx_export import detach_float_bias, quantizer_nodes
-from .ort_backend import make_session, time_onnx
-from .targets import default_threads
+from fliqs_compiler.backends.onnx_export import ORT_FORM_FIXES, spec_nodes
+from fliqs_compiler.backends.ort_backend import make_session, time_onnx
+from fliqs_compiler.backends.targets import default_threads
 
 __all__ = ["LatencyTable", "ort_layer_ms", "layer_micrograph", "default_cache_dir",
            "library_versions"]
@@ -58,10 +59,16 @@ def _version(dist: str) -> str:
         return "none"
 
 
+# The form of the measured micro-graphs; bumped when it changes, so old entries are re-measured
+# (2: every ORT_FORM_FIXES rewrite applied, a rank-2 linear exported as Gemm like export_qdq).
+MICROGRAPH_FORM = "2"
+
+
 def library_versions() -> dict:
-    """Versions that invalidate measurements (read from package metadata; imports nothing)."""
+    """Versions that invalidate measurements (read from package metadata; imports nothing),
+    with the micro-graph form (``MICROGRAPH_FORM``)."""
     return {"torch": torch.__version__, "onnxruntime": _version("onnxruntime"),
-            "tvm": _version("apache-tvm")}
+            "tvm": _version("apache-tvm"), "micrograph": MICROGRAPH_FORM}
 
 
 class LatencyTable:
@@ -85,6 +92,7 @@ class LatencyTable:
         self.path = self.cache_dir / f"{stem}-{digest}.{safe_backend}.json"
         self.entries: dict = self._read()
         self.measured = 0  # entries measured by this object (tests / progress reports)
+        self.measured_on: dict = {}  # entry key → the remote device (HOST:PORT) that measured it
 
     # -- keys and persistence -----------------------------------------------------------------
     def key(self, layer: LayerInfo, fmt_w: str, fmt_a: str) -> str:
@@ -158,6 +166,14 @@ class LatencyTable:
         from tqdm import tqdm
         bar = tqdm(todo, desc=f"latency {self.backend}", unit="entry", disable=not progress,
                    leave=False)
+        many = getattr(measure_fn, "measure_many", None)
+        if many is not None:  # a farm of devices: entries measured in parallel, recorded on arrival
+            bar.close()
+            for (layer, fw, fa), ms, device in many(todo):
+                self.record(layer, fw, fa, ms)
+                self.measured_on[self.key(layer, fw, fa)] = device
+                self.measured += 1
+            return len(todo)
         for layer, fw, fa in bar:
             bar.set_postfix_str(f"{layer.name} {fw}/{fa}", refresh=False)
             self.record(layer, fw, fa, measure_fn(layer, fw, fa))
@@ -190,13 +206,12 @@ def _conv_attrs(layer: LayerInfo, spatial: int) -> dict:
     return attrs
 
 
-def _scale_of(x: np.ndarray, fmt: F.Format, axis: Optional[int]) -> np.ndarray:
-    return absmax_scale(torch.from_numpy(x), fmt, axis).numpy().astype(np.float32)
-
-
 def layer_micrograph(layer: LayerInfo, fmt_w: str, fmt_a: str, seed: int = 0) -> onnx.ModelProto:
     """A one-layer QDQ ONNX model (opset 21) for ``layer``'s op, shapes and attributes:
-    input → Q/DQ(fmt_a) → op(·, weight stored in fmt_w) [+ bias] → Q/DQ(fmt_a) → output."""
+    input → Q/DQ(fmt_a) → op(·, weight stored in fmt_w) [+ bias] → Q/DQ(fmt_a) → output, in the
+    form ``export_qdq`` writes: a rank-2 linear is a Gemm(transB=1) like the torch export, the
+    quantizers are ``QuantSpec``s lowered by the exporter's ``spec_nodes``, and every
+    ``ORT_FORM_FIXES`` rewrite runs on it (so the time is that of the graph users run)."""
     op = layer.op
     if layer.input_shape is None or layer.weight_shape is None:
         raise FliqsError(f"layer {layer.name}: input/weight shapes unknown; run shape propagation")
@@ -208,38 +223,36 @@ def layer_micrograph(layer: LayerInfo, fmt_w: str, fmt_a: str, seed: int = 0) ->
     w = (rng.standard_normal(w_shape) * 0.1).astype(np.float32)
     nodes, inits = [], []
     act_x_act = bool(layer.attrs.get("act_x_act"))
+    gemm = op == "linear" and len(x_shape) == 2  # torch.onnx exports a rank-2 linear as Gemm
     w_axis = 1 if op.startswith("conv_transpose") else 0  # output-channel axis of the weight
-    if op == "linear":  # stored as MatMul [in, out]: the exporter's Gemm/MatMul form
+    block_axis = 0 if op.startswith("conv_transpose") else 1  # reduction axis (MX blocks)
+    if op == "linear" and not gemm:  # stored as MatMul [in, out]
         w = np.ascontiguousarray(w.T)
-        w_axis = 1
+        w_axis, block_axis = 1, 0
     elif op == "matmul":
-        w_axis = len(w_shape) - 1
-    block_axis = {"linear": 0, "matmul": len(w_shape) - 2}.get(op, 1)  # reduction axis
-    if op.startswith("conv_transpose"):
-        block_axis = 0
+        w_axis, block_axis = len(w_shape) - 1, len(w_shape) - 2
+    channels_last = op in ("linear", "matmul")  # where activation MX blocks run
 
-    def quant(name, out, fmt, value, axis, shape, weight=None):
-        if fmt.kind == "float":
+    def quant(name, out, spec: QuantSpec, shape, weight=None):
+        if not spec.fmt.is_quantized:
             return name
-        sc = np.ones(1, np.float32) if fmt.kind == "mx" else _scale_of(value, fmt, axis)
-        zp = np.zeros_like(sc) if (fmt.kind == "int" and not fmt.signed) else None
-        if zp is not None and weight is None:
-            value = np.abs(value)
-        n, i = quantizer_nodes(name, out, fmt.name, sc, zp, axis, shape, weight=weight,
-                               native_fp4=native_fp4)
+        n, i = spec_nodes(name, out, spec, shape, weight=weight, native_fp4=native_fp4)
         nodes.extend(n)
         inits.extend(i)
         return out
 
-    x_axis_mx = len(x_shape) - 1 if op in ("linear", "matmul") else 1
-    xq = quant("x", "x_q", fa, x, x_axis_mx if fa.kind == "mx" else None, x_shape)
+    def act_spec(value, shape):
+        return QuantSpec.calibrated(fa, value, "activation",
+                                    block_axis=len(shape) - 1 if channels_last else 1)
+
+    xq = quant("x", "x_q", act_spec(x, x_shape), x_shape)
     if act_x_act:
         inputs = [helper.make_tensor_value_info("w_in", TensorProto.FLOAT, list(w.shape))]
-        wq = quant("w_in", "w_q", fa, w, None, list(w.shape))
+        wq = quant("w_in", "w_q", QuantSpec.calibrated(fa, w, "activation"), list(w.shape))
     else:
         inputs = []
-        wq = quant("w", "w_q", fw, w, block_axis if fw.kind == "mx" else w_axis, list(w.shape),
-                   weight=w)
+        wspec = QuantSpec.calibrated(fw, w, "weight", axis=w_axis, block_axis=block_axis)
+        wq = quant("w", "w_q", wspec, list(w.shape), weight=w)
         if wq == "w":
             inits.append(numpy_helper.from_array(w, "w"))
     args = [xq, wq]
@@ -252,6 +265,8 @@ def layer_micrograph(layer: LayerInfo, fmt_w: str, fmt_a: str, seed: int = 0) ->
         spatial = len(x_shape) - 2
         onnx_op = "ConvTranspose" if op.startswith("conv_transpose") else "Conv"
         nodes.append(helper.make_node(onnx_op, args, ["y"], **_conv_attrs(layer, spatial)))
+    elif gemm:
+        nodes.append(helper.make_node("Gemm", args, ["y"], transB=1))
     elif op in ("linear", "matmul"):
         nodes.append(helper.make_node("MatMul", args[:2], ["y0" if len(args) > 2 else "y"]))
         if len(args) > 2:
@@ -260,20 +275,18 @@ def layer_micrograph(layer: LayerInfo, fmt_w: str, fmt_a: str, seed: int = 0) ->
         raise FliqsError(f"layer {layer.name}: op {op!r} has no ONNX micro-graph")
     out_shape = list(layer.output_shape) if layer.output_shape else None
     yq = "y"
-    if fa.kind != "float":
-        if fa.kind == "mx" and out_shape is None:
+    if fa.is_quantized:
+        if fa.is_blocked and out_shape is None:
             raise FliqsError(f"layer {layer.name}: output shape unknown")
-        y_axis = None
-        if fa.kind == "mx":
-            y_axis = len(out_shape) - 1 if op in ("linear", "matmul") else 1
         y_mag = np.full(1, 4.0, np.float32)  # any scale: the value does not change the timing
-        yq = quant("y", "y_q", fa, y_mag, y_axis, out_shape or [])
+        yq = quant("y", "y_q", act_spec(y_mag, out_shape or [0]), out_shape or [])
     ins = [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)] + inputs
     outs = [helper.make_tensor_value_info(yq, TensorProto.FLOAT, out_shape)]
     g = helper.make_graph(nodes, f"layer_{op}", ins, outs, initializer=inits)
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
     model.ir_version = 10
-    detach_float_bias(model)  # the form export_qdq produces for FP8 convs
+    for fix in ORT_FORM_FIXES:  # the very export form of export_qdq
+        model = fix(model)
     onnx.checker.check_model(model, full_check=True)
     return model
 

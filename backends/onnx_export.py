@@ -5,7 +5,9 @@ Pipeline of ``export_qdq``:
    ``torch.ops.fliqs.fake_quant`` node becomes one placeholder node ``fliqs.FakeQuant``
    (attributes ``fmt``, ``axis``, ``shape``), everything else is the stock exporter.
 2. ``lower_fake_quant`` replaces every placeholder by standard ONNX ops, choosing the rule
-   from the format's data (``Format.onnx_type`` / ``kind``), see ``_RUNTIME_RULES``:
+   from the format's data (``Format.onnx_type`` / ``grid``, the ``ONNX_NATIVE`` table), see
+   ``_RUNTIME_RULES``; every scale, zero point, axis and stored code is the quantizer's
+   ``numerics.qspec.QuantSpec``:
    - weights (placeholder input is an initializer) are quantized offline: the quantized
      values are stored as a low-precision initializer + ``DequantizeLinear`` (per-axis scale;
      MX: ``block_size=32`` with the E8M0 block scales as float). Formats without an ONNX type
@@ -50,13 +52,14 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from fliqs_compiler import formats as F
-from fliqs_compiler import atomic
-from fliqs_compiler.errors import FliqsError
-from fliqs_compiler.quant import fake_quant, mx_block_scales, quantize_to_grid
-from fliqs_compiler.quantizers import FormatQuantizer
+from fliqs_compiler.numerics import formats as F
+from fliqs_compiler.base import atomic
+from fliqs_compiler.base.errors import FliqsError
+from fliqs_compiler.numerics.qspec import QuantSpec
+from fliqs_compiler.numerics.quant import quantize_to_grid
+from fliqs_compiler.numerics.quantizers import FormatQuantizer
 
-__all__ = ["export_qdq", "lower_fake_quant", "quantizer_nodes", "gemm_to_matmul",
+__all__ = ["export_qdq", "lower_fake_quant", "quantizer_nodes", "spec_nodes", "gemm_to_matmul",
            "detach_float_bias",
            "protect_relu_before_unclamped_q", "shield_four_bit_q", "shield_float_weight",
            "ORT_FORM_FIXES",
@@ -64,12 +67,22 @@ __all__ = ["export_qdq", "lower_fake_quant", "quantizer_nodes", "gemm_to_matmul"
 
 DOMAIN = "fliqs"
 _TP = TensorProto
-QDQ_TYPES = {_TP.INT8, _TP.UINT8, _TP.INT4, _TP.UINT4, _TP.FLOAT8E4M3FN, _TP.FLOAT8E5M2,
-             _TP.FLOAT4E2M1}  # element types of QuantizeLinear/DequantizeLinear
-CAST_TYPES = {_TP.FLOAT16, _TP.BFLOAT16}  # exported as Clip + Cast pairs
-FP4_TYPES = {_TP.FLOAT4E2M1}  # need opset 23 (and IR 11)
-# Storage containers for weights whose format has no ONNX type, smallest first.
-CONTAINERS = ("int4", "uint4", "int8", "uint8", "fp8_e4m3", "fp8_e5m2")
+# What ONNX expresses natively per element type: (form, lowest opset). 'qdq': an element type
+# of QuantizeLinear / DequantizeLinear; 'cast': Clip + Cast pairs (bf16 / fp16). A format whose
+# ``onnx_type`` is not here is decomposed into standard ops (see the module docstring).
+ONNX_NATIVE = {
+    _TP.INT8: ("qdq", 21), _TP.UINT8: ("qdq", 21), _TP.INT4: ("qdq", 21), _TP.UINT4: ("qdq", 21),
+    _TP.FLOAT8E4M3FN: ("qdq", 21), _TP.FLOAT8E5M2: ("qdq", 21),
+    _TP.FLOAT4E2M1: ("qdq", 23),  # and IR 11; onnxruntime 1.32 has no kernel for it
+    _TP.FLOAT16: ("cast", 21), _TP.BFLOAT16: ("cast", 21),
+}
+QDQ_TYPES = {t for t, (form, _) in ONNX_NATIVE.items() if form == "qdq"}
+CAST_TYPES = {t for t, (form, _) in ONNX_NATIVE.items() if form == "cast"}
+FP4_TYPES = {t for t, (_, opset) in ONNX_NATIVE.items() if opset > 21}  # need opset 23
+# Storage containers for weights whose format has no ONNX type, smallest first. fp16 (Cast up)
+# holds any fp grid of ≤ 10 mantissa bits within its range (e.g. FP8 E3M4, which no FP8 type
+# can hold: 4 mantissa bits).
+CONTAINERS = ("int4", "uint4", "int8", "uint8", "fp8_e4m3", "fp8_e5m2", "fp16")
 
 
 # ---- step 1: torch -> ONNX with one placeholder per fake_quant ----------------------------------
@@ -136,23 +149,14 @@ class _Builder:
         return out
 
 
-def _bcast(arr: np.ndarray, axis: Optional[int], rank: int) -> np.ndarray:
-    """Per-tensor -> scalar; per-channel -> shape broadcastable along ``axis``."""
-    arr = np.asarray(arr, np.float32)
-    if arr.size == 1:
-        return arr.reshape(())
-    shape = [1] * rank
-    shape[axis] = arr.size
-    return arr.reshape(shape)
+def _emit_levels_grid(b: _Builder, v: str, fmt: F.Format) -> str:
+    step = fmt.min_subnormal
+    k = b.op("Round", [b.op("Div", [v, b.const(step)])] if step != 1.0 else [v])
+    k = b.op("Clip", [k, b.const(fmt.qmin), b.const(fmt.qmax)])
+    return b.op("Mul", [k, b.const(step)]) if step != 1.0 else k
 
 
-def _emit_grid(b: _Builder, v: str, fmt: F.Format) -> str:
-    """ONNX ops computing ``quant.quantize_to_grid(v, fmt)`` exactly (unscaled element values)."""
-    if fmt.kind == "int":
-        step = fmt.min_subnormal
-        k = b.op("Round", [b.op("Div", [v, b.const(step)])] if step != 1.0 else [v])
-        k = b.op("Clip", [k, b.const(fmt.qmin), b.const(fmt.qmax)])
-        return b.op("Mul", [k, b.const(step)]) if step != 1.0 else k
+def _emit_float_grid(b: _Builder, v: str, fmt: F.Format) -> str:
     clipped = b.op("Clip", [v, b.const(-fmt.max_finite), b.const(fmt.max_finite)])
     if fmt.onnx_type in CAST_TYPES or fmt.onnx_type in (QDQ_TYPES - FP4_TYPES):
         return b.op("Cast", [b.op("Cast", [clipped], to=fmt.onnx_type)], to=_TP.FLOAT)
@@ -168,12 +172,22 @@ def _emit_grid(b: _Builder, v: str, fmt: F.Format) -> str:
     return b.op("Where", [neg, b.op("Neg", [q]), q])
 
 
-def _emit_scaled(b, x, fmt, scale, zp, axis, rank, out):
-    """``fake_quant`` of kind int/fp without Q/DQ: (grid(x / s [+ zp]) [- zp]) * s."""
-    s = _bcast(scale, axis, rank)
+# ONNX ops computing ``quant.quantize_to_grid`` per ``Format.grid``.
+_GRID_EMITTERS = {"levels": _emit_levels_grid, "float": _emit_float_grid}
+
+
+def _emit_grid(b: _Builder, v: str, fmt: F.Format) -> str:
+    """ONNX ops computing ``quant.quantize_to_grid(v, fmt)`` exactly (unscaled element values)."""
+    return _GRID_EMITTERS[fmt.grid](b, v, fmt)
+
+
+def _emit_scaled(b, x, spec: QuantSpec, rank, out):
+    """``fake_quant`` of an element format without Q/DQ: (grid(x / s [+ zp]) [- zp]) * s."""
+    fmt = spec.fmt
+    s = spec.broadcast(spec.scale, rank)
     v = b.op("Div", [x, b.const(s, "scale")]) if not np.all(s == 1.0) else x
-    if zp is not None and fmt.kind == "int":
-        z = b.const(_bcast(zp, axis, rank), "zp")
+    if spec.zero_point is not None and fmt.has_integer_levels:
+        z = b.const(spec.broadcast(spec.zero_point, rank), "zp")
         k = b.op("Add", [b.op("Round", [v]), z])
         k = b.op("Clip", [k, b.const(fmt.qmin), b.const(fmt.qmax)])
         q = b.op("Sub", [k, z])
@@ -184,28 +198,27 @@ def _emit_scaled(b, x, fmt, scale, zp, axis, rank, out):
     return b.op("Mul", [q, b.const(s, "scale")], out=out)
 
 
-def _emit_qdq(b, x, fmt, scale, zp, axis, rank, out):
+def _emit_qdq(b, x, spec: QuantSpec, rank, out):
     """Standard QuantizeLinear -> DequantizeLinear (per tensor or per axis)."""
-    s = np.asarray(scale, np.float32).reshape(-1)
-    per_axis = s.size > 1
-    s = s if per_axis else s.reshape(())
-    z = np.zeros_like(s) if zp is None else np.asarray(zp, np.float32).reshape(s.shape)
+    s = spec.scale if spec.per_channel else spec.scale.reshape(())
+    z = np.zeros_like(s) if spec.zero_point is None else spec.zero_point.reshape(s.shape)
     zname = b._name("zero_point")
-    b.inits[zname] = numpy_helper.from_array(z.astype(fmt.np_dtype), zname)
-    attrs = {"axis": axis} if per_axis else {}
+    b.inits[zname] = numpy_helper.from_array(z.astype(spec.fmt.np_dtype), zname)
+    attrs = {"axis": spec.axis} if spec.per_channel else {}
     sname = b.const(s, "scale")
     q = b.op("QuantizeLinear", [x, sname, zname], **attrs)
     return b.op("DequantizeLinear", [q, sname, zname], out=out, **attrs)
 
 
-def _emit_mx(b, x, fmt, scale, zp, axis, rank, out, shape):
-    """MX block quantization of a runtime tensor along ``axis`` (blocks of fmt.block_size)."""
+def _emit_mx(b, x, spec: QuantSpec, rank, out, shape):
+    """MX block quantization of a runtime tensor along the spec's block axis."""
+    fmt = spec.fmt
     if any(d < 0 for d in shape):
         raise FliqsError(f"MX format {fmt.name} on {out!r} needs a static input shape; pin it "
                          "with --input-shape")
-    el, blk = fmt.element_format(), fmt.block_size
-    axis = rank - 1 if axis is None else axis % rank
-    s = float(np.asarray(scale).reshape(-1)[0])
+    el, blk = spec.element, spec.block_size
+    axis = spec.block_axis_of(rank)
+    s = float(spec.scale[0])
     v = b.op("Div", [x, b.const(s)]) if s != 1.0 else x
     perm = [i for i in range(rank) if i != axis] + [axis]
     moved = [shape[i] for i in perm]
@@ -243,19 +256,10 @@ def _native_qdq(fmt: F.Format, native_fp4: bool) -> bool:
 
 # Activation lowering rules, first match wins: (name, predicate(fmt, native_fp4), emitter).
 _RUNTIME_RULES = (
-    ("qdq", lambda f, n4: f.kind in ("int", "fp") and _native_qdq(f, n4), _emit_qdq),
-    ("scaled-grid", lambda f, n4: f.kind in ("int", "fp"), _emit_scaled),
-    ("mx-blocks", lambda f, n4: f.kind == "mx", _emit_mx),
+    ("qdq", lambda f, n4: f.has_scale and _native_qdq(f, n4), _emit_qdq),
+    ("scaled-grid", lambda f, n4: f.has_scale, _emit_scaled),
+    ("mx-blocks", lambda f, n4: f.is_blocked, _emit_mx),
 )
-
-
-def _blocks(t: torch.Tensor, axis: int, blk: int) -> torch.Tensor:
-    """[..., n along axis] -> [..., nblocks, blk] with ``axis`` moved last (zero padded)."""
-    moved = t.movedim(axis, -1)
-    pad = (-moved.shape[-1]) % blk
-    if pad:
-        moved = torch.nn.functional.pad(moved, (0, pad))
-    return moved.reshape(*moved.shape[:-1], -1, blk)
 
 
 def _container(fmt: F.Format, values: torch.Tensor, native_fp4: bool) -> F.Format:
@@ -264,60 +268,51 @@ def _container(fmt: F.Format, values: torch.Tensor, native_fp4: bool) -> F.Forma
         return fmt
     for name in CONTAINERS:
         c = F.get(name)
-        if (c.kind == fmt.kind and c.signed == fmt.signed
+        if (c.grid == fmt.grid and c.signed == fmt.signed
                 and torch.equal(values.float(), quantize_to_grid(values.float(), c))):
             return c
     raise FliqsError(f"format {fmt.name}: no ONNX storage type holds its values; "
                      "choose another weight format")
 
 
-def _fold_weight(b, w, fmt, scale, zp, axis, block_axis, out, native_fp4):
-    """Quantize initializer ``w`` offline; emit stored low-precision initializer + DQ/Cast."""
-    wt = torch.from_numpy(np.array(w, np.float32))
-    if torch.isnan(wt).any():
+def _fold_weight(b, w, spec: QuantSpec, out, native_fp4):
+    """Quantize initializer ``w`` offline (the spec's codes); emit the stored low-precision
+    initializer + DQ/Cast, checked bit-exact against the spec's fake_quant."""
+    w = np.array(w, np.float32)
+    if np.isnan(w).any():
         raise FliqsError(f"quantizer {out!r}: its weight contains NaN; fix or retrain the model")
-    st = torch.from_numpy(np.array(scale, np.float32))
-    zt = None if zp is None else torch.from_numpy(np.array(zp, np.float32))
-    qaxis = block_axis if fmt.kind == "mx" else axis
-    y = fake_quant(wt, fmt, st, qaxis, zt)  # the truth every representation must reproduce
-    rank = wt.dim()
-    if fmt.kind == "mx":
-        el, blk = fmt.element_format(), fmt.block_size
-        qaxis = rank - 1 if qaxis is None else qaxis % rank
-        s = float(st.reshape(-1)[0])
-        bsc = mx_block_scales(_blocks(wt / s, qaxis, blk), fmt)  # [..., nb, 1]
-        elem = quantize_to_grid(_blocks(y, qaxis, blk) / s / bsc, el)
-        step = el.min_subnormal if el.kind == "int" else 1.0
-        stored = (elem / step).flatten(-2)[..., :wt.shape[qaxis]].movedim(-1, qaxis)
-        dq_scale = (bsc * step * s).squeeze(-1).movedim(-1, qaxis)
-        attrs = {"axis": qaxis, "block_size": blk}
-        kind_fmt = el if el.kind != "int" else F.get("int8")
+    fmt, rank = spec.fmt, w.ndim
+    y = torch.from_numpy(spec.fake_quant(w))  # the truth every representation must reproduce
+    q = spec.quantize(w)
+    if fmt.is_blocked:  # blocked DQ: one scale per block, E8M0 x code unit x pre-scale
+        dq_scale = q.block_scales * np.float32(spec.code_unit) * np.float32(spec.scale[0])
+        attrs = {"axis": spec.block_axis_of(rank), "block_size": spec.block_size}
     else:
-        sb = torch.from_numpy(_bcast(scale, axis, rank).copy())
-        zb = 0.0 if zt is None else torch.from_numpy(_bcast(zp, axis, rank).copy())
-        stored = quantize_to_grid(y / sb + zb, fmt)
-        dq_scale = st.reshape(-1) if st.numel() > 1 else st.reshape(())
-        attrs = {"axis": axis} if st.numel() > 1 else {}
-        kind_fmt = fmt
-    cont = _container(kind_fmt, stored, native_fp4 and fmt.kind != "mx")  # MX: runnable containers
-    stored_np = stored.numpy().astype(cont.np_dtype)
+        dq_scale = spec.scale if spec.per_channel else spec.scale.reshape(())
+        attrs = {"axis": spec.axis} if spec.per_channel else {}
+    codes = q.codes.astype(np.float32)
+    cont = _container(spec.code_format, torch.from_numpy(codes),
+                      native_fp4 and not fmt.is_blocked)  # MX: runnable containers
+    stored_np = codes.astype(cont.np_dtype)
     wname = b._name(f"w_{cont.name}")
     b.inits[wname] = numpy_helper.from_array(stored_np, wname)
+    zt = None if spec.zero_point is None else torch.from_numpy(spec.zero_point.copy())
     if cont.onnx_type in CAST_TYPES:  # bf16 / fp16 weight: Cast up, then scale
         dq = b.op("Cast", [wname], to=_TP.FLOAT)
-        sv = _bcast(scale, axis, rank)
+        sv = spec.broadcast(spec.scale, rank)
         res = b.op("Mul", [dq, b.const(sv, "scale")], out=out) if not np.all(sv == 1) else \
             b.op("Identity", [dq], out=out)
         check = torch.from_numpy(stored_np.astype(np.float32)) * torch.from_numpy(sv.copy())
     else:
         zname = None
-        if zt is not None and fmt.kind != "mx":
+        if zt is not None and not fmt.is_blocked:
             zname = b._name("zero_point")
-            zarr = zt.reshape(dq_scale.shape).numpy().astype(cont.np_dtype)
+            zarr = spec.zero_point.reshape(dq_scale.shape).astype(cont.np_dtype)
             b.inits[zname] = numpy_helper.from_array(zarr, zname)
-        res = b.op("DequantizeLinear", [wname, b.const(dq_scale.numpy(), "scale")]
+        res = b.op("DequantizeLinear", [wname, b.const(dq_scale, "scale")]
                    + ([zname] if zname else []), out=out, **attrs)
-        check = _dequant_check(stored_np, dq_scale, zt, attrs, rank)
+        check = _dequant_check(stored_np, torch.from_numpy(np.array(dq_scale, np.float32)),
+                               zt, attrs, rank)
     if not torch.equal(check, y):
         raise RuntimeError(f"internal: folded weight {out!r} ({fmt.name}) is not bit-exact")
     return res
@@ -339,29 +334,35 @@ def _dequant_check(stored_np, dq_scale, zt, attrs, rank) -> torch.Tensor:
 def quantizer_nodes(x: str, out: str, fmt: str, scale, zero_point=None, axis: Optional[int] = None,
                     shape: Sequence[int] = (), weight: Optional[np.ndarray] = None,
                     native_fp4: bool = True) -> tuple[list, list]:
-    """Standard ONNX nodes + initializers computing ``fq.fake_quant`` of tensor ``x`` into ``out``.
+    """``spec_nodes`` for the spec of ``fake_quant(x, fmt, scale, axis, zero_point)``:
+    ``axis`` is the per-channel axis of ``scale`` (int/fp) or the block axis (MX)."""
+    spec = QuantSpec.from_call(fmt, scale, zero_point, axis,
+                               role="weight" if weight is not None else "activation")
+    return spec_nodes(x, out, spec, shape, weight=weight, native_fp4=native_fp4)
 
-    ``axis``: per-channel axis of ``scale`` (int/fp) or block axis (MX); ``shape``: static shape
-    of ``x`` (needed for MX and per-channel activations). With ``weight`` (the value of ``x``,
-    an array) the tensor is quantized offline: the result reads a new low-precision
-    initializer, not ``x``. Names are prefixed with ``out``. Used by ``lower_fake_quant`` and by
-    the latency micro-graphs, so both have the same form.
+
+def spec_nodes(x: str, out: str, spec: QuantSpec, shape: Sequence[int] = (),
+               weight: Optional[np.ndarray] = None, native_fp4: bool = True) -> tuple[list, list]:
+    """Standard ONNX nodes + initializers computing ``spec.fake_quant`` of tensor ``x`` into ``out``.
+
+    ``shape``: static shape of ``x`` (needed for MX and per-channel activations). With
+    ``weight`` (the value of ``x``, an array) the tensor is quantized offline: the result reads
+    a new low-precision initializer holding the spec's codes, not ``x``. Names are prefixed
+    with ``out``. Used by ``lower_fake_quant`` and by the latency micro-graphs, so both have the
+    same form.
     """
-    fmt_ = F.get(fmt)
     b = _Builder(out, {})
-    scale = np.asarray(scale, np.float32)
-    zp = None if zero_point is None else np.asarray(zero_point, np.float32)
-    if fmt_.kind == "float":
+    fmt = spec.fmt
+    if not fmt.is_quantized:
         b.op("Identity", [x], out=out)
     elif weight is not None:
-        _fold_weight(b, weight, fmt_, scale, zp, None if fmt_.kind == "mx" else axis,
-                     axis if fmt_.kind == "mx" else None, out, native_fp4)
+        _fold_weight(b, weight, spec, out, native_fp4)
     else:
         rank = len(shape)
         for _, pred, emit in _RUNTIME_RULES:
-            if pred(fmt_, native_fp4):
+            if pred(fmt, native_fp4):
                 extra = (list(shape),) if emit is _emit_mx else ()
-                emit(b, x, fmt_, scale, zp, axis, rank, out, *extra)
+                emit(b, x, spec, rank, out, *extra)
                 break
     return b.nodes, list(b.inits.values())
 
@@ -392,8 +393,10 @@ def lower_fake_quant(model: onnx.ModelProto, native_fp4: bool = True) -> onnx.Mo
         scale = numpy_helper.to_array(inits[names[1]])
         zp = numpy_helper.to_array(inits[names[2]]) if names[2] else None
         w = numpy_helper.to_array(inits[names[0]]) if names[0] in inits else None
-        nodes, new_inits = quantizer_nodes(names[0], node.output[0], fmt.name, scale, zp, axis,
-                                           shape, weight=w, native_fp4=native_fp4)
+        spec = QuantSpec.from_call(fmt, scale, zp, axis,
+                                   role="weight" if w is not None else "activation")
+        nodes, new_inits = spec_nodes(names[0], node.output[0], spec, shape, weight=w,
+                                      native_fp4=native_fp4)
         inits.update((t.name, t) for t in new_inits)
         new_nodes.extend(nodes)
     used = {i for n in new_nodes for i in n.input} | {o.name for o in g.output}
@@ -743,7 +746,7 @@ def export_qdq(graph, path, opset: Optional[int] = None, native_fp4: bool = True
     ``onnx.checker.check_model(full_check=True)`` passes, graph input/output names are
     ``graph.inputs[i].name`` / ``graph.output_names`` (when given), written atomically.
     """
-    from fliqs_compiler.quantizers import SearchableQuantizer
+    from fliqs_compiler.numerics.quantizers import SearchableQuantizer
     if any(isinstance(m, SearchableQuantizer) for m in graph.gm.modules()):
         raise FliqsError(f"graph {graph.name!r} still has searchable quantizers; materialize a "
                          "format assignment (passes.materialize) before exporting")

@@ -20,9 +20,10 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from fliqs_compiler import formats as F
-from fliqs_compiler.errors import CheckFailed, FliqsError
-from fliqs_compiler.quantizers import FormatQuantizer
+from fliqs_compiler.base.errors import CheckFailed, FliqsError
+from fliqs_compiler.numerics.qspec import QuantSpec
+from fliqs_compiler.numerics.qspec import grid_step as qspec_grid_step
+from fliqs_compiler.numerics.quantizers import FormatQuantizer
 
 __all__ = ["QDQ_DISABLED_OPTIMIZERS", "EXACT_DISABLED_OPTIMIZERS", "DEFAULT_TOLERANCE_LSB",
            "make_session", "default_session", "run_onnx", "time_onnx", "compare", "ort_can_run",
@@ -250,19 +251,9 @@ FLOAT_ONLY_UNIT = 2.0 ** -10
 
 def grid_step(fmt_name: str, scale, magnitude) -> np.ndarray:
     """One step of format ``fmt_name``'s grid (scaled by the largest of ``scale``) at each
-    ``magnitude`` (int: the scale; fp: the ulp at that value; MX: one step of the block's
-    largest element, an upper bound)."""
-    fmt = F.get(fmt_name)
-    s = float(np.max(np.abs(np.asarray(scale, np.float64))))
-    a = np.abs(np.asarray(magnitude, np.float64)) / s
-    if fmt.kind == "int":
-        return np.full(a.shape, s * fmt.min_subnormal)
-    el = fmt.element_format()
-    if fmt.kind == "mx":
-        a = np.full(a.shape, max(float(np.max(a, initial=0.0)), 1e-30))
-        return 2.0 ** (np.floor(np.log2(a)) - (6 if el.kind == "int" else el.mbits)) * s
-    e = np.clip(np.floor(np.log2(np.maximum(a, el.min_normal))), el.emin, F.emax_of(el))
-    return 2.0 ** (e - el.mbits) * s
+    ``magnitude`` (``numerics.qspec.grid_step``: int: the scale; fp: the ulp at that value; MX:
+    one step of the block's largest element, an upper bound)."""
+    return qspec_grid_step(fmt_name, scale, magnitude)
 
 
 class _StepRecorder(torch.fx.Interpreter):
@@ -274,21 +265,23 @@ class _StepRecorder(torch.fx.Interpreter):
         self.steps: dict = {}
 
     def _activation_quantizer(self, n):
+        """The QuantSpec of an activation quantizer node (module or fake_quant call), else None."""
+        spec = None
         if n.op == "call_module":
             m = self.fetch_attr(n.target)
-            ok = isinstance(m, FormatQuantizer) and m.role == "activation" and m.fmt != "float"
-            return (m.fmt, m.scale) if ok else None
-        if n.op == "call_function" and n.target is torch.ops.fliqs.fake_quant.default \
+            if isinstance(m, FormatQuantizer) and m.role == "activation":
+                spec = QuantSpec.of(m)
+        elif n.op == "call_function" and n.target is torch.ops.fliqs.fake_quant.default \
                 and getattr(n.args[0], "op", None) != "get_attr":  # get_attr input: a weight
             args, _ = self.fetch_args_kwargs_from_env(n)
-            return (args[3], args[1]) if args[3] != "float" else None
-        return None
+            spec = QuantSpec.from_call(args[3], args[1], args[2], args[4])
+        return spec if spec is not None and spec.fmt.is_quantized else None
 
     def run_node(self, n):
         out = super().run_node(n)
         q = self._activation_quantizer(n)
         if q is not None and torch.is_tensor(out) and out.numel():
-            step = float(grid_step(q[0], q[1].detach(), out.detach().abs().max().item()))
+            step = float(q.grid_step(out.detach().abs().max().item()))
             self.steps[n] = max(self.steps.get(n, 0.0), step)
         return out
 

@@ -8,12 +8,16 @@ Accepted forms (``parse_target``):
 - a JSON target dict, e.g. ``{"kind":"llvm","mcpu":"znver4","num-cores":2}`` (TVM 0.27 accepts
   only dicts; ``num-cores`` is added when missing because MetaSchedule needs it).
 - ``ort`` — onnxruntime's CPU execution provider (no TVM).
-- ``rpc://HOST:PORT/KEY`` — a TVM RPC tracker. Parsed and validated, but running on it is not
-  implemented yet: ``Target.require_local()`` raises a FliqsError saying so.
+- ``rpc://HOST:PORT/KEY[?target=<JSON target dict>&priority=N&timeout=S]`` — a device behind a
+  TVM RPC tracker. Without ``target=`` the device is asked for its own LLVM target
+  (``backends.devices.resolve``, through the backend's ``resolve``); nothing uses the host CPU.
 
-A ``Target`` is plain data: ``kind`` ('tvm' | 'ort'), ``tvm_target`` (dict or None), ``key`` (a
-stable string for caches: same target → same key, across processes), ``text`` (what the user
-wrote), ``rpc`` (host, port, key) or None. Adding a target form is adding an entry to ``_FORMS``.
+A ``Target`` is plain data: ``kind`` (the backend that runs it: 'tvm' | 'ort', a name in
+``backends.registry``), ``tvm_target`` (dict or None), ``key`` (a stable string for caches: same
+target → same key, across processes), ``text`` (what the user wrote), ``rpc`` (host, port, key)
+or None, and ``caps``: its ``Capabilities`` (instruction-set features, threads, host or remote
+device), read from data tables (``CPU_FEATURES``), never from names at the point of use.
+Adding a target form is adding an entry to ``_FORMS``; adding a CPU is a row of ``CPU_FEATURES``.
 """
 from __future__ import annotations
 
@@ -23,12 +27,13 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from fliqs_compiler.errors import FliqsError
+from fliqs_compiler.base.errors import FliqsError
 
-__all__ = ["Target", "parse_target", "default_threads", "host_cpu", "VALID_FORMS"]
+__all__ = ["Target", "Capabilities", "CPU_FEATURES", "parse_target", "register_form",
+           "unregister_form", "default_threads", "host_cpu", "VALID_FORMS"]
 
 VALID_FORMS = ("llvm", 'a JSON target dict such as {"kind":"llvm","mcpu":"znver4","num-cores":2}',
-               "ort", "rpc://HOST:PORT/KEY")
+               "ort", "rpc://HOST:PORT/KEY[?target=<JSON target dict>&priority=N&timeout=S]")
 
 
 def default_threads() -> int:
@@ -50,6 +55,59 @@ def host_cpu() -> str:
         return "generic"
 
 
+# Instruction-set features per LLVM CPU name, for the features lowering rules choose kernels by
+# (``tvm_kernels.KERNELS``' ``needs``). A target dict may add or remove features through
+# ``mattr`` ("+avx512vnni", "-avx512bf16"). Rows are LLVM names as ``llvm_get_system_cpu`` reports.
+_AVX512 = frozenset({"avx2", "fma", "avx512f", "avx512bw", "avx512vl"})
+_VNNI = _AVX512 | {"avx512vnni"}
+_BF16 = _VNNI | {"avx512bf16"}
+CPU_FEATURES: dict[str, frozenset] = {
+    **{cpu: frozenset({"avx2", "fma"}) for cpu in ("haswell", "broadwell", "skylake", "znver2", "znver3")},
+    **{cpu: _AVX512 for cpu in ("skylake-avx512", "cannonlake")},
+    **{cpu: frozenset(_VNNI) for cpu in ("cascadelake", "icelake-client", "icelake-server",
+                                         "tigerlake", "rocketlake")},
+    "alderlake": frozenset({"avx2", "fma", "avxvnni"}),
+    **{cpu: frozenset(_BF16) for cpu in ("cooperlake", "sapphirerapids", "emeraldrapids", "graniterapids",
+                                         "graniterapids-d", "diamondrapids", "znver4", "znver5")},
+}
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a target can execute, as data: instruction-set ``features`` (``CPU_FEATURES`` plus the
+    target dict's ``mattr``), ``threads``, and ``device`` ('host': this process; 'rpc': a remote
+    device behind a TVM RPC tracker). Which formats a target runs natively per role depends on
+    the backend too: ``backends.registry.Backend.caps(target)`` adds that."""
+
+    features: frozenset = frozenset()
+    threads: int = 1
+    device: str = "host"
+    native: dict = field(default_factory=dict)  # role ('weight' | 'activation') → frozenset of formats
+
+    def has(self, *features: str) -> bool:
+        """True when every one of ``features`` is available (e.g. ``caps.has("avx512vnni")``)."""
+        return all(f in self.features for f in features)
+
+    def as_dict(self) -> dict:
+        return {"features": sorted(self.features), "threads": self.threads, "device": self.device,
+                "native": {role: sorted(f) for role, f in self.native.items()}}
+
+
+def cpu_features(tvm_target: Optional[dict]) -> frozenset:
+    """``CPU_FEATURES[mcpu]`` adjusted by the target dict's ``mattr`` (+feature / -feature)."""
+    if not tvm_target:
+        return frozenset()
+    features = set(CPU_FEATURES.get(str(tvm_target.get("mcpu", "")), ()))
+    mattr = tvm_target.get("mattr") or []
+    for item in mattr.split(",") if isinstance(mattr, str) else mattr:
+        item = str(item).strip()
+        if item[:1] == "+":
+            features.add(item[1:])
+        elif item[:1] == "-":
+            features.discard(item[1:])
+    return frozenset(features)
+
+
 @dataclass(frozen=True)
 class Target:
     """A parsed target. ``tvm_target`` is a JSON-able dict for ``tvm.target.Target``."""
@@ -57,14 +115,15 @@ class Target:
     kind: str  # 'tvm' | 'ort'
     text: str
     tvm_target: Optional[dict] = None
-    rpc: Optional[tuple] = None  # (host, port, key)
-    extra: dict = field(default_factory=dict)
+    rpc: Optional[RpcAddress] = None  # a remote device behind a tracker
 
     @property
     def key(self) -> str:
-        """Stable cache key: the kind plus the sorted target dict (or the RPC address)."""
+        """Stable cache key: the kind plus the sorted target dict; for a remote device its key and
+        its own target dict (never the tracker's address: a device is the same device behind
+        any tracker)."""
         if self.rpc:
-            return f"rpc:{self.rpc[0]}:{self.rpc[1]}:{self.rpc[2]}"
+            return f"rpc:{self.rpc.key}:" + json.dumps(self.tvm_target, sort_keys=True, separators=(",", ":"))
         if self.tvm_target is None:
             return self.kind
         return "tvm:" + json.dumps(self.tvm_target, sort_keys=True, separators=(",", ":"))
@@ -76,24 +135,25 @@ class Target:
         return default_threads()
 
     @property
+    def caps(self) -> Capabilities:
+        """The target's own capabilities (features, threads, host or rpc device)."""
+        return Capabilities(cpu_features(self.tvm_target), self.threads,
+                            "rpc" if self.rpc else "host")
+
+    @property
     def mcpu(self) -> str:
         return str((self.tvm_target or {}).get("mcpu", ""))
 
     def tvm(self):
-        """The ``tvm.target.Target`` object (TVM targets only)."""
-        self.require_local()
+        """The ``tvm.target.Target`` object (TVM targets only; an ``rpc://`` one once resolved)."""
         if self.tvm_target is None:
+            if self.rpc:
+                raise FliqsError(f"target {self.text!r}: the device's target is not known yet; "
+                                 "resolve it first (backends.devices.resolve) or pass target=<JSON>")
             raise FliqsError(f"target {self.text!r} is not a TVM target; use 'llvm' or a JSON "
                              "target dict for TVM lowering")
         import tvm
         return tvm.target.Target(self.tvm_target)
-
-    def require_local(self) -> "Target":
-        """Raise a FliqsError for targets that cannot run in this process (RPC)."""
-        if self.rpc:
-            raise FliqsError(f"target {self.text!r}: RPC targets are parsed but not supported yet; "
-                             "use --target llvm (host CPU) or a JSON target dict")
-        return self
 
     def __str__(self):
         return self.text
@@ -105,16 +165,20 @@ def _llvm(text: str) -> Optional[Target]:
     return Target("tvm", text, {"kind": "llvm", "mcpu": host_cpu(), "num-cores": default_threads()})
 
 
-def _json(text: str) -> Optional[Target]:
+def _json(text: str, option: str = "") -> Optional[Target]:
     if not text.startswith("{"):
+        if option:
+            raise FliqsError(f"{option}{text!r} is not a JSON target dict; write e.g. "
+                             '{"kind":"llvm","mtriple":"aarch64-linux-gnu","mcpu":"cortex-a72","num-cores":4}')
         return None
+    option = option or f"--target {text!r}: "
     try:
         d = json.loads(text)
     except json.JSONDecodeError as e:
-        raise FliqsError(f"--target: invalid JSON target dict ({e.msg} at char {e.pos}); write e.g. "
+        raise FliqsError(f"{option}invalid JSON target dict ({e.msg} at char {e.pos}); write e.g. "
                          '{"kind":"llvm","mcpu":"znver4","num-cores":2}') from None
     if not isinstance(d, dict) or d.get("kind") != "llvm":
-        raise FliqsError(f"--target {text!r}: a JSON target needs \"kind\": \"llvm\" (the only TVM "
+        raise FliqsError(f"{option}a JSON target needs \"kind\": \"llvm\" (the only TVM "
                          "kind supported here)")
     d = dict(d)
     d.setdefault("num-cores", default_threads())
@@ -123,17 +187,57 @@ def _json(text: str) -> Optional[Target]:
         tvm.target.Target(d)
     except Exception as e:  # noqa: BLE001 — TVM's own validation message
         msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        raise FliqsError(f"--target {text!r}: TVM rejects this target dict: {msg}") from None
+        raise FliqsError(f"{option}TVM rejects this target dict: {msg}") from None
     return Target("tvm", text, d)
 
 
 def _ort(text: str) -> Optional[Target]:
     if text not in ("ort", "onnxruntime"):
         return None
-    return Target("ort", text, None, extra={"provider": "CPUExecutionProvider"})
+    return Target("ort", text, None)  # onnxruntime's CPUExecutionProvider
 
 
-_RPC_RE = re.compile(r"^rpc://(?P<host>[A-Za-z0-9_.\-]+):(?P<port>\d{1,5})/(?P<key>[A-Za-z0-9_.\-]+)$")
+_RPC_RE = re.compile(r"^rpc://(?P<host>[A-Za-z0-9_.\-]+):(?P<port>\d{1,5})/(?P<key>[A-Za-z0-9_.\-]+)"
+                     r"(?:\?(?P<query>.*))?$")
+_RPC_USAGE = "rpc://HOST:PORT/KEY[?target=<JSON target dict>&priority=N&timeout=S]"
+
+
+@dataclass(frozen=True)
+class RpcAddress:
+    """Where a remote device is: the tracker (``host``:``port``), the device ``key``, the request
+    ``priority`` and how long to wait for a free device (``timeout`` seconds)."""
+
+    host: str
+    port: int
+    key: str
+    priority: int = 1
+    timeout: float = 60.0
+
+
+def _rpc_query(text: str, query: str) -> dict:
+    """``target=<JSON>&priority=N&timeout=S`` → checked values (unknown keys are errors)."""
+    from urllib.parse import parse_qs
+    out = {}
+    try:
+        items = parse_qs(query, keep_blank_values=True, strict_parsing=True)
+    except ValueError:
+        raise FliqsError(f"--target {text!r}: cannot read the query; expected {_RPC_USAGE}") from None
+    for name, values in items.items():
+        value = values[-1]
+        if name == "target":
+            out["tvm_target"] = _json(value, option=f"--target {text!r}: target=").tvm_target
+        elif name in ("priority", "timeout"):
+            try:
+                number = int(value) if name == "priority" else float(value)
+                if number <= 0 and name == "timeout":
+                    raise ValueError
+            except ValueError:
+                raise FliqsError(f"--target {text!r}: {name}={value!r} is not a "
+                                 f"{'integer' if name == 'priority' else 'positive number of seconds'}") from None
+            out[name] = number
+        else:
+            raise FliqsError(f"--target {text!r}: unknown option {name!r}; expected {_RPC_USAGE}")
+    return out
 
 
 def _rpc(text: str) -> Optional[Target]:
@@ -141,13 +245,28 @@ def _rpc(text: str) -> Optional[Target]:
         return None
     m = _RPC_RE.match(text)
     if not m or not (0 < int(m["port"]) < 65536):
-        raise FliqsError(f"--target {text!r}: expected rpc://HOST:PORT/KEY with a port in 1..65535")
-    return Target("tvm", text, {"kind": "llvm", "num-cores": default_threads()},
-                  rpc=(m["host"], int(m["port"]), m["key"]))
+        raise FliqsError(f"--target {text!r}: expected {_RPC_USAGE} with a port in 1..65535")
+    opts = _rpc_query(text, m["query"]) if m["query"] else {}
+    address = RpcAddress(m["host"], int(m["port"]), m["key"], int(opts.get("priority", 1)),
+                         float(opts.get("timeout", 60.0)))
+    # No target= : the device is asked for its own (``backends.rpc``); never the host's CPU.
+    return Target("tvm", text, opts.get("tvm_target"), rpc=address)
 
 
 # Target forms, tried in order; each returns a Target, None (not this form) or raises FliqsError.
 _FORMS: list[Callable[[str], Optional[Target]]] = [_llvm, _json, _ort, _rpc]
+
+
+def register_form(form: Callable[[str], Optional[Target]]) -> None:
+    """Add a target form (a plug-in backend's, e.g. ``--target mybackend``), tried after the
+    built-in ones."""
+    if form not in _FORMS:
+        _FORMS.append(form)
+
+
+def unregister_form(form) -> None:
+    if form in _FORMS:
+        _FORMS.remove(form)
 
 
 def parse_target(text) -> Target:

@@ -1,6 +1,6 @@
 """Hand-scheduled TIR kernels: u8 × s8 → s32 dense and conv2d with AVX512-VNNI (``vpdpbusd``).
 
-Why hand schedules (``../shared/docs/stack-notes.md``): in TVM 0.27 MetaSchedule never reaches
+Why hand schedules (measured on this project's machines): in TVM 0.27 MetaSchedule never reaches
 VNNI — the stock ``dot_16x4_vnni`` intrinsic passes the wrong operand types to LLVM 22, nested
 vectorization aborts ``StorageRewrite``, and tensorize cannot match Relax's ``[K, N]`` weight. Here:
 
@@ -27,10 +27,13 @@ ResNet-18 3×3 64→64 conv at 56×56 runs in 1.8 ms with VNNI vs 32.5 ms as pla
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["VNNI_INTRIN", "register_intrinsics", "has_vnni", "pack_dense_weight",
+from fliqs_compiler.backends.targets import cpu_features
+
+__all__ = ["Kernel", "KERNELS", "kernels_for", "VNNI_INTRIN", "register_intrinsics", "has_vnni", "pack_dense_weight",
            "pack_conv_weight", "dense_vnni_supported", "conv_vnni_supported",
            "conv_vnni_applicable", "dense_vnni", "conv2d_nhwc_vnni", "vnni_rewrite", "fp_round_te"]
 
@@ -38,18 +41,11 @@ VNNI_INTRIN = "fliqs_dot_16x4_vnni"
 _REGISTERED = False
 _COUNTER = itertools.count()
 
-# CPUs (LLVM names) with AVX512-VNNI; a target dict may also name "+avx512vnni" in mattr.
-_VNNI_CPUS = {"cascadelake", "cooperlake", "icelake-client", "icelake-server", "tigerlake",
-              "sapphirerapids", "emeraldrapids", "graniterapids", "graniterapids-d", "rocketlake",
-              "alderlake", "znver4", "znver5", "diamondrapids"}
-
 
 def has_vnni(tvm_target: dict) -> bool:
-    """True when the target dict's CPU (``mcpu`` or ``mattr``) has AVX512-VNNI."""
-    mattr = tvm_target.get("mattr") or []
-    if isinstance(mattr, str):
-        mattr = mattr.split(",")
-    return str(tvm_target.get("mcpu", "")) in _VNNI_CPUS or "+avx512vnni" in mattr
+    """True when the target dict's CPU (``mcpu`` in ``targets.CPU_FEATURES``, or ``mattr``) has
+    AVX512-VNNI."""
+    return "avx512vnni" in cpu_features(tvm_target)
 
 
 def register_intrinsics() -> None:
@@ -350,3 +346,24 @@ def fp_round_te(x, mbits: int, max_finite: float, min_normal: float, min_subnorm
         return tirx.Select(v != v, v, rounded)
 
     return te.compute(x.shape, f, name="fp_round")
+
+
+# ---- which kernels a target gets: chosen from its capabilities, as data -------------------------
+@dataclass(frozen=True)
+class Kernel:
+    """A scheduled kernel for the layers one compute rule (``tvm_lower.COMPUTE_RULES``) matched,
+    available on targets whose capabilities have every feature in ``needs``. ``rewrite(mod,
+    names, weight_consts) -> (mod, {layer name: kernel symbol})`` swaps it in after translation."""
+
+    name: str
+    compute_rule: str
+    needs: tuple
+    rewrite: object
+
+
+KERNELS = (Kernel("vnni", compute_rule="int8", needs=("avx512vnni",), rewrite=vnni_rewrite),)
+
+
+def kernels_for(caps) -> list:
+    """The kernels of ``KERNELS`` a target with capabilities ``caps`` can run."""
+    return [k for k in KERNELS if caps.has(*k.needs)]

@@ -7,12 +7,13 @@ pipeline or MetaSchedule tuning → ``tvm.compile`` → ``out_dir/tvm/model.so``
 
 Per-format rules live in ONE place, the tables below, keyed by ``Format.kind``:
 
-- ``WEIGHT_RULES[kind](w, fmt, scale, axis) -> QTensor``: how a constant weight is stored and decoded
+- ``WEIGHT_RULES[kind](bb, w, spec) -> QTensor``: how a constant weight is stored and decoded
   (int whose levels fit int8 → int8 codes, uint8 → dequantized fp32; int ≤ 4 bits and fp4 → two
   codes per uint8 with a fused LUT unpack;
   fp8/fp16/bf16 → stored in that dtype and upcast; other fp/mx → exact dequantized fp32).
-  Codes come from ``fliqs_compiler.quant.quantize_to_grid``; nothing here re-derives rounding.
-- ``ACT_RULES[kind](x, fmt, scale, zp, axis) -> QTensor``: how an activation is quantized at run time
+  Codes, scales, zero points and axes come from the node's ``numerics.qspec.QuantSpec``
+  (``spec.quantize``); nothing here re-derives rounding.
+- ``ACT_RULES[kind](bb, x, spec) -> QTensor``: how an activation is quantized at run time
   (int → round/clip to int8/uint8 codes; fp16 → divide, saturate, cast, cast back, multiply;
   fp8/bf16/fp6/fp4 → divide, exact round-to-nearest-even on the f32 bit pattern
   (``tvm_kernels.fp_round_te``), multiply — never ``relax.op.quantize`` or TVM's fp8 casts).
@@ -50,15 +51,15 @@ os.environ.setdefault("TVM_NUM_THREADS", "2")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from fliqs_compiler import formats as F  # noqa: E402
-from fliqs_compiler import atomic  # noqa: E402
-from fliqs_compiler.errors import FliqsError  # noqa: E402
-from fliqs_compiler.quant import fake_quant, quantize_to_grid  # noqa: E402
+from fliqs_compiler.numerics import formats as F  # noqa: E402
+from fliqs_compiler.base import atomic  # noqa: E402
+from fliqs_compiler.base.errors import FliqsError  # noqa: E402
+from fliqs_compiler.numerics.qspec import QuantSpec  # noqa: E402
 
-from . import tvm_kernels as K  # noqa: E402
-from .targets import Target, parse_target  # noqa: E402
+from fliqs_compiler.backends import tvm_kernels as K  # noqa: E402
+from fliqs_compiler.backends.targets import Target, parse_target  # noqa: E402
 
-__all__ = ["QTensor", "Lowered", "lower", "translate", "compile_module", "WEIGHT_RULES",
+__all__ = ["QTensor", "Lowered", "Tuning", "lower", "translate", "compile_module", "WEIGHT_RULES",
            "ACT_RULES", "COMPUTE_RULES", "asm_functions", "fuse_pipeline"]
 
 _TVM_CAST = {"float8_e4m3fn": "float8_e4m3fn", "float8_e5m2": "float8_e5m2",
@@ -104,22 +105,6 @@ def _const(a, dtype=None):
     return relax.const(a if dtype is None else a.astype(dtype))
 
 
-def _bcast_scale(scale: np.ndarray, ndim: int, axis: Optional[int]) -> np.ndarray:
-    s = np.asarray(scale, np.float32).reshape(-1)
-    if s.size == 1:
-        return s.reshape(())
-    shape = [1] * ndim
-    shape[axis or 0] = s.size
-    return s.reshape(shape)
-
-
-def _grid_codes(w: np.ndarray, fmt: F.Format, scale, axis) -> np.ndarray:
-    """Unscaled grid values of ``w / scale`` in ``fmt`` (float32), via quant.quantize_to_grid."""
-    x = torch.from_numpy(np.ascontiguousarray(w, np.float32))
-    s = torch.from_numpy(_bcast_scale(scale, w.ndim, axis))
-    return quantize_to_grid(x / s, fmt).numpy()
-
-
 def _pack_nibbles(codes_u4: np.ndarray) -> np.ndarray:
     """Flat 4-bit codes (0..15) → uint8, element 2i in the low nibble, 2i+1 in the high one."""
     flat = codes_u4.reshape(-1).astype(np.uint8)
@@ -144,11 +129,17 @@ def _unpack_nibbles(bb, packed, lut: np.ndarray, shape, out_dtype: str):
 
 
 # ---- weight rules (constant tensors) ----------------------------------------------------------
-def _int_weight(bb, w, fmt, scale, axis, zp):
+def _scale_const(spec: QuantSpec, ndim: int):
+    """The spec's scale as a constant broadcastable against a rank-``ndim`` tensor."""
+    return _const(spec.broadcast(spec.scale, ndim))
+
+
+def _int_weight(bb, w, spec: QuantSpec):
+    fmt, zp = spec.fmt, spec.zero_point
     # int8 codes only where every level fits int8: uint8 weights (0..255) would wrap
-    if (zp is not None and np.any(np.asarray(zp) != 0)) or fmt.qmin < -128 or fmt.qmax > 127:
-        return _dequant_weight(bb, w, fmt, scale, axis, zp)
-    k = _grid_codes(w, fmt, scale, axis).astype(np.int8)
+    if (zp is not None and np.any(zp != 0)) or fmt.qmin < -128 or fmt.qmax > 127:
+        return _dequant_weight(bb, w, spec)
+    k = spec.quantize(w).codes.astype(np.int8)
     if fmt.bits <= 4:  # two per byte, LUT unpack (nibble -> int8: two's complement if signed)
         lut = np.array([v - 16 if fmt.signed and v >= 8 else v for v in range(16)], np.int8)
         codes = _unpack_nibbles(bb, _const(_pack_nibbles(k.astype(np.uint8) & 15)), lut,
@@ -157,83 +148,73 @@ def _int_weight(bb, w, fmt, scale, axis, zp):
     else:
         codes = _const(k)
         storage = "int8"
-    s = _bcast_scale(scale, w.ndim, axis)
-    value = bb.emit(_relax().op.multiply(_relax().op.astype(codes, "float32"), _const(s)))
-    return QTensor(fmt, value, codes, "int8", np.asarray(scale, np.float32).reshape(-1), 0.0, storage,
-                   np_codes=k)
+    value = bb.emit(_relax().op.multiply(_relax().op.astype(codes, "float32"),
+                                         _scale_const(spec, w.ndim)))
+    return QTensor(fmt, value, codes, "int8", spec.scale, 0.0, storage, np_codes=k)
 
 
-def _fp_weight(bb, w, fmt, scale, axis, zp):
+def _fp_weight(bb, w, spec: QuantSpec):
     op = _relax().op
-    g = _grid_codes(w, fmt, scale, axis)
-    s = _bcast_scale(scale, w.ndim, axis)
+    fmt = spec.fmt
+    g = spec.quantize(w).codes  # grid values in fmt's own dtype
+    s = _scale_const(spec, w.ndim)
     tvm_dt = _TVM_CAST.get(fmt.np_dtype_name or "")
     if tvm_dt is not None:  # stored natively (fp8 / fp16 / bf16) and upcast
-        codes = _const(g.astype(fmt.np_dtype))
-        value = bb.emit(op.multiply(op.astype(codes, "float32"), _const(s)))
+        codes = _const(g)
+        value = bb.emit(op.multiply(op.astype(codes, "float32"), s))
         compute = _COMPUTE_NAME.get(fmt.np_dtype_name, "fp32")
-        return QTensor(fmt, value, codes if compute != "fp32" else None, compute,
-                       np.asarray(scale, np.float32).reshape(-1), 0.0, tvm_dt)
+        return QTensor(fmt, value, codes if compute != "fp32" else None, compute, spec.scale, 0.0,
+                       tvm_dt)
     if fmt.bits <= 4 and fmt.np_dtype is not None:  # FP4: codes 2/byte, E2M1 LUT
         lut = np.arange(16, dtype=np.uint8).view(fmt.np_dtype).astype(np.float32)
-        code = g.astype(fmt.np_dtype).view(np.uint8) & 15
+        code = g.view(np.uint8) & 15
         vals = _unpack_nibbles(bb, _const(_pack_nibbles(code)), lut, w.shape, "float32")
-        value = bb.emit(op.multiply(vals, _const(s)))
-        return QTensor(fmt, value, None, "fp32", np.asarray(scale, np.float32).reshape(-1), 0.0,
+        value = bb.emit(op.multiply(vals, s))
+        return QTensor(fmt, value, None, "fp32", spec.scale, 0.0,
                        f"{fmt.name} packed 2/byte (uint8) + LUT unpack")
-    return _dequant_weight(bb, w, fmt, scale, axis, zp)
+    return _dequant_weight(bb, w, spec)
 
 
-def _dequant_weight(bb, w, fmt, scale, axis, zp, block_axis=None):
-    """Exact quantize-dequantize at lowering time (fliqs fake_quant), stored as fp32."""
-    x = torch.from_numpy(np.ascontiguousarray(w, np.float32))
-    zpt = None if zp is None else torch.as_tensor(np.asarray(zp, np.float32))
-    q = fake_quant(x, fmt, torch.as_tensor(np.asarray(scale, np.float32)),
-                   axis if fmt.kind != "mx" else block_axis, zpt).numpy()
-    return QTensor(fmt, _const(q), None, "fp32", None, 0.0, f"fp32 (dequantized {fmt.name})")
+def _dequant_weight(bb, w, spec: QuantSpec):
+    """Exact quantize-dequantize at lowering time (the spec's fake_quant), stored as fp32."""
+    return QTensor(spec.fmt, _const(spec.fake_quant(w)), None, "fp32", None, 0.0,
+                   f"fp32 (dequantized {spec.fmt.name})")
 
 
-def _mx_weight(bb, w, fmt, scale, axis, zp):
-    return _dequant_weight(bb, w, fmt, scale, axis, zp, block_axis=axis)
+def _float_weight(bb, w, spec: QuantSpec):
+    return QTensor(spec.fmt, _const(np.asarray(w, np.float32)), None, "fp32", None, 0.0, "fp32")
 
 
-def _float_weight(bb, w, fmt, scale, axis, zp):
-    return QTensor(fmt, _const(np.asarray(w, np.float32)), None, "fp32", None, 0.0, "fp32")
-
-
-WEIGHT_RULES: dict[str, Callable] = {"int": _int_weight, "fp": _fp_weight, "mx": _mx_weight,
+WEIGHT_RULES: dict[str, Callable] = {"int": _int_weight, "fp": _fp_weight, "mx": _dequant_weight,
                                       "float": _float_weight}
 
 
 # ---- activation rules (run-time tensors) ------------------------------------------------------
-def _act_scale(x, scale, axis):
-    """The scale as a constant broadcastable against ``x`` (per tensor, or per channel on axis)."""
-    return _const(_bcast_scale(scale, len(x.ty.shape), axis))
-
-
-def _int_act(bb, x, fmt, scale, zp, axis=None):
+def _int_act(bb, x, spec: QuantSpec):
     op = _relax().op
-    s = _act_scale(x, scale, axis)
-    if zp is not None and np.asarray(zp).size > 1:
+    fmt = spec.fmt
+    s = _scale_const(spec, len(x.ty.shape))
+    zp = spec.zero_point
+    if zp is not None and zp.size > 1:
         raise FliqsError(f"format {fmt.name}: per-channel zero points on run-time tensors are not "
                          "lowered to TVM; use a per-tensor zero point")
-    zpv = float(np.asarray(zp).reshape(-1)[0]) if zp is not None else 0.0
+    zpv = float(zp[0]) if zp is not None else 0.0
     v = op.round(op.divide(x, s))
     if zpv:
         v = op.add(v, _const(np.float32(zpv)))
     v = op.minimum(op.maximum(v, _const(np.float32(fmt.qmin))), _const(np.float32(fmt.qmax)))
     v = bb.emit(v)
-    storage = ("int8" if fmt.signed else "uint8") if fmt.bits <= 8 else None
-    codes = bb.emit(op.astype(v, storage)) if storage else None
+    storage = spec.code_dtype.name  # int8 / uint8 levels
+    codes = bb.emit(op.astype(v, storage))
     deq = op.subtract(v, _const(np.float32(zpv))) if zpv else v
     value = bb.emit(op.multiply(deq, s))
-    return QTensor(fmt, value, codes if not zpv else None, storage or "fp32",
-                   np.asarray(scale, np.float32).reshape(-1), zpv, storage or "fp32")
+    return QTensor(fmt, value, codes if not zpv else None, storage, spec.scale, zpv, storage)
 
 
-def _fp_act(bb, x, fmt, scale, zp, axis=None):
+def _fp_act(bb, x, spec: QuantSpec):
     op = _relax().op
-    s = _act_scale(x, scale, axis)
+    fmt = spec.fmt
+    s = _scale_const(spec, len(x.ty.shape))
     v = op.divide(x, s)
     mx = _const(np.float32(fmt.max_finite))
     tvm_dt = _TVM_CAST.get(fmt.np_dtype_name or "")
@@ -241,7 +222,7 @@ def _fp_act(bb, x, fmt, scale, zp, axis=None):
         v = bb.emit(op.minimum(op.maximum(v, op.negative(mx)), mx))
         c = bb.emit(op.astype(v, tvm_dt))
         value = bb.emit(op.multiply(op.astype(c, "float32"), s))
-        return QTensor(fmt, value, c, "fp16", np.asarray(scale, np.float32).reshape(-1), 0.0, tvm_dt)
+        return QTensor(fmt, value, c, "fp16", spec.scale, 0.0, tvm_dt)
     # fp8 / bf16 / fp6 / fp4: divide -> exact RNE on the f32 bit pattern -> multiply. Not relax
     # casts: TVM 0.27 gets f32->fp8 wrong below the smallest normal and drops fp8 / bf16 cast
     # pairs inside fused kernels (tvm_kernels.fp_round_te has the details).
@@ -252,17 +233,16 @@ def _fp_act(bb, x, fmt, scale, zp, axis=None):
     value = bb.emit(op.multiply(r, s))
     compute = _COMPUTE_NAME.get(fmt.np_dtype_name or "", "fp32")
     c = bb.emit(op.astype(r, tvm_dt)) if compute != "fp32" else None  # exact: on the grid
-    return QTensor(fmt, value, c, compute, np.asarray(scale, np.float32).reshape(-1), 0.0,
-                   tvm_dt or "fp32")
+    return QTensor(fmt, value, c, compute, spec.scale, 0.0, tvm_dt or "fp32")
 
 
-def _mx_act(bb, x, fmt, scale, zp, axis=None):
-    raise FliqsError(f"activation format {fmt.name}: MX activations are not lowered to TVM yet; "
-                     "use an int/fp activation format or the 'ort' target")
+def _mx_act(bb, x, spec: QuantSpec):
+    raise FliqsError(f"activation format {spec.fmt.name}: MX activations are not lowered to TVM "
+                     "yet; use an int/fp activation format or the 'ort' target")
 
 
-def _float_act(bb, x, fmt, scale, zp, axis=None):
-    return QTensor(fmt, x, None, "fp32", None, 0.0, "fp32")
+def _float_act(bb, x, spec: QuantSpec):
+    return QTensor(spec.fmt, x, None, "fp32", None, 0.0, "fp32")
 
 
 ACT_RULES: dict[str, Callable] = {"int": _int_act, "fp": _fp_act, "mx": _mx_act,
@@ -320,9 +300,11 @@ class _Layer:
 class _Translator:
     """Holds the side tables the converters share while TVM's importer walks the graph."""
 
-    def __init__(self, ep, vnni: bool = False):
+    def __init__(self, ep, prepacked: frozenset = frozenset()):
         self.ep = ep
-        self.vnni = vnni  # give VNNI-able int layers an int8 constant weight (pre-packed later)
+        # compute rules with a scheduled kernel on this target (tvm_kernels.kernels_for): their
+        # layers get an integer constant weight, pre-packed by the kernel's rewrite later
+        self.prepacked = frozenset(prepacked)
         self.qt: dict = {}  # fx node -> QTensor
         self.layers: list[_Layer] = []
         self.consts = {}
@@ -344,15 +326,17 @@ class _Translator:
         fmt = F.get(fmt_name)
         scale = self.const_of(s_node)
         zp = self.const_of(zp_node) if zp_node is not None else None
-        if scale is None and fmt.kind in ("int", "fp"):
+        if scale is None and fmt.has_scale:
             raise FliqsError(f"node {node.name}: the scale of fake_quant must be a constant buffer")
         w = self.const_of(x_node)
+        spec = QuantSpec.from_call(fmt, np.ones(1) if scale is None else scale, zp, axis,
+                                   role="weight" if w is not None else "activation")
         bb = imp.block_builder
         if w is not None:
-            q = WEIGHT_RULES[fmt.kind](bb, w, fmt, scale, axis, zp)
+            q = WEIGHT_RULES[fmt.kind](bb, w, spec)
         else:
-            q = ACT_RULES[fmt.kind](bb, imp.env[x_node], fmt, scale, zp, axis)
-        q.axis = axis
+            q = ACT_RULES[fmt.kind](bb, imp.env[x_node], spec)
+        q.axis = spec.axis
         self.qt[node] = q
         return q.value
 
@@ -391,7 +375,7 @@ class _Translator:
         bias = args[2] if len(args) > 2 else None
         stride, padding, dilation, groups = ((list(args) + [None] * 7)[3:7])
         wcodes = w.codes
-        if (self.vnni and rule.name == "int8" and w.np_codes is not None and not _is_const(wcodes)
+        if (rule.name in self.prepacked and w.np_codes is not None and not _is_const(wcodes)
                 and K.conv_vnni_applicable(w.np_codes.shape[1], w.np_codes.shape[0], groups or 1,
                                           _pair(dilation or 1))):
             wcodes = _const(w.np_codes)  # VNNI kernels read pre-packed int8 (int4 values)
@@ -416,7 +400,7 @@ class _Translator:
         args = imp.retrieve_args(node)
         bias = args[2] if len(args) > 2 else None
         bb = imp.block_builder
-        if self.vnni and rule.name == "int8" and w.np_codes is not None and not _is_const(w.codes):
+        if rule.name in self.prepacked and w.np_codes is not None and not _is_const(w.codes):
             w = QTensor(**{**w.__dict__, "codes": _const(w.np_codes),
                            "storage": f"int8 (holds {w.fmt.name} values)"})
         if _is_const(w.codes):  # constant [K, N]: what the VNNI rewrite matches
@@ -457,14 +441,14 @@ def _pair(v):
     return tuple(v) if isinstance(v, (list, tuple)) else (v, v)
 
 
-def translate(ep, vnni: bool = False):
+def translate(ep, prepacked: frozenset = frozenset()):
     """ExportedProgram (with ``fliqs.fake_quant`` nodes) → (IRModule, per-layer records).
 
     Requires: every fake_quant scale / zero point is a buffer (constant); weights are parameters.
     Guarantees: weights are bound as constants; main takes only the user inputs.
     """
     from tvm.relax.frontend.torch import from_exported_program
-    tr = _Translator(ep, vnni)
+    tr = _Translator(ep, prepacked)
     try:
         mod = from_exported_program(ep, custom_convert_map=tr.convert_map(),
                                     run_ep_decomposition=False, unwrap_unit_return_tuple=True)
@@ -487,34 +471,44 @@ def fuse_pipeline():
                                  relax.transform.FuseOps(), relax.transform.FuseTIR()])
 
 
-def compile_module(mod, target: Target, *, tune: bool = False, trials: int = 64,
-                   max_trials_per_task: Optional[int] = None, work_dir=None, fuse: bool = False,
-                   log=None, per_round: Optional[int] = None):
+@dataclass(frozen=True)
+class Tuning:
+    """MetaSchedule settings of one compile: ``trials`` in total, ``per_task`` each (default
+    ``trials``), ``per_round`` candidates per scheduler round (default ``per_task``), the
+    persistent tuning database in ``work_dir`` (default: a folder per target under the temp dir)
+    and ``log`` (called with one line about what is reused and tuned)."""
+
+    trials: int = 64
+    per_task: Optional[int] = None
+    per_round: Optional[int] = None
+    work_dir: object = None
+    log: Optional[Callable] = None
+
+
+def compile_module(mod, target: Target, *, tuning: Optional[Tuning] = None, fuse: bool = False):
     """Relax IRModule → ``tvm.compile`` executable.
 
     Default: TVM's default build (naive, unscheduled loops; hand VNNI kernels keep their
     schedules). ``fuse=True``: ``fuse_pipeline`` first (exact: fp8 / bf16 rounding does not rely
-    on casts, see ``tvm_kernels.fp_round_te``). ``tune``: ``_tune`` — TVM's static-shape tuning
-    steps (zero pipeline, MetaSchedule with ``trials`` in total and ``max_trials_per_task`` each,
-    apply the database) with a persistent database in ``work_dir``: tasks it already holds are not
-    tuned again, by any later call, model or process. The zero pipeline runs FoldConstant, which
-    pre-decodes constant packed (int4 / fp8 / fp4) weights to fp32 at build time.
+    on casts, see ``tvm_kernels.fp_round_te``). ``tuning``: ``_tune`` — TVM's static-shape tuning
+    steps (zero pipeline, MetaSchedule with ``tuning.trials`` in total, apply the database) with a
+    persistent database in ``tuning.work_dir``: tasks it already holds are not tuned again, by any
+    later call, model or process. The zero pipeline runs FoldConstant, which pre-decodes constant
+    packed (int4 / fp8 / fp4) weights to fp32 at build time.
     """
     import tvm
     tgt = target.tvm()
-    if fuse and not tune:
+    if fuse and tuning is None:
         with tgt:
             mod = fuse_pipeline()(mod)
-    if tune:
-        wd = Path(work_dir or Path(tempfile.gettempdir()) / "fliqs-tvm-tune" / _safe(target.key))
+    if tuning is not None:
+        wd = Path(tuning.work_dir or Path(tempfile.gettempdir()) / "fliqs-tvm-tune" / _safe(target.key))
         wd.mkdir(parents=True, exist_ok=True)
-        mod = _tune(mod, tgt, wd, trials, max_trials_per_task or max(1, trials), log=log,
-                    per_round=per_round)
+        mod = _tune(mod, tgt, wd, tuning)
     return tvm.compile(mod, target=tgt)
 
 
-def _tune(mod, tgt, work_dir: Path, trials: int, per_task: int, build_timeout_s: float = 300.0,
-          log=None, per_round: Optional[int] = None):
+def _tune(mod, tgt, work_dir: Path, tuning: Tuning, build_timeout_s: float = 300.0):
     """TVM's ``static_shape_tuning`` steps with patient builders/runners and database reuse.
 
     Requires: a Relax module before the zero pipeline. Guarantees: every task with a valid record
@@ -528,6 +522,9 @@ def _tune(mod, tgt, work_dir: Path, trials: int, per_task: int, build_timeout_s:
     tasks with the largest expected gain — a small round with ``trials`` > tasks × round does that.
     ``log``: called with one line about what is reused and tuned."""
     from tvm import relax, transform
+    trials, log = tuning.trials, tuning.log
+    per_task = tuning.per_task or max(1, trials)
+    per_round = tuning.per_round
     from tvm.s_tir import meta_schedule as ms
     with tgt:
         mod = transform.Sequential([relax.transform.DecomposeOpsForInference(),
@@ -653,10 +650,8 @@ def _public_names(graph, records: list) -> list:
     return [by_node.get(r.fx_name, r.fx_name) for r in records]
 
 
-def lower(graph, target, out_dir=None, *, tune: bool = False, trials: int = 64,
-          max_trials_per_task: Optional[int] = None, work_dir=None, vnni: bool = True,
-          fuse: bool = False, example_inputs=None, log=None,
-          per_round: Optional[int] = None) -> Lowered:
+def lower(graph, target, out_dir=None, *, tuning: Optional[Tuning] = None, vnni: bool = True,
+          fuse: bool = False, example_inputs=None) -> Lowered:
     """Lower a materialized ``Graph`` for a TVM ``target`` and compile it.
 
     Requires: ``graph.gm`` holds only fixed ``FormatQuantizer``s (or ``fliqs.fake_quant`` calls)
@@ -665,7 +660,7 @@ def lower(graph, target, out_dir=None, *, tune: bool = False, trials: int = 64,
     fresh ``relax.VirtualMachine`` whose ``main`` takes only the model inputs; ``executed`` names
     the realized compute per layer public name. Bad target / unsupported format → FliqsError.
     """
-    target = parse_target(target).require_local()
+    target = parse_target(target)
     if target.kind != "tvm":
         raise FliqsError(f"target {target.text!r} is not a TVM target; lower() needs 'llvm' or a "
                          "JSON target dict")
@@ -680,19 +675,19 @@ def lower(graph, target, out_dir=None, *, tune: bool = False, trials: int = 64,
                          f"{str(e).splitlines()[0] if str(e) else ''}); check the model is traceable") from None
     finally:
         graph.gm.train(was_training)
-    use_vnni = bool(vnni and K.has_vnni(target.tvm_target))
-    mod, records = translate(ep, use_vnni)
+    kernels = K.kernels_for(target.caps) if vnni else []  # chosen from the target's capabilities
+    prepacked = frozenset(k.compute_rule for k in kernels)
+    mod, records = translate(ep, prepacked)
     times["translate"] = time.perf_counter() - t0
     names = _public_names(graph, records)
-    vnni_layers = {}
-    if use_vnni:
-        mod, vnni_layers = K.vnni_rewrite(mod, {id(r.weight_const): n for r, n in zip(records, names)
-                                                if r.weight_const is not None},
-                                          [r.weight_const for r in records if r.weight_const is not None])
+    kernel_layers = {}  # layer name → (kernel name, symbol)
+    for kernel in kernels:
+        mod, swapped = kernel.rewrite(mod, {id(r.weight_const): n for r, n in zip(records, names)
+                                            if r.weight_const is not None},
+                                      [r.weight_const for r in records if r.weight_const is not None])
+        kernel_layers.update({n: (kernel.name, sym) for n, sym in swapped.items()})
     t1 = time.perf_counter()
-    ex = compile_module(mod, target, tune=tune, trials=trials,
-                        max_trials_per_task=max_trials_per_task, work_dir=work_dir, fuse=fuse,
-                        log=log, per_round=per_round)
+    ex = compile_module(mod, target, tuning=tuning, fuse=fuse)
     times["compile"] = time.perf_counter() - t1
     asm = ex.mod.imports[0].inspect_source("asm") if ex.mod.imports else ""
     fns = asm_functions(asm)
@@ -702,18 +697,18 @@ def lower(graph, target, out_dir=None, *, tune: bool = False, trials: int = 64,
     for r, name in zip(records, names):
         entry = {"dtype": r.dtype, "kernel": r.rule or "fp32", "weight": r.weight_fmt,
                  "activation": r.act_fmt, "weight_storage": r.storage, "op": r.op}
-        sym = vnni_layers.get(name)
+        kernel, sym = kernel_layers.get(name, (None, None))
         if sym is not None:
             n_dp = _kernel_asm(fns, sym).count("vpdpbusd")
             entry["vpdpbusd"] = n_dp
             if n_dp:
-                entry["kernel"] = "vnni"
-                entry["weight_storage"] = "int8 (VNNI-prepacked)"
-        elif r.rule == "int8" and use_vnni:
-            entry["fallback"] = "VNNI kernel not applicable (shape/groups/layout): plain int8 loops"
+                entry["kernel"] = kernel
+                entry["weight_storage"] = f"int8 ({kernel.upper()}-prepacked)"
+        elif r.rule in prepacked:
+            entry["fallback"] = "scheduled kernel not applicable (shape/groups/layout): plain int8 loops"
         if r.rule and r.rule.startswith("bf16") and stats["vdpbf16ps"]:
             entry["kernel"] = "avx512bf16"
-        if tune and not entry["weight_storage"].startswith(("int8", "fp32")):
+        if tuning is not None and not entry["weight_storage"].startswith(("int8", "fp32")):
             entry["weight_storage"] += " (tuning pipeline's FoldConstant pre-decodes it at build time)"
         executed[name] = entry
     path = None

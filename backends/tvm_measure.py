@@ -17,11 +17,11 @@ os.environ.setdefault("TVM_NUM_THREADS", "2")
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from fliqs_compiler import formats as F  # noqa: E402
-from fliqs_compiler.errors import FliqsError  # noqa: E402
-from fliqs_compiler.graph import Graph, InputSpec, LayerInfo  # noqa: E402
-from fliqs_compiler.quant import absmax_scale  # noqa: E402
-from fliqs_compiler.quantizers import FormatQuantizer  # noqa: E402
+from fliqs_compiler.numerics import formats as F  # noqa: E402
+from fliqs_compiler.base.errors import FliqsError  # noqa: E402
+from fliqs_compiler.ir.graph import Graph, InputSpec, LayerInfo  # noqa: E402
+from fliqs_compiler.numerics.qspec import QuantSpec  # noqa: E402
+from fliqs_compiler.numerics.quantizers import FormatQuantizer  # noqa: E402
 
 __all__ = ["tvm_layer_ms", "measure_fn", "layer_module", "layer_graph"]
 
@@ -29,18 +29,11 @@ _CACHE: dict = {}
 
 
 def _quantizer(fmt: str, t: torch.Tensor, role: str) -> Optional[FormatQuantizer]:
-    f = F.get(fmt)
-    if f.kind == "float":
-        return None
-    if role == "weight":
-        if f.kind == "mx":
-            return FormatQuantizer(f.name, torch.ones(1), role=role, block_axis=1)
-        return FormatQuantizer(f.name, absmax_scale(t, f, 0), axis=0, role=role)
-    if f.kind == "mx":
-        return FormatQuantizer(f.name, torch.ones(1), role=role, block_axis=1)
-    zp = torch.zeros(1) if (f.kind == "int" and not f.signed) else None
-    return FormatQuantizer(f.name, absmax_scale(t.abs() if zp is not None else t, f), role=role,
-                           zero_point=zp)
+    """The fixed quantizer ``materialize`` would leave: weights per output channel (axis 0),
+    activations per tensor, MX blocks along axis 1 (the reduction axis); absmax scales."""
+    spec = QuantSpec.calibrated(fmt, t.detach().numpy(), role,
+                                axis=0 if role == "weight" else None, block_axis=1)
+    return spec.to_quantizer() if spec.fmt.is_quantized else None
 
 
 class _Layer(nn.Module):
@@ -96,34 +89,32 @@ def layer_graph(layer: LayerInfo, fmt_w: str, fmt_a: str) -> Graph:
     return g
 
 
-def tvm_layer_ms(layer: LayerInfo, fmt_w: str, fmt_a: str, target="llvm", tuned: bool = False,
-                 trials: int = 32, work_dir=None, *, repeat: int = 5, min_repeat_ms: int = 50,
-                 return_lowered: bool = False):
+def tvm_layer_ms(layer: LayerInfo, fmt_w: str, fmt_a: str, target="llvm", tuning=None, *,
+                 repeat: int = 5, min_repeat_ms: int = 50, return_lowered: bool = False):
     """Median latency (ms) of ``layer`` with weight format ``fmt_w`` and input format ``fmt_a``.
 
-    Requires: ``layer.weight_shape`` and ``layer.input_shape``. ``tuned``: MetaSchedule with
-    ``trials`` trials and a persistent database in ``work_dir``. Results are cached per process
-    by (layer signature, formats, target key, tuned, trials).
+    Requires: ``layer.weight_shape`` and ``layer.input_shape``. ``tuning``: a
+    ``tvm_lower.Tuning`` (MetaSchedule trials and its persistent database), None: default
+    schedules. Results are cached per process by (layer signature, formats, target key, trials).
     """
-    from .targets import parse_target
-    from .tvm_lower import lower
+    from fliqs_compiler.backends.targets import parse_target
+    from fliqs_compiler.backends.tvm_lower import lower
     target = parse_target(target)
-    key = (layer.signature(), F.get(fmt_w).name, F.get(fmt_a).name, target.key, tuned, trials)
+    key = (layer.signature(), F.get(fmt_w).name, F.get(fmt_a).name, target.key,
+           None if tuning is None else tuning.trials)
     if key in _CACHE and not return_lowered:
         return _CACHE[key]
     g = layer_graph(layer, fmt_w, fmt_a)
-    low = lower(g, target, None, tune=tuned, trials=trials, max_trials_per_task=trials,
-                work_dir=work_dir)
+    low = lower(g, target, None, tuning=tuning)
     x = torch.randn(tuple(layer.input_shape)).numpy()
     ms = low.time_ms([x], repeat=repeat, min_repeat_ms=min_repeat_ms)
     _CACHE[key] = ms
     return (ms, low) if return_lowered else ms
 
 
-def measure_fn(target="llvm", tuned: bool = False, trials: int = 32, work_dir=None):
-    """``(layer, fmt_w, fmt_a) -> ms`` bound to a target: the ``measure_fn`` that
-    ``latency_table.build(graph, pairs, measure_fn)`` expects."""
+def measure_fn(target="llvm", tuning=None):
+    """``(layer, fmt_w, fmt_a) -> ms`` bound to a target (and a ``tvm_lower.Tuning``, or None):
+    the ``measure_fn`` that ``latency_table.build(graph, pairs, measure_fn)`` expects."""
     def measure(layer: LayerInfo, fmt_w: str, fmt_a: str) -> float:
-        return tvm_layer_ms(layer, fmt_w, fmt_a, target, tuned=tuned, trials=trials,
-                            work_dir=work_dir)
+        return tvm_layer_ms(layer, fmt_w, fmt_a, target, tuning)
     return measure

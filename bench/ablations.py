@@ -20,6 +20,9 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: examples/
+
+
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 import torch  # noqa: E402
 
@@ -27,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality import SPACES, bench_options, float_model, load_fmnist  # noqa: E402
 
 from fliqs_compiler.search import run_search  # noqa: E402
-from fliqs_compiler.search.toy import make_searchable  # noqa: E402
+from examples.toy_models import make_searchable  # noqa: E402
 
 # name -> (SearchOptions overrides, TrainOptions overrides, ControllerOptions overrides)
 VARIANTS = {

@@ -17,7 +17,7 @@ import time
 import torch
 
 import fliqs_compiler as fq
-from fliqs_compiler import formats as F
+from fliqs_compiler.numerics import formats as F
 
 
 def _median_ms(fn, repeat: int) -> float:

@@ -34,6 +34,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: examples/
+
+
 os.environ.setdefault("TVM_NUM_THREADS", "2")
 
 import torch  # noqa: E402
@@ -48,7 +51,7 @@ from models import ResNet18  # noqa: E402  (bench/models.py, shared with import_
 
 
 def _models(names):
-    from fliqs_compiler.search.toy import ResNet8
+    from examples.toy_models import ResNet8
     table = {"resnet18": (lambda: ResNet18(), (1, 3, 224, 224)),
              "cnn": (lambda: ResNet8(in_ch=1, classes=10), (1, 1, 28, 28))}
     for n in names:
@@ -139,9 +142,9 @@ def layer_rows(repeat: int, tune_trials: int = 0, tune_dir=None):
     with ``tune_trials``, MetaSchedule-tuned: the fair fp32 baseline), onnxruntime fp32 and int8
     QDQ micro-graphs, torch fp32."""
     from fliqs_compiler.backends.latency_table import ort_layer_ms
-    from fliqs_compiler.backends.tvm_lower import lower
+    from fliqs_compiler.backends.tvm_lower import Tuning, lower
     from fliqs_compiler.backends.tvm_measure import layer_graph, layer_module
-    from fliqs_compiler.graph import LayerInfo
+    from fliqs_compiler.ir.graph import LayerInfo
     rows = []
     variants = [("tvm_int8_vnni", "int8", "uint8", True, False),
                 ("tvm_int8_plain", "int8", "uint8", False, False),
@@ -155,9 +158,9 @@ def layer_rows(repeat: int, tune_trials: int = 0, tune_dir=None):
             layer.output_shape = tuple(layer_module(layer, "float", "float")(x).shape)
         r = {"layer": name}
         for key, fw, fa, vnni, tune in variants:
-            low = lower(layer_graph(layer, fw, fa), "llvm", vnni=vnni, tune=tune,
-                        trials=tune_trials, max_trials_per_task=tune_trials, per_round=2,
-                        work_dir=tune_dir, log=_say)
+            tuning = Tuning(trials=tune_trials, per_task=tune_trials, per_round=2,
+                            work_dir=tune_dir, log=_say) if tune else None
+            low = lower(layer_graph(layer, fw, fa), "llvm", vnni=vnni, tuning=tuning)
             r[key] = low.time_ms([x.numpy()], repeat=max(3, repeat // 10), min_repeat_ms=50)
             r[key + "_kernel"] = next(iter(low.executed.values()))["kernel"]
         r["ort_fp32"] = ort_layer_ms(layer, "float", "float", threads=THREADS, repeat=repeat)
@@ -217,12 +220,11 @@ def main(argv=None):
                 add("tvm-novnni", ms, build_s=round(build_s, 1), kernels=kernels)
             if args.tune_trials > 0 and cfg in args.tune_configs.split(","):
                 said = []
-                ms, build_s, kernels = _tvm(g, x, repeat, vnni=True, tune=True,
-                                            trials=args.tune_trials,
-                                            max_trials_per_task=args.tune_per_task,
-                                            per_round=args.tune_round,
-                                            work_dir=Path(args.tune_dir),
-                                            log=lambda line: (said.append(line), _say(line)))
+                from fliqs_compiler.backends.tvm_lower import Tuning
+                tuning = Tuning(trials=args.tune_trials, per_task=args.tune_per_task,
+                                per_round=args.tune_round, work_dir=Path(args.tune_dir),
+                                log=lambda line: (said.append(line), _say(line)))
+                ms, build_s, kernels = _tvm(g, x, repeat, vnni=True, tuning=tuning)
                 add("tvm-tuned", ms, tune_s=round(build_s, 1), trials=args.tune_trials,
                     per_task=args.tune_per_task, per_round=args.tune_round, metaschedule=said[-1] if said else "",
                     kernels=kernels)

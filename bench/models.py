@@ -2,8 +2,13 @@
 the local torch build)."""
 import torch
 from torch import nn
+import sys
+from pathlib import Path
 
-from fliqs_compiler.search.toy import BasicBlock
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: examples/
+
+
+from examples.toy_models import BasicBlock
 
 
 class ResNet18(nn.Module):

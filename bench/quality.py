@@ -36,19 +36,22 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: examples/
+
+
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from fliqs_compiler.budget import meets_budget, parse_budget, resolve_budget  # noqa: E402
-from fliqs_compiler.cost import config_cost  # noqa: E402
-from fliqs_compiler.data import load_data  # noqa: E402
-from fliqs_compiler.errors import FliqsError  # noqa: E402
-from fliqs_compiler.graph import InputSpec  # noqa: E402
+from fliqs_compiler.cost.budget import meets_budget, parse_budget, resolve_budget  # noqa: E402
+from fliqs_compiler.cost.model import config_cost  # noqa: E402
+from fliqs_compiler.data.sources import load_data  # noqa: E402
+from fliqs_compiler.base.errors import FliqsError  # noqa: E402
+from fliqs_compiler.ir.graph import InputSpec  # noqa: E402
 from fliqs_compiler.search import SearchOptions, run_search  # noqa: E402
 from fliqs_compiler.search.oneshot import recipe_train  # noqa: E402
 from fliqs_compiler.search import baselines as B  # noqa: E402
-from fliqs_compiler.search.toy import ResNet8, evaluate_float, fuse_bn, train_float  # noqa: E402
+from examples.toy_models import ResNet8, evaluate_float, fuse_bn, train_float  # noqa: E402
 
 SPACES = {
     "int": ["int2", "int3", "int4", "int8"],

@@ -4,7 +4,7 @@ Each method runs in its own fresh process (so peak-memory numbers do not mix): b
 searchable ResNet-8 (Fashion-MNIST shape, BN folded) over K formats, take ``--warmup`` untimed
 steps, then time ``--steps`` steps (median ms/step) and read the peak RSS growth over the
 steps' start (``ru_maxrss`` minus the RSS before the first step: activations, gradients,
-optimizer state). Goal (method.md): FLIQS ≤ 1.10× the time and ≤ 1.05× the memory of QAT;
+optimizer state). Goal (ours; docs/method.md "One-shot" says why): FLIQS ≤ 1.10× the time and ≤ 1.05× the memory of QAT;
 DNAS ≈ K× activation memory. 2 threads everywhere.
 
     python bench/search_overhead.py [--steps 30] [--batch 128] [--json out.json]
@@ -18,6 +18,10 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: examples/
+
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 FORMATS = ["int2", "int4", "int8", "fp8_e4m3"]
@@ -43,11 +47,11 @@ def _reset_peak() -> None:
 def worker(method: str, steps: int, warmup: int, batch: int) -> dict:
     import torch
     torch.set_num_threads(2)
-    from fliqs_compiler.data import load_data
-    from fliqs_compiler.graph import InputSpec
+    from fliqs_compiler.data.sources import load_data
+    from fliqs_compiler.ir.graph import InputSpec
     from fliqs_compiler.search import OneShotSearch, SearchOptions, TrainOptions
     from fliqs_compiler.search.baselines import dnas_wrap
-    from fliqs_compiler.search.toy import ResNet8, fuse_bn, make_searchable
+    from examples.toy_models import ResNet8, fuse_bn, make_searchable
     from fliqs_compiler.search.trainer import WeightTrainer
 
     torch.manual_seed(0)

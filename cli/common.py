@@ -1,4 +1,5 @@
-"""Shared CLI plumbing: error handling (one line, exit code), common options, parsing helpers."""
+"""Shared CLI plumbing: error handling (one line, exit code), one-line usage errors
+(``OneLineCommand``), common options and parsing helpers used by every ``fliqs`` command."""
 from __future__ import annotations
 
 import functools
@@ -7,9 +8,29 @@ import sys
 
 import click
 
-from fliqs_compiler.errors import FliqsError
+from fliqs_compiler.base.errors import FliqsError
 
 DEBUG_ENV = "FLIQS_DEBUG"
+
+
+class UsageLine(click.ClickException):
+    """A click usage error shown as one line (exit 2)."""
+
+    exit_code = 2
+
+    def show(self, file=None):
+        click.echo(f"fliqs: error: {self.format_message()}", err=True)
+
+
+class OneLineCommand(click.Command):
+    """A click command whose usage errors (missing argument, bad option type) print one
+    ``fliqs: error: ...`` line on stderr (no usage block) and exit 2, like every other bad input."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.UsageError as e:
+            raise UsageLine(f"{e.format_message()} (see 'fliqs {info_name} --help')") from None
 
 
 def debug_option(f):
@@ -39,6 +60,22 @@ def parse_input_shapes(values) -> dict:
             raise FliqsError(f"--input-shape {item!r}: expected NAME=D1xD2x... with positive "
                              "integers, e.g. input=1x3x224x224") from None
     return shapes
+
+
+def parse_int(option: str, value) -> int:
+    """An integer option value, or a one-line FliqsError naming the option."""
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise FliqsError(f"{option} {value!r}: give an integer") from None
+
+
+def finetune_options(value) -> dict:
+    """``--finetune N`` → search options (a negative N is a one-line error)."""
+    steps = parse_int("--finetune", value)
+    if steps < 0:
+        raise FliqsError(f"--finetune {value}: give a number of steps ≥ 0")
+    return {"finetune": steps} if steps else {}
 
 
 input_shape_option = click.option(

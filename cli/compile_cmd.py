@@ -1,35 +1,13 @@
 """``fliqs compile``: the main job (import, passes, search, materialize, export, lower, measure,
-report) as a thin layer over ``fliqs_compiler.api.compile``.
-
-Also home of ``OneLineCommand``: usage errors (missing argument, bad option type) become one
-``fliqs: error: ...`` line on stderr with exit code 2, like every other bad input.
-"""
+report) as a thin layer over ``fliqs_compiler.driver.api.compile``."""
 from __future__ import annotations
 
 import click
 
-from fliqs_compiler.options import check_data_arg
-
-from .common import debug_option, handle_errors, input_shape_option, parse_input_shapes
-
-
-class UsageLine(click.ClickException):
-    """A click usage error shown as one line (exit 2)."""
-
-    exit_code = 2
-
-    def show(self, file=None):
-        click.echo(f"fliqs: error: {self.format_message()}", err=True)
-
-
-class OneLineCommand(click.Command):
-    """A click command whose usage errors print one line (no usage block) and exit 2."""
-
-    def make_context(self, info_name, args, parent=None, **extra):
-        try:
-            return super().make_context(info_name, args, parent=parent, **extra)
-        except click.UsageError as e:
-            raise UsageLine(f"{e.format_message()} (see 'fliqs {info_name} --help')") from None
+from fliqs_compiler.cli.common import (OneLineCommand, debug_option, finetune_options,
+                                       handle_errors, input_shape_option, parse_input_shapes,
+                                       parse_int)
+from fliqs_compiler.driver.options import check_data_arg
 
 
 @click.command("compile", cls=OneLineCommand)
@@ -59,16 +37,18 @@ class OneLineCommand(click.Command):
               help="Fine-tune N steps under the found configuration (for comparison: FLIQS "
                    "needs no retraining; the report keeps both qualities).")
 @click.option("--quiet", is_flag=True, help="No progress display.")
+@click.option("--dry-run", is_flag=True,
+              help="Check the options, list the stages this run would execute, and stop.")
 @click.option("--checkpoint-every", metavar="N", default=None, hidden=True,
               help="Search checkpoint interval in steps (tests).")
 @debug_option
 @handle_errors
 def compile_(model, target, data, formats, budget, sweep, steps, out, seed, resume, input_shapes,
-             baselines, tune_trials, finetune, quiet, checkpoint_every):
+             baselines, tune_trials, finetune, quiet, dry_run, checkpoint_every):
     """Search a mixed-precision format per layer of MODEL under a budget, then export, lower,
     compile and measure it for TARGET."""
-    from fliqs_compiler import api
-    from fliqs_compiler.errors import FliqsError
+    from fliqs_compiler.driver import api
+    from fliqs_compiler.base.errors import FliqsError
     if not target:
         raise FliqsError("--target is required: use llvm (host CPU via TVM), ort, or a JSON target dict")
     check_data_arg(data)  # before the model is imported (cheap options first)
@@ -76,28 +56,13 @@ def compile_(model, target, data, formats, budget, sweep, steps, out, seed, resu
     search_options = finetune_options(finetune)
     if checkpoint_every is not None:
         search_options["checkpoint_every"] = api.check_steps(checkpoint_every)
-    result = api.compile(model, target=target, data=data, formats=formats, budget=budget,
-                         steps=api.check_steps(steps), out=out, seed=parse_int("--seed", seed),
-                         resume=resume, sweep=sweep, baselines=baselines,
-                         input_shapes=shapes or None, progress=not quiet,
-                         search_options=search_options,
-                         tune_trials=parse_int("--tune-trials", tune_trials))
+    kwargs = dict(target=target, data=data, formats=formats, budget=budget,
+                  steps=api.check_steps(steps), out=out, seed=parse_int("--seed", seed),
+                  resume=resume, sweep=sweep, baselines=baselines, input_shapes=shapes or None,
+                  progress=not quiet, search_options=search_options,
+                  tune_trials=parse_int("--tune-trials", tune_trials))
+    if dry_run:
+        click.echo(api.describe("compile", model=model, **kwargs))
+        return
+    result = api.compile(model, **kwargs)
     click.echo(f"wrote {result.out_dir} (report: {result.out_dir / 'report.md'})")
-
-
-def finetune_options(value) -> dict:
-    """``--finetune N`` → search options (a negative N is a one-line error)."""
-    from fliqs_compiler.errors import FliqsError
-    steps = parse_int("--finetune", value)
-    if steps < 0:
-        raise FliqsError(f"--finetune {value}: give a number of steps ≥ 0")
-    return {"finetune": steps} if steps else {}
-
-
-def parse_int(option: str, value) -> int:
-    """An integer option value, or a one-line FliqsError naming the option."""
-    from fliqs_compiler.errors import FliqsError
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        raise FliqsError(f"{option} {value!r}: give an integer") from None

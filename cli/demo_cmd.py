@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import click
 
-from .common import debug_option, handle_errors
-from .compile_cmd import OneLineCommand
+from fliqs_compiler.cli.common import OneLineCommand, debug_option, handle_errors
 
 DEMO_STEPS = 200
 DEMO_FORMATS = "int2,int3,int4,int8"
@@ -20,7 +19,7 @@ DEMO_PREPARE = {"keep_float_first": False, "keep_float_last": False}
 def versus_uniform(report: dict) -> list:
     """Per sweep point: (budget, FLIQS quality, FLIQS BOPs, best uniform that fits, its quality,
     its BOPs) — the uniform format is the most accurate one whose BOPs fit the point's budget."""
-    from fliqs_compiler.budget import meets_budget
+    from fliqs_compiler.cost.budget import meets_budget
     uniform = [b for b in report.get("sweep_baselines") or [] if b.get("method") == "uniform"]
     rows = []
     for p in report.get("sweep") or []:
@@ -49,7 +48,7 @@ def _table(rows: list, metric: str) -> str:
 def demo(out, quiet):
     """Compile the bundled digits CNN for the host CPU (llvm) on sklearn digits: a sweep of tight
     BOPs budgets, FLIQS against uniform QAT at the same cost, end to end."""
-    from fliqs_compiler import api
+    from fliqs_compiler.driver import api
     result = api.compile(api.DEMO_MODEL, target="llvm", data="digits", steps=DEMO_STEPS, out=out,
                          formats=DEMO_FORMATS, sweep=DEMO_SWEEP, baselines="uniform",
                          prepare_options=DEMO_PREPARE, progress=not quiet)

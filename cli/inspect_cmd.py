@@ -1,6 +1,6 @@
 """``fliqs inspect MODEL``: the quantizable nodes of a model (name, op, MACs, params, decision
-group) as a table or, with ``--json``, in the schema of architecture.md. ``--verify`` runs the
-imported graph against onnxruntime on random input and exits 1 when they disagree."""
+group) as a table or, with ``--json``, as a stable JSON object (``inspect_json``). ``--verify``
+runs the imported graph against onnxruntime on random input and exits 1 when they disagree."""
 from __future__ import annotations
 
 import json
@@ -8,9 +8,9 @@ from pathlib import Path
 
 import click
 
-from fliqs_compiler.errors import CheckFailed, FliqsError
+from fliqs_compiler.base.errors import CheckFailed, FliqsError
 
-from .common import debug_option, handle_errors, input_shape_option, parse_input_shapes
+from fliqs_compiler.cli.common import debug_option, handle_errors, input_shape_option, parse_input_shapes
 
 
 def _load(model: str, input_shapes: dict):
@@ -20,7 +20,9 @@ def _load(model: str, input_shapes: dict):
 
 
 def inspect_json(graph) -> dict:
-    """The ``inspect --json`` object for an analyzed graph (architecture.md schema, exactly)."""
+    """The ``inspect --json`` object for an analyzed graph. This schema is a public contract, so keep
+    it exactly: ``model``; ``inputs`` [{name, shape, dtype}]; ``nodes`` [{name, op, macs, params,
+    group}]."""
     return {
         "model": graph.name,
         "inputs": [{"name": s.name, "shape": [int(d) for d in s.shape], "dtype": str(s.dtype)}

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import click
 
-from fliqs_compiler.options import check_data_arg
+from fliqs_compiler.driver.options import check_data_arg
 
-from .common import debug_option, handle_errors, input_shape_option, parse_input_shapes
-from .compile_cmd import OneLineCommand
+from fliqs_compiler.cli.common import (OneLineCommand, debug_option, handle_errors,
+                                       input_shape_option, parse_input_shapes)
 
 
 @click.command("lower", cls=OneLineCommand)
@@ -22,8 +22,8 @@ from .compile_cmd import OneLineCommand
 @handle_errors
 def lower(model, config, target, out, data, input_shapes, quiet):
     """Lower MODEL with the formats of CONFIG.json for TARGET: tvm/model.so, model.qdq.onnx, report."""
-    from fliqs_compiler import api
-    from fliqs_compiler.errors import FliqsError
+    from fliqs_compiler.driver import api
+    from fliqs_compiler.base.errors import FliqsError
     if not config:
         raise FliqsError("--config is required: give a config.json written by 'fliqs compile' or 'fliqs search'")
     if not target:

@@ -18,6 +18,7 @@ COMMANDS = {
     "report": ("fliqs_compiler.cli.report_cmd", "report", "Render report.md / plots of a run."),
     "demo": ("fliqs_compiler.cli.demo_cmd", "demo", "The embedded default, end to end."),
     "formats": ("fliqs_compiler.cli.formats_cmd", "formats", "The format registry as a table."),
+    "devices": ("fliqs_compiler.cli.devices_cmd", "devices", "Devices of a TVM RPC tracker."),
 }
 
 

@@ -5,8 +5,8 @@ import json
 
 import click
 
-from .common import debug_option, handle_errors, input_shape_option, parse_input_shapes
-from .compile_cmd import OneLineCommand, parse_int
+from fliqs_compiler.cli.common import (OneLineCommand, debug_option, handle_errors,
+                                       input_shape_option, parse_input_shapes, parse_int)
 
 
 @click.command("profile", cls=OneLineCommand)
@@ -24,8 +24,8 @@ from .compile_cmd import OneLineCommand, parse_int
 @handle_errors
 def profile(model, target, formats, cache_dir, tune_trials, as_json, input_shapes, quiet):
     """Measure every searched layer of MODEL in every format on TARGET (cached on disk)."""
-    from fliqs_compiler import api
-    from fliqs_compiler.errors import FliqsError
+    from fliqs_compiler.driver import api
+    from fliqs_compiler.base.errors import FliqsError
     if not target:
         raise FliqsError("--target is required: use llvm (host CPU via TVM), ort, or a JSON target dict")
     fmts = api.parse_formats(formats)

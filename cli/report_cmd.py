@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import click
 
-from .common import debug_option, handle_errors
-from .compile_cmd import OneLineCommand
+from fliqs_compiler.cli.common import OneLineCommand, debug_option, handle_errors
 
 
 @click.command("report", cls=OneLineCommand)

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import click
 
-from fliqs_compiler.options import check_data_arg
+from fliqs_compiler.driver.options import check_data_arg
 
-from .common import debug_option, handle_errors, input_shape_option, parse_input_shapes
-from .compile_cmd import OneLineCommand, finetune_options, parse_int
+from fliqs_compiler.cli.common import (OneLineCommand, debug_option, finetune_options,
+                                       handle_errors, input_shape_option, parse_input_shapes,
+                                       parse_int)
 
 
 @click.command("search", cls=OneLineCommand)
@@ -28,7 +29,7 @@ from .compile_cmd import OneLineCommand, finetune_options, parse_int
 def search(model, data, formats, budget, target, steps, out, seed, resume, input_shapes, finetune,
            quiet):
     """Run the FLIQS one-shot search on MODEL and write DIR/config.json (and search.jsonl)."""
-    from fliqs_compiler import api
+    from fliqs_compiler.driver import api
     check_data_arg(data)  # before the model is imported (cheap options first)
     res = api.search_only(model, data=data, formats=formats, budget=budget, target=target,
                           steps=api.check_steps(steps), out=out, seed=parse_int("--seed", seed),

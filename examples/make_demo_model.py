@@ -3,7 +3,7 @@ accuracy), exported as ONNX (< 1 MB) to ``fliqs_compiler/assets/demo.onnx``.
 
 Run: ``.venv/bin/python examples/make_demo_model.py [--out PATH] [--epochs N] [--seed S]``.
 Deterministic under the seed (2 threads). The preprocessing is the one ``fliqs`` applies to the
-``digits`` data spec (``fliqs_compiler.data.load_data``) so the float model's accuracy inside
+``digits`` data spec (``fliqs_compiler.data.sources.load_data``) so the float model's accuracy inside
 ``fliqs compile --data digits`` is the accuracy printed here.
 """
 from __future__ import annotations
@@ -38,8 +38,8 @@ class DigitsCNN(nn.Module):
 def digits_arrays(seed: int):
     """(x_train, y_train, x_val, y_val) preprocessed exactly as ``fliqs`` does for ``digits``."""
     try:
-        from fliqs_compiler.data import load_data
-        from fliqs_compiler.graph import InputSpec
+        from fliqs_compiler.data.sources import load_data
+        from fliqs_compiler.ir.graph import InputSpec
         ds = load_data("digits", InputSpec("input", (1, 1, 8, 8)), holdout=0.2, seed=seed)
         return (torch.as_tensor(ds.x_train), torch.as_tensor(ds.y_train),
                 torch.as_tensor(ds.x_val), torch.as_tensor(ds.y_val))
@@ -83,7 +83,7 @@ def export(model: nn.Module, path: Path) -> Path:
     """Export to ONNX (legacy exporter, opset 17, BN folded, input 'input' 1x1x8x8, output 'logits'),
     check it, and write it atomically."""
     import onnx
-    from fliqs_compiler import atomic
+    from fliqs_compiler.base import atomic
     path = Path(path)
     with atomic.replacing(path, suffix=".onnx") as tmp:
         torch.onnx.export(model, (torch.zeros(1, 1, 8, 8),), tmp, input_names=["input"],

@@ -7,7 +7,25 @@ Public API:
 - ``prepare(graph, options)``: ``analyze`` + searchable quantizers → the searchable graph;
 - ``materialize(graph, formats)``: a new Graph with fixed formats (FormatQuantizers).
 
-The pipeline is the list in :func:`pipeline`; each pass documents what it requires/guarantees.
+The pipeline is the list in :func:`pipeline`. Each pass declares its contract as code
+(``manager.contract``): ``requires`` / ``ensures`` conditions, named predicates on the Graph
+that :func:`run_passes` checks before / after the pass, raising ``PassContractError`` (pass,
+condition, offending node) when one fails. In pipeline order (pass: requires → ensures):
+
+- functionalize_modules: submodules_resolve → no_functionalizable_module;
+- propagate_shapes: inputs_have_static_shapes → tensor_nodes_have_shape;
+- fold_batchnorm / fold_batchnorm_qat: no_functionalizable_module → no_foldable_batch_norm;
+- annotate_fusion: no_foldable_batch_norm → nonneg_annotated, fusion_on_layers;
+- discover_quantizable: tensor_nodes_have_shape → layers_discovered;
+- group_decisions: layers_discovered → decisions_cover_searched_layers,
+  quantizers_belong_to_decisions;
+- annotate_costs: decisions_cover_searched_layers → costs_for_every_layer;
+- insert_quantizers: layers_discovered, decisions_cover_searched_layers, nonneg_annotated →
+  searched_layers_quantized, quantizers_belong_to_decisions;
+- materialize: searched_layers_quantized → no_searchable_quantizer, quantizers_fixed,
+  no_qat_bn_modules (finalize_qat_bn alone: → no_qat_bn_modules).
+
+Each condition is defined next to the pass that ensures it (its docstring states it).
 """
 from __future__ import annotations
 
@@ -15,27 +33,27 @@ import copy
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
-from fliqs_compiler import formats as F
-from fliqs_compiler.errors import FliqsError
-from fliqs_compiler.graph import Graph
+from fliqs_compiler.numerics import formats as F
+from fliqs_compiler.base.errors import FliqsError
+from fliqs_compiler.ir.graph import Graph
 
-from .bn_fold import finalize_qat_bn, fold_batchnorm, fold_batchnorm_qat
-from .cost_annotate import annotate_costs
-from .discover import discover_quantizable
-from .functionalize import functionalize_modules
-from .fusion import annotate_fusion
-from .grouping import group_decisions
-from .insert_quant import insert_quantizers
-from .manager import (bind, check_graph, enable_train_eval, numeric, run_passes,
-                      set_training)
-from .materialize import materialize
-from .shape_prop import propagate_shapes
+from fliqs_compiler.passes.bn_fold import finalize_qat_bn, fold_batchnorm, fold_batchnorm_qat
+from fliqs_compiler.passes.cost_annotate import annotate_costs
+from fliqs_compiler.passes.discover import discover_quantizable
+from fliqs_compiler.passes.functionalize import functionalize_modules
+from fliqs_compiler.passes.fusion import annotate_fusion
+from fliqs_compiler.passes.grouping import group_decisions
+from fliqs_compiler.passes.insert_quant import insert_quantizers
+from fliqs_compiler.passes.manager import (PassContractError, bind, check_graph, contract,
+                                           enable_train_eval, numeric, run_passes, set_training)
+from fliqs_compiler.passes.materialize import materialize
+from fliqs_compiler.passes.shape_prop import propagate_shapes
 
 __all__ = ["PrepareOptions", "analyze", "prepare", "materialize", "pipeline", "run_passes",
            "propagate_shapes", "fold_batchnorm", "fold_batchnorm_qat", "finalize_qat_bn",
            "functionalize_modules", "annotate_fusion", "discover_quantizable", "group_decisions",
            "annotate_costs", "insert_quantizers", "numeric", "check_graph", "set_training",
-           "enable_train_eval", "DEFAULT_FORMATS"]
+           "enable_train_eval", "contract", "PassContractError", "DEFAULT_FORMATS"]
 
 DEFAULT_FORMATS = ("int4", "int8", "fp8_e4m3", "fp4_e2m1", "bf16")
 _BN_PASSES = {"fold": fold_batchnorm, "qat": fold_batchnorm_qat}

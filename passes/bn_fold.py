@@ -17,6 +17,11 @@ Two forms (``PrepareOptions.bn``):
 
 Layers that cannot be folded (a weight that is not a parameter, an output used elsewhere, a
 grouped conv-transpose, a BN reading extra outputs) are left unchanged.
+
+Matching is table-driven (``ir.kind_of`` / ``ir.get_arg``) rather than with torch.fx's
+``SubgraphMatcher``: that matcher compares call targets and argument layouts exactly, so every
+(layer target × BN target × positional / keyword form) of the two vocabularies would need its
+own pattern, and the get_attr / single-user checks would remain anyway.
 """
 from __future__ import annotations
 
@@ -27,16 +32,18 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from fliqs_compiler import ir
-from fliqs_compiler.graph import Graph
+from fliqs_compiler.ir import ops as ir
+from fliqs_compiler.ir.graph import Graph
 
-from ._util import add_param, drop_attr_if_unused, get_attr_value, sanitize, unique_attr
-from .manager import check_graph, numeric
+from fliqs_compiler.passes._util import add_param, drop_attr_if_unused, get_attr_value, sanitize, unique_attr
+from fliqs_compiler.passes.functionalize import no_functionalizable_module
+from fliqs_compiler.passes.manager import check_graph, contract, numeric
 
 __all__ = ["fold_batchnorm", "fold_batchnorm_qat", "finalize_qat_bn", "FoldedBatchNorm",
-           "FoldWeight"]
+           "FoldWeight", "no_foldable_batch_norm", "no_qat_bn_modules"]
 
 _FOLDABLE = ("conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "linear")
+_BN_TENSORS = ("weight", "bias", "running_mean", "running_var")
 
 
 def _bshape(n: int, axis: int, rank: int) -> list:
@@ -45,42 +52,67 @@ def _bshape(n: int, axis: int, rank: int) -> list:
     return shape
 
 
+def _is_attr(node, optional: bool = False) -> bool:
+    """``node`` is a ``get_attr`` (or, when ``optional``, absent)."""
+    if node is None:
+        return optional
+    return isinstance(node, fx.Node) and node.op == "get_attr"
+
+
+def _foldable_layer(bn: fx.Node) -> Optional[fx.Node]:
+    """The BN's input when it is a layer the fold can rewrite: a conv / conv-transpose (not
+    grouped) / linear read only by the BN, with ``get_attr`` weight and (optional) bias."""
+    layer = ir.get_arg(bn, "input")
+    if not isinstance(layer, fx.Node) or ir.kind_of(layer) not in _FOLDABLE:
+        return None
+    if len(layer.users) != 1 or not _is_attr(ir.get_arg(layer, "weight")) \
+            or not _is_attr(ir.get_arg(layer, "bias"), optional=True):
+        return None
+    if ir.kind_of(layer).startswith("conv_transpose") and \
+            ir.get_arg(layer, "groups") not in (1, None):
+        return None
+    return layer
+
+
+def _bn_result(bn: fx.Node) -> Optional[fx.Node]:
+    """The node carrying the BN's tensor: the BN itself, or the only ``getitem(bn, 0)`` of a
+    tuple-valued BN (None when other outputs are read)."""
+    if not ir.spec_of(bn).tuple_output:
+        return bn
+    users = list(bn.users)
+    if len(users) == 1 and users[0].op == "call_function" and \
+            users[0].target is operator.getitem and users[0].args[1] == 0:
+        return users[0]
+    return None
+
+
 def _match(graph: Graph):
     """Yield (bn node, layer node, result node to replace) for every foldable pair."""
-    gm = graph.gm
-    for bn in list(gm.graph.nodes):
-        if ir.kind_of(bn) != "batch_norm":
+    for bn in list(graph.gm.graph.nodes):
+        if ir.kind_of(bn) != "batch_norm" or ir.get_arg(bn, "running_mean") is None:
             continue
-        layer = ir.get_arg(bn, "input")
-        if not isinstance(layer, fx.Node) or ir.kind_of(layer) not in _FOLDABLE:
+        if not all(_is_attr(ir.get_arg(bn, k), optional=True) for k in _BN_TENSORS):
             continue
-        if len(layer.users) != 1:
-            continue
-        w = ir.get_arg(layer, "weight")
-        b = ir.get_arg(layer, "bias")
-        if not (isinstance(w, fx.Node) and w.op == "get_attr"):
-            continue
-        if b is not None and not (isinstance(b, fx.Node) and b.op == "get_attr"):
-            continue
-        if any(ir.get_arg(bn, k) is not None and not (isinstance(ir.get_arg(bn, k), fx.Node)
-               and ir.get_arg(bn, k).op == "get_attr")
-               for k in ("weight", "bias", "running_mean", "running_var")):
-            continue
-        if ir.get_arg(bn, "running_mean") is None:
-            continue
-        kind = ir.kind_of(layer)
-        if kind.startswith("conv_transpose") and ir.get_arg(layer, "groups") not in (1, None):
-            continue
-        result = bn
-        if ir.spec_of(bn).tuple_output:
-            users = list(bn.users)
-            if not all(u.op == "call_function" and u.target is operator.getitem
-                       and u.args[1] == 0 for u in users):
-                continue
-            if len(users) != 1:
-                continue
-            result = users[0]
-        yield bn, layer, result
+        layer, result = _foldable_layer(bn), _bn_result(bn)
+        if layer is not None and result is not None:
+            yield bn, layer, result
+
+
+# ---- contract conditions --------------------------------------------------------------------
+def no_foldable_batch_norm(graph: Graph):
+    """No batch norm is left that reads a conv / linear with constant weights it could fold."""
+    for bn, layer, _ in _match(graph):
+        return f"batch norm {bn.name} after {layer.name} is still foldable"
+    return None
+
+
+def no_qat_bn_modules(graph: Graph):
+    """No FoldWeight / FoldedBatchNorm module (the QAT form) is called in the graph."""
+    for node in graph.gm.graph.nodes:
+        if node.op == "call_module" and isinstance(graph.gm.get_submodule(node.target),
+                                                   (FoldWeight, FoldedBatchNorm)):
+            return f"node {node.name} calls the QAT-fold module {node.target!r}"
+    return None
 
 
 def _bn_tensors(gm, bn):
@@ -115,7 +147,7 @@ def _erase_bn(gm, bn, result, replacement):
     """Replace the BN's result by ``replacement``; erase the BN and its orphaned parameters."""
     result.replace_all_uses_with(replacement)
     _drop_counter(gm, bn)
-    inputs = [ir.get_arg(bn, k) for k in ("weight", "bias", "running_mean", "running_var")]
+    inputs = [ir.get_arg(bn, k) for k in _BN_TENSORS]
     if result is not bn:
         gm.graph.erase_node(result)
     gm.graph.erase_node(bn)
@@ -124,38 +156,47 @@ def _erase_bn(gm, bn, result, replacement):
             drop_attr_if_unused(gm, n)
 
 
-@numeric
-def fold_batchnorm(graph: Graph) -> Graph:
-    """Eval-form BN folding.
+def _fold_eval(gm: fx.GraphModule, bn: fx.Node, layer: fx.Node, result: fx.Node) -> None:
+    """Fold one eval-form pair: new folded weight/bias parameters, the BN erased."""
+    mean, var, gamma, beta, eps = _bn_tensors(gm, bn)
+    w_node = ir.get_arg(layer, "weight")
+    b_node = ir.get_arg(layer, "bias")
+    w = get_attr_value(gm, w_node.target).detach()
+    b = torch.zeros_like(mean) if b_node is None else get_attr_value(gm, b_node.target)
+    out_axis, _ = ir.weight_axes(ir.kind_of(layer), w.dim())
+    with torch.no_grad():
+        s = gamma.double() / torch.sqrt(var.double() + eps)
+        new_w = (w.double() * s.reshape(_bshape(len(s), out_axis, w.dim()))).to(w.dtype)
+        new_b = ((b.double() - mean.double()) * s + beta.double()).to(w.dtype)
+    with gm.graph.inserting_before(layer):
+        nw = gm.graph.get_attr(add_param(gm, f"{layer.name}_folded_weight", new_w))
+        nb = gm.graph.get_attr(add_param(gm, f"{layer.name}_folded_bias", new_b))
+    ir.set_arg(layer, "weight", nw)
+    ir.set_arg(layer, "bias", nb)
+    for old in (w_node, b_node):
+        if isinstance(old, fx.Node):
+            drop_attr_if_unused(gm, old)
+    _erase_bn(gm, bn, result, layer)
 
-    Requires: ``meta['shape']`` not needed; BN parameters and the layer's weight/bias are
-    ``get_attr`` tensors. Guarantees: every foldable layer→BN pair becomes one layer with new
-    parameters ``<layer>_folded_weight`` / ``_folded_bias``; eval outputs are unchanged (to float
-    rounding); ``graph.meta['bn_folded']`` lists the folded layer fx names.
+
+@numeric
+@contract(requires=[no_functionalizable_module], ensures=[no_foldable_batch_norm])
+def fold_batchnorm(graph: Graph) -> Graph:
+    """Eval-form BN folding. Requires: ``no_functionalizable_module`` (BNs are ``F.*`` / aten
+    calls). Ensures: ``no_foldable_batch_norm``.
+
+    Every foldable layer→BN pair becomes one layer with new parameters
+    ``<layer>_folded_weight`` / ``_folded_bias`` (repeated until none is left, so layer→BN→BN
+    folds both); eval outputs are unchanged (to float rounding); ``graph.meta['bn_folded']``
+    lists the folded layer fx names.
     """
-    gm = graph.gm
     folded = graph.meta.setdefault("bn_folded", [])
-    for bn, layer, result in list(_match(graph)):
-        mean, var, gamma, beta, eps = _bn_tensors(gm, bn)
-        w_node = ir.get_arg(layer, "weight")
-        b_node = ir.get_arg(layer, "bias")
-        w = get_attr_value(gm, w_node.target).detach()
-        b = torch.zeros_like(mean) if b_node is None else get_attr_value(gm, b_node.target)
-        out_axis, _ = ir.weight_axes(ir.kind_of(layer), w.dim())
-        with torch.no_grad():
-            s = gamma.double() / torch.sqrt(var.double() + eps)
-            new_w = (w.double() * s.reshape(_bshape(len(s), out_axis, w.dim()))).to(w.dtype)
-            new_b = ((b.double() - mean.double()) * s + beta.double()).to(w.dtype)
-        with gm.graph.inserting_before(layer):
-            nw = gm.graph.get_attr(add_param(gm, f"{layer.name}_folded_weight", new_w))
-            nb = gm.graph.get_attr(add_param(gm, f"{layer.name}_folded_bias", new_b))
-        ir.set_arg(layer, "weight", nw)
-        ir.set_arg(layer, "bias", nb)
-        for old in (w_node, b_node):
-            if isinstance(old, fx.Node):
-                drop_attr_if_unused(gm, old)
-        _erase_bn(gm, bn, result, layer)
-        folded.append(layer.name)
+    pairs = list(_match(graph))
+    while pairs:
+        for bn, layer, result in pairs:
+            _fold_eval(graph.gm, bn, layer, result)
+            folded.append(layer.name)
+        pairs = list(_match(graph))
     check_graph(graph)
     return graph
 
@@ -203,10 +244,12 @@ class FoldWeight(nn.Module):
 
 
 @numeric
+@contract(requires=[no_functionalizable_module], ensures=[no_foldable_batch_norm])
 def fold_batchnorm_qat(graph: Graph) -> Graph:
-    """QAT-form BN folding (Jacob et al. 2018).
+    """QAT-form BN folding (Jacob et al. 2018). Requires: ``no_functionalizable_module``.
+    Ensures: ``no_foldable_batch_norm``.
 
-    Requires: as :func:`fold_batchnorm`. Guarantees: each foldable pair becomes
+    Each foldable pair becomes
     ``get_attr W → call_module <layer>_bnw (FoldWeight) → layer (bias None) → call_module
     <layer>_bn (FoldedBatchNorm)``; eval outputs are unchanged (to float rounding) and
     training-mode outputs equal the unfused layer→BN training outputs.
@@ -241,12 +284,14 @@ def fold_batchnorm_qat(graph: Graph) -> Graph:
     return graph
 
 
+@contract(ensures=[no_qat_bn_modules])
 def finalize_qat_bn(graph: Graph) -> Graph:
     """Turn QAT-form folds into the eval fold (constants), for export and lowering.
+    Ensures: ``no_qat_bn_modules``.
 
-    Requires: nodes built by :func:`fold_batchnorm_qat` (possibly with a quantizer between
-    ``_bnw`` and the layer). Guarantees: no FoldWeight / FoldedBatchNorm module remains; the
-    layer reads a folded weight parameter and bias; eval outputs are unchanged.
+    Reads nodes built by :func:`fold_batchnorm_qat` (possibly with a quantizer between
+    ``_bnw`` and the layer); afterwards the layer reads a folded weight parameter and bias and
+    eval outputs are unchanged.
     """
     gm = graph.gm
     for node in list(gm.graph.nodes):

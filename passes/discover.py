@@ -21,13 +21,15 @@ from typing import Sequence
 
 from torch import fx
 
-from fliqs_compiler import ir
-from fliqs_compiler.errors import FliqsError
-from fliqs_compiler.graph import Graph, LayerInfo
+from fliqs_compiler.ir import ops as ir
+from fliqs_compiler.base.errors import FliqsError
+from fliqs_compiler.ir.graph import Graph, LayerInfo
 
-from ._util import public_name
+from fliqs_compiler.passes._util import public_name
+from fliqs_compiler.passes.manager import contract
+from fliqs_compiler.passes.shape_prop import tensor_nodes_have_shape
 
-__all__ = ["discover_quantizable", "layer_macs"]
+__all__ = ["discover_quantizable", "layer_macs", "layers_discovered"]
 
 _SIG_ARGS = ("stride", "padding", "dilation", "groups", "output_padding")
 
@@ -65,13 +67,55 @@ def _compile_patterns(patterns: Sequence[str], option: str):
     return out
 
 
+# ---- contract conditions --------------------------------------------------------------------
+def _constant_nodes(gm: fx.GraphModule) -> set:
+    """Nodes that depend on no placeholder (one topological sweep, like ``ir.is_constant``)."""
+    constant = set()
+    for node in gm.graph.nodes:
+        if node.op != "placeholder" and all(i in constant for i in node.all_input_nodes):
+            constant.add(node)
+    return constant
+
+
+def _const(node, constant: set) -> bool:
+    return not isinstance(node, fx.Node) or node in constant
+
+
+def layers_discovered(graph: Graph):
+    """Every conv / linear / MatMul with a constant weight on a computed input is a layer of
+    ``graph.layers`` (``meta['fliqs_layer']`` = its name), and every ``LayerInfo.node`` is a node
+    of the fx graph carrying that name."""
+    constant = _constant_nodes(graph.gm)
+    nodes = {}
+    for node in graph.gm.graph.nodes:
+        nodes[node.name] = node
+        if ir.kind_of(node) not in ir.QUANTIZABLE_KINDS:
+            continue
+        if _const(ir.get_arg(node, "input"), constant) or \
+                not _const(ir.get_arg(node, "weight"), constant):
+            continue
+        name = node.meta.get("fliqs_layer")
+        if name not in graph.layers or graph.layers[name].node != node.name:
+            return f"layer node {node.name} is missing from graph.layers"
+    for name, layer in graph.layers.items():
+        node = nodes.get(layer.node)
+        if node is None:
+            return f"layer {name}: fx node {layer.node!r} is not in the graph"
+        if node.meta.get("fliqs_layer") != name:
+            return f"layer {name}: fx node {layer.node} is marked {node.meta.get('fliqs_layer')!r}"
+    return None
+
+
+@contract(requires=[tensor_nodes_have_shape], ensures=[layers_discovered])
 def discover_quantizable(graph: Graph, keep_float_first: bool = True,
                          keep_float_last: bool = True, keep_float_patterns: Sequence[str] = (),
                          quantize_act_matmul: bool = False) -> Graph:
-    """Requires: ``meta['shape']`` on nodes (run ``propagate_shapes`` first).
-    Guarantees: ``graph.layers`` maps public name → LayerInfo (topological order) for every
-    quantizable node; ``node.meta['fliqs_layer']`` = public name on those nodes; keep-float
-    rules applied. Existing ``graph.layers`` is replaced."""
+    """Requires: ``tensor_nodes_have_shape`` (run ``propagate_shapes`` first). Ensures:
+    ``layers_discovered``.
+
+    ``graph.layers`` maps public name → LayerInfo (topological order) for every quantizable
+    node; ``node.meta['fliqs_layer']`` = public name on those nodes; keep-float rules applied.
+    Existing ``graph.layers`` is replaced."""
     patterns = _compile_patterns(keep_float_patterns, "keep-float pattern")
     layers: dict[str, LayerInfo] = {}
     for node in graph.gm.graph.nodes:

@@ -12,11 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fliqs_compiler.graph import Graph
+from fliqs_compiler.ir.graph import Graph
 
-from .manager import check_graph, numeric
+from fliqs_compiler.passes.manager import check_graph, contract, numeric
 
-__all__ = ["functionalize_modules"]
+__all__ = ["functionalize_modules", "submodules_resolve", "no_functionalizable_module"]
 
 
 def _param(gm, node, attr):
@@ -28,8 +28,6 @@ def _param(gm, node, attr):
 
 def _conv(fn):
     def build(gm, node, m):
-        if m.padding_mode != "zeros" or len(node.args) != 1 or node.kwargs:
-            return None
         return fn, (node.args[0], _param(gm, node, "weight"), _param(gm, node, "bias"), m.stride,
                     m.padding, m.dilation, m.groups)
     return build
@@ -37,8 +35,6 @@ def _conv(fn):
 
 def _conv_t(fn):
     def build(gm, node, m):
-        if m.padding_mode != "zeros" or len(node.args) != 1 or node.kwargs:
-            return None
         return fn, (node.args[0], _param(gm, node, "weight"), _param(gm, node, "bias"), m.stride,
                     m.padding, m.output_padding, m.groups, m.dilation)
     return build
@@ -69,25 +65,52 @@ _MODULES = {
 }
 
 
+def _functionalizable(node, module) -> bool:
+    """A table module called with one positional input, in an option form ``F.*`` covers."""
+    return (type(module) in _MODULES and len(node.args) == 1 and not node.kwargs
+            and getattr(module, "padding_mode", "zeros") == "zeros")
+
+
+# ---- contract conditions --------------------------------------------------------------------
+def submodules_resolve(graph: Graph):
+    """Every ``call_module`` target names a submodule of the graph module."""
+    for node in graph.gm.graph.nodes:
+        if node.op != "call_module":
+            continue
+        try:
+            graph.gm.get_submodule(node.target)
+        except AttributeError:
+            return f"node {node.name} calls {node.target!r}, which is not a submodule"
+    return None
+
+
+def no_functionalizable_module(graph: Graph):
+    """No ``call_module`` left that :func:`functionalize_modules` turns into an ``F.*`` call."""
+    for node in graph.gm.graph.nodes:
+        if node.op == "call_module" and _functionalizable(node,
+                                                          graph.gm.get_submodule(node.target)):
+            return f"node {node.name} still calls module {node.target!r}"
+    return None
+
+
 @numeric
+@contract(requires=[submodules_resolve], ensures=[no_functionalizable_module])
 def functionalize_modules(graph: Graph) -> Graph:
-    """Requires: nothing. Guarantees: every ``call_module`` of a class in ``_MODULES`` (called
-    with one positional input) is replaced by the equivalent ``call_function`` reading the same
-    parameters through ``get_attr`` and ``meta['public_name']`` = the module path (the layer's
-    config.json name); outputs are unchanged; other nodes are untouched."""
+    """Requires: ``submodules_resolve``. Ensures: ``no_functionalizable_module``.
+
+    Every ``call_module`` of a class in ``_MODULES`` (called with one positional input) is
+    replaced by the equivalent ``call_function`` reading the same parameters through
+    ``get_attr`` and ``meta['public_name']`` = the module path (the layer's config.json name);
+    outputs are unchanged; other nodes are untouched."""
     gm = graph.gm
     for node in list(gm.graph.nodes):
         if node.op != "call_module":
             continue
         mod = gm.get_submodule(node.target)
-        build = _MODULES.get(type(mod))
-        if build is None:
+        if not _functionalizable(node, mod):
             continue
         with gm.graph.inserting_before(node):
-            made = build(gm, node, mod)
-            if made is None:
-                continue
-            fn, args = made
+            fn, args = _MODULES[type(mod)](gm, node, mod)
             new = gm.graph.call_function(fn, args)
         new.meta.update(node.meta)
         new.meta.setdefault("public_name", node.target)  # the module path, e.g. "layer1.0.conv1"

@@ -19,13 +19,17 @@ from typing import Sequence
 
 from torch import fx
 
-from fliqs_compiler import formats as F
-from fliqs_compiler import ir
-from fliqs_compiler.errors import FliqsError
-from fliqs_compiler.graph import Graph
-from fliqs_compiler.space import Decision, SearchSpace
+from fliqs_compiler.numerics import formats as F
+from fliqs_compiler.ir import ops as ir
+from fliqs_compiler.base.errors import FliqsError
+from fliqs_compiler.ir.graph import Graph
+from fliqs_compiler.ir.space import Decision, SearchSpace
 
-__all__ = ["group_decisions"]
+from fliqs_compiler.passes.discover import layers_discovered
+from fliqs_compiler.passes.manager import contract
+
+__all__ = ["group_decisions", "decisions_cover_searched_layers",
+           "quantizers_belong_to_decisions"]
 
 ROLES = ("weight", "activation")
 _SEE_THROUGH = ir.TRANSPARENT_KINDS + ("relu", "relu6")
@@ -55,14 +59,65 @@ def _source(node):
     return node
 
 
+# ---- contract conditions --------------------------------------------------------------------
+def decisions_cover_searched_layers(graph: Graph):
+    """``graph.space`` exists; each (searched layer, role) is a member of exactly one decision,
+    decisions hold nothing else, and each layer's ``group`` names the decision holding its
+    weight ('' for layers kept in float)."""
+    if graph.space is None:
+        return "graph.space is None (group_decisions has not run)"
+    owner = {}
+    for d in graph.space.decisions:
+        for member in d.members:
+            if member in owner:
+                return f"{member} is in decisions {owner[member]!r} and {d.name!r}"
+            owner[member] = d.name
+    searched = {layer.name for layer in graph.searched_layers()}
+    stray = next((m for m in owner if m[0] not in searched or m[1] not in ROLES), None)
+    if stray is not None:
+        return f"decision {owner[stray]!r} holds {stray}, not a (searched layer, role)"
+    for layer in graph.layers.values():
+        if layer.keep_float:
+            if layer.group:
+                return f"layer {layer.name} is kept in float but in group {layer.group!r}"
+            continue
+        missing = next((r for r in ROLES if (layer.name, r) not in owner), None)
+        if missing is not None:
+            return f"layer {layer.name}: its {missing} is in no decision"
+        if layer.group != owner[(layer.name, "weight")]:
+            return (f"layer {layer.name}: group {layer.group!r}, but its weight is in decision "
+                    f"{owner[(layer.name, 'weight')]!r}")
+    return None
+
+
+def quantizers_belong_to_decisions(graph: Graph):
+    """Every recorded quantizer (``graph.space.quantizers``) is a member of a decision and
+    names a submodule of the graph module."""
+    if graph.space is None:
+        return None
+    members = {m for d in graph.space.decisions for m in d.members}
+    for member, path in graph.space.quantizers.items():
+        if member not in members:
+            return f"quantizer {path!r} of {member} belongs to no decision"
+        try:
+            graph.gm.get_submodule(path)
+        except AttributeError:
+            return f"quantizer {path!r} of {member} is not a submodule"
+    return None
+
+
+@contract(requires=[layers_discovered],
+          ensures=[decisions_cover_searched_layers, quantizers_belong_to_decisions])
 def group_decisions(graph: Graph, formats: Sequence[str] = ("int4", "int8"),
                     tie_weight_activation: bool = True, group_patterns: Sequence[str] = (),
                     tie_add_concat_inputs: bool = False) -> Graph:
-    """Requires: ``graph.layers`` (run ``discover_quantizable``). Guarantees: ``graph.space`` is a
-    SearchSpace whose decisions cover every (searched layer, role) exactly once, candidates =
-    ``formats`` (canonical names); ``LayerInfo.group`` = the name of the decision holding the
-    layer's weight ('' for layers kept in float); ``space.quantizers`` is filled later by
-    ``insert_quantizers`` (kept if already present)."""
+    """Requires: ``layers_discovered`` (run ``discover_quantizable``). Ensures:
+    ``decisions_cover_searched_layers``, ``quantizers_belong_to_decisions``.
+
+    ``graph.space`` is a SearchSpace whose decisions cover every (searched layer, role) exactly
+    once, candidates = ``formats`` (canonical names); ``LayerInfo.group`` = the name of the
+    decision holding the layer's weight ('' for layers kept in float); ``space.quantizers`` is
+    filled later by ``insert_quantizers`` (kept if already present)."""
     candidates = F.check_searchable(formats)
     try:
         regexes = [(p, re.compile(p)) for p in group_patterns]

@@ -16,15 +16,46 @@ from __future__ import annotations
 
 from torch import fx
 
-from fliqs_compiler import ir
-from fliqs_compiler.graph import Graph
-from fliqs_compiler.quantizers import SearchableQuantizer
+from fliqs_compiler.base.errors import FliqsError
+from fliqs_compiler.ir import ops as ir
+from fliqs_compiler.ir.graph import Graph
+from fliqs_compiler.numerics.quantizers import SearchableQuantizer
 
-from ._util import sanitize, unique_attr
-from .fusion import is_nonneg
-from .manager import check_graph
+from fliqs_compiler.passes._util import sanitize, unique_attr
+from fliqs_compiler.passes.discover import layers_discovered
+from fliqs_compiler.passes.fusion import is_nonneg, nonneg_annotated
+from fliqs_compiler.passes.grouping import (decisions_cover_searched_layers,
+                                            quantizers_belong_to_decisions)
+from fliqs_compiler.passes.manager import check_graph, contract
 
-__all__ = ["insert_quantizers"]
+__all__ = ["insert_quantizers", "searched_layers_quantized"]
+
+_ROLE_ARGS = (("weight", "weight"), ("activation", "input"))  # (role, layer argument it reads)
+
+
+# ---- contract conditions --------------------------------------------------------------------
+def searched_layers_quantized(graph: Graph):
+    """Each searched layer reads its weight and its input through the SearchableQuantizer that
+    ``graph.space.quantizers`` records for (layer, role)."""
+    if graph.space is None:
+        return "graph.space is None (no quantizers recorded)"
+    nodes = {n.name: n for n in graph.gm.graph.nodes}
+    for layer in graph.searched_layers():
+        node = nodes.get(layer.node)
+        if node is None:
+            return f"layer {layer.name}: fx node {layer.node!r} is not in the graph"
+        for role, arg in _ROLE_ARGS:
+            path = graph.space.quantizers.get((layer.name, role))
+            if path is None:
+                return f"layer {layer.name}: no {role} quantizer recorded"
+            src = ir.get_arg(node, arg)
+            if not (isinstance(src, fx.Node) and src.op == "call_module" and src.target == path):
+                return f"layer {layer.name}: its {arg} does not come from {path!r}"
+            module = graph.gm.get_submodule(path)
+            if not isinstance(module, SearchableQuantizer):
+                return (f"layer {layer.name}: {role} quantizer {path!r} is a "
+                        f"{type(module).__name__}, not a SearchableQuantizer")
+    return None
 
 
 def _insert(gm: fx.GraphModule, node: fx.Node, arg: str, path: str, module) -> fx.Node:
@@ -39,15 +70,18 @@ def _insert(gm: fx.GraphModule, node: fx.Node, arg: str, path: str, module) -> f
     return q
 
 
+@contract(requires=[layers_discovered, decisions_cover_searched_layers, nonneg_annotated],
+          ensures=[searched_layers_quantized, quantizers_belong_to_decisions])
 def insert_quantizers(graph: Graph, scale_mode: str = "learned") -> Graph:
-    """Requires: ``graph.layers`` and ``graph.space`` (run ``group_decisions``), shapes and
-    ``meta['nonneg']`` (``annotate_fusion``). Guarantees: one SearchableQuantizer per
-    (searched layer, role) member of ``graph.space``, wired between the tensor and the layer,
-    named ``<sanitized name>_wq`` / ``_aq`` (suffixed ``_1``... on a clash), recorded in
-    ``graph.space.quantizers``; the active candidate is the first one. Outputs change (the
-    model now quantizes)."""
+    """Requires: ``layers_discovered``, ``decisions_cover_searched_layers`` (run
+    ``group_decisions``), ``nonneg_annotated`` (``annotate_fusion``). Ensures:
+    ``searched_layers_quantized``, ``quantizers_belong_to_decisions``.
+
+    One SearchableQuantizer per (searched layer, role) member of ``graph.space``, wired
+    between the tensor and the layer, named ``<sanitized name>_wq`` / ``_aq`` (suffixed
+    ``_1``... on a clash), recorded in ``graph.space.quantizers``; the active candidate is the
+    first one. Outputs change (the model now quantizes)."""
     if scale_mode not in ("learned", "calibrated"):
-        from fliqs_compiler.errors import FliqsError
         raise FliqsError(f"scale mode {scale_mode!r}: use 'learned' or 'calibrated'")
     gm = graph.gm
     candidates = {m: d.candidates for d in graph.space.decisions for m in d.members}
@@ -71,8 +105,7 @@ def insert_quantizers(graph: Graph, scale_mode: str = "learned") -> Graph:
         aq = SearchableQuantizer(candidates[(layer.name, "activation")], "activation",
                                  block_axis=block, unsigned=is_nonneg(x), scale_mode=scale_mode)
         base = sanitize(layer.name)
-        for role, arg, suffix, mod in (("weight", "weight", "_wq", wq),
-                                       ("activation", "input", "_aq", aq)):
+        for (role, arg), suffix, mod in zip(_ROLE_ARGS, ("_wq", "_aq"), (wq, aq)):
             path = unique_attr(gm, base + suffix)
             _insert(gm, node, arg, path, mod)
             graph.space.quantizers[(layer.name, role)] = path

@@ -1,25 +1,58 @@
-"""A small pass manager: run ``graph -> graph`` passes in order, check the graph after each one,
-and record how long each took in ``graph.meta["pass_times"]``.
+"""A small pass manager: run ``graph -> graph`` passes in order, check each pass's contract and
+lint the graph after each one, and record how long each took in ``graph.meta["pass_times"]``.
 
-A pass is a plain function ``Graph -> Graph``. A pass that leaves the model's numbers unchanged
-(up to float rounding) sets the attribute ``preserves_numerics = True`` (see :func:`numeric`);
-with ``check_numerics`` the manager compares the model's outputs on ``graph.example_inputs()``
-before and after such passes.
+A pass is a function ``Graph -> Graph``. Its contract (in the style of torch.fx's
+``PassBase.requires`` / ``ensures``) is declared with :func:`contract`: ``requires`` and
+``ensures`` are lists of *conditions*, named functions ``Graph -> None | str`` that return None
+when they hold and otherwise a short description of what violates them (usually the offending
+node). :func:`run_passes` checks a pass's requires before it runs and its ensures after, and
+raises :class:`PassContractError` (pass name, condition name, detail) on the first one that
+fails. Conditions are cheap (linear in the graph size), so they are always checked.
+
+A pass that leaves the model's numbers unchanged (up to float rounding) sets the attribute
+``preserves_numerics = True`` (see :func:`numeric`); with ``check_numerics`` the manager compares
+the model's outputs on ``graph.example_inputs()`` before and after such passes.
 """
 from __future__ import annotations
 
 import functools
 import time
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
-from fliqs_compiler.graph import Graph
+from fliqs_compiler.ir.graph import Graph, enable_train_eval, set_training  # noqa: F401 (re-exported)
 
-__all__ = ["Pass", "numeric", "bind", "run_passes", "check_graph", "set_training",
-           "enable_train_eval"]
+__all__ = ["Pass", "Condition", "PassContractError", "contract", "check_conditions", "numeric",
+           "bind", "run_passes", "check_graph", "set_training", "enable_train_eval"]
 
 Pass = Callable[[Graph], Graph]
+Condition = Callable[[Graph], Optional[str]]  # None: holds; else what violates it
+
+
+class PassContractError(RuntimeError):
+    """A pass's ``requires`` did not hold before it ran, or its ``ensures`` after: a pipeline
+    ordering or pass bug, not bad user input."""
+
+
+def contract(requires: Sequence[Condition] = (), ensures: Sequence[Condition] = ()):
+    """Declare a pass's contract: ``@contract(requires=[cond, ...], ensures=[cond, ...])``."""
+    def mark(fn: Pass) -> Pass:
+        fn.requires = tuple(requires)
+        fn.ensures = tuple(ensures)
+        return fn
+    return mark
+
+
+def check_conditions(name: str, graph: Graph, conditions: Iterable[Condition],
+                     clause: str) -> None:
+    """Raise PassContractError for the first of ``conditions`` that does not hold on ``graph``
+    (``clause``: 'requires' or 'ensures', for the message)."""
+    for condition in conditions:
+        detail = condition(graph)
+        if detail is not None:
+            raise PassContractError(f"pass {name}: {clause} {condition.__name__} does not hold: "
+                                    f"{detail}")
 
 
 def numeric(fn: Pass) -> Pass:
@@ -29,10 +62,12 @@ def numeric(fn: Pass) -> Pass:
 
 
 def bind(fn, name: str | None = None, **kwargs) -> Pass:
-    """``fn`` with keyword options bound; keeps the pass name and the numerics flag."""
+    """``fn`` with keyword options bound; keeps the pass name, contract and numerics flag."""
     bound = functools.partial(fn, **kwargs)
     bound.__name__ = name or fn.__name__
     bound.preserves_numerics = getattr(fn, "preserves_numerics", False)
+    bound.requires = getattr(fn, "requires", ())
+    bound.ensures = getattr(fn, "ensures", ())
     return bound
 
 
@@ -42,20 +77,6 @@ def check_graph(graph: Graph) -> None:
     Guarantees: ``graph.gm.graph`` is well-formed and ``graph.gm.forward`` matches it."""
     graph.gm.graph.lint()
     graph.gm.recompile()
-
-
-def set_training(gm: torch.nn.Module, mode: bool) -> None:
-    """``gm.train(mode)`` that also works on ``ExportedProgram.module()`` results (whose
-    ``train``/``eval`` raise NotImplementedError): sets ``.training`` on every submodule."""
-    for m in gm.modules():
-        m.training = mode
-
-
-def enable_train_eval(gm: torch.nn.Module) -> None:
-    """Drop the instance-level ``train``/``eval`` overrides that ``ExportedProgram.module()``
-    installs, so the (deep-copied) graph module supports ``.train()`` / ``.eval()`` again."""
-    for attr in ("train", "eval"):
-        gm.__dict__.pop(attr, None)
 
 
 def _flat_outputs(out) -> list:
@@ -82,8 +103,10 @@ def run_passes(graph: Graph, passes: Iterable[Pass], check_numerics: bool = Fals
                rtol: float = 1e-4, atol: float = 1e-5) -> Graph:
     """Run ``passes`` in order on ``graph``.
 
-    Requires: each pass maps a Graph to a Graph. Guarantees: after every pass the graph lints and
-    is recompiled; ``graph.meta["pass_times"][pass name]`` holds its wall time in seconds; with
+    Requires: each pass maps a Graph to a Graph. Guarantees: each pass's ``requires`` held
+    before it ran and its ``ensures`` after it (else PassContractError naming the pass and the
+    condition); after every pass the graph lints and is recompiled;
+    ``graph.meta["pass_times"][pass name]`` holds its wall time in seconds; with
     ``check_numerics``, outputs after each numerics-preserving pass match those before the
     pipeline within (rtol, atol) on ``graph.example_inputs()`` (eval mode), else RuntimeError
     (a pass bug, not bad input).
@@ -96,10 +119,12 @@ def run_passes(graph: Graph, passes: Iterable[Pass], check_numerics: bool = Fals
     times = graph.meta.setdefault("pass_times", {})
     for p in passes:
         name = getattr(p, "__name__", repr(p))
+        check_conditions(name, graph, getattr(p, "requires", ()), "requires")
         t0 = time.perf_counter()
         graph = p(graph)
         check_graph(graph)
         times[name] = times.get(name, 0.0) + time.perf_counter() - t0
+        check_conditions(name, graph, getattr(p, "ensures", ()), "ensures")
         graph.meta.setdefault("pass_times", times)
         if check_numerics and getattr(p, "preserves_numerics", False):
             got = _run(graph, inputs)

@@ -7,14 +7,58 @@ without a fake kernel).
 """
 from __future__ import annotations
 
+import operator
+
 import torch
+from torch import fx
 from torch.fx.passes.shape_prop import ShapeProp
 
-from fliqs_compiler.graph import Graph
+from fliqs_compiler.ir import ops as ir
+from fliqs_compiler.ir.graph import Graph
 
-from .manager import numeric, set_training
+from fliqs_compiler.passes.manager import contract, numeric, set_training
 
-__all__ = ["propagate_shapes"]
+__all__ = ["propagate_shapes", "inputs_have_static_shapes", "tensor_nodes_have_shape"]
+
+
+# ---- contract conditions --------------------------------------------------------------------
+def _static_dim(d) -> bool:
+    try:
+        return operator.index(d) >= 0
+    except TypeError:
+        return False
+
+
+def inputs_have_static_shapes(graph: Graph):
+    """``graph.inputs`` describes each placeholder, with a static shape."""
+    placeholders = [n for n in graph.gm.graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != len(graph.inputs):
+        return (f"{len(placeholders)} placeholders but {len(graph.inputs)} input specs "
+                f"({[spec.name for spec in graph.inputs]})")
+    for spec in graph.inputs:
+        if not all(_static_dim(d) for d in spec.shape):
+            return f"input {spec.name!r} has a non-static shape {tuple(spec.shape)}"
+    return None
+
+
+def _missing_shape(node) -> bool:
+    return isinstance(node, fx.Node) and not ("shape" in node.meta and "dtype" in node.meta)
+
+
+def tensor_nodes_have_shape(graph: Graph):
+    """Placeholders, and every quantizable-kind node with its input and weight, carry
+    ``meta['shape']`` and ``meta['dtype']`` (what discovery and costs read)."""
+    for node in graph.gm.graph.nodes:
+        if node.op == "placeholder":
+            looked_at = (node,)
+        elif ir.kind_of(node) in ir.QUANTIZABLE_KINDS:
+            looked_at = (node, ir.get_arg(node, "input"), ir.get_arg(node, "weight"))
+        else:
+            continue
+        missing = next((n for n in looked_at if _missing_shape(n)), None)
+        if missing is not None:
+            return f"node {missing.name} has no meta['shape'] / meta['dtype']"
+    return None
 
 
 def _copy_meta(graph: Graph) -> None:
@@ -32,9 +76,11 @@ def _copy_meta(graph: Graph) -> None:
 
 
 @numeric
+@contract(requires=[inputs_have_static_shapes], ensures=[tensor_nodes_have_shape])
 def propagate_shapes(graph: Graph) -> Graph:
-    """Requires: ``graph.inputs`` describe the inputs with static shapes.
-    Guarantees: each tensor-valued node has ``meta['shape']`` / ``meta['dtype']`` (and fx's
+    """Requires: ``inputs_have_static_shapes``. Ensures: ``tensor_nodes_have_shape``.
+
+    Each tensor-valued node gets ``meta['shape']`` / ``meta['dtype']`` (and fx's
     ``meta['tensor_meta']``); the graph itself is unchanged."""
     gm = graph.gm
     try:

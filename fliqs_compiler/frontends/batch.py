@@ -29,8 +29,8 @@ from typing import Any, Callable, Optional
 import torch
 from torch import fx
 
-from ..errors import FliqsError
-from .builder import V
+from fliqs_compiler.base.errors import FliqsError, one_line
+from fliqs_compiler.frontends.builder import V
 
 __all__ = ["NotBatchable", "ModelFails", "Plan", "plan", "Unpin", "SHAPE_INPUT", "record_inputs",
            "generalize", "guard"]
@@ -439,16 +439,11 @@ def _run_blaming(gm: fx.GraphModule, inputs: list) -> list:
         interp.run(*inputs)
     except Exception as e:  # noqa: BLE001
         first = e.__cause__ or e
-    text = _one_line(first)
+    text = one_line(first)
     if "ZeroDivision" in text or interp.failed is None:
         raise NotBatchable("the model does not run on random inputs, so its batch semantics "
                            f"cannot be checked ({text})")
     raise ModelFails(f"{_where(interp.failed)} fails on random inputs: {text}")
-
-
-def _one_line(e: BaseException, path_prefix: str = "") -> str:
-    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    return text[len(path_prefix):] if path_prefix and text.startswith(path_prefix) else text
 
 
 def generalize(convert: Callable, g0: fx.GraphModule, record: dict, specs, p: Plan,
@@ -466,7 +461,7 @@ def generalize(convert: Callable, g0: fx.GraphModule, record: dict, specs, p: Pl
         try:
             return convert(batched, unpin), unpin.rewritten
         except FliqsError as e:
-            text, at_b = _one_line(e, prefix), f" at a batch of {batch}"
+            text, at_b = one_line(e, strip_prefix=prefix), f" at a batch of {batch}"
             if " cannot be converted: " in text:
                 text = text.replace(" cannot be converted: ", f" cannot be converted{at_b}: ", 1)
             else:
@@ -497,7 +492,7 @@ def generalize(convert: Callable, g0: fx.GraphModule, record: dict, specs, p: Pl
         raise
     except Exception as e:  # noqa: BLE001 — the rewritten graph does not run: pinned
         raise NotBatchable(suspect or f"the graph does not run on a batch of {2 * p.b0} "
-                           f"({_one_line(e)})") from None
+                           f"({one_line(e)})") from None
     if not ok:
         raise NotBatchable(suspect or f"on a batch of {2 * p.b0} its outputs differ from the "
                            "model run sample by sample")

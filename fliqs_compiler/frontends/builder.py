@@ -22,7 +22,7 @@ from torch import fx
 from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
-from ..errors import FliqsError
+from fliqs_compiler.base.errors import FliqsError
 
 __all__ = ["V", "Builder", "sanitize", "MAX_ELEMENTS", "check_numel"]
 

@@ -7,7 +7,7 @@ folds to constants (inputs have static shapes), the rest becomes ``call_function
 constants buffers (see ``docs/design.md``). :mod:`.batch` then generalizes the folded shapes to
 any batch size (``graph.meta['batch']``), or guards a graph that cannot be batched.
 
-Every user-facing failure is a one-line :class:`~fliqs_compiler.errors.FliqsError` naming the
+Every user-facing failure is a one-line :class:`~fliqs_compiler.base.errors.FliqsError` naming the
 file (and node / input) and what to do.
 """
 from __future__ import annotations
@@ -17,16 +17,15 @@ import os
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
 
-from ..errors import FliqsError
-from ..graph import Graph, InputSpec
-from . import batch
-from .builder import MAX_ELEMENTS, Builder, V
-from .onnx_ops import OPS, ONNX_TO_TORCH_DTYPE, NodeInfo, PendingQ
+from fliqs_compiler.base.errors import FliqsError, one_line
+from fliqs_compiler.ir.graph import Graph, InputSpec
+from fliqs_compiler.frontends import batch
+from fliqs_compiler.frontends.builder import MAX_ELEMENTS, Builder, V
+from fliqs_compiler.frontends.onnx_ops import OPS, ONNX_TO_TORCH_DTYPE, NodeInfo, PendingQ, tensor_value
 
-__all__ = ["import_onnx", "check_supported", "read_model", "tensor_value", "SUPPORTED_OPS"]
+__all__ = ["import_onnx", "check_supported", "read_model", "SUPPORTED_OPS"]
 
 SUPPORTED_OPS = frozenset(OPS)
 _DOMAINS = ("", "ai.onnx")
@@ -38,37 +37,6 @@ def _supported(node) -> bool:
     if (node.domain, node.op_type) in _CONTRIB_ALIASES:
         return True
     return node.domain in _DOMAINS and node.op_type in OPS
-
-
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:300] if text else type(e).__name__
-
-
-def tensor_value(t, name: str = "") -> V:
-    """Decode an ONNX TensorProto into a constant ``V`` (int4/uint4 widened to int8/uint8)."""
-    from onnx import numpy_helper
-
-    try:
-        arr = numpy_helper.to_array(t)
-    except Exception as e:  # noqa: BLE001 — data that does not match its dims / element type
-        raise FliqsError(f"tensor {name or t.name!r} cannot be decoded ({_one_line(e)}); "
-                         "re-export the model") from None
-    kind = str(arr.dtype)
-    if t.data_type in (21, 22):  # uint4 / int4 → widened integers, element type remembered
-        arr = arr.astype(np.uint8 if t.data_type == 21 else np.int8)
-        return V(const=torch.from_numpy(np.ascontiguousarray(arr)), name=name or t.name,
-                 onnx_type=t.data_type)
-    dtype = ONNX_TO_TORCH_DTYPE.get(t.data_type)
-    if dtype is None:
-        raise FliqsError(f"tensor {name or t.name!r} has ONNX element type {t.data_type} ({kind}), "
-                         "which fliqs cannot import; convert it to float32/int64 first")
-    if dtype in (torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2):
-        raw = np.ascontiguousarray(arr).view(np.uint16 if dtype == torch.bfloat16 else np.uint8)
-        tensor = torch.from_numpy(raw.copy()).view(dtype)
-    else:
-        tensor = torch.from_numpy(np.array(arr, copy=True))
-    return V(const=tensor, name=name or t.name)
 
 
 # ---- reading and validation -------------------------------------------------------------
@@ -85,7 +53,7 @@ def read_model(path: Path):
         model = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # noqa: BLE001 — DecodeError, OSError, onnx's own parse errors
         raise FliqsError(f"{path}: not a readable ONNX model (truncated or not a protobuf: "
-                         f"{_one_line(e)}); re-export the model") from None
+                         f"{one_line(e)}); re-export the model") from None
     if not model.ir_version or not model.graph.node and not model.graph.output:
         raise FliqsError(f"{path}: not an ONNX model (no graph found); pass an .onnx file")
     if model.functions:  # exporters may wrap ops in model-local functions: inline them
@@ -94,7 +62,7 @@ def read_model(path: Path):
             model = inliner.inline_local_functions(model)
         except Exception as e:  # noqa: BLE001
             raise FliqsError(f"{path}: cannot inline the model's local functions "
-                             f"({_one_line(e)}); re-export without functions") from None
+                             f"({one_line(e)}); re-export without functions") from None
     return model
 
 
@@ -136,7 +104,7 @@ def _load_external(model, path: Path) -> None:
         try:
             external_data_helper.load_external_data_for_model(model, str(base))
         except Exception as e:  # noqa: BLE001 — a corrupt external file
-            raise FliqsError(f"{path}: cannot read external data ({_one_line(e)}); "
+            raise FliqsError(f"{path}: cannot read external data ({one_line(e)}); "
                              "re-export the model") from None
 
 
@@ -149,7 +117,7 @@ def _check_model(model, path: Path) -> None:
         else:
             onnx.checker.check_model(str(path))
     except Exception as e:  # noqa: BLE001 — onnx raises several checker error types
-        raise FliqsError(f"{path}: ONNX checker failed: {_one_line(e)}; re-export or repair "
+        raise FliqsError(f"{path}: ONNX checker failed: {one_line(e)}; re-export or repair "
                          "the model") from None
 
 
@@ -276,7 +244,7 @@ def _convert(model, specs: list[InputSpec], path: Path, inits: dict, record: Opt
             raise FliqsError(f"{path}: {e}") from None
         except Exception as e:  # noqa: BLE001 — torch rejected the op: name it
             raise FliqsError(f"{path}: node {name!r} ({node.op_type}) cannot be converted: "
-                             f"{_one_line(e)}") from None
+                             f"{one_line(e)}") from None
         finally:
             b.current = None
         outs = outs if isinstance(outs, list) else [outs]

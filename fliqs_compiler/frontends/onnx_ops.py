@@ -16,13 +16,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 
-from .. import formats
-from ..errors import FliqsError
-from .builder import V, require_const
+from fliqs_compiler.numerics import formats
+from fliqs_compiler.base.errors import FliqsError, one_line
+from fliqs_compiler.frontends.builder import V, require_const
 
-__all__ = ["OPS", "NodeInfo", "PendingQ", "ONNX_TO_TORCH_DTYPE", "op", "qformat"]
+__all__ = ["OPS", "NodeInfo", "PendingQ", "ONNX_TO_TORCH_DTYPE", "op", "qformat", "tensor_value"]
 
 OPS: dict[str, Callable] = {}
 
@@ -102,4 +103,32 @@ def torch_pad_order(pads):
 
 
 # the handler modules register themselves into OPS on import
-from . import ops_nn, ops_qdq, ops_shape  # noqa: E402,F401
+
+
+def tensor_value(t, name: str = "") -> V:
+    """Decode an ONNX TensorProto into a constant ``V`` (int4/uint4 widened to int8/uint8)."""
+    from onnx import numpy_helper
+
+    try:
+        arr = numpy_helper.to_array(t)
+    except Exception as e:  # noqa: BLE001 — data that does not match its dims / element type
+        raise FliqsError(f"tensor {name or t.name!r} cannot be decoded ({one_line(e)}); "
+                         "re-export the model") from None
+    kind = str(arr.dtype)
+    if t.data_type in (21, 22):  # uint4 / int4 → widened integers, element type remembered
+        arr = arr.astype(np.uint8 if t.data_type == 21 else np.int8)
+        return V(const=torch.from_numpy(np.ascontiguousarray(arr)), name=name or t.name,
+                 onnx_type=t.data_type)
+    dtype = ONNX_TO_TORCH_DTYPE.get(t.data_type)
+    if dtype is None:
+        raise FliqsError(f"tensor {name or t.name!r} has ONNX element type {t.data_type} ({kind}), "
+                         "which fliqs cannot import; convert it to float32/int64 first")
+    if dtype in (torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2):
+        raw = np.ascontiguousarray(arr).view(np.uint16 if dtype == torch.bfloat16 else np.uint8)
+        tensor = torch.from_numpy(raw.copy()).view(dtype)
+    else:
+        tensor = torch.from_numpy(np.array(arr, copy=True))
+    return V(const=tensor, name=name or t.name)
+
+
+from fliqs_compiler.frontends import ops_nn, ops_qdq, ops_shape  # noqa: E402,F401

@@ -8,8 +8,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .builder import V
-from .onnx_ops import ONNX_TO_TORCH_DTYPE, attr_or_input, axis_of, op, qformat, torch_pad_order
+from fliqs_compiler.frontends.builder import V
+from fliqs_compiler.frontends.onnx_ops import ONNX_TO_TORCH_DTYPE, attr_or_input, axis_of, op, qformat, torch_pad_order
 
 
 # ---- elementwise --------------------------------------------------------------------------

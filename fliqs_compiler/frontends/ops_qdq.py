@@ -7,8 +7,9 @@ from typing import Optional
 
 import torch
 
-from .builder import V, require_const
-from .onnx_ops import PendingQ, axis_of, op, qformat, qtype
+from fliqs_compiler.frontends.builder import V, require_const
+from fliqs_compiler.numerics import quant  # noqa: F401 — registers torch.ops.fliqs.fake_quant
+from fliqs_compiler.frontends.onnx_ops import PendingQ, axis_of, op, qformat, qtype
 
 
 def _q_axis(n, scale: V, a: dict, rank: int) -> Optional[int]:
@@ -47,7 +48,7 @@ def _dequantize(b, n, x, a):
                          "axis; only matching Q→DQ pairs are supported")
         fmt = qformat(q.onnx_type, n)
         zpt = None
-        if zp is not None and fmt.kind == "int" and bool((zp.const != 0).any()):
+        if zp is not None and fmt.has_integer_levels and bool((zp.const != 0).any()):
             zpt = V(const=zp.const.to(torch.float32).reshape(-1), name=zp.name)
         s = V(const=scale.const.to(torch.float32).reshape(-1), name=scale.name)
         return b.call(torch.ops.fliqs.fake_quant.default, q.x, s, zpt, fmt.name, axis)

@@ -9,8 +9,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .builder import V, check_numel, require_const
-from .onnx_ops import attr_or_input, axis_of, op, torch_pad_order
+from fliqs_compiler.frontends.builder import V, check_numel, require_const
+from fliqs_compiler.frontends.onnx_ops import attr_or_input, axis_of, op, tensor_value, torch_pad_order
 
 
 # ---- shapes and data movement -----------------------------------------------------------
@@ -29,7 +29,6 @@ def _size(b, n, x, a):
 
 @op("Constant")
 def _constant(b, n, x, a):
-    from .onnx_import import tensor_value  # the initializer decoder
     for key, dtype in (("value_float", torch.float32), ("value_floats", torch.float32),
                        ("value_int", torch.int64), ("value_ints", torch.int64)):
         if key in a:
@@ -46,7 +45,6 @@ def _constant_of_shape(b, n, x, a):
         raise n.fail(f"negative dimension in shape {shape}")
     check_numel(shape, f"node {n.name!r} (ConstantOfShape)")
     if "value" in a:
-        from .onnx_import import tensor_value
         fill = tensor_value(a["value"], n.name).const.reshape(-1)
     else:
         fill = torch.zeros(1, dtype=torch.float32)

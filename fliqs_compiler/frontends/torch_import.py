@@ -1,4 +1,4 @@
-"""torch ``nn.Module`` → :class:`~fliqs_compiler.graph.Graph` via ``torch.export``.
+"""torch ``nn.Module`` → :class:`~fliqs_compiler.ir.graph.Graph` via ``torch.export``.
 
 The module is exported in eval mode, which (torch 2.13) keeps BatchNorm as one
 ``aten.batch_norm`` node reading trainable ``get_attr`` parameters and running-stat buffers;
@@ -13,15 +13,10 @@ from typing import Optional, Sequence
 import torch
 from torch import fx, nn
 
-from ..errors import FliqsError
-from ..graph import Graph, InputSpec
+from fliqs_compiler.base.errors import FliqsError, one_line
+from fliqs_compiler.ir.graph import Graph, InputSpec
 
 __all__ = ["import_module"]
-
-
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return (text.splitlines()[0] if text else type(e).__name__)[:300]
 
 
 def _specs(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> list[InputSpec]:
@@ -74,12 +69,12 @@ def import_module(module: nn.Module, example_inputs: Optional[tuple]) -> Graph:
                 gm(*example_inputs)
             except Exception:  # noqa: BLE001
                 raise FliqsError(
-                    f"{type(module).__name__}: torch.export failed ({_one_line(export_error)}) and "
+                    f"{type(module).__name__}: torch.export failed ({one_line(export_error)}) and "
                     "torch.fx.symbolic_trace failed too; remove data-dependent control flow "
                     "or export the model to ONNX and import that") from None
     finally:
         module.train(was_training)
-    from ..passes.manager import enable_train_eval
+    from fliqs_compiler.ir.graph import enable_train_eval
     enable_train_eval(gm)  # ExportedProgram.module() refuses .train()/.eval(); callers toggle modes
     with torch.no_grad():
         out = gm(*example_inputs)

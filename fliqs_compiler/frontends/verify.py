@@ -6,8 +6,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import FliqsError
-from ..graph import Graph
+from fliqs_compiler.base.errors import FliqsError
+from fliqs_compiler.ir.graph import Graph
 
 __all__ = ["verify_onnx_import", "ort_session", "run_ort"]
 

@@ -24,13 +24,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..budget import parse_budget, resolve_budget
-from ..cost import config_cost
-from ..graph import Graph
-from ..quantizers import SearchableQuantizer
-from .oneshot import SearchOptions
-from .projection import project_to_budget
-from .trainer import WeightTrainer, default_metric, first_output, float_copy, needs_teacher
+from fliqs_compiler.cost.budget import parse_budget, resolve_budget
+from fliqs_compiler.cost.model import config_cost
+from fliqs_compiler.ir.graph import Graph
+from fliqs_compiler.numerics.quantizers import SearchableQuantizer
+from fliqs_compiler.search.oneshot import SearchOptions
+from fliqs_compiler.search.projection import project_to_budget
+from fliqs_compiler.search.trainer import WeightTrainer, default_metric, first_output, float_copy, needs_teacher
 
 __all__ = ["BaselineResult", "uniform", "fixed", "random_search", "sensitivity_ilp", "dnas", "DNASMixer",
            "dnas_wrap", "marginal_costs", "BASELINES"]
@@ -155,7 +155,7 @@ def marginal_costs(graph: Graph, reference: Sequence[int], kind: str, latency=No
 
 
 def _most_precise(graph: Graph) -> list:
-    from .. import formats as F
+    from fliqs_compiler.numerics import formats as F
     return [max(range(len(d.candidates)), key=lambda k: F.get(d.candidates[k]).cost_bits)
             for d in graph.space.decisions]
 

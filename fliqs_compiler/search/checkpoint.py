@@ -18,8 +18,8 @@ from typing import Optional
 
 import torch
 
-from ..errors import FliqsError
-from .. import atomic
+from fliqs_compiler.base.errors import FliqsError
+from fliqs_compiler.base import atomic
 
 __all__ = ["CHECKPOINT_DIR", "checkpoint_path", "save_checkpoint", "load_checkpoint",
            "StepLog", "atomic_write_text"]

@@ -1,14 +1,15 @@
 """The FLIQS controller: one categorical policy per decision, trained with REINFORCE.
 
-method.md is the spec. Free logits ``[num_decisions, max_candidates]`` start equal (uniform
-policy; decisions with fewer candidates are masked). Each step samples one candidate per
-decision. During warmup (first ``warmup`` fraction of the steps) samples are uniform and the
-logits frozen; the moving-average baseline is still tracked so it is warm when learning starts.
-After warmup: ``A = r - b`` (``b`` before this step's update; the first reward seeds ``b``),
-``b ← m·b + (1-m)·r``, loss ``-A·Σ_d log π_d(a_d) + sign·β(s)·Σ_d H(π_d)`` minimised with Adam
-(β1 = 0 by default, as TuNAS). ``β(s)`` follows an entropy schedule over the normalised
-post-warmup step ``s ∈ [0, 1]``; ``sign = +1`` (default, the authors' code) penalises entropy so
-the policy becomes near one-hot before the end, ``-1`` makes it an exploration bonus.
+docs/method.md ("Controller") is the spec. Free logits ``[num_decisions, max_candidates]``
+start equal (uniform policy; decisions with fewer candidates are masked). Each step samples one
+candidate per decision. During warmup (first ``warmup`` fraction of the steps) samples are
+uniform and the logits frozen; the moving-average baseline is still tracked so it is warm when
+learning starts. After warmup: ``A = r - b`` (``b`` before this step's update; the first reward
+seeds ``b``), ``b ← m·b + (1-m)·r``, loss ``-A·Σ_d log π_d(a_d) + sign·β(s)·Σ_d H(π_d)``
+minimised with Adam (β1 = 0 by default, as TuNAS). ``β(s)`` follows an entropy schedule over
+the normalised post-warmup step ``s ∈ [0, 1]``; ``sign = +1`` (default, the authors' code)
+penalises entropy so the policy becomes near one-hot before the end, ``-1`` makes it an
+exploration bonus.
 
 ``advantage='standardized'`` divides ``r - b`` by a moving estimate of the reward's standard
 deviation (same momentum as ``b``): the policy's step size then no longer depends on the scale

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..atomic import write_bytes
+from fliqs_compiler.base.atomic import write_bytes
 
 __all__ = ["read_log", "plot_search"]
 

@@ -31,15 +31,15 @@ from typing import Optional
 
 import torch
 
-from ..budget import parse_budget, resolve_budget
-from ..cost import LatencyModel, config_cost
-from ..errors import FliqsError
-from ..graph import Graph
-from .checkpoint import StepLog, atomic_write_text, load_checkpoint, save_checkpoint
-from .. import formats as F
-from .controller import Controller, ControllerOptions, tunas_reward
-from .projection import project_to_budget
-from .trainer import (QUALITY, TrainOptions, WeightTrainer, default_metric,
+from fliqs_compiler.cost.budget import parse_budget, resolve_budget
+from fliqs_compiler.cost.model import LatencyModel, config_cost
+from fliqs_compiler.base.errors import FliqsError
+from fliqs_compiler.ir.graph import Graph
+from fliqs_compiler.search.checkpoint import StepLog, atomic_write_text, load_checkpoint, save_checkpoint
+from fliqs_compiler.numerics import formats as F
+from fliqs_compiler.search.controller import Controller, ControllerOptions, tunas_reward
+from fliqs_compiler.search.projection import project_to_budget
+from fliqs_compiler.search.trainer import (QUALITY, TrainOptions, WeightTrainer, default_metric,
                       first_output, float_copy, needs_teacher)
 
 __all__ = ["SearchOptions", "SearchResult", "OneShotSearch", "run_search", "config_id"]
@@ -363,6 +363,6 @@ def run_search(graph: Graph, data, budget, options: Optional[SearchOptions] = No
     result = search.finish(time.perf_counter() - t0, str(out_dir / "search.jsonl") if out_dir else None)
     if out_dir is not None:
         atomic_write_text(out_dir / "search_result.json", json.dumps(result.as_dict(), indent=1))
-        from .diagnostics import plot_search
+        from fliqs_compiler.search.diagnostics import plot_search
         plot_search(out_dir / "search.jsonl", out_dir / "search.png")
     return result

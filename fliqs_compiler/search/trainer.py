@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as Fn
 from torch import nn
 
-from ..data import Dataset
-from ..quantizers import SearchableQuantizer
+from fliqs_compiler.data.sources import Dataset
+from fliqs_compiler.numerics.quantizers import SearchableQuantizer
 
 __all__ = ["TrainOptions", "WeightTrainer", "QUALITY", "float_copy", "bypass_quantizers",
            "first_output", "default_metric", "needs_teacher", "weight_optimizer"]

@@ -1,0 +1,88 @@
+"""What the driver measures on a target through its backend: per-layer latency tables (what
+``latency=`` budgets search against, and the report's per-layer column), the inputs of the
+numerics checks, and the distance between two runs' outputs."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from fliqs_compiler.backends.targets import default_threads as threads
+
+__all__ = ["latency_model", "chosen_latency", "numeric_inputs", "NumericInputs", "torch_outputs",
+           "max_err", "NUMERIC_SAMPLES", "OUT_OF_RANGE_SCALE"]
+
+NUMERIC_SAMPLES = 4
+# The numerics checks also run every input batch scaled by this factor: activations then leave
+# the calibrated range and saturate at the quantizers' clip values, where rewrites that assume
+# in-range values (a dropped Relu, a removed Q/DQ pair) show most.
+OUT_OF_RANGE_SCALE = 3.0
+
+
+def latency_model(graph, target, formats: list, progress: bool, cache_dir=None, pairs=None,
+                  tuning=None):
+    """A LatencyTable measured on ``target`` (by its backend's ``measure_layer``) for every
+    searched layer × format pair (default: each candidate format for weight and activation
+    alike, as decisions are tied). ``tuning.trials`` > 0: tuned kernels (a table of its own)."""
+    from fliqs_compiler.backends.latency_table import LatencyTable
+    from fliqs_compiler.backends.registry import TuningOptions, backend_for
+    measure = backend_for(target).measure_layer(target, tuning or TuningOptions(), cache_dir)
+    kwargs = {"cache_dir": Path(cache_dir)} if cache_dir else {}
+    table = LatencyTable(target.key, measure.table, threads=threads(), **kwargs)
+    if pairs is None:
+        pairs = sorted({(c, c) for d in graph.space.decisions for c in d.candidates}
+                       | {(f, f) for f in formats})
+    table.build(graph, pairs, measure.fn, progress=progress)
+    return table
+
+
+def chosen_latency(graph, target, formats: dict, progress: bool, tuning=None):
+    """Per-layer latency of each searched layer in its chosen (weight, activation) formats only
+    (one micro-graph per layer, cached on disk)."""
+    pairs = {name: [(e.get("weight", "float"), e.get("activation", e.get("weight", "float")))]
+             for name, e in formats.items()}
+    return latency_model(graph, target, [], progress, pairs=pairs, tuning=tuning)
+
+
+class NumericInputs(list):
+    """Input lists for the numerics checks (each shaped like the model's inputs), with a
+    ``description`` of what they are for the report (``numerics.numerics_inputs``)."""
+
+    def __init__(self, items, description: str):
+        super().__init__(items)
+        self.description = description
+
+
+def numeric_inputs(graph, dataset, k: int = NUMERIC_SAMPLES) -> NumericInputs:
+    """``k`` input lists shaped exactly like the model's inputs (held-out samples when possible,
+    else seeded random inputs), then the same ``k`` scaled by ``OUT_OF_RANGE_SCALE``."""
+    import numpy as np
+    spec = graph.inputs[0]
+    b = int(spec.shape[0])
+    xs = dataset.x_val if dataset is not None else None
+    out, held_out = [], 0
+    for i in range(k):
+        if xs is not None and len(xs) >= (i + 1) * b:
+            out.append([xs[i * b:(i + 1) * b].numpy().astype(np.float32)])
+            held_out += 1
+        else:
+            out.append([t.numpy() for t in graph.example_inputs(seed=i)])
+    scaled = [[(a * np.float32(OUT_OF_RANGE_SCALE)).astype(a.dtype) if a.dtype.kind == "f" else a
+               for a in x] for x in out]
+    what = [f"{held_out * b} held-out samples" if held_out else "",
+            f"{(k - held_out) * b} seeded random inputs" if held_out < k else ""]
+    n = k * b
+    desc = f"{' + '.join(w for w in what if w)} + the same {n} scaled x{OUT_OF_RANGE_SCALE:g}"
+    return NumericInputs(out + scaled, desc)
+
+
+def torch_outputs(graph, inputs: list) -> list:
+    import torch
+    with torch.no_grad():
+        y = graph.gm(*[torch.from_numpy(a) for a in inputs])
+    ys = y if isinstance(y, (tuple, list)) else [y]
+    return [t.detach().numpy() for t in ys]
+
+
+def max_err(a: list, b: list) -> float:
+    import numpy as np
+    return float(max(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64)))
+                     for x, y in zip(a, b)))

@@ -1,0 +1,75 @@
+"""The search space: decisions (groups of quantizers that must agree) and their candidates.
+
+A *decision* picks one format for all its members; a member is ``(layer name, role)`` with role
+``'weight'`` or ``'activation'``. By default a layer's weight and activation are tied into one
+decision (one format per layer); untied, each gets its own. A *choice* is a list of candidate
+indices, one per decision. ``SearchSpace.apply(gm, choice)`` sets every member quantizer's active
+format.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from torch import fx
+
+from fliqs_compiler.numerics import formats as F
+
+__all__ = ["Decision", "SearchSpace"]
+
+
+@dataclass
+class Decision:
+    name: str
+    candidates: tuple
+    members: list = field(default_factory=list)  # [(layer name, role)]
+
+
+@dataclass
+class SearchSpace:
+    decisions: list  # [Decision]
+    quantizers: dict  # (layer name, role) -> submodule path in the GraphModule
+
+    @property
+    def num_decisions(self) -> int:
+        return len(self.decisions)
+
+    @property
+    def max_candidates(self) -> int:
+        return max((len(d.candidates) for d in self.decisions), default=0)
+
+    def formats_of(self, choice: Sequence[int]) -> dict:
+        """``{layer: {"weight": fmt, "activation": fmt}}`` for a choice (config.json shape)."""
+        out: dict = {}
+        for decision, index in zip(self.decisions, choice):
+            fmt = decision.candidates[int(index)]
+            for layer, role in decision.members:
+                out.setdefault(layer, {})[role] = fmt
+        return out
+
+    def choice_of(self, formats: dict) -> list:
+        """Inverse of ``formats_of`` (missing members default to the first candidate)."""
+        choice = []
+        for d in self.decisions:
+            index = 0
+            for layer, role in d.members:
+                fmt = formats.get(layer, {}).get(role)
+                if fmt is not None:
+                    index = d.candidates.index(F.get(fmt).name)
+                    break
+            choice.append(index)
+        return choice
+
+    def uniform_choice(self, fmt: str) -> list:
+        fmt = F.get(fmt).name
+        missing = [d.name for d in self.decisions if fmt not in d.candidates]
+        if missing:
+            raise ValueError(f"format {fmt} is not a candidate of decisions {missing[:3]}")
+        return [d.candidates.index(fmt) for d in self.decisions]
+
+    def apply(self, gm: fx.GraphModule, choice: Sequence[int]) -> None:
+        """Set the active candidate of every member quantizer."""
+        for decision, index in zip(self.decisions, choice):
+            fmt = decision.candidates[int(index)]
+            for layer, role in decision.members:
+                gm.get_submodule(self.quantizers[(layer, role)]).set_format(fmt)

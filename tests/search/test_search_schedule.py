@@ -1,0 +1,133 @@
+"""The search's schedule and its result: progressive warmup widens the menu, the final stretch
+trains exactly the returned configuration, the result meets its budget (projection), several
+reward samples per step, standardized advantages, search.png and per-step probabilities."""
+import json
+import math
+
+import pytest
+import torch
+
+from fliqs_compiler.cost.model import config_cost
+from fliqs_compiler.search import ControllerOptions, SearchOptions, TrainOptions, run_search
+from fliqs_compiler.search.controller import Controller
+from fliqs_compiler.search.projection import project_to_budget
+from examples.toy_models import make_searchable
+
+FORMATS = ["int2", "int4", "int8"]
+
+
+def searchable(model, digits):
+    import copy
+    return make_searchable(copy.deepcopy(model), digits.x_train[:1], FORMATS, name="tiny")
+
+
+def opts(steps=60, **kw):
+    ctrl = kw.pop("controller", {})
+    train = kw.pop("train", {})
+    return SearchOptions(steps=steps, seed=0, reward_batch_size=64, checkpoint_every=10 ** 6,
+                         train=TrainOptions(**{"batch_size": 32, **train}),
+                         controller=ControllerOptions(**{"warmup": 0.2, "freeze": 0.6, **ctrl}), **kw)
+
+
+# -- projection ----------------------------------------------------------------------------------
+COST = [[1.0, 4.0, 16.0]] * 3  # per decision: int2, int4, int8
+
+
+def cost_of(choice):
+    return sum(COST[d][k] for d, k in enumerate(choice))
+
+
+def test_projection_downgrades_what_the_policy_cares_least_about():
+    logp = torch.log(torch.tensor([[0.05, 0.05, 0.9], [0.3, 0.3, 0.4], [0.05, 0.05, 0.9]]))
+    choice, moves = project_to_budget([2, 2, 2], logp, cost_of, target=36.0)
+    assert cost_of(choice) <= 36.0 and moves >= 1
+    assert choice[0] == 2 and choice[2] == 2 and choice[1] < 2  # the undecided layer pays
+
+
+def test_projection_fills_an_unused_budget_and_never_overshoots():
+    logp = torch.log(torch.full((3, 3), 1 / 3))
+    choice, _ = project_to_budget([0, 0, 0], logp, cost_of, target=24.0)
+    assert 21.0 <= cost_of(choice) <= 24.0  # 16 + 4 + 1 = 21 is the best fill of 24
+    masked = logp.clone()
+    masked[:, 2] = float("-inf")  # a masked candidate is never chosen
+    choice, _ = project_to_budget([0, 0, 0], masked, cost_of, target=100.0)
+    assert choice == [1, 1, 1]
+    assert project_to_budget([2, 2, 2], logp, cost_of, None) == ([2, 2, 2], 0)
+
+
+# -- controller: freeze, several samples, standardized advantage ---------------------------------
+def test_controller_freezes_after_freeze_fraction():
+    c = Controller([3, 3], ControllerOptions(warmup=0.1, freeze=0.5), 100)
+    assert c.freeze_steps == 50 and not c.frozen(20) and c.frozen(5) and c.frozen(50)
+    c.update([0, 0], 0.0, 20)
+    c.update([1, 1], 1.0, 21)
+    before = c.logits.detach().clone()
+    info = c.update([1, 1], 5.0, 60)
+    assert info["frozen"] and torch.equal(before, c.logits.detach())
+    assert c.beta(49) == pytest.approx(c.options.entropy_max, rel=1e-6)  # schedule ends at freeze
+
+
+def test_update_many_is_the_mean_of_single_updates_direction():
+    c = Controller([3], ControllerOptions(warmup=0.0, entropy_schedule="none"), 10)
+    c.update([0], 0.0, 0)  # seed the baseline at 0
+    c.update_many([[1], [2], [0]], [1.0, -1.0, 0.0], 1)
+    p = c.probs()[0]
+    assert p[1] > 1 / 3 > p[2]
+
+
+def test_standardized_advantage_is_scale_free():
+    def run(scale):
+        c = Controller([3, 3], ControllerOptions(warmup=0.0, entropy_schedule="none",
+                                                 advantage="standardized"), 50)
+        g = torch.Generator().manual_seed(0)
+        for step in range(30):
+            choice = c.sample(g)
+            c.update(choice, scale * (float(choice[0] == 2) + 0.01 * (step % 3)), step)
+        return c.probs()
+    assert torch.allclose(run(1.0), run(1000.0), atol=1e-4)
+    assert run(1.0)[0, 2] > 0.5
+
+
+# -- the search ----------------------------------------------------------------------------------
+def test_progressive_warmup_starts_on_the_most_precise_formats(trained_tiny_cnn, digits, tmp_path):
+    g = searchable(trained_tiny_cnn, digits)
+    run_search(g, digits, "bops=0.3x", opts(steps=50, controller={"warmup": 0.4}), out_dir=tmp_path,
+               progress=False)
+    rows = [json.loads(l) for l in (tmp_path / "search.jsonl").read_text().splitlines()]
+    warm = [r for r in rows if r["phase"] == "warmup"]
+    assert len(warm) == 20
+    int8 = FORMATS.index("int8")
+    assert all(k == int8 for k in warm[0]["choice"])  # first step: most precise only
+    assert any(FORMATS.index("int2") in r["choice"] for r in warm[-5:])  # menu widened by the end
+
+
+def test_result_meets_budget_and_final_stretch_trains_it(trained_tiny_cnn, digits, tmp_path):
+    g = searchable(trained_tiny_cnn, digits)
+    res = run_search(g, digits, "bops=0.3x", opts(steps=60), out_dir=tmp_path, progress=False)
+    assert res.cost <= res.budget_target * 1.02
+    assert res.cost >= res.budget_target * 0.6  # projection fills the budget, not far below it
+    rows = [json.loads(l) for l in (tmp_path / "search.jsonl").read_text().splitlines()]
+    final = [r for r in rows if r["phase"] == "final"]
+    assert len(final) == 24  # 40 % of 60 steps
+    assert all(r["choice"] == res.choice for r in final)
+    assert res.schedule["final_config_trained_steps"] >= 24
+    assert res.schedule["final_stretch_steps"] == 24
+    # probabilities per layer are logged at every step and frozen in the final stretch
+    assert len(rows[0]["probs"]) == g.space.num_decisions
+    assert final[0]["probs"] == final[-1]["probs"]
+    assert (tmp_path / "search.png").stat().st_size > 10_000
+    assert config_cost(g, res.formats, "bops") == pytest.approx(res.cost)
+
+
+def test_tight_budget_is_met_even_when_the_policy_prefers_more(trained_tiny_cnn, digits):
+    # gamma 0: the policy only sees quality and prefers int8; the result must still fit
+    g = searchable(trained_tiny_cnn, digits)
+    res = run_search(g, digits, "bops=0.15x", opts(steps=40, gamma=0.0), progress=False)
+    assert res.cost <= res.budget_target * 1.02
+
+
+def test_reward_samples_and_distillation_run(trained_tiny_cnn, digits):
+    g = searchable(trained_tiny_cnn, digits)
+    res = run_search(g, digits, "bops=0.4x", opts(steps=30, reward_samples=3, train={"distill": 0.5}),
+                     progress=False)
+    assert math.isfinite(res.quality["final"]) and res.cost <= res.budget_target * 1.02
