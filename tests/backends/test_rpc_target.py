@@ -1,0 +1,100 @@
+"""``--target rpc://HOST:PORT/KEY`` end to end, on a real TVM RPC tracker with two real servers on
+loopback: the device is asked for its own target, the per-layer table is measured on both
+devices, and ``fliqs compile`` builds for, runs on and times on the device."""
+from __future__ import annotations
+
+import gc
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from fliqs_compiler.backends import devices
+from fliqs_compiler.backends.targets import parse_target
+from fliqs_compiler.driver import api
+from rpc_farm import RpcFarm, free_port
+
+KEY = "fliqs-target"
+
+
+@pytest.fixture(scope="module")
+def farm():
+    farm = RpcFarm(key=KEY, servers_n=2)
+    try:
+        yield farm.start()
+    finally:
+        farm.close()
+
+
+@pytest.fixture
+def rpc(farm, tmp_path, monkeypatch):
+    """The target text, with fliqs' caches (device targets, latency tables) in ``tmp_path``."""
+    monkeypatch.setenv("FLIQS_CACHE_DIR", str(tmp_path / "cache"))
+    gc.collect()
+    farm.wait_free(2, within_s=30)
+    return f"rpc://{farm.host}:{farm.port}/{KEY}"
+
+
+def test_the_device_reports_its_own_target(rpc, tmp_path):
+    t = devices.resolve(parse_target(rpc))
+    host = parse_target("llvm").tvm_target  # loopback: the device IS this machine
+    assert t.tvm_target["mcpu"] == host["mcpu"] and t.tvm_target["num-cores"] == 2
+    assert t.caps.device == "rpc" and t.caps.features == parse_target("llvm").caps.features
+    assert t.key.startswith(f"rpc:{KEY}:") and "127.0.0.1" not in t.key
+    given = parse_target(rpc + '?target={"kind":"llvm","mcpu":"cascadelake","num-cores":4}')
+    assert devices.resolve(given).tvm_target["mcpu"] == "cascadelake"  # as given, never asked
+
+
+def test_profile_measures_the_table_on_both_devices(rpc, tmp_path):
+    graph, table = api.profile(api.DEMO_MODEL, target=rpc, formats="int8,int4", progress=False,
+                               cache_dir=tmp_path / "remote")
+    _, local = api.profile(api.DEMO_MODEL, target="llvm", formats="int8,int4", progress=False,
+                           cache_dir=tmp_path / "local")
+    def entries(tab):  # what was measured (layer, formats, backend, threads, versions), wherever
+        return {json.dumps(json.loads(k)[1:]) for k in tab.entries}
+    assert entries(table) == entries(local) and len(table.entries) >= 4
+    assert all(json.loads(k)[0] == devices.resolve(parse_target(rpc)).key for k in table.entries)
+    assert all(e["ms"] > 0 for e in table.entries.values())
+    assert len(set(table.measured_on.values())) == 2  # the farm used both devices
+
+
+def test_compile_builds_runs_and_times_on_the_device(rpc, farm, tmp_path):
+    result = api.compile(api.DEMO_MODEL, target=rpc, data="digits", formats="int4,int8",
+                         budget="bops=0.4x", steps=6, out=tmp_path / "out", progress=False)
+    device = result.report["environment"]["device"]
+    assert device["where"] == "rpc" and device["key"] == KEY and device["tracker"] == f"{farm.host}:{farm.port}"
+    assert device["target"]["mcpu"] == parse_target("llvm").tvm_target["mcpu"]
+    assert result.report["totals"]["latency_ms"] > 0
+    assert result.report["numerics"]["tvm_max_abs_err"] < 1e-3  # outputs computed on the device
+    assert (tmp_path / "out" / "tvm" / "model.so").is_file()
+
+
+@pytest.mark.parametrize("target, match", [
+    (lambda port: f"rpc://127.0.0.1:{port}/{KEY}", "tracker"),
+    (lambda port: "rpc://127.0.0.1:1/k?target=notjson", "JSON target dict"),
+])
+def test_bad_rpc_targets_are_one_line_errors_before_any_work(target, match, tmp_path):
+    text = target(free_port())
+    p = subprocess.run([sys.executable, "-m", "fliqs_compiler.cli.main", "compile", str(api.DEMO_MODEL),
+                        "--target", text, "--out", str(tmp_path / "o"), "--dry-run"],
+                       capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "FLIQS_CACHE_DIR": str(tmp_path / "cache")})
+    assert p.returncode == 2, p.stderr
+    assert p.stderr.count("\n") == 1 and match in p.stderr and "Traceback" not in p.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_unknown_key_is_named(rpc, farm, tmp_path):
+    from fliqs_compiler.base.errors import FliqsError
+    with pytest.raises(FliqsError, match="no-such-key"):
+        devices.resolve(parse_target(f"rpc://{farm.host}:{farm.port}/no-such-key?timeout=3"))
+
+
+def test_devices_command_lists_the_key(farm):
+    p = subprocess.run([sys.executable, "-m", "fliqs_compiler.cli.main", "devices",
+                        f"rpc://{farm.host}:{farm.port}", "--json"], capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["keys"][KEY]["total"] == 2
