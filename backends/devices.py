@@ -54,21 +54,21 @@ class Remote:
         a = self.address
         return request_device(a.host, a.port, a.key, a.priority, timeout=a.timeout, wait=a.timeout)
 
-    def run(self, lowered, input_lists) -> list:
-        from fliqs_compiler.backends.rpc import run_remote
+    def _on_a_device(self, fn, *args):
+        """``fn(*args, session)`` on one leased device, handed back afterwards."""
         lease = self._lease()
         try:
-            return run_remote(lowered.path, input_lists, lease.session)
+            return fn(*args, lease.session)
         finally:
             lease.close()
 
+    def run(self, lowered, input_lists) -> list:
+        from fliqs_compiler.backends.rpc import run_remote
+        return self._on_a_device(run_remote, lowered.path, input_lists)
+
     def time_ms(self, lowered, inputs) -> float:
         from fliqs_compiler.backends.rpc import time_remote
-        lease = self._lease()
-        try:
-            return time_remote(lowered.path, inputs, lease.session)
-        finally:
-            lease.close()
+        return self._on_a_device(time_remote, lowered.path, inputs)
 
     def devices(self) -> int:
         from fliqs_compiler.backends.rpc import list_devices

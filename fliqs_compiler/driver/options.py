@@ -111,6 +111,10 @@ def check_tuning(target, trials):
         n = -1
     if n < 0:
         raise FliqsError(f"--tune-trials {trials}: give a number of trials ≥ 0")
+    if n and target.rpc:  # MetaSchedule would time candidates here, on the host: refused
+        raise FliqsError(f"--tune-trials with {target.text!r}: tuning on a remote device needs "
+                         "MetaSchedule's RPCRunner, not wired up yet; use --tune-trials 0 (default "
+                         "schedules, timed on the device)")
     if n and not backend_for(target).tunes:
         raise FliqsError(f"--tune-trials applies to targets whose backend tunes kernels (TVM), not "
                          f"{target.text!r} (backend {target.kind})")

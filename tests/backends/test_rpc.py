@@ -3,7 +3,6 @@
 Relax model, the device-farm work queue (a device killed mid-job included), and the errors."""
 from __future__ import annotations
 
-import gc
 import json
 import os
 import threading
@@ -26,20 +25,13 @@ KEY = "fliqs-test"
 @pytest.fixture(scope="module")
 def farm_two():
     """A tracker and two devices under KEY, shared by this module's tests."""
-    farm = RpcFarm(key=KEY, servers_n=2)
-    try:
-        yield farm.start()
-    finally:
-        farm.close()
+    with RpcFarm(key=KEY, servers_n=2) as farm:
+        yield farm
 
 
 @pytest.fixture
 def farm(farm_two):
-    """The shared farm with both devices free again (a session ended by a previous test
-    re-registers its device within a moment of its last reference going)."""
-    gc.collect()
-    farm_two.wait_free(2, within_s=30)
-    return farm_two
+    return farm_two.all_free()
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ loopback: the device is asked for its own target, the per-layer table is measure
 devices, and ``fliqs compile`` builds for, runs on and times on the device."""
 from __future__ import annotations
 
-import gc
 import json
 import os
 import subprocess
@@ -21,19 +20,15 @@ KEY = "fliqs-target"
 
 @pytest.fixture(scope="module")
 def farm():
-    farm = RpcFarm(key=KEY, servers_n=2)
-    try:
-        yield farm.start()
-    finally:
-        farm.close()
+    with RpcFarm(key=KEY, servers_n=2) as farm:
+        yield farm
 
 
 @pytest.fixture
 def rpc(farm, tmp_path, monkeypatch):
     """The target text, with fliqs' caches (device targets, latency tables) in ``tmp_path``."""
     monkeypatch.setenv("FLIQS_CACHE_DIR", str(tmp_path / "cache"))
-    gc.collect()
-    farm.wait_free(2, within_s=30)
+    farm.all_free()
     return f"rpc://{farm.host}:{farm.port}/{KEY}"
 
 

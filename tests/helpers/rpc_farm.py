@@ -140,6 +140,14 @@ class RpcFarm:
         raise RuntimeError(f"tracker {HOST}:{self.port} has {self.free()} of {n} devices free "
                            f"under {self.key!r} after {within_s or self.ready_s} s")
 
+    def all_free(self) -> "RpcFarm":
+        """The farm with every device free again: a session ended by an earlier test re-registers
+        its device within a moment of its last reference going (hence the collection)."""
+        import gc
+        gc.collect()
+        self.wait_free(self.servers_n, within_s=30)
+        return self
+
     def kill_server(self, index: int) -> None:
         """SIGKILL device ``index`` and its session children (a device vanishing mid-job)."""
         self.servers[index].kill()
