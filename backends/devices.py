@@ -109,13 +109,14 @@ class _RemoteLayers:
         lib, x = self._build(layer, fw, fa)
         return self.device.time_ms(_Library(lib), [x])
 
-    def measure_many(self, entries):
+    def measure_many(self, entries, progress: bool = True):
         from fliqs_compiler.backends.rpc import measure_on_farm, time_remote
         built = [self._build(*e) for e in entries]  # compiles stay here, one at a time
         a = self.device.address
         results = measure_on_farm(range(len(entries)), a.host, a.port, a.key, self.device.devices(),
                                   lambda session, i: time_remote(built[i][0], [built[i][1]], session),
-                                  priority=a.priority, timeout=a.timeout, wait=a.timeout)
+                                  progress=progress, priority=a.priority, timeout=a.timeout,
+                                  wait=a.timeout)
         for r in results:
             yield entries[r.job], r.ms, r.device
 

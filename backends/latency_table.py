@@ -169,7 +169,7 @@ class LatencyTable:
         many = getattr(measure_fn, "measure_many", None)
         if many is not None:  # a farm of devices: entries measured in parallel, recorded on arrival
             bar.close()
-            for (layer, fw, fa), ms, device in many(todo):
+            for (layer, fw, fa), ms, device in many(todo, progress=progress):
                 self.record(layer, fw, fa, ms)
                 self.measured_on[self.key(layer, fw, fa)] = device
                 self.measured += 1
