@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -93,3 +94,55 @@ def test_devices_command_lists_the_key(farm):
                        timeout=120)
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout)["keys"][KEY]["total"] == 2
+
+
+def _kill_after(monkeypatch, farm, server: int, calls: int):
+    """Make the real server ``server`` vanish (SIGKILL) right after the ``calls``-th timing
+    returns: a device lost in the middle of building the table."""
+    from fliqs_compiler.backends import rpc as R
+    real, done = R.time_remote, []
+
+    def timed(*args, **kwargs):
+        ms = real(*args, **kwargs)
+        done.append(ms)
+        if len(done) == calls:
+            farm.kill_server(server)
+        return ms
+    monkeypatch.setattr(R, "time_remote", timed)
+    return done
+
+
+@pytest.mark.slow
+def test_a_device_lost_mid_table_loses_only_its_entry(monkeypatch, tmp_path):
+    monkeypatch.setenv("FLIQS_CACHE_DIR", str(tmp_path / "cache"))
+    with RpcFarm(key="fliqs-lose-one", servers_n=2) as farm:
+        _kill_after(monkeypatch, farm, server=0, calls=2)
+        _, table = api.profile(api.DEMO_MODEL, target=f"rpc://{farm.host}:{farm.port}/fliqs-lose-one?timeout=20",
+                               formats="int8,int4", progress=False, cache_dir=tmp_path / "t")
+        assert len(table.entries) == table.measured >= 4  # every entry, none lost
+        assert len(set(table.measured_on.values())) == 2
+
+
+@pytest.mark.slow
+def test_the_only_device_lost_is_one_line_and_the_cache_resumes(monkeypatch, tmp_path):
+    from fliqs_compiler.base.errors import FliqsError
+    monkeypatch.setenv("FLIQS_CACHE_DIR", str(tmp_path / "cache"))
+    cache = tmp_path / "t"
+    with RpcFarm(key="fliqs-lose-all", servers_n=1) as farm:
+        target = f"rpc://{farm.host}:{farm.port}/fliqs-lose-all?timeout=5"
+        devices.resolve(parse_target(target))  # the device's target, cached before it dies
+        _kill_after(monkeypatch, farm, server=0, calls=2)
+        with pytest.raises(FliqsError) as e:
+            api.profile(api.DEMO_MODEL, target=target, formats="int8,int4", progress=False, cache_dir=cache)
+        assert "\n" not in str(e.value)
+        monkeypatch.undo()
+        monkeypatch.setenv("FLIQS_CACHE_DIR", str(tmp_path / "cache"))
+        kept = [e for f in cache.glob("*.json") for e in json.loads(f.read_text())["entries"]]
+        assert len(kept) == 2  # what was measured before the device died is in the cache
+        farm.add_server()
+        deadline = time.monotonic() + 60
+        while farm.free() < 1 and time.monotonic() < deadline:  # the new device registers
+            time.sleep(0.2)
+        _, table = api.profile(api.DEMO_MODEL, target=target, formats="int8,int4", progress=False,
+                               cache_dir=cache)
+        assert table.measured == len(table.entries) - 2  # resumed: only the rest was measured
