@@ -107,8 +107,9 @@ class OrtBackend:
     runners = {"ort_default": Runner("onnx", open_ort(None), "onnxruntime.InferenceSession(path), no options"),
                "ort_disable_all": Runner("onnx", open_ort("ORT_DISABLE_ALL"),
                                          "onnxruntime session, graph optimizations ORT_DISABLE_ALL")}
-    # QLinearConv / MatMulInteger (8-bit), MatMulNBits (4-bit weights); other formats run as
-    # float after DequantizeLinear.
+    # QLinearConv / MatMulInteger (8-bit), MatMulNBits (4-bit weights, behind integer activations
+    # only: onnx_export.shield_weight_only_matmul keeps float activations off it, since it would
+    # re-quantize them to int8); other formats run as float after DequantizeLinear.
     native = {"weight": frozenset({"int8", "uint8", "int4", "uint4"}), "activation": frozenset({"int8", "uint8"})}
 
     def resolve(self, target):

@@ -60,8 +60,9 @@ def _version(dist: str) -> str:
 
 
 # The form of the measured micro-graphs; bumped when it changes, so old entries are re-measured
-# (2: every ORT_FORM_FIXES rewrite applied, a rank-2 linear exported as Gemm like export_qdq).
-MICROGRAPH_FORM = "2"
+# (2: every ORT_FORM_FIXES rewrite applied, a rank-2 linear exported as Gemm like export_qdq;
+# 3: shield_weight_only_matmul joined them).
+MICROGRAPH_FORM = "3"
 
 
 def library_versions() -> dict:

@@ -27,6 +27,8 @@ Pipeline of ``export_qdq``:
    ``detach_float_bias`` (the bias of a conv that is not an 8-bit integer kernel as a separate
    Add: ORT's int32 bias quantization overflows at FP8 scales and rounds at 4 bits),
    ``shield_float_weight`` (ORT would quantize a float/bf16 weight behind a DQ input to INT8),
+   ``shield_weight_only_matmul`` (ORT's MatMulNBits would re-quantize the float activations of a
+   MatMul on a quantized constant weight to INT8),
    ``shield_four_bit_q`` (a 4-bit Q that QDQ propagation would move across a MaxPool, or onto
    a Clip, makes the session fail to build) and
    ``protect_relu_before_unclamped_q`` (ReluQuantRewrite, after QDQ propagation, drops a ReLU
@@ -607,6 +609,33 @@ def shield_float_weight(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+def shield_weight_only_matmul(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Put ``Max(x, -inf)`` between a constant weight's DequantizeLinear and a MatMul whose other
+    input does not come from a DequantizeLinear (float, fp16/bf16 Cast, decomposed fp6 / MX
+    activations) (in place).
+
+    Why: onnxruntime's DQMatMulToMatMulNBits turns DQ(weight) → MatMul into MatMulNBits at
+    accuracy level 4, which re-quantizes the float activations to INT8 (measured on the
+    conformance matrix: fp16 500–1300, bf16 10–47, fp6_e3m2 2, MX 2–11 output LSB). The barrier
+    keeps the MatMul on the graph's dequantized weight; integer activations (a DQ input) keep
+    their integer kernels. The price, for weight-only 4-bit models: an fp32 MatMul instead of
+    MatMulNBits' packed kernel (right numbers first; a faster exact form is future work)."""
+    g = model.graph
+    producers = {o: n for n in g.node for o in n.output}
+    constants = {i.name for i in g.initializer}
+    new_nodes = []
+    for node in g.node:
+        weight_dq = producers.get(node.input[1]) if node.op_type == "MatMul" else None
+        if weight_dq is not None and weight_dq.op_type == "DequantizeLinear" \
+                and weight_dq.input[0] in constants \
+                and getattr(producers.get(node.input[0]), "op_type", "") != "DequantizeLinear":
+            _barrier_before(node, 1, g, new_nodes)
+        new_nodes.append(node)
+    del g.node[:]
+    g.node.extend(new_nodes)
+    return model
+
+
 # Ops across which onnxruntime's QDQPropagationTransformer moves a QuantizeLinear backwards
 # (1.32, qdq_propagation.cc ``CanNodePropagate``), each step only over an edge that is the
 # producer's single use and not a graph output.
@@ -727,8 +756,8 @@ def shield_four_bit_q(model: onnx.ModelProto) -> onnx.ModelProto:
 
 # Step 3, in order (each numerically neutral, each a docstring on why): the shield goes before
 # the Relu protection, so a Relu it already cut off from QDQ propagation stays a Relu.
-ORT_FORM_FIXES = (gemm_to_matmul, detach_float_bias, shield_float_weight, shield_four_bit_q,
-                  protect_relu_before_unclamped_q)
+ORT_FORM_FIXES = (gemm_to_matmul, detach_float_bias, shield_float_weight, shield_weight_only_matmul,
+                  shield_four_bit_q, protect_relu_before_unclamped_q)
 
 
 def _set_opset(model: onnx.ModelProto, opset: int) -> None:

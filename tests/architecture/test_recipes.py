@@ -45,27 +45,21 @@ def test_add_a_format_recipe(new_format, monkeypatch, tmp_path):
     assert name in F.searchable_names() and api.parse_formats(name) == [name]
     # the conformance rules flag the new format until someone reviews it ...
     assert CM.missing_rules(F.searchable_names(), list(C.runners())) == [f"format {name}"]
-    # ... the review: its activations into an int8-weight Linear hit the same default-session
-    # rewrite as fp6_e3m2's (MatMulNBits at accuracy level 4 re-quantizes them to int8)
-    bug = ("ort_default", name, "activation")
+    # ... the review: no runner needs a skip or a known-bug rule for it
     monkeypatch.setattr(CM, "REVIEWED_FORMATS", CM.REVIEWED_FORMATS + (name,))
-    monkeypatch.setitem(CM.XFAIL, bug, CM.Bug(CM._ORT_REWRITE))
     assert CM.missing_rules(F.searchable_names(), list(C.runners())) == []
-    # ... and the matrix parametrizes it for every role and runner, the known bug as strict xfail
+    # ... and the matrix parametrizes it for every role and runner, with no mark
     params = {p.values: p.marks for p in CM.matrix_params()}
     runners = CM.backends()
     assert {(b, name, r) for b in runners for r in CM.ROLES} <= set(params)
-    assert any(m.name == "xfail" and m.kwargs.get("strict") for m in params[bug])
+    assert not any(m.name in ("skip", "xfail") for b in runners for r in CM.ROLES for m in params[(b, name, r)])
     # run just this format's cases (its tier would otherwise share one graph with every format)
     monkeypatch.setattr(CM, "cases", lambda: [(name, role) for role in CM.ROLES])
     matrix = CM.Matrix(tmp_path)
     for backend in runners:
         for role in CM.ROLES:
             err = max(matrix.result(backend, name, role).values())
-            if (backend, name, role) == bug:
-                assert err > 1.0 + CM.LSB_SLACK  # strict: the day the rewrite is fixed, this fails
-            else:
-                assert err <= 1.0 + CM.LSB_SLACK, (backend, role, err)
+            assert err <= 1.0 + CM.LSB_SLACK, (backend, role, err)
 
 
 # ---- recipe: add a backend -------------------------------------------------------------------
