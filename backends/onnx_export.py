@@ -595,18 +595,13 @@ def shield_float_weight(model: onnx.ModelProto) -> onnx.ModelProto:
     per-tensor INT8 (measured: DQ(int8) -> Conv(bf16 weight) -> Q: 6 output LSB). It needs the
     DQ as the conv's direct producer; the barrier keeps the graph's float/bf16 weight.
     """
-    g = model.graph
-    producers = {o: n for n in g.node for o in n.output}
-    new_nodes = []
-    for node in g.node:
+    def input_behind_a_dq(node, producers, constants):
         if node.op_type in ("Conv", "ConvTranspose", "Gemm") and len(node.input) > 1 \
-                and getattr(producers.get(node.input[0]), "op_type", "") == "DequantizeLinear" \
-                and getattr(producers.get(node.input[1]), "op_type", "") != "DequantizeLinear":
-            _barrier_before(node, 0, g, new_nodes)
-        new_nodes.append(node)
-    del g.node[:]
-    g.node.extend(new_nodes)
-    return model
+                and _op(producers, node.input[0]) == "DequantizeLinear" \
+                and _op(producers, node.input[1]) != "DequantizeLinear":
+            return 0
+        return None
+    return _shield_inputs(model, input_behind_a_dq)
 
 
 def shield_weight_only_matmul(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -620,16 +615,30 @@ def shield_weight_only_matmul(model: onnx.ModelProto) -> onnx.ModelProto:
     keeps the MatMul on the graph's dequantized weight; integer activations (a DQ input) keep
     their integer kernels. The price, for weight-only 4-bit models: an fp32 MatMul instead of
     MatMulNBits' packed kernel (right numbers first; a faster exact form is future work)."""
+    def weight_of_a_float_matmul(node, producers, constants):
+        weight_dq = producers.get(node.input[1]) if node.op_type == "MatMul" else None
+        if weight_dq is not None and weight_dq.op_type == "DequantizeLinear" \
+                and weight_dq.input[0] in constants and _op(producers, node.input[0]) != "DequantizeLinear":
+            return 1
+        return None
+    return _shield_inputs(model, weight_of_a_float_matmul)
+
+
+def _op(producers: dict, name: str) -> str:
+    return getattr(producers.get(name), "op_type", "")
+
+
+def _shield_inputs(model: onnx.ModelProto, pick) -> onnx.ModelProto:
+    """A ``Max(x, -inf)`` barrier before input ``pick(node, producers, initializer names)`` of
+    every node where it returns an index (in place)."""
     g = model.graph
     producers = {o: n for n in g.node for o in n.output}
     constants = {i.name for i in g.initializer}
     new_nodes = []
     for node in g.node:
-        weight_dq = producers.get(node.input[1]) if node.op_type == "MatMul" else None
-        if weight_dq is not None and weight_dq.op_type == "DequantizeLinear" \
-                and weight_dq.input[0] in constants \
-                and getattr(producers.get(node.input[0]), "op_type", "") != "DequantizeLinear":
-            _barrier_before(node, 1, g, new_nodes)
+        index = pick(node, producers, constants)
+        if index is not None:
+            _barrier_before(node, index, g, new_nodes)
         new_nodes.append(node)
     del g.node[:]
     g.node.extend(new_nodes)
