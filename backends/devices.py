@@ -10,6 +10,7 @@ tracker and key), so nothing compiled for a device uses the host CPU's features.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import tempfile
 from dataclasses import replace
@@ -93,14 +94,16 @@ class _RemoteLayers:
 
     def __init__(self, device: Remote, target, tuning):
         self.device, self.target, self.tuning = device, target, tuning
-        self.work = Path(tempfile.mkdtemp(prefix="fliqs-rpc-layers-"))
+        self._work = tempfile.TemporaryDirectory(prefix="fliqs-rpc-layers-")  # removed with self
+        self.work = Path(self._work.name)
+        self._built = itertools.count()
 
     def _build(self, layer, fw, fa):
         import numpy as np
 
         from fliqs_compiler.backends.tvm_lower import lower
         from fliqs_compiler.backends.tvm_measure import layer_graph
-        out = self.work / f"{len(list(self.work.iterdir()))}"
+        out = self.work / str(next(self._built))
         lower(layer_graph(layer, fw, fa), self.target, out, tuning=self.tuning)
         x = np.random.default_rng(0).standard_normal(tuple(layer.input_shape)).astype(np.float32)
         return out / "tvm" / "model.so", x

@@ -48,11 +48,11 @@ class Proc:
             try:
                 os.killpg(self.popen.pid, signal.SIGKILL)
             except ProcessLookupError:
-                pass
+                pass  # already gone: what kill() wants
         try:
             self.popen.wait(timeout=10)
         except subprocess.TimeoutExpired:
-            pass
+            pass  # SIGKILLed group that is slow to reap: nothing more to do from here
 
 
 def _start(name: str, args: list, port: int, threads: int) -> Proc:
