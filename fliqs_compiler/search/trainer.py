@@ -107,7 +107,11 @@ class TrainOptions:
     optimizer: str = "adam"  # adam | sgd (momentum 0.9)
     weight_decay: float = 0.0
     kd_temperature: float = 1.0
-    eval_batch_size: int = 1024
+    # Forward-only passes (teacher outputs, validation, test) in chunks of this size. Measured
+    # on a 2-core box, ResNet-8 on 28×28: 0.10 ms/image at 128-256, 0.36 at 1024, 0.74 at 4096
+    # (large activations fall out of cache and page-fault); 1024 made the teacher pass over
+    # 54k training images cost ~30 s per run, more than 300 training steps.
+    eval_batch_size: int = 256
     # Adam step on the log of every learned scale: a relative change per step (1e-2 ≈ 1 %).
     scale_lr: float = 1e-2
     # Weight of distillation from the float model when labels exist: loss = (1-d)·CE + d·KD.
