@@ -35,13 +35,14 @@ from examples.toy_models import make_searchable  # noqa: E402
 # name -> (SearchOptions overrides, TrainOptions overrides, ControllerOptions overrides)
 VARIANTS = {
     "default": ({}, {}, {}),
+    "no sensitivity prior": ({"prior": "none"}, {}, {}),
     "no distillation": ({}, {"distill": 0.0}, {}),
     "uniform warmup": ({"warmup_sampling": "uniform"}, {}, {}),
     "no final stretch": ({}, {}, {"freeze": 1.0}),
     "raw advantage": ({}, {}, {"advantage": "raw"}),
     "4 reward samples": ({"reward_samples": 4}, {}, {}),
     "gamma 1.0": ({"gamma": 1.0}, {}, {}),
-    "tunas 2023": ({"warmup_sampling": "uniform"}, {"distill": 0.0},
+    "tunas 2023": ({"warmup_sampling": "uniform", "prior": "none"}, {"distill": 0.0},
                    {"freeze": 1.0, "advantage": "raw", "warmup": 0.25, "entropy_max": 0.1}),
 }
 

@@ -78,6 +78,12 @@ def finetune_options(value) -> dict:
     return {"finetune": steps} if steps else {}
 
 
+prior_option = click.option(
+    "--prior", type=click.Choice(["sensitivity", "none"]), default="sensitivity", show_default=True,
+    help="Start the search's policy from the sensitivity + ILP choice (its forward passes are "
+         "charged as search steps) or from uniform probabilities.")
+
+
 input_shape_option = click.option(
     "--input-shape", "input_shapes", multiple=True, metavar="NAME=1x3x224x224",
     help="Pin an input's shape (repeatable); needed for dynamic dimensions.")

@@ -40,7 +40,18 @@ def _schedule_line(sched: dict) -> str:
             f"policy steps, final stretch {sched.get('final_stretch_steps', '?')} steps; "
             f"the last {sched.get('final_config_trained_steps', '?')} steps trained "
             f"exactly the returned configuration; budget projection moved "
-            f"{sched.get('projection_moves', 0)} decision(s) (`search.png`)")
+            f"{sched.get('projection_moves', 0)} decision(s) (`search.png`)"
+            + _prior_clause(sched.get("prior")))
+
+
+def _prior_clause(prior) -> str:
+    if not prior:
+        return ""
+    if prior.get("choice") is None:
+        return f"; sensitivity prior: no budgeted ILP solution ({prior.get('message')}), uniform start"
+    return (f"; the policy started from the sensitivity + ILP choice ({prior.get('evaluations')} "
+            f"forward passes of {prior.get('samples')} held-out samples, charged as "
+            f"{prior.get('charged_steps')} weight steps)")
 
 
 def _finetune_line(sq: dict) -> str:

@@ -15,12 +15,10 @@ Each returns a ``BaselineResult``; none modifies the graph passed in (they work 
 from __future__ import annotations
 
 import copy
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Optional, Sequence
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -30,6 +28,8 @@ from fliqs_compiler.ir.graph import Graph
 from fliqs_compiler.numerics.quantizers import SearchableQuantizer
 from fliqs_compiler.search.oneshot import SearchOptions
 from fliqs_compiler.search.projection import project_to_budget
+from fliqs_compiler.search.sensitivity import (forward_step_equivalents, ilp_choice, marginal_costs,
+                                               measure_on_heldout, most_precise)
 from fliqs_compiler.search.trainer import WeightTrainer, default_metric, first_output, float_copy, needs_teacher
 
 __all__ = ["BaselineResult", "uniform", "fixed", "random_search", "sensitivity_ilp", "dnas", "DNASMixer",
@@ -139,92 +139,31 @@ def random_search(graph: Graph, data, budget, options: SearchOptions, n: int = 8
                    "from the same float weights", val_quality=val, tried=len(configs))
 
 
-def marginal_costs(graph: Graph, reference: Sequence[int], kind: str, latency=None):
-    """(cost of ``reference``, [[cost change when decision d alone takes candidate k]])."""
-    space = graph.space
-    base = config_cost(graph, space.formats_of(reference), kind, latency)
-    deltas = []
-    for d, decision in enumerate(space.decisions):
-        row = []
-        for k in range(len(decision.candidates)):
-            trial = list(reference)
-            trial[d] = k
-            row.append(config_cost(graph, space.formats_of(trial), kind, latency) - base)
-        deltas.append(row)
-    return base, deltas
-
-
-def _most_precise(graph: Graph) -> list:
-    from fliqs_compiler.numerics import formats as F
-    return [max(range(len(d.candidates)), key=lambda k: F.get(d.candidates[k]).cost_bits)
-            for d in graph.space.decisions]
-
-
-def forward_step_equivalents(forward_samples: int, batch_size: int) -> int:
-    """Weight-update steps that cost as much as ``forward_samples`` forward-only samples (a
-    training step is about one forward and two backward passes of its batch)."""
-    return int(math.ceil(forward_samples / (3.0 * max(1, batch_size))))
-
-
 def sensitivity_ilp(graph: Graph, data, budget, options: SearchOptions, latency=None,
                     sens_samples: int = 512, charge_sensitivity: bool = True) -> BaselineResult:
     """HAWQ-like: measured per-decision loss sensitivity + MILP under the budget, then QAT.
     ``charge_sensitivity``: the sensitivity passes count toward ``options.steps`` (QAT gets
     the rest), so the method costs what the others do."""
-    from scipy.optimize import Bounds, LinearConstraint, milp
     t0 = time.perf_counter()
     target, kind = _target(graph, budget, latency)
     g, trainer, metric, gen = _setup(graph, data, options)
     space = g.space
-    ref = _most_precise(g)
-    n = min(sens_samples, len(data.x_val))
-    xv, yv = data.x_val[:n], (data.y_val[:n] if data.y_val is not None else None)
-    tv = trainer.teacher_out("val", torch.arange(n)) if yv is None else None
-
-    @torch.no_grad()
-    def loss_of(choice):
-        space.apply(g.gm, choice)
-        g.gm.eval()
-        return float(trainer.loss(first_output(g.gm(xv)), yv, tv))
-
-    base_loss = loss_of(ref)
-    sens = []
-    for d, decision in enumerate(space.decisions):
-        row = []
-        for k in range(len(decision.candidates)):
-            trial = list(ref)
-            trial[d] = k
-            row.append(loss_of(trial) - base_loss)
-        sens.append(row)
-    base_cost, deltas = marginal_costs(g, ref, kind, latency)
-    flat_s = np.concatenate([np.asarray(r, dtype=float) for r in sens])
-    flat_c = np.concatenate([np.asarray(r, dtype=float) for r in deltas])
-    nvar, rows = len(flat_s), []
-    onehot = np.zeros((len(sens), nvar))
-    pos = 0
-    for d, r in enumerate(sens):
-        onehot[d, pos:pos + len(r)] = 1
-        pos += len(r)
-    rows.append(LinearConstraint(onehot, 1, 1))
-    if target is not None:
-        rows.append(LinearConstraint(flat_c[None, :], -np.inf, target - base_cost))
-    res = milp(c=flat_s, constraints=rows, integrality=np.ones(nvar), bounds=Bounds(0, 1))
-    if not res.success:
-        choice = list(ref)
-        note = f"MILP failed ({res.message}); fell back to the most precise configuration"
+    sens = measure_on_heldout(space, g.gm, trainer, data, sens_samples)
+    n = sens.samples
+    base_cost, deltas = marginal_costs(g, sens.reference, kind, latency)
+    choice, message = ilp_choice(sens.rows, base_cost, deltas, target)
+    if choice is None:
+        choice = list(sens.reference)
+        note = f"MILP failed ({message}); fell back to the most precise configuration"
     else:
-        x, choice, pos = np.round(res.x), [], 0
-        for r in sens:
-            choice.append(int(np.argmax(x[pos:pos + len(r)])))
-            pos += len(r)
         note = "sensitivity = measured val-loss increase per (decision, format); MILP; then QAT"
-    evals = 1 + sum(len(r) for r in sens)
+    evals = sens.evaluations
     charged = forward_step_equivalents(evals * n, options.train.batch_size) if charge_sensitivity else 0
     qat = max(0, options.steps - charged)
     trainer.train_fixed(space.apply, choice, qat, gen)
     return _result("ilp", "ilp", g, choice, kind, latency, trainer.evaluate(metric, "test"),
                    options.steps, t0, f"{note}, {qat} QAT steps ({charged} charged for {evals} "
-                   f"sensitivity passes of {n} samples)", sensitivity=sens, qat_steps=qat)
+                   f"sensitivity passes of {n} samples)", sensitivity=sens.rows, qat_steps=qat)
 
 
 class DNASMixer(nn.Module):
@@ -268,7 +207,7 @@ def dnas(graph: Graph, data, budget, options: SearchOptions, latency=None, alpha
     metric = options.metric or default_metric(data)
     trainer = WeightTrainer(g.gm, data, options.train,
                             float_copy(graph.gm) if needs_teacher(data, options.train, metric) else None)
-    ref = _most_precise(graph)
+    ref = most_precise(graph.space)
     base_cost, deltas = marginal_costs(graph, ref, kind, latency)
     k = graph.space.max_candidates
     delta = torch.tensor([r + [0.0] * (k - len(r)) for r in deltas])

@@ -51,12 +51,14 @@ def test_log_and_checkpoint_contents(float_state, digits, tmp_path):
     g = searchable(float_state, digits)
     r = run_search(g, digits, "bops=0.4x", opts(steps=20), out_dir=tmp_path, progress=False)
     recs = StepLog.read(tmp_path / "search.jsonl")
-    assert [x["step"] for x in recs] == list(range(20))
+    ran = r.schedule["weight_steps"]  # 20 less the steps charged for the sensitivity prior
+    assert 16 <= ran < 20 and r.schedule["prior"]["charged_steps"] == 20 - ran
+    assert [x["step"] for x in recs] == list(range(ran))
     for key in ("choice", "config_id", "reward", "cost", "quality", "entropy", "baseline", "warmup"):
         assert key in recs[0]
     assert recs[0]["warmup"] and not recs[-1]["warmup"]  # 25 % warmup
     state = load_checkpoint(tmp_path)  # weights_only=True load
-    assert state["step"] == 20 and set(state) >= {"model", "weight_optimizer", "controller",
+    assert state["step"] == ran and set(state) >= {"model", "weight_optimizer", "controller",
                                                   "generator", "torch_rng"}
     assert any(k.endswith("scales.0") for k in state["model"])  # per-format scales saved
     saved = json.loads((tmp_path / "search_result.json").read_text())

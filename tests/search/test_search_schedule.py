@@ -22,6 +22,8 @@ def searchable(model, digits):
 
 
 def opts(steps=60, **kw):
+    """Schedule arithmetic is checked without the prior (it charges steps); its tests ask for it."""
+    kw.setdefault("prior", "none")
     ctrl = kw.pop("controller", {})
     train = kw.pop("train", {})
     return SearchOptions(steps=steps, seed=0, reward_batch_size=64, checkpoint_every=10 ** 6,
@@ -131,3 +133,61 @@ def test_reward_samples_and_distillation_run(trained_tiny_cnn, digits):
     res = run_search(g, digits, "bops=0.4x", opts(steps=30, reward_samples=3, train={"distill": 0.5}),
                      progress=False)
     assert math.isfinite(res.quality["final"]) and res.cost <= res.budget_target * 1.02
+
+
+# -- the sensitivity prior -----------------------------------------------------------------------
+def test_prior_logits_put_the_stated_probability_on_the_pick():
+    from fliqs_compiler.search.sensitivity import prior_logits
+    logits = prior_logits([2, 0, 0], [3, 3, 1], 3, 0.6)
+    p = torch.softmax(logits.masked_fill(torch.tensor([[False] * 3] * 2 + [[False, True, True]]), -1e9), -1)
+    assert p[0, 2] == pytest.approx(0.6) and p[0, 0] == pytest.approx(0.2)
+    assert p[1, 0] == pytest.approx(0.6) and p[2, 0] == pytest.approx(1.0)
+    with pytest.raises(ValueError):
+        prior_logits([0], [3], 3, 1.0)
+
+
+def test_ilp_choice_is_the_cheapest_loss_under_the_budget():
+    from fliqs_compiler.search.sensitivity import ilp_choice
+    sens = [[3.0, 1.0, 0.0], [0.5, 0.1, 0.0], [9.0, 2.0, 0.0]]  # int2, int4, int8 per decision
+    deltas = [[-15.0, -12.0, 0.0]] * 3  # from all-int8 (cost 48)
+    choice, msg = ilp_choice(sens, 48.0, deltas, target=24.0)
+    assert msg == "ok" and cost_of(choice) <= 24.0
+    assert choice == [1, 1, 2]  # loss 1.1 at cost 24 beats [1, 0, 2] (1.5) and [2, 0, 0] (9.5)
+    assert ilp_choice(sens, 48.0, deltas, target=1.0)[0] is None  # below the cheapest: no solution
+
+
+def test_sensitivity_prior_starts_the_policy_on_the_ilp_pick_and_is_charged(trained_tiny_cnn, digits,
+                                                                           tmp_path):
+    from fliqs_compiler.search.sensitivity import forward_step_equivalents, sensitivity_evaluations
+    g = searchable(trained_tiny_cnn, digits)
+    o = opts(steps=60, prior="sensitivity", prior_samples=96, prior_probability=0.7, prior_share=0.5)
+    res = run_search(g, digits, "bops=0.3x", o, out_dir=tmp_path, progress=False)
+    charged = forward_step_equivalents(sensitivity_evaluations(g.space) * 96, 32)
+    assert charged >= 1 and res.schedule["weight_steps"] == 60 - charged
+    rows = [json.loads(l) for l in (tmp_path / "search.jsonl").read_text().splitlines()]
+    assert len(rows) == 60 - charged  # the prior's forward passes were paid with weight steps
+    prior = res.schedule["prior"]
+    assert prior["choice"] is not None and prior["charged_steps"] == charged
+    first = next(r for r in rows if r["phase"] == "search")
+    # one controller step after the prior: each decision's top candidate is still its ILP pick
+    for d, row in enumerate(first["probs"]):
+        assert row.index(max(row)) == prior["choice"][d] and max(row) > 0.55
+    assert res.cost <= res.budget_target * 1.02
+
+
+def test_ilp_baseline_and_prior_share_one_sensitivity_measurement(trained_tiny_cnn, digits):
+    """The ILP baseline's choice is the prior's ILP solution when both measure the same weights
+    (the float model: no warmup) on the same samples."""
+    from fliqs_compiler.search import baselines as B
+    from fliqs_compiler.search.oneshot import OneShotSearch
+    g = searchable(trained_tiny_cnn, digits)
+    o = opts(steps=40, prior="sensitivity", prior_samples=64, controller={"warmup": 0.0})
+    search = OneShotSearch(copy_graph(g), digits, "bops=0.3x", o)
+    search._choose(0)  # the first search step measures the prior
+    ilp = B.sensitivity_ilp(g, digits, "bops=0.3x", o, sens_samples=64)
+    assert search.prior["choice"] == ilp.choice
+
+
+def copy_graph(g):
+    import copy
+    return copy.deepcopy(g)

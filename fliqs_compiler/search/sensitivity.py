@@ -1,0 +1,150 @@
+"""Measured per-decision sensitivity and the budgeted choice it implies (HAWQ-style), shared by
+the ``ilp`` baseline and the FLIQS controller prior.
+
+- ``measure_sensitivity``: forward-only. For every decision d and candidate k, the loss increase
+  on one fixed held-out batch when d alone moves from the reference configuration (the most
+  precise candidate everywhere) to k. The same batch for every trial: the differences are paired,
+  so a few hundred samples rank candidates far better than independent batches would.
+- ``ilp_choice``: minimise the summed sensitivity subject to the budget with
+  ``scipy.optimize.milp``; costs are linearised per decision around the reference (exact for
+  BOPs and size, which add up per layer; an approximation for latency tables).
+- ``prior_logits``: controller logits that put probability ``p`` on each decision's ILP pick and
+  share the rest equally; the REINFORCE search then starts where the ILP ends and corrects it
+  with measured rewards of whole configurations (interactions the additive model misses).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+
+from fliqs_compiler.cost.model import config_cost
+from fliqs_compiler.numerics import formats as F
+
+__all__ = ["Sensitivity", "most_precise", "marginal_costs", "measure_sensitivity", "ilp_choice",
+           "prior_logits", "forward_step_equivalents", "sensitivity_evaluations", "measure_on_heldout"]
+
+
+def most_precise(space) -> list:
+    """Each decision's candidate with the most bits."""
+    return [max(range(len(d.candidates)), key=lambda k: F.get(d.candidates[k]).cost_bits)
+            for d in space.decisions]
+
+
+def marginal_costs(graph, reference: Sequence[int], kind: str, latency=None):
+    """(cost of ``reference``, [[cost change when decision d alone takes candidate k]])."""
+    space = graph.space
+    base = config_cost(graph, space.formats_of(reference), kind, latency)
+    deltas = []
+    for d, decision in enumerate(space.decisions):
+        row = []
+        for k in range(len(decision.candidates)):
+            trial = list(reference)
+            trial[d] = k
+            row.append(config_cost(graph, space.formats_of(trial), kind, latency) - base)
+        deltas.append(row)
+    return base, deltas
+
+
+def sensitivity_evaluations(space) -> int:
+    """Forward passes ``measure_sensitivity`` makes: the reference, then one per decision and
+    candidate other than the reference's."""
+    return 1 + sum(len(d.candidates) - 1 for d in space.decisions)
+
+
+def forward_step_equivalents(forward_samples: int, batch_size: int) -> int:
+    """Weight-update steps that cost as much as ``forward_samples`` forward-only samples (a
+    training step is about one forward and two backward passes of its batch)."""
+    return int(math.ceil(forward_samples / (3.0 * max(1, batch_size))))
+
+
+@dataclass
+class Sensitivity:
+    reference: list  # the configuration every trial starts from
+    base_loss: float
+    rows: list  # rows[d][k]: loss increase when decision d alone takes candidate k
+    evaluations: int
+    samples: int
+
+
+@torch.no_grad()
+def measure_sensitivity(space, gm, loss_of_output: Callable, x, y, t,
+                        reference: Optional[Sequence[int]] = None) -> Sensitivity:
+    """Sensitivity of every (decision, candidate) on the batch ``(x, y, t)``; leaves ``gm``
+    in training mode unchanged apart from the applied configuration (the reference)."""
+    ref = list(most_precise(space) if reference is None else reference)
+    was_training = gm.training
+    gm.eval()
+
+    def loss_of(choice):
+        space.apply(gm, choice)
+        out = gm(x)
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        return float(loss_of_output(out, y, t))
+
+    base = loss_of(ref)
+    rows = []
+    for d, decision in enumerate(space.decisions):
+        row = []
+        for k in range(len(decision.candidates)):
+            if k == ref[d]:
+                row.append(0.0)
+                continue
+            trial = list(ref)
+            trial[d] = k
+            row.append(loss_of(trial) - base)
+        rows.append(row)
+    space.apply(gm, ref)
+    gm.train(was_training)
+    return Sensitivity(ref, base, rows, sensitivity_evaluations(space), int(len(x)))
+
+
+def measure_on_heldout(space, gm, trainer, data, samples: int) -> Sensitivity:
+    """``measure_sensitivity`` on the first ``samples`` validation samples with the trainer's
+    loss: cross-entropy with labels, distillation from the teacher without (the ILP baseline and
+    the FLIQS prior measure the same way)."""
+    n = min(int(samples), len(data.x_val))
+    y = data.y_val[:n] if data.y_val is not None else None
+    t = trainer.teacher_out("val", torch.arange(n)) if y is None else None
+    return measure_sensitivity(space, gm, trainer.loss, data.x_val[:n], y, t)
+
+
+def ilp_choice(sens_rows: Sequence[Sequence[float]], base_cost: float, deltas, target: Optional[float]):
+    """(choice, note): the configuration of least summed sensitivity whose linearised cost fits
+    ``target``; ``None`` and the solver's message when the MILP fails."""
+    from scipy.optimize import Bounds, LinearConstraint, milp
+    flat_s = np.concatenate([np.asarray(r, dtype=float) for r in sens_rows])
+    flat_c = np.concatenate([np.asarray(r, dtype=float) for r in deltas])
+    nvar = len(flat_s)
+    onehot = np.zeros((len(sens_rows), nvar))
+    pos = 0
+    for d, r in enumerate(sens_rows):
+        onehot[d, pos:pos + len(r)] = 1
+        pos += len(r)
+    rows = [LinearConstraint(onehot, 1, 1)]
+    if target is not None:
+        rows.append(LinearConstraint(flat_c[None, :], -np.inf, target - base_cost))
+    res = milp(c=flat_s, constraints=rows, integrality=np.ones(nvar), bounds=Bounds(0, 1))
+    if not res.success:
+        return None, str(res.message)
+    x, choice, pos = np.round(res.x), [], 0
+    for r in sens_rows:
+        choice.append(int(np.argmax(x[pos:pos + len(r)])))
+        pos += len(r)
+    return choice, "ok"
+
+
+def prior_logits(choice: Sequence[int], candidate_counts: Sequence[int], width: int,
+                 p: float) -> torch.Tensor:
+    """Logits ``[decisions, width]`` giving ``choice[d]`` probability ``p`` (the rest shared
+    equally; a single-candidate decision keeps probability 1)."""
+    if not 0.0 < p < 1.0:
+        raise ValueError(f"prior probability {p}: use a value in (0, 1)")
+    logits = torch.zeros(len(choice), width)
+    for d, (k, n) in enumerate(zip(choice, candidate_counts)):
+        if n > 1:
+            logits[d, k] = math.log(p * (n - 1) / (1.0 - p))
+    return logits
