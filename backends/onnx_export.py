@@ -3,7 +3,12 @@
 Pipeline of ``export_qdq``:
 1. ``torch.onnx.export(dynamo=True)`` with a custom translation: each
    ``torch.ops.fliqs.fake_quant`` node becomes one placeholder node ``fliqs.FakeQuant``
-   (attributes ``fmt``, ``axis``, ``shape``), everything else is the stock exporter.
+   (attributes ``fmt``, ``axis``, ``shape``), everything else is the stock exporter. A graph
+   that runs on any batch size (``batch_inputs``: ``graph.meta['batch']`` of ONNX imports, the
+   symbolic leading dim torch imports carry) is exported with ``dynamic_shapes``: the leading
+   dim of its batch inputs and outputs is the symbol ``batch`` (``BATCH_DIM``), so users run
+   any batch; a pinned graph keeps its static dims (``graph.meta['batch']['pinned_by']`` says
+   why).
 2. ``lower_fake_quant`` replaces every placeholder by standard ONNX ops, choosing the rule
    from the format's data (``Format.onnx_type`` / ``grid``, the ``ONNX_NATIVE`` table), see
    ``_RUNTIME_RULES``; every scale, zero point, axis and stored code is the quantizer's
@@ -29,6 +34,8 @@ Pipeline of ``export_qdq``:
    ``shield_float_weight`` (ORT would quantize a float/bf16 weight behind a DQ input to INT8),
    ``shield_weight_only_matmul`` (ORT's MatMulNBits would re-quantize the float activations of a
    MatMul on a quantized constant weight to INT8),
+   ``shield_blocked_weight`` (ORT's MatMulIntegerToFloat, fused from an integer activation and
+   a blocked mxint8 weight, cannot broadcast the block scales and fails at run time),
    ``shield_four_bit_q`` (a 4-bit Q that QDQ propagation would move across a MaxPool, or onto
    a Clip, makes the session fail to build) and
    ``protect_relu_before_unclamped_q`` (ReluQuantRewrite, after QDQ propagation, drops a ReLU
@@ -38,9 +45,11 @@ Pipeline of ``export_qdq``:
 onnxruntime 1.32 facts this relies on (measured): blocked ``DequantizeLinear`` (``block_size``)
 works for INT8/INT4/UINT4/FLOAT8E4M3FN/FLOAT8E5M2 at opset 21, blocked ``QuantizeLinear`` for
 INT8; nothing at all is implemented for FLOAT4E2M1 (Q, DQ, Cast at opset 23). MX activations
-need data-dependent E8M0 scales that no single ONNX op computes, so they are always decomposed;
-MX weights use blocked DQ. FP4 models (``native_fp4=True``) therefore only run in
-``onnx.reference.ReferenceEvaluator``; ``native_fp4=False`` decomposes FP4 (opset 21, runs in ORT).
+need data-dependent E8M0 scales that no single ONNX op computes, so they are always decomposed
+(static shapes but the batch, a ``-1`` in the block Reshapes); MX weights use blocked DQ
+(mxint8 ones behind a barrier, ``shield_blocked_weight``). FP4 models (``native_fp4=True``)
+therefore only run in ``onnx.reference.ReferenceEvaluator``; ``native_fp4=False`` decomposes
+FP4 (opset 21, runs in ORT).
 """
 from __future__ import annotations
 
@@ -56,7 +65,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from fliqs_compiler.numerics import formats as F
 from fliqs_compiler.base import atomic
-from fliqs_compiler.base.errors import FliqsError
+from fliqs_compiler.base.errors import FliqsError, one_line
 from fliqs_compiler.numerics.qspec import QuantSpec
 from fliqs_compiler.numerics.quant import quantize_to_grid
 from fliqs_compiler.numerics.quantizers import FormatQuantizer
@@ -65,7 +74,8 @@ __all__ = ["export_qdq", "lower_fake_quant", "quantizer_nodes", "spec_nodes", "g
            "detach_float_bias",
            "protect_relu_before_unclamped_q", "shield_four_bit_q", "shield_float_weight",
            "ORT_FORM_FIXES",
-           "formats_used", "required_opset", "save_atomic"]
+           "formats_used", "required_opset", "save_atomic", "batch_inputs", "BATCH_DIM",
+           "shield_blocked_weight"]
 
 DOMAIN = "fliqs"
 _TP = TensorProto
@@ -215,11 +225,12 @@ def _emit_qdq(b, x, spec: QuantSpec, rank, out):
 def _emit_mx(b, x, spec: QuantSpec, rank, out, shape):
     """MX block quantization of a runtime tensor along the spec's block axis."""
     fmt = spec.fmt
-    if any(d < 0 for d in shape):
-        raise FliqsError(f"MX format {fmt.name} on {out!r} needs a static input shape; pin it "
-                         "with --input-shape")
     el, blk = spec.element, spec.block_size
     axis = spec.block_axis_of(rank)
+    # one symbolic dim (the batch) other than the block axis is a -1 in both Reshapes
+    if shape[axis] < 0 or sum(d < 0 for d in shape) > 1:
+        raise FliqsError(f"MX format {fmt.name} on {out!r} needs a static input shape; pin it "
+                         "with --input-shape")
     s = float(spec.scale[0])
     v = b.op("Div", [x, b.const(s)]) if s != 1.0 else x
     perm = [i for i in range(rank) if i != axis] + [axis]
@@ -229,6 +240,7 @@ def _emit_mx(b, x, spec: QuantSpec, rank, out, shape):
         v = b.op("Transpose", [v], perm=perm)
     if pad:
         v = b.op("Pad", [v, b.const([0] * (2 * rank - 1) + [pad], "pads", np.int64)])
+    moved = [-1 if d < 0 else d for d in moved]
     blocks = b.op("Reshape", [v, b.const(moved[:-1] + [(n + pad) // blk, blk], "shape", np.int64)])
     amax = b.op("ReduceMax", [b.op("Abs", [blocks]), b.const([-1], "axes", np.int64)], keepdims=1)
     # exact floor(log2(amax)): estimate with Log, correct by comparing with exact powers of two
@@ -614,14 +626,67 @@ def shield_weight_only_matmul(model: onnx.ModelProto) -> onnx.ModelProto:
     conformance matrix: fp16 500–1300, bf16 10–47, fp6_e3m2 2, MX 2–11 output LSB). The barrier
     keeps the MatMul on the graph's dequantized weight; integer activations (a DQ input) keep
     their integer kernels. The price, for weight-only 4-bit models: an fp32 MatMul instead of
-    MatMulNBits' packed kernel (right numbers first; a faster exact form is future work)."""
+    MatMulNBits' packed kernel (right numbers first; a faster exact form is future work).
+    The weight may reach the MatMul through a ``Transpose`` (``_weight_dq``): ORT folds it into
+    the initializer before the fusion (measured on an ONNX-imported ViT, whose Linear layers
+    export as ``MatMul(x, Transpose(DQ(w)))``, with an mxfp8 activation: 2 output LSB through
+    MatMulNBits, 0 with the barrier after the Transpose)."""
     def weight_of_a_float_matmul(node, producers, constants):
-        weight_dq = producers.get(node.input[1]) if node.op_type == "MatMul" else None
-        if weight_dq is not None and weight_dq.op_type == "DequantizeLinear" \
-                and weight_dq.input[0] in constants and _op(producers, node.input[0]) != "DequantizeLinear":
+        weight_dq = _weight_dq(producers, node.input[1]) if node.op_type == "MatMul" else None
+        if weight_dq is not None and weight_dq.input[0] in constants \
+                and _op(producers, node.input[0]) != "DequantizeLinear":
             return 1
         return None
     return _shield_inputs(model, weight_of_a_float_matmul)
+
+
+def _weight_dq(producers: dict, name: str):
+    """The DequantizeLinear behind ``name``: its producer, or the producer of a ``Transpose``
+    producing it (the stock exporter's ``aten.t`` of a Linear weight), else None."""
+    node = producers.get(name)
+    if node is not None and node.op_type == "Transpose":
+        node = producers.get(node.input[0])
+    return node if node is not None and node.op_type == "DequantizeLinear" else None
+
+
+def _blocked_int_dq(producers: dict, inits: dict, name: str) -> bool:
+    """Whether ``name`` is the output of a blocked DequantizeLinear (``block_size``: an MX
+    weight; directly or through a Transpose, ``_weight_dq``) of an integer-stored constant
+    (mxint8; the fp-element MX formats are stored as FLOAT8, which no integer MatMul kernel
+    takes)."""
+    dq = _weight_dq(producers, name)
+    return dq is not None and any(a.name == "block_size" and a.i > 0 for a in dq.attribute) \
+        and _dq_type(dq.output[0], producers, inits) in INT_TYPES
+
+
+def shield_blocked_weight(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Put ``Max(x, -inf)`` between a blocked integer weight's DequantizeLinear (mxint8:
+    ``block_size``, INT8 codes) and a MatMul/Gemm whose other input comes from a
+    DequantizeLinear (an integer activation) (in place).
+
+    Why: onnxruntime's QDQ selectors fuse DQ(int8 activation) + DQ(int8 weight) → MatMul into
+    MatMulIntegerToFloat without looking at ``block_size``: its weight-scale input is then the
+    [K/32, N] block-scale tensor, which it cannot broadcast against [K, N], and ``run`` fails
+    ("Attempting to broadcast an axis by a dimension other than 1"; measured on mxint8 weights
+    with int8 activations, K = 64 and 256). Behind the barrier the MatMul runs in float32 on
+    the exactly dequantized weight; ORT neither folds the DQ nor looks through the Max (measured:
+    0 output LSB on that model and on the conformance matrix). A weight behind a Transpose
+    (ONNX-imported Linear layers) is shielded too, though ORT 1.32 was measured to leave
+    Transpose(blocked DQ) → MatMul unfused (0 LSB either way on a ViT, K = 64): the barrier
+    costs nothing there. Blocked-weight convs are not fused (measured), and FLOAT8-stored MX
+    weights (mxfp8/6/4) are never taken by an integer kernel: both are left as they are.
+    ``shield_weight_only_matmul`` covers the MatMuls whose activation is float. The price: an
+    fp32 MatMul where an exact blocked integer kernel would be faster (ORT 1.32 has none that
+    runs this)."""
+    inits = {t.name: t for t in model.graph.initializer}
+
+    def blocked_weight_of_an_integer_matmul(node, producers, constants):
+        if node.op_type in ("MatMul", "Gemm") and len(node.input) > 1 \
+                and _blocked_int_dq(producers, inits, node.input[1]) \
+                and _op(producers, node.input[0]) == "DequantizeLinear":
+            return 1
+        return None
+    return _shield_inputs(model, blocked_weight_of_an_integer_matmul)
 
 
 def _op(producers: dict, name: str) -> str:
@@ -766,7 +831,7 @@ def shield_four_bit_q(model: onnx.ModelProto) -> onnx.ModelProto:
 # Step 3, in order (each numerically neutral, each a docstring on why): the shield goes before
 # the Relu protection, so a Relu it already cut off from QDQ propagation stays a Relu.
 ORT_FORM_FIXES = (gemm_to_matmul, detach_float_bias, shield_float_weight, shield_weight_only_matmul,
-                  shield_four_bit_q, protect_relu_before_unclamped_q)
+                  shield_blocked_weight, shield_four_bit_q, protect_relu_before_unclamped_q)
 
 
 def _set_opset(model: onnx.ModelProto, opset: int) -> None:
@@ -776,13 +841,70 @@ def _set_opset(model: onnx.ModelProto, opset: int) -> None:
     model.ir_version = max(model.ir_version, 11 if opset >= 23 else 10)
 
 
+BATCH_DIM = "batch"  # the symbolic leading dim of a batch-polymorphic graph's inputs / outputs
+log = logging.getLogger(__name__)
+
+
+def batch_inputs(graph) -> list:
+    """Indices of ``graph.inputs`` whose leading dim is the batch, when the graph runs on any
+    batch size; ``[]`` when it is pinned, or when nothing says it runs on any batch.
+
+    ONNX imports record it in ``graph.meta['batch']`` (``frontends/batch.py``: ``dynamic`` and
+    the batch ``inputs``; a pinned graph says why in ``pinned_by``). Torch imports
+    (``frontends/torch_import.py``) are exported with ``Dim.AUTO`` on the leading dim, which
+    leaves a symbolic size on each batch placeholder's ``meta['val']`` (a static fallback leaves
+    ints there)."""
+    facts = graph.meta.get("batch")
+    if facts is not None:
+        names = set(facts.get("inputs") or []) if facts.get("dynamic") else set()
+        return [i for i, s in enumerate(graph.inputs) if s.name in names and len(s.shape)]
+    places = [n for n in graph.gm.graph.nodes if n.op == "placeholder"][-len(graph.inputs):] \
+        if graph.inputs else []
+    out = []
+    for i, node in enumerate(places):
+        shape = getattr(node.meta.get("val"), "shape", None)
+        if shape is not None and len(shape) and not isinstance(shape[0], int):
+            out.append(i)
+    return out
+
+
+def _torch_onnx(graph, opset: int, batched: list, kwargs: dict):
+    """``torch.onnx.export(dynamo=True)`` of ``graph.gm`` with the placeholder translation; the
+    leading dim of the inputs ``batched`` (indices) symbolic, named ``BATCH_DIM``. Traced at a
+    batch of at least 2 (export's 0/1 rule specializes a batch of 1)."""
+    example = graph.example_inputs()
+    dynamic = None
+    if batched:
+        example = tuple(t.expand(2, *t.shape[1:]).contiguous()
+                        if i in batched and t.shape[0] == 1 else t for i, t in enumerate(example))
+        dim = torch.export.Dim(BATCH_DIM)
+        dynamic = tuple({0: dim} if i in batched else None for i in range(len(example)))
+    quiet = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # "torchvision is not installed" notes on every export
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # training-mode / deprecation chatter
+            return torch.onnx.export(
+                graph.gm, example, dynamo=True, opset_version=opset, dynamic_shapes=dynamic,
+                input_names=[s.name for s in graph.inputs], optimize=True, verbose=False,
+                custom_translation_table={torch.ops.fliqs.fake_quant.default: _translate},
+                **kwargs)
+    finally:
+        quiet.setLevel(level)
+
+
 def export_qdq(graph, path, opset: Optional[int] = None, native_fp4: bool = True) -> Path:
     """Write ``graph`` (materialized: fixed ``FormatQuantizer`` / fake_quant nodes) as QDQ ONNX.
 
     Requires: a Graph with static ``inputs``; every quantizer has a fixed format and constant
     scales. Guarantees: opset 21 (23 when FP4 is exported natively), no custom ops,
     ``onnx.checker.check_model(full_check=True)`` passes, graph input/output names are
-    ``graph.inputs[i].name`` / ``graph.output_names`` (when given), written atomically.
+    ``graph.inputs[i].name`` / ``graph.output_names`` (when given), written atomically. When
+    the graph runs on any batch size (``batch_inputs``), the leading dim of its batch inputs and
+    of the outputs that follow it is symbolic (``BATCH_DIM``), else the traced size; should
+    torch.onnx refuse a symbolic batch, the model is exported static, with a warning and
+    ``graph.meta['export_batch_pinned_by']`` saying why.
     """
     from fliqs_compiler.numerics.quantizers import SearchableQuantizer
     if any(isinstance(m, SearchableQuantizer) for m in graph.gm.modules()):
@@ -799,19 +921,16 @@ def export_qdq(graph, path, opset: Optional[int] = None, native_fp4: bool = True
     kwargs = {}
     if graph.output_names:
         kwargs["output_names"] = list(graph.output_names)
-    quiet = logging.getLogger("torch.onnx._internal.exporter._registration")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)  # "torchvision is not installed" notes on every export
+    batched = batch_inputs(graph)
     try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # training-mode / deprecation chatter
-            prog = torch.onnx.export(
-                graph.gm, graph.example_inputs(), dynamo=True, opset_version=opset,
-                input_names=[s.name for s in graph.inputs], optimize=True, verbose=False,
-                custom_translation_table={torch.ops.fliqs.fake_quant.default: _translate},
-                **kwargs)
-    finally:
-        quiet.setLevel(level)
+        prog = _torch_onnx(graph, opset, batched, kwargs)
+    except Exception as e:  # noqa: BLE001 — the batch cannot stay symbolic: say so, pin it
+        if not batched:
+            raise
+        log.warning("%s: exported with the static batch %s: torch.onnx could not keep it "
+                    "symbolic (%s)", graph.name, graph.inputs[batched[0]].shape[0], one_line(e))
+        graph.meta["export_batch_pinned_by"] = one_line(e)
+        prog = _torch_onnx(graph, opset, [], kwargs)
     model = lower_fake_quant(prog.model_proto, native_fp4=native_fp4)
     for fix in ORT_FORM_FIXES:
         model = fix(model)

@@ -51,13 +51,10 @@ class Bug(NamedTuple):
 # Measured on this matrix (max over data / saturate / ties, in output LSB; the report lists them).
 # fp16 / bf16 / fp6 / MX activations into an int8-weight Linear were 2–1300 LSB in the default
 # session until onnx_export.shield_weight_only_matmul (ORT's MatMulNBits at accuracy level 4
-# re-quantized them to int8); now within 1 LSB like the rest.
-_ORT_REWRITE = "ORT default-session rewrite, being fixed in onnx_export"
-XFAIL = {
-    ("ort_default", "mxint8", "weight"): Bug(
-        _ORT_REWRITE + " (MatMulIntegerToFloat on the blocked int8 weight fails to broadcast its "
-        "[2, N] scale at run time)", refuses=True),
-}
+# re-quantized them to int8); mxint8 weights failed to run there (MatMulIntegerToFloat on the
+# blocked int8 weight cannot broadcast its [2, N] scale) until onnx_export.shield_blocked_weight.
+# Now every case is within 1 LSB; a new known bug is a ``Bug`` entry here.
+XFAIL: dict = {}
 
 
 # Every format the registry offers, and every artifact a backend executes, must be named here:
