@@ -54,7 +54,6 @@ class TvmBackend:
 
     name = "tvm"
     default_target = "llvm"
-    tunes = True
     runners = {"tvm": Runner("tvm", open_tvm, "tvm_lower.lower(graph, 'llvm') -> tvm/model.so, fresh VM")}
     # tvm_lower.COMPUTE_RULES: integer codes (int8 storage, int32 accumulation) for every int
     # format; bf16 / fp16 stored natively (upcast to fp32 in the loops); fp8/fp6/fp4/MX decoded.
@@ -63,6 +62,18 @@ class TvmBackend:
     def resolve(self, target):
         from fliqs_compiler.backends.devices import resolve
         return resolve(target)
+
+    def tunes(self, target) -> bool:
+        """MetaSchedule times candidates on this host (``LocalRunner``): right for local targets,
+        wrong for an ``rpc://`` device until its ``RPCRunner`` is wired up."""
+        return not getattr(target, "rpc", None)
+
+    def tuning_refusal(self, target) -> str:
+        if getattr(target, "rpc", None):
+            return (f"--tune-trials with {target.text!r}: tuning on a remote device needs "
+                    "MetaSchedule's RPCRunner, not wired up yet; use --tune-trials 0 (default "
+                    "schedules, timed on the device)")
+        return f"--tune-trials does not apply to {target.text!r}"
 
     def caps(self, target):
         return replace(target.caps, native=dict(self.native))
@@ -78,7 +89,8 @@ class TvmBackend:
         lowered = lower(fixed, target, out_dir)
         device = device_for(target)
         return Artifact(lowered.path, lambda inputs: device.run(lowered, [inputs])[0],
-                        lambda inputs: device.time_ms(lowered, inputs), dict(lowered.executed or {}))
+                        lambda inputs: device.time_ms(lowered, inputs), dict(lowered.executed or {}),
+                        batch_run=lambda input_lists: device.run(lowered, input_lists))
 
     def measure_layer(self, target, tuning: TuningOptions, cache_dir) -> LayerMeasure:
         """Default schedules, or MetaSchedule with ``tuning.trials`` trials per layer and a tuning
@@ -103,7 +115,9 @@ class OrtBackend:
 
     name = "ort"
     default_target = "ort"
-    tunes = False
+
+    def tunes(self, target) -> bool:
+        return False
     runners = {"ort_default": Runner("onnx", open_ort(None), "onnxruntime.InferenceSession(path), no options"),
                "ort_disable_all": Runner("onnx", open_ort("ORT_DISABLE_ALL"),
                                          "onnxruntime session, graph optimizations ORT_DISABLE_ALL")}

@@ -2,9 +2,10 @@
 process) and ``Remote`` (a device behind a TVM RPC tracker, ``rpc://`` targets). The tvm backend
 asks ``device_for(target)`` and never branches on where it runs.
 
-Each implementation gives ``run(lowered, input_lists)``, ``time_ms(lowered, inputs)`` and
-``measure_layer(target, tuning) -> LayerMeasure`` (per-layer latency tables: on a farm of
-devices, entries are measured in parallel, one per device at a time). ``resolve(target)``
+Each implementation gives ``run(lowered, input_lists)`` (remote: one upload for every list),
+``time_ms(lowered, inputs)`` and ``measure_layer(target, tuning) -> LayerMeasure`` (per-layer
+latency tables: on a farm of devices, entries are measured in parallel, one per device at a time,
+while the host compiles the next ones: ``_RemoteLayers.measure_many``). ``resolve(target)``
 completes an ``rpc://`` target with the device's own LLVM target, asked of the device (cached per
 tracker and key), so nothing compiled for a device uses the host CPU's features.
 """
@@ -12,13 +13,15 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import tempfile
 from dataclasses import replace
 from pathlib import Path
 
 from fliqs_compiler.backends.registry import LayerMeasure
+from fliqs_compiler.base.errors import FliqsError
 
-__all__ = ["Local", "Remote", "device_for", "resolve"]
+__all__ = ["Local", "Remote", "device_for", "resolve", "compile_workers", "pipelined"]
 
 
 class Local:
@@ -86,11 +89,67 @@ class Remote:
                 "device_target": target.tvm_target}
 
 
+def pipelined() -> bool:
+    """Whether a remote table compiles while the devices time (``$FLIQS_RPC_PIPELINE``: 1, the
+    default, or 0: compile every entry first, then time, as before the pipeline — for devices
+    that share the host's cores, where a compile running beside a timing may slow it; on the
+    loaded 2-core host of bench/rpc_overhead.py an A/B of the demo table on one loopback server
+    showed no difference beyond the run-to-run noise: median entry ratios 1.41 / 0.98 with, 1.0 /
+    1.3 without)."""
+    env = os.environ.get("FLIQS_RPC_PIPELINE", "").strip().lower()
+    if env in ("", "1", "on", "true", "yes"):
+        return True
+    if env in ("0", "off", "false", "no"):
+        return False
+    raise FliqsError(f"FLIQS_RPC_PIPELINE={env!r}: use 1 (compile while the devices time, the "
+                     "default) or 0 (compile everything first)")
+
+
+def compile_workers() -> int:
+    """Compile worker processes for a remote latency table: ``$FLIQS_COMPILE_WORKERS`` (default 0:
+    no pool, one compile thread in this process, pipelined with the devices' timing).
+
+    Measured on the 2-core host of ``bench/rpc_overhead.py`` (demo model, 8 entries, 2 loopback
+    devices): one compile thread 17.9 s; a pool of 1 / 2 spawned workers 22.4 / 28.8 s (each
+    worker's ~5 s start-up, and two compiles at once are no faster than one after the other on
+    two cores); two compile threads fail outright (``torch.export`` is not thread-safe) and,
+    with its export serialized, are no faster than one. Hence a pool only on request, for a host
+    with cores to spare and tables big enough to pay for the start-up. A pool spawns fresh
+    interpreters: a script that builds tables with one needs ``if __name__ == "__main__":``."""
+    env = os.environ.get("FLIQS_COMPILE_WORKERS", "").strip()
+    if not env:
+        return 0
+    try:
+        n = int(env)
+    except ValueError:
+        raise FliqsError(f"FLIQS_COMPILE_WORKERS={env!r}: give a number of compile processes ≥ 0 "
+                         "(0: compile in this process)") from None
+    return max(0, n)
+
+
+def _compile_entry(layer, fw, fa, target, tuning, out: str) -> str:
+    """Compile one (layer, formats) micro-graph for ``target`` into ``out``; the library path.
+    Module level: also what a compile worker process runs."""
+    from fliqs_compiler.backends.tvm_lower import lower
+    from fliqs_compiler.backends.tvm_measure import layer_graph
+    lower(layer_graph(layer, fw, fa), target, Path(out), tuning=tuning)
+    return str(Path(out) / "tvm" / "model.so")
+
+
+def _worker_init() -> None:
+    """A compile worker: the threads a compile may use are the farm's (design.md, "Threads")."""
+    os.environ.setdefault("TVM_NUM_THREADS", "2")
+    import torch
+    torch.set_num_threads(1)
+
+
 class _RemoteLayers:
     """Per-layer latency on the device: each (layer, formats) micro-graph is compiled here for the
     device target, then timed there. ``measure_many`` spreads the entries over every device
     registered under the key (``rpc.measure_on_farm``: a lost device loses only its entry, which
-    is retried on another); results are yielded as they arrive, so the table caches each one."""
+    is retried on another) as a pipeline: entries are compiled (one compile thread, or
+    ``compile_workers`` processes) while the devices time the ones already compiled (unless
+    ``pipelined()`` is off); results are yielded as they arrive, so the table caches each one."""
 
     def __init__(self, device: Remote, target, tuning):
         self.device, self.target, self.tuning = device, target, tuning
@@ -98,28 +157,60 @@ class _RemoteLayers:
         self.work = Path(self._work.name)
         self._built = itertools.count()
 
-    def _build(self, layer, fw, fa):
+    def _input(self, layer):
         import numpy as np
+        return np.random.default_rng(0).standard_normal(tuple(layer.input_shape)).astype(np.float32)
 
-        from fliqs_compiler.backends.tvm_lower import lower
-        from fliqs_compiler.backends.tvm_measure import layer_graph
+    def _build(self, layer, fw, fa):
         out = self.work / str(next(self._built))
-        lower(layer_graph(layer, fw, fa), self.target, out, tuning=self.tuning)
-        x = np.random.default_rng(0).standard_normal(tuple(layer.input_shape)).astype(np.float32)
-        return out / "tvm" / "model.so", x
+        return Path(_compile_entry(layer, fw, fa, self.target, self.tuning, str(out))), self._input(layer)
 
     def __call__(self, layer, fw, fa) -> float:
         lib, x = self._build(layer, fw, fa)
         return self.device.time_ms(_Library(lib), [x])
 
+    def _compiled(self, entries, built: list, workers: int):
+        """Yield each entry's position once its library is in ``built`` (completion order):
+        in this thread one at a time (``workers`` 0), else on a pool of worker processes."""
+        if workers <= 0:
+            for i, e in enumerate(entries):
+                built[i] = self._build(*e)
+                yield i
+            return
+        import multiprocessing
+        from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_worker_init)
+        try:
+            futures = {pool.submit(_compile_entry, layer, fw, fa, self.target, self.tuning,
+                                   str(self.work / str(next(self._built)))): i
+                       for i, (layer, fw, fa) in enumerate(entries)}
+            todo = set(futures)
+            while todo:
+                done, todo = wait(todo, return_when=FIRST_COMPLETED)
+                for f in done:
+                    i = futures[f]
+                    built[i] = (Path(f.result()), self._input(entries[i][0]))
+                    yield i
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
     def measure_many(self, entries, progress: bool = True):
         from fliqs_compiler.backends.rpc import measure_on_farm, time_remote
-        built = [self._build(*e) for e in entries]  # compiles stay here, one at a time
+        entries = list(entries)
         a = self.device.address
-        results = measure_on_farm(range(len(entries)), a.host, a.port, a.key, self.device.devices(),
+        n_devices = self.device.devices()
+        workers = compile_workers()
+        built: list = [None] * len(entries)  # position → (library, input), filled as compiled
+        ready = self._compiled(entries, built, workers)
+        if not pipelined():  # asked for: nothing compiles while a device times
+            for _ in ready:
+                pass
+            ready = None
+        results = measure_on_farm(range(len(entries)), a.host, a.port, a.key, n_devices,
                                   lambda session, i: time_remote(built[i][0], [built[i][1]], session),
                                   progress=progress, priority=a.priority, timeout=a.timeout,
-                                  wait=a.timeout)
+                                  wait=a.timeout, ready=ready)
         for r in results:
             yield entries[r.job], r.ms, r.device
 

@@ -16,13 +16,17 @@ The interface (``Backend``):
 - ``caps(target) -> Capabilities``: the target's features plus the formats this backend runs
   natively per role (``native``: what executes as integer / native code, not emulated);
 - ``artifacts(target) -> {report files key: relative path}``: what ``lower`` writes;
-- ``lower(fixed, target, out_dir, onnx_path) -> Artifact``: build and load the artifact;
+- ``lower(fixed, target, out_dir, onnx_path) -> Artifact``: build and load the artifact
+  (``Artifact.run_many(input_lists)`` runs several input lists at once: one upload to a remote
+  device for all of them);
 - ``measure_layer(target, tuning, cache_dir) -> LayerMeasure``: how its latency tables time one
   layer in one (weight, activation) format pair;
 - ``measure_model(artifact, inputs) -> ms | None``: the whole model's latency;
 - ``runners``: the ways users load its artifact (``Runner``), each checked by the conformance
   matrix (``backends.conformance``);
-- ``tunes``: whether ``TuningOptions.trials`` > 0 means something to it.
+- ``tunes(target) -> bool``: whether ``TuningOptions.trials`` > 0 means something for that
+  target (a plain bool attribute is accepted too); optional ``tuning_refusal(target) -> str``: what
+  the user is told instead (``tuning_refusal`` below asks both).
 """
 from __future__ import annotations
 
@@ -34,7 +38,7 @@ from fliqs_compiler.backends.targets import Capabilities
 from fliqs_compiler.base.errors import FliqsError
 
 __all__ = ["Backend", "Artifact", "Runner", "LayerMeasure", "TuningOptions", "register",
-           "unregister", "get", "names", "backend_for"]
+           "unregister", "get", "names", "backend_for", "tunes", "tuning_refusal"]
 
 
 @dataclass(frozen=True)
@@ -69,19 +73,31 @@ class LayerMeasure:
 class Artifact:
     """A lowered, loaded artifact: ``path`` (the deployable file), ``run(inputs) -> outputs``,
     ``time_ms(inputs) -> ms`` (None: not measurable here), ``executed``: per layer, what really
-    runs (dtype, kernel, storage), ``facts``: anything else for the report."""
+    runs (dtype, kernel, storage), ``facts``: anything else for the report, ``batch_run``:
+    ``(list of input lists) -> list of outputs`` where the backend has something better than one
+    ``run`` per list (a remote device: one upload for all of them); see ``run_many``."""
 
     path: Optional[Path]
     run: Callable
     time_ms: Optional[Callable] = None
     executed: dict = field(default_factory=dict)
     facts: dict = field(default_factory=dict)
+    batch_run: Optional[Callable] = None
+
+    def run_many(self, input_lists) -> list:
+        """The outputs of every input list, in order: ``batch_run`` when the backend gave one,
+        else one ``run`` per list."""
+        input_lists = list(input_lists)
+        if self.batch_run is not None:
+            return list(self.batch_run(input_lists))
+        return [self.run(x) for x in input_lists]
 
 
 class Backend(Protocol):
     name: str
-    tunes: bool
     runners: dict
+
+    def tunes(self, target) -> bool: ...
 
     def resolve(self, target): ...
 
@@ -130,3 +146,22 @@ def get(name: str):
 def backend_for(target):
     """The backend that runs ``target`` (by ``target.kind``)."""
     return get(target.kind)
+
+
+def tunes(backend, target) -> bool:
+    """Whether ``backend`` tunes kernels for ``target``: its ``tunes(target)``, or its plain
+    ``tunes`` bool (plug-ins that tune everywhere or nowhere)."""
+    answer = getattr(backend, "tunes", False)
+    return bool(answer(target) if callable(answer) else answer)
+
+
+def tuning_refusal(backend, target) -> Optional[str]:
+    """None where ``--tune-trials`` > 0 applies to ``target``; else the one line the user gets
+    (the backend's ``tuning_refusal(target)`` when it has one: it knows what to do instead)."""
+    if tunes(backend, target):
+        return None
+    why = getattr(backend, "tuning_refusal", None)
+    if callable(why):
+        return why(target)
+    return (f"--tune-trials applies to targets whose backend tunes kernels (TVM), not "
+            f"{target.text!r} (backend {target.kind})")

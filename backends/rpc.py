@@ -7,7 +7,11 @@ on one device (``python -m tvm.exec.rpc_server --tracker HOST:PORT --key KEY``).
 - ``device_target``: the LLVM target dict the *device* reports about itself (CPU, triple, threads).
 - ``time_remote``: upload a compiled Relax library, time ``main`` on the device, remove the file.
 - ``measure_on_farm``: a work queue over ``n_devices`` devices; a device lost mid-job costs only
-  that job, which is retried on another device.
+  that job, which is retried on another device. Jobs may become ready while the farm runs
+  (``ready``: e.g. micro-graphs still compiling on the host), so devices time finished jobs while
+  the rest compile.
+- ``uploads()``: how many libraries this process has uploaded, per local file (observable by
+  tests and benchmarks: a compile to ``rpc://`` uploads its model once to check numerics).
 - ``list_devices``: keys with their total / free devices and pending requests.
 
 Every failure a user can cause (tracker down, unknown key, no free device, a device that cannot
@@ -23,14 +27,14 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
 from fliqs_compiler.base.errors import FliqsError, one_line
 
 __all__ = ["Lease", "FarmResult", "request_device", "request_session", "device_target", "run_remote",
-           "time_remote", "measure_on_farm", "list_devices", "DEVICE_QUERIES",
+           "time_remote", "measure_on_farm", "list_devices", "uploads", "DEVICE_QUERIES",
            "DEFAULT_WAIT_S", "DEFAULT_SESSION_TIMEOUT_S"]
 
 DEFAULT_WAIT_S = 120.0  # how long a request waits for a free device
@@ -259,6 +263,16 @@ def device_target(session, name: str = "the RPC device") -> dict:
 
 # --- timing -------------------------------------------------------------------------------------
 
+_UPLOADS: dict = {}  # local library path → uploads by this process (``uploads()``)
+_UPLOADS_LOCK = threading.Lock()
+
+
+def uploads() -> dict:
+    """``{local library path: number of uploads}`` made by this process so far (a copy)."""
+    with _UPLOADS_LOCK:
+        return dict(_UPLOADS)
+
+
 @contextmanager
 def _loaded(lib_path, session):
     """(Relax VM, device) for a compiled library uploaded to the device under a unique name;
@@ -269,6 +283,8 @@ def _loaded(lib_path, session):
         raise FliqsError(f"{lib_path}: no compiled library to upload; lower the model first")
     remote_name = f"fliqs-{uuid.uuid4().hex[:12]}-{lib_path.name}"  # .so kept: it picks the loader
     session.upload(str(lib_path), remote_name)
+    with _UPLOADS_LOCK:
+        _UPLOADS[str(lib_path)] = _UPLOADS.get(str(lib_path), 0) + 1
     try:
         dev = session.cpu()
         yield relax.VirtualMachine(session.load_module(remote_name), dev), dev
@@ -323,6 +339,13 @@ class FarmResult:
 
 
 @dataclass(frozen=True)
+class _Fatal:
+    """Feeding the farm failed (e.g. a job could not be compiled): the run ends with ``error``."""
+
+    error: BaseException
+
+
+@dataclass(frozen=True)
 class _Failed:
     index: int
     job: object
@@ -335,10 +358,15 @@ class _Farm:
     """The shared state of one ``measure_on_farm`` run: the job queue, the results queue, the
     devices in use, and a stop flag set on a fatal failure or when the caller stops reading."""
 
-    def __init__(self, jobs: list, retries: int):
+    def __init__(self, jobs: list, retries: int, fed: bool = True):
+        self.jobs = jobs
         self.pending: queue.Queue = queue.Queue()
-        for i, job in enumerate(jobs):
-            self.pending.put((i, job, 0))
+        if fed:
+            for i, job in enumerate(jobs):
+                self.pending.put((i, job, 0))
+        self.fed = threading.Event()  # every job is (or was) in ``pending``: no more will come
+        if fed:
+            self.fed.set()
         self.results: queue.Queue = queue.Queue()
         self.retries = retries
         self.stop = threading.Event()
@@ -363,12 +391,15 @@ def _worker(farm: _Farm, request: Callable[[], Lease], measure_one: Callable) ->
 
     A session per job (as MetaSchedule's RPCRunner does) bounds each job by the session timeout
     and means a device that dies loses the one job it was running. The thread ends when the
-    queue is empty; a thread that requeues a job is still running, so someone retries it."""
+    queue is empty and nothing more will be fed; a thread that requeues a job is still running, so
+    someone retries it."""
     while not farm.stop.is_set():
         try:
-            index, job, attempts = farm.pending.get_nowait()
+            index, job, attempts = farm.pending.get(timeout=0.05)
         except queue.Empty:
-            return
+            if farm.fed.is_set() and farm.pending.empty():
+                return
+            continue
         try:
             lease = request()
         except FliqsError as e:
@@ -385,11 +416,36 @@ def _worker(farm: _Farm, request: Callable[[], Lease], measure_one: Callable) ->
             lease.close()
 
 
+def _feed(farm: _Farm, ready: Iterable) -> None:
+    """Put each job into the queue as ``ready`` yields its position (in the feeder thread, which
+    drives ``ready``: the compiles happen here); a failure of ``ready`` ends the run (``_Fatal``)."""
+    try:
+        seen = set()
+        for index in ready:
+            if farm.stop.is_set():
+                return
+            index = int(index)
+            if index in seen or not 0 <= index < len(farm.jobs):
+                raise FliqsError(f"RPC farm: job position {index} fed twice or out of range")
+            seen.add(index)
+            farm.pending.put((index, farm.jobs[index], 0))
+        if len(seen) != len(farm.jobs) and not farm.stop.is_set():
+            raise FliqsError(f"RPC farm: only {len(seen)} of {len(farm.jobs)} jobs became ready")
+    except BaseException as e:  # noqa: BLE001 — reported by the reader of the results
+        farm.results.put(_Fatal(e.with_traceback(None)))
+    finally:
+        close = getattr(ready, "close", None)
+        if close is not None:
+            close()  # a generator: its own cleanup (e.g. a compile pool) runs in this thread
+        farm.fed.set()
+
+
 def measure_on_farm(jobs: Iterable, host: str, port: int, key: str, n_devices: int,
                     measure_one: Callable[[object, object], float], retries: int = 2,
                     progress: bool = True, priority: int = 1,
                     timeout: float = DEFAULT_SESSION_TIMEOUT_S,
-                    wait: float = DEFAULT_WAIT_S) -> Iterator[FarmResult]:
+                    wait: float = DEFAULT_WAIT_S,
+                    ready: Optional[Iterable] = None) -> Iterator[FarmResult]:
     """Measure every job on whichever of ``n_devices`` devices under ``key`` is free; yields a
     ``FarmResult`` per job as it completes (so the caller can cache each one at once).
 
@@ -397,11 +453,16 @@ def measure_on_farm(jobs: Iterable, host: str, port: int, key: str, n_devices: i
     device. A job whose device disconnects, times out (``timeout``) or errs is remeasured on
     another device, at most ``retries`` more times; then FliqsError naming the job and the last
     device. A tqdm bar (``progress``) shows done/total and the devices in use. Stopping the
-    iteration early stops the farm after the jobs in flight."""
+    iteration early stops the farm after the jobs in flight.
+
+    ``ready``: None, every job can be measured now; else an iterable (run in a feeder thread of
+    its own) yielding the positions of jobs as they become measurable — e.g. as their
+    micro-graphs finish compiling, so devices time finished jobs while the others compile. An
+    exception it raises ends the run with that error (a FliqsError as it is)."""
     jobs = list(jobs)
     if not jobs:
         return
-    farm = _Farm(jobs, retries)
+    farm = _Farm(jobs, retries, fed=ready is None)
 
     def request() -> Lease:
         return request_device(host, port, key, priority, timeout, wait)
@@ -409,6 +470,11 @@ def measure_on_farm(jobs: Iterable, host: str, port: int, key: str, n_devices: i
     _require_key(_fresh_summary(host, port), host, port, key)  # fail fast, before any thread
     threads = [threading.Thread(target=_worker, args=(farm, request, measure_one), daemon=True,
                                 name=f"fliqs-rpc-{key}-{i}") for i in range(max(1, n_devices))]
+    feeder = None
+    if ready is not None:
+        feeder = threading.Thread(target=_feed, args=(farm, ready), daemon=True,
+                                  name=f"fliqs-rpc-{key}-feed")
+        feeder.start()
     for t in threads:
         t.start()
     from tqdm import tqdm
@@ -420,6 +486,8 @@ def measure_on_farm(jobs: Iterable, host: str, port: int, key: str, n_devices: i
         bar.close()
         for t in threads:
             t.join()
+        if feeder is not None:
+            feeder.join()  # the job being prepared (a compile) finishes; nothing runs after us
 
 
 def _collect(farm: _Farm, threads: list, total: int, bar, n: int) -> Iterator[FarmResult]:
@@ -433,6 +501,10 @@ def _collect(farm: _Farm, threads: list, total: int, bar, n: int) -> Iterator[Fa
                 raise FliqsError(f"RPC farm stopped with {total - done} of {total} jobs unmeasured")
             bar.set_postfix_str(f"devices in use {farm.in_use}/{n}", refresh=True)
             continue
+        if isinstance(item, _Fatal):
+            if isinstance(item.error, FliqsError):
+                raise item.error
+            raise FliqsError(f"RPC farm: preparing a job failed: {one_line(item.error)}") from None
         if isinstance(item, _Failed):
             raise FliqsError(f"RPC job {item.index} ({_short(item.job)}) failed {item.attempts} "
                              f"times, last on {item.device}: {one_line(item.error)}")

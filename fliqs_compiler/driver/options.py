@@ -103,19 +103,17 @@ def check_holdout(holdout) -> float:
 
 def check_tuning(target, trials):
     """``--tune-trials`` → ``TuningOptions`` for ``target``'s backend: ≥ 0, and > 0 only where the
-    backend tunes kernels (FliqsError otherwise)."""
-    from fliqs_compiler.backends.registry import TuningOptions, backend_for
+    backend tunes kernels for that target (``registry.tuning_refusal``: the backend's one-line
+    reason, a FliqsError, otherwise)."""
+    from fliqs_compiler.backends.registry import TuningOptions, backend_for, tuning_refusal
     try:
         n = int(trials or 0)
     except (TypeError, ValueError):
         n = -1
     if n < 0:
         raise FliqsError(f"--tune-trials {trials}: give a number of trials ≥ 0")
-    if n and target.rpc:  # MetaSchedule would time candidates here, on the host: refused
-        raise FliqsError(f"--tune-trials with {target.text!r}: tuning on a remote device needs "
-                         "MetaSchedule's RPCRunner, not wired up yet; use --tune-trials 0 (default "
-                         "schedules, timed on the device)")
-    if n and not backend_for(target).tunes:
-        raise FliqsError(f"--tune-trials applies to targets whose backend tunes kernels (TVM), not "
-                         f"{target.text!r} (backend {target.kind})")
+    if n:  # the backend decides (e.g. tvm: not on rpc:// targets until RPCRunner is wired)
+        why = tuning_refusal(backend_for(target), target)
+        if why:
+            raise FliqsError(why)
     return TuningOptions(trials=n)

@@ -248,3 +248,36 @@ def test_farm_survives_a_device_killed_mid_job(model_lib):
         assert attempts[victim] == 2 and by_job[victim].attempts == 2
         assert by_job[victim].device == alive, "the killed job was not remeasured elsewhere"
         assert not farm.servers[killed["index"]].alive
+
+
+def test_farm_measures_jobs_as_they_become_ready(farm, model_lib):
+    """``ready``: jobs fed while the farm runs (what compiling micro-graphs does): each job is
+    measured only after it is fed, both devices serve, and the feed's own error ends the run."""
+    _, lib, inputs = model_lib
+    fed_at, measured_at = {}, {}
+
+    def ready():
+        for i in (3, 0, 2, 1):  # any order: completion order of the compiles
+            time.sleep(0.3)
+            fed_at[i] = time.monotonic()
+            yield i
+
+    def measure_one(session, job):
+        ms = R.time_remote(lib, inputs, session, number=1, repeat=2, min_repeat_ms=5)
+        measured_at[job] = time.monotonic()
+        return ms
+
+    results = list(R.measure_on_farm(list("abcd"), farm.host, farm.port, KEY, 2, measure_one,
+                                     progress=False, timeout=60, wait=30, ready=ready()))
+    assert sorted(r.index for r in results) == [0, 1, 2, 3]
+    assert all(measured_at[r.job] >= fed_at[r.index] for r in results)
+    assert results[0].index == 3  # the first fed is the first measured: nothing waits for the rest
+
+    def broken():
+        yield 0
+        raise FliqsError("layer x: cannot compile")
+
+    farm.all_free()
+    with pytest.raises(FliqsError, match="^layer x: cannot compile$"):
+        list(R.measure_on_farm(list("ab"), farm.host, farm.port, KEY, 2, lambda s, j: 1.0,
+                               progress=False, timeout=60, wait=30, ready=broken()))

@@ -43,9 +43,36 @@ def test_the_device_reports_its_own_target(rpc, tmp_path):
     assert devices.resolve(given).tvm_target["mcpu"] == "cascadelake"  # as given, never asked
 
 
-def test_profile_measures_the_table_on_both_devices(rpc, tmp_path):
+def _watch_pipeline(monkeypatch) -> dict:
+    """Wrap the real compile of a micro-graph and the real remote timing (no behaviour changed)
+    to record when each compile ends and each timing starts."""
+    from fliqs_compiler.backends import rpc as R
+    seen = {"compiled": [], "timed": []}
+    real_compile, real_time = devices._compile_entry, R.time_remote
+
+    def compile_entry(*args, **kwargs):
+        out = real_compile(*args, **kwargs)
+        seen["compiled"].append(time.monotonic())
+        return out
+
+    def time_remote(*args, **kwargs):
+        seen["timed"].append(time.monotonic())
+        return real_time(*args, **kwargs)
+    monkeypatch.setattr(devices, "_compile_entry", compile_entry)
+    monkeypatch.setattr(R, "time_remote", time_remote)
+    return seen
+
+
+def test_profile_measures_the_table_on_both_devices(rpc, tmp_path, monkeypatch):
+    assert devices.pipelined()  # the default
+    seen = _watch_pipeline(monkeypatch)
     graph, table = api.profile(api.DEMO_MODEL, target=rpc, formats="int8,int4", progress=False,
                                cache_dir=tmp_path / "remote")
+    monkeypatch.undo()
+    monkeypatch.setenv("FLIQS_CACHE_DIR", str(tmp_path / "cache"))
+    # a pipeline: the devices time the first entries while the host still compiles the others
+    assert len(seen["compiled"]) == len(seen["timed"]) == len(table.entries)
+    assert min(seen["timed"]) < max(seen["compiled"])
     _, local = api.profile(api.DEMO_MODEL, target="llvm", formats="int8,int4", progress=False,
                            cache_dir=tmp_path / "local")
     def entries(tab):  # what was measured (layer, formats, backend, threads, versions), wherever
@@ -56,7 +83,17 @@ def test_profile_measures_the_table_on_both_devices(rpc, tmp_path):
     assert len(set(table.measured_on.values())) == 2  # the farm used both devices
 
 
+def _model_uploads(before: dict) -> dict:
+    """Uploads since ``before`` of libraries other than the per-layer micro-graphs."""
+    from fliqs_compiler.backends import rpc as R
+    now = R.uploads()
+    return {p: n - before.get(p, 0) for p, n in now.items()
+            if n > before.get(p, 0) and "fliqs-rpc-layers-" not in p}
+
+
 def test_compile_builds_runs_and_times_on_the_device(rpc, farm, tmp_path):
+    from fliqs_compiler.backends import rpc as R
+    before = R.uploads()
     result = api.compile(api.DEMO_MODEL, target=rpc, data="digits", formats="int4,int8",
                          budget="bops=0.4x", steps=6, out=tmp_path / "out", progress=False)
     device = result.report["environment"]["device"]
@@ -65,6 +102,46 @@ def test_compile_builds_runs_and_times_on_the_device(rpc, farm, tmp_path):
     assert result.report["totals"]["latency_ms"] > 0
     assert result.report["numerics"]["tvm_max_abs_err"] < 1e-3  # outputs computed on the device
     assert (tmp_path / "out" / "tvm" / "model.so").is_file()
+    # the model's library went to the device twice: once for the numerics check of every input
+    # list (Artifact.run_many), once to time it — not once per input list
+    assert list(_model_uploads(before).values()) == [2]
+
+
+def test_run_many_uploads_once_and_matches_run(rpc, tmp_path):
+    import numpy as np
+    import torch
+    from torch import nn
+
+    from fliqs_compiler.backends import registry
+    from fliqs_compiler.frontends.load import load
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
+    target = devices.resolve(parse_target(rpc))
+    artifact = registry.get("tvm").lower(load(model, (torch.randn(1, 16),)), target, tmp_path / "o", None)
+    rng = np.random.default_rng(0)
+    lists = [[rng.standard_normal((1, 16)).astype(np.float32)] for _ in range(5)]
+    before = _model_uploads({})
+    many = artifact.run_many(lists)
+    assert _model_uploads(before) == {str(artifact.path): 1}
+    before = _model_uploads({})
+    one_by_one = [artifact.run(x) for x in lists]
+    assert _model_uploads(before) == {str(artifact.path): 5}
+    assert len(many) == 5
+    for a, b, x in zip(many, one_by_one, lists):
+        np.testing.assert_array_equal(a[0], b[0])
+        expected = model(torch.from_numpy(x[0])).detach().numpy()
+        np.testing.assert_allclose(a[0], expected, atol=1e-5)
+
+
+def test_tuning_on_an_rpc_target_is_refused_by_the_backend(rpc):
+    from fliqs_compiler.backends import registry
+    from fliqs_compiler.base.errors import FliqsError
+    t = parse_target(rpc)
+    assert registry.tunes(registry.backend_for(t), t) is False
+    assert registry.tunes(registry.backend_for(parse_target("llvm")), parse_target("llvm")) is True
+    with pytest.raises(FliqsError, match=r"--tune-trials with .*RPCRunner.*--tune-trials 0") as e:
+        api.plan("profile", model=api.DEMO_MODEL, target=rpc, tune_trials=4)
+    assert "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize("target, match", [
@@ -94,6 +171,29 @@ def test_devices_command_lists_the_key(farm):
                        timeout=120)
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout)["keys"][KEY]["total"] == 2
+
+
+@pytest.mark.slow
+def test_compile_worker_processes_build_the_same_table(rpc, tmp_path, monkeypatch):
+    """``FLIQS_COMPILE_WORKERS=2``: micro-graphs compiled by two spawned processes, timed on the
+    farm as they arrive; the same entries as the in-process pipeline."""
+    monkeypatch.setenv("FLIQS_COMPILE_WORKERS", "2")
+    _, table = api.profile(api.DEMO_MODEL, target=rpc, formats="int8", progress=False,
+                           cache_dir=tmp_path / "pool")
+    monkeypatch.setenv("FLIQS_COMPILE_WORKERS", "0")
+    _, again = api.profile(api.DEMO_MODEL, target=rpc, formats="int8", progress=False,
+                           cache_dir=tmp_path / "inline")
+    assert set(table.entries) == set(again.entries) and table.measured == len(table.entries) >= 2
+    assert all(e["ms"] > 0 for e in table.entries.values())
+    monkeypatch.setenv("FLIQS_COMPILE_WORKERS", "two")
+    from fliqs_compiler.base.errors import FliqsError
+    with pytest.raises(FliqsError, match="FLIQS_COMPILE_WORKERS"):
+        devices.compile_workers()
+    monkeypatch.setenv("FLIQS_COMPILE_WORKERS", "0")
+    monkeypatch.setenv("FLIQS_RPC_PIPELINE", "0")  # compile everything first: the same entries
+    _, first = api.profile(api.DEMO_MODEL, target=rpc, formats="int8", progress=False,
+                           cache_dir=tmp_path / "unpipelined")
+    assert set(first.entries) == set(table.entries) and not devices.pipelined()
 
 
 def _kill_after(monkeypatch, farm, server: int, calls: int):
