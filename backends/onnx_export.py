@@ -28,7 +28,9 @@ Pipeline of ``export_qdq``:
 3. Form fixes for onnxruntime (numerically neutral, ``ORT_FORM_FIXES``) so that a DEFAULT
    ``onnxruntime.InferenceSession(path)`` computes what the graph means: ``gemm_to_matmul``
    (per-channel QDQ Gemm → MatMul + Sub(-bias) so ORT uses integer MatMul kernels and its
-   MatMulAddFusion cannot rebuild a Gemm whose bias it rounds to int32),
+   MatMulAddFusion cannot rebuild a Gemm whose bias it rounds to int32; the constant bias
+   ``Add`` of every quantized MatMul becomes such a ``Sub`` too: on static shapes the fusion
+   wraps a 3-D MatMul + Add in Reshapes that make a QDQ session fail to build),
    ``detach_float_bias`` (the bias of a conv that is not an 8-bit integer kernel as a separate
    Add: ORT's int32 bias quantization overflows at FP8 scales and rounds at 4 bits),
    ``shield_float_weight`` (ORT would quantize a float/bf16 weight behind a DQ input to INT8),
@@ -441,7 +443,8 @@ def _bias_node(x: str, bias: str, out: str, inits: dict, name: str):
 
 def gemm_to_matmul(model: onnx.ModelProto) -> onnx.ModelProto:
     """Rewrite ``Gemm(A, DequantizeLinear(W), C, transB=1)`` as ``MatMul(A, DQ(W^T)) - (-C)``
-    (in place; ``+ C`` where C is not an initializer).
+    (in place; ``+ C`` where C is not an initializer), and the bias of a quantized MatMul,
+    ``Add(MatMul(A, B), C)``, as ``Sub(MatMul(A, B), -C)`` too (``_matmul_bias_as_sub``).
 
     Why: onnxruntime fuses QDQ MatMul with per-channel weight scales into integer kernels
     (QLinearMatMul / MatMulIntegerToFloat) but leaves a per-channel QDQ Gemm in float. The bias
@@ -453,6 +456,22 @@ def gemm_to_matmul(model: onnx.ModelProto) -> onnx.ModelProto:
     bit-identical to x + C.
     Requires: W is an initializer read only by that DQ; alpha = beta = 1, transA = 0.
     Anything else is left unchanged. Numerics: the same products and sums (float).
+
+    The same MatMulAddFusion hits the MatMul + Add that Linear layers on [B, T, C] tokens
+    export as (transformers; ONNX imports of Gemm-free models) once the graph's shapes are
+    static (a pinned batch; it skips a symbolic one), with worse effects: it wraps the Gemm in
+    Reshapes to [B*T, C] and back, QDQPropagationTransformer then moves the activation's DQ
+    across the input Reshape by inserting a Q/DQ pair whose Q carries ``output_dtype=INT8``,
+    and QDQS8ToU8Transformer turns that pair's zero point into UINT8: the session does not
+    build ("Node (gemm_input_reshape_arg_q) ... output_dtype INT8 does not match y_zero_point
+    type UINT8"; measured on a static-batch int8 TinyViT, ORT 1.32; bisected with
+    ``disabled_optimizers``: it builds with any one of MatMulAddFusion,
+    QDQPropagationTransformer, QDQS8ToU8Transformer disabled). Where it builds (rank 2), the
+    fused Gemm's bias is rounded to int32 as above (measured, fp8_e5m2 MatMul + Add [16, 64] x
+    [64, 32]: up to 25600 output scales off; 0 as a Sub). So every
+    ``Add`` of a constant float bias to a MatMul with a DequantizeLinear input is a ``Sub`` of
+    the negated bias as well (``_matmul_bias_as_sub``): the graph's values stay bit-identical,
+    and a static graph runs the MatMuls as a symbolic-batch export of it does.
     """
     g = model.graph
     inits = {t.name: t for t in g.initializer}
@@ -500,6 +519,46 @@ def gemm_to_matmul(model: onnx.ModelProto) -> onnx.ModelProto:
     keep = [v for v in g.value_info if v.name not in stale]
     del g.value_info[:]
     g.value_info.extend(keep)
+    return _matmul_bias_as_sub(model)
+
+
+NEGATABLE_TYPES = (_TP.FLOAT, _TP.FLOAT16, _TP.DOUBLE)  # -C is exact and round-trips numpy
+
+
+def _matmul_bias_as_sub(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``Add(MatMul(A, B), C)`` (either input order) → ``Sub(MatMul(A, B), -C)`` (in place) where
+    A comes from a DequantizeLinear or B does (directly or through a Transpose, ``_weight_dq``),
+    the MatMul's output is read by that Add only and is no graph output (what MatMulAddFusion
+    needs), and C is a float initializer that is no graph input (why: ``gemm_to_matmul``).
+    ``x - (-C)`` is bit-identical to ``x + C``: negation is exact and IEEE defines the
+    difference as that sum. Anything else is left unchanged."""
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    uses = _Uses(g)
+    graph_inputs = {i.name for i in g.input}
+    new_nodes = []
+    for node in g.node:
+        if node.op_type != "Add" or len(node.input) != 2:
+            new_nodes.append(node)
+            continue
+        mm = next((i for i, name in enumerate(node.input)
+                   if _op(uses.producer, name) == "MatMul"
+                   and uses.count.get(name) == 1 and name not in uses.outputs), None)
+        bias = node.input[1 - mm] if mm is not None else None
+        matmul = uses.producer[node.input[mm]] if mm is not None else None
+        if (bias is None or bias not in inits or bias in graph_inputs
+                or inits[bias].data_type not in NEGATABLE_TYPES
+                or not (_op(uses.producer, matmul.input[0]) == "DequantizeLinear"
+                        or _weight_dq(uses.producer, matmul.input[1]) is not None)):
+            new_nodes.append(node)
+            continue
+        new_nodes.append(_bias_node(node.input[mm], bias, node.output[0], inits,
+                                    node.name or node.output[0]))
+    del g.node[:]
+    g.node.extend(new_nodes)
+    used = {i for n in new_nodes for i in n.input} | {o.name for o in g.output}
+    del g.initializer[:]
+    g.initializer.extend(t for name, t in inits.items() if name in used)
     return model
 
 

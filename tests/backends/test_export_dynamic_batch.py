@@ -3,7 +3,8 @@ model with a symbolic leading dim) exports with a symbolic leading input / outpu
 (``onnx_export.BATCH_DIM``), and a DEFAULT ``onnxruntime.InferenceSession(path)`` runs it on
 batches of 1, 3 and 7 with every sample within one output LSB of the batch-1 run and of the
 torch graph (the conformance matrix's measure, ``conformance_matrix.lsb_error``). A graph whose
-batch is pinned (``graph.meta['batch']['pinned_by']``) keeps its static dim."""
+batch is pinned (``graph.meta['batch']['pinned_by']``) keeps its static dim, and still builds
+a default session (the static ViT: MatMulAddFusion only fuses static shapes)."""
 from __future__ import annotations
 
 import copy
@@ -202,6 +203,80 @@ def test_vit_exports_a_symbolic_batch(vit):
 def test_vit_default_session_runs_batches_1_3_7(vit, digits):
     fixed, q, path = vit
     _check_batches(fixed, q, path, digits.x_test[:64].numpy())
+
+
+# ---- the same ViT with a pinned batch: static shapes, MatMulAddFusion's Reshapes -----------------
+def _pinned_vit(src):
+    """The ViT import with its batch pinned (as a third-party model with a fixed batch is):
+    ``graph.meta['batch']['pinned_by']``, so the export keeps the static dims."""
+    graph = fq.load(src)
+    graph.meta["batch"] = dict(graph.meta["batch"], dynamic=False,
+                               pinned_by="test: a model imported with a fixed batch")
+    return graph
+
+
+def _static_vit_configs(layers) -> dict:
+    return {"int8": {},  # int8 everywhere
+            # int4 weights and activations, fp8 layers, in both blocks
+            "mixed": {layers[1]: {"weight": "int4", "activation": "int8"},
+                      layers[2]: {"weight": "int8", "activation": "int4"},
+                      layers[3]: {"weight": "fp8_e4m3", "activation": "fp8_e4m3"},
+                      layers[6]: {"weight": "int4", "activation": "int4"},
+                      layers[8]: {"weight": "int8", "activation": "fp8_e4m3"}}}
+
+
+@pytest.fixture(scope="module")
+def vit_src(tmp_path_factory):
+    torch.set_num_threads(1)  # numerics only (see test_conformance's matrix fixture)
+    yield make_vit(tmp_path_factory.mktemp("vit_static_src"))
+    torch.set_num_threads(2)
+
+
+@pytest.mark.parametrize("config", ["int8", "mixed"])
+def test_static_batch_vit_builds_a_default_session(vit_src, digits, config, monkeypatch,
+                                                   tmp_path):
+    """A static-batch ViT (Linear layers as MatMul + Add on [1, 17, 32]) loads in a DEFAULT
+    session and agrees with onnx.reference and the torch graph within one output LSB. Without
+    ``onnx_export._matmul_bias_as_sub`` (part of ``gemm_to_matmul``) that session does not
+    build (MatMulAddFusion's Reshapes: a QuantizeLinear with output_dtype INT8 and a UINT8
+    zero point), and the rewrite leaves the graph's values bit-identical (onnx.reference)."""
+    from onnx.reference import ReferenceEvaluator
+    layers = list(passes.prepare(_pinned_vit(vit_src), passes.PrepareOptions(
+        formats=["int8"], keep_float_first=False, keep_float_last=False)).layers)
+    fixed, q = _materialize(_pinned_vit(vit_src), _static_vit_configs(layers)[config],
+                            digits.x_train[:64])
+    assert ox.batch_inputs(fixed) == []
+    path = ox.export_qdq(fixed, tmp_path / "model.qdq.onnx")
+    model = onnx.load(path)
+    assert _dims(model.graph.input) == [[1, 1, 8, 8]]
+    if config == "mixed":
+        stored = {t.data_type for t in model.graph.initializer}
+        assert {onnx.TensorProto.INT4, onnx.TensorProto.FLOAT8E4M3FN} <= stored
+    producer = {o: n for n in model.graph.node for o in n.output}
+    assert not [n.name for n in model.graph.node if n.op_type == "Add"
+                and any(getattr(producer.get(i), "op_type", "") == "MatMul" for i in n.input)]
+    monkeypatch.setattr(ox, "_matmul_bias_as_sub", lambda m: m)
+    unfixed = ox.export_qdq(fixed, tmp_path / "unfixed.onnx")
+    monkeypatch.undo()
+    if config == "int8":  # the test can fail: unfixed, no session at all
+        with pytest.raises(Exception, match="output_dtype INT8 does not match"):
+            ort.InferenceSession(str(unfixed))
+    sess = ort.InferenceSession(str(path))  # a user's session: no options at all
+    ref, ref_unfixed = ReferenceEvaluator(model), ReferenceEvaluator(onnx.load(unfixed))
+    x = digits.x_test[:32].numpy()
+    x = np.concatenate([x, 3 * x])  # held-out, and beyond the calibrated ranges
+    worst = {"vs reference": 0.0, "vs torch": 0.0}
+    for i in range(len(x)):
+        xi = np.ascontiguousarray(x[i:i + 1])
+        got = sess.run(None, {"x": xi})[0]
+        want = ref.run(None, {"x": xi})[0]
+        np.testing.assert_array_equal(ref_unfixed.run(None, {"x": xi})[0], want)
+        with torch.no_grad():
+            graph = _outputs(fixed(torch.from_numpy(xi)))[0]
+        worst["vs reference"] = max(worst["vs reference"], lsb_error(want, got, q))
+        worst["vs torch"] = max(worst["vs torch"], lsb_error(graph, got, q))
+    print(f"static ViT {config}: default session LSB {worst}")
+    assert max(worst.values()) <= 1.0 + LSB_SLACK, worst
 
 
 # ---- a Paddle2ONNX-style graph: literal batch-1 targets the importer unpinned ---------------
