@@ -35,9 +35,11 @@ from examples.toy_models import make_searchable  # noqa: E402
 # name -> (SearchOptions overrides, TrainOptions overrides, ControllerOptions overrides)
 VARIANTS = {
     "default": ({}, {}, {}),
-    "no sensitivity prior": ({"prior": "none"}, {}, {}),
+    "no sensitivity prior": ({"prior": "none"}, {}, {"warmup": 0.15}),
+    "prior after a progressive warmup": ({"prior_at": "search"}, {}, {"warmup": 0.15}),
+    "15 % progressive warmup": ({}, {}, {"warmup": 0.15}),
     "no distillation": ({}, {"distill": 0.0}, {}),
-    "uniform warmup": ({"warmup_sampling": "uniform"}, {}, {}),
+    "uniform warmup": ({"warmup_sampling": "uniform"}, {}, {"warmup": 0.15}),
     "no final stretch": ({}, {}, {"freeze": 1.0}),
     "raw advantage": ({}, {}, {"advantage": "raw"}),
     "4 reward samples": ({"reward_samples": 4}, {}, {}),

@@ -176,16 +176,28 @@ def test_sensitivity_prior_starts_the_policy_on_the_ilp_pick_and_is_charged(trai
 
 
 def test_ilp_baseline_and_prior_share_one_sensitivity_measurement(trained_tiny_cnn, digits):
-    """The ILP baseline's choice is the prior's ILP solution when both measure the same weights
-    (the float model: no warmup) on the same samples."""
+    """prior_at="start" measures the float weights before the first step, as the ILP baseline
+    does: on the same samples both solve to the same configuration, warmup or not."""
     from fliqs_compiler.search import baselines as B
     from fliqs_compiler.search.oneshot import OneShotSearch
     g = searchable(trained_tiny_cnn, digits)
-    o = opts(steps=40, prior="sensitivity", prior_samples=64, controller={"warmup": 0.0})
+    o = opts(steps=40, prior="sensitivity", prior_samples=64, prior_share=0.5)
     search = OneShotSearch(copy_graph(g), digits, "bops=0.3x", o)
-    search._choose(0)  # the first search step measures the prior
+    assert search.phase(0) == "warmup"
+    search.step(0)
     ilp = B.sensitivity_ilp(g, digits, "bops=0.3x", o, sens_samples=64)
     assert search.prior["choice"] == ilp.choice
+
+
+def test_prior_at_search_is_measured_when_the_search_phase_begins(trained_tiny_cnn, digits, tmp_path):
+    g = searchable(trained_tiny_cnn, digits)
+    o = opts(steps=40, prior="sensitivity", prior_at="search", prior_share=0.5)
+    res = run_search(g, digits, "bops=0.3x", o, out_dir=tmp_path, progress=False)
+    rows = [json.loads(l) for l in (tmp_path / "search.jsonl").read_text().splitlines()]
+    warm = [r for r in rows if r["phase"] == "warmup"]
+    assert warm and all(abs(max(p) - 1 / 3) < 1e-3 for r in warm for p in r["probs"])  # uniform until then
+    first = next(r for r in rows if r["phase"] == "search")
+    assert [p.index(max(p)) for p in first["probs"]] == res.schedule["prior"]["choice"]
 
 
 def copy_graph(g):
