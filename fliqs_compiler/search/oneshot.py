@@ -1,8 +1,10 @@
 """The one-shot FLIQS search: ``run_search(graph, data, budget, options) -> SearchResult``.
 
-A run has three phases over one weight-shared network:
-1. **warmup** (``controller.warmup``): formats are sampled without the policy — ``progressive``
-   (default) starts every decision on its most precise candidate and widens the menu towards
+A run has three phases over one weight-shared network, after the **prior** (``prior``, default
+"sensitivity": before the first step the ILP choice on measured per-layer sensitivities becomes
+the policy's starting point, ``sensitivity.py``; its forward passes are charged as steps):
+1. **warmup** (``controller.warmup``; the recipe has none): formats are sampled without the
+   policy — ``progressive`` (default) starts every decision on its most precise candidate and widens the menu towards
    the narrowest as the warmup goes on (measured: a uniform warmup over all formats pulled the
    shared weights from 92.1 % to 87.4 % on a ResNet-8); ``uniform`` samples all from the start.
 2. **search** (until ``controller.freeze``): each step samples ONE configuration from the
