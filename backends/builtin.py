@@ -64,16 +64,10 @@ class TvmBackend:
         return resolve(target)
 
     def tunes(self, target) -> bool:
-        """MetaSchedule times candidates on this host (``LocalRunner``): right for local targets,
-        wrong for an ``rpc://`` device until its ``RPCRunner`` is wired up."""
-        return not getattr(target, "rpc", None)
-
-    def tuning_refusal(self, target) -> str:
-        if getattr(target, "rpc", None):
-            return (f"--tune-trials with {target.text!r}: tuning on a remote device needs "
-                    "MetaSchedule's RPCRunner, not wired up yet; use --tune-trials 0 (default "
-                    "schedules, timed on the device)")
-        return f"--tune-trials does not apply to {target.text!r}"
+        """MetaSchedule tunes for every TVM target: candidates are built here for the target's
+        TVM target and timed where it runs (``devices.device_for(target).tuning_runner``:
+        ``LocalRunner`` on this host, ``RPCRunner`` on an ``rpc://`` device)."""
+        return True
 
     def caps(self, target):
         return replace(target.caps, native=dict(self.native))
@@ -94,16 +88,19 @@ class TvmBackend:
 
     def measure_layer(self, target, tuning: TuningOptions, cache_dir) -> LayerMeasure:
         """Default schedules, or MetaSchedule with ``tuning.trials`` trials per layer and a tuning
-        database beside the latency cache (reused across runs and models); timed where the
-        target is (a farm of remote devices measures entries in parallel)."""
+        database beside the latency cache (reused across runs and models; a remote device's in a
+        folder of its own: ``devices.Remote.tuning_dir``); candidates and entries are timed
+        where the target is (a farm of remote devices measures entries in parallel)."""
         from fliqs_compiler.backends.devices import device_for
+        device = device_for(target)
         per_layer = None
         if tuning.trials:
             from fliqs_compiler.backends.latency_table import default_cache_dir
             from fliqs_compiler.backends.tvm_lower import Tuning
-            work_dir = (Path(cache_dir) if cache_dir else default_cache_dir()) / "metaschedule"
-            per_layer = Tuning(trials=tuning.trials, per_task=tuning.trials, work_dir=str(work_dir))
-        return device_for(target).measure_layer(target, per_layer)
+            base = (Path(cache_dir) if cache_dir else default_cache_dir()) / "metaschedule"
+            per_layer = Tuning(trials=tuning.trials, per_task=tuning.trials,
+                               work_dir=str(device.tuning_dir(base, target)))
+        return device.measure_layer(target, per_layer)
 
     def measure_model(self, artifact: Artifact, inputs: list) -> Optional[float]:
         return float(artifact.time_ms(inputs))

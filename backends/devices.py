@@ -5,7 +5,11 @@ asks ``device_for(target)`` and never branches on where it runs.
 Each implementation gives ``run(lowered, input_lists)`` (remote: one upload for every list),
 ``time_ms(lowered, inputs)`` and ``measure_layer(target, tuning) -> LayerMeasure`` (per-layer
 latency tables: on a farm of devices, entries are measured in parallel, one per device at a time,
-while the host compiles the next ones: ``_RemoteLayers.measure_many``). ``resolve(target)``
+while the host compiles the next ones: ``_RemoteLayers.measure_many``). MetaSchedule asks the
+same object for where its candidates are timed (``tuning_runner(timeout_s)``: a context giving
+``LocalRunner`` here, ``RPCRunner`` on the device) and where its database lives
+(``tuning_dir(base, target)``: a remote device's records apart, under its key and target, never
+mixed with the host's). ``resolve(target)``
 completes an ``rpc://`` target with the device's own LLVM target, asked of the device (cached per
 tracker and key), so nothing compiled for a device uses the host CPU's features.
 """
@@ -15,6 +19,7 @@ import itertools
 import json
 import os
 import tempfile
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -39,6 +44,14 @@ class Local:
         from fliqs_compiler.backends.tvm_measure import measure_fn
         name = "tvm" if tuning is None else f"tvm-tuned{tuning.trials}"
         return LayerMeasure(name, measure_fn(target, tuning))
+
+    def tuning_runner(self, timeout_s: float):
+        """MetaSchedule's ``LocalRunner``: candidates timed in a worker process on this host."""
+        return _local_runner(timeout_s)
+
+    def tuning_dir(self, base, target) -> Path:
+        """The tuning database folder: ``base`` itself (records are matched by target)."""
+        return Path(base)
 
     def describe(self, target) -> dict:
         return {"where": self.where}
@@ -82,6 +95,21 @@ class Remote:
     def measure_layer(self, target, tuning) -> LayerMeasure:
         name = "tvm" if tuning is None else f"tvm-tuned{tuning.trials}"
         return LayerMeasure(name, _RemoteLayers(self, target, tuning))
+
+    def tuning_runner(self, timeout_s: float):
+        """MetaSchedule's ``RPCRunner`` on the devices under the key (``rpc.tuning_runner``: one
+        candidate per device at a time, each session limited by the target's ``timeout``, which
+        also bounds the wait for a free device; ``timeout_s``, the host-side limit, is unused)."""
+        from fliqs_compiler.backends.rpc import tuning_runner
+        a = self.address
+        return tuning_runner(a.host, a.port, a.key, a.priority, timeout=a.timeout,
+                             workers=self.devices())
+
+    def tuning_dir(self, base, target) -> Path:
+        """The device's own tuning database: ``base/rpc-KEY-<digest of target.key>`` — the device
+        key and its target dict, never the tracker or the host (the loopback device of the tests
+        has the host's very target dict: one shared folder would hand it the host's records)."""
+        return Path(base) / f"rpc-{self.address.key}-{_digest(target.key)}"
 
     def describe(self, target) -> dict:
         a = self.address
@@ -220,6 +248,17 @@ class _Library:
 
     def __init__(self, path):
         self.path = Path(path)
+
+
+def _digest(key: str) -> str:
+    import hashlib
+    return hashlib.sha1(key.encode()).hexdigest()[:12]
+
+
+@contextmanager
+def _local_runner(timeout_s: float):
+    from tvm.s_tir import meta_schedule as ms
+    yield ms.runner.LocalRunner(timeout_sec=timeout_s)
 
 
 def device_for(target):

@@ -13,6 +13,9 @@ on one device (``python -m tvm.exec.rpc_server --tracker HOST:PORT --key KEY``).
 - ``uploads()``: how many libraries this process has uploaded, per local file (observable by
   tests and benchmarks: a compile to ``rpc://`` uploads its model once to check numerics).
 - ``list_devices``: keys with their total / free devices and pending requests.
+- ``tuning_runner``: MetaSchedule's ``RPCRunner`` on the devices under a key (candidates are
+  timed on the device, never on this host); ``tuning_runs()`` counts the candidates each device
+  timed for this process.
 
 Every failure a user can cause (tracker down, unknown key, no free device, a device that cannot
 describe itself, a job that keeps failing) is a one-line ``FliqsError``.
@@ -35,7 +38,7 @@ from fliqs_compiler.base.errors import FliqsError, one_line
 
 __all__ = ["Lease", "FarmResult", "request_device", "request_session", "device_target", "run_remote",
            "time_remote", "measure_on_farm", "list_devices", "uploads", "DEVICE_QUERIES",
-           "DEFAULT_WAIT_S", "DEFAULT_SESSION_TIMEOUT_S"]
+           "DEFAULT_WAIT_S", "DEFAULT_SESSION_TIMEOUT_S", "tuning_runner", "tuning_runs"]
 
 DEFAULT_WAIT_S = 120.0  # how long a request waits for a free device
 DEFAULT_SESSION_TIMEOUT_S = 120.0  # the device ends a session older than this (0: never)
@@ -322,6 +325,140 @@ def run_remote(lib_path, input_lists: Sequence, session) -> list:
             y = vm["main"](*_remote_args(inputs, dev))
             out.append([y.numpy()] if hasattr(y, "numpy") else [o.numpy() for o in y])
     return out
+
+
+# --- MetaSchedule's RPCRunner -------------------------------------------------------------------
+
+_TUNING_RUNS: dict = {}  # device HOST:PORT → MetaSchedule candidates timed there (``tuning_runs()``)
+
+
+def tuning_runs() -> dict:
+    """``{device HOST:PORT: candidates}`` that MetaSchedule's runner (``tuning_runner``) timed on
+    remote devices for this process so far (a copy). The runner's worker processes note each
+    timed candidate in a ledger file; it is summed here when the tuning ends."""
+    with _UPLOADS_LOCK:
+        return dict(_TUNING_RUNS)
+
+
+def _note(ledger: str, **event) -> None:
+    """Append one event to a tuning ledger (one short ``O_APPEND`` write: the runner's worker
+    processes never interleave within a line)."""
+    import json
+    import os
+    fd = os.open(ledger, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, (json.dumps(event) + "\n").encode())
+    finally:
+        os.close(fd)
+
+
+def _ms_create_session(ledger: str, rpc_config):
+    """RPCRunner's ``f_create_session`` (runs in its worker process): a session on a free device
+    under the key from ``request_device``, which waits at most ``session_timeout_sec`` for one
+    (TVM's default ``RPCConfig.connect_server`` waits forever), the device noted on the session."""
+    try:
+        lease = request_device(str(rpc_config.tracker_host), int(rpc_config.tracker_port),
+                               str(rpc_config.tracker_key), int(rpc_config.session_priority),
+                               timeout=float(rpc_config.session_timeout_sec),
+                               wait=float(rpc_config.session_timeout_sec))
+    except Exception as e:  # noqa: BLE001 — noted, then MetaSchedule's own error handling
+        _note(ledger, step="session", error=one_line(e))
+        raise
+    lease.session._fliqs_device = lease.device
+    return lease.session
+
+
+def _ms_step(ledger: str, step: str, fn: Callable, session, *args):
+    """One RPCRunner step (``fn``: TVM's default upload / argument allocation) with its failure
+    noted in the ledger."""
+    try:
+        return fn(session, *args)
+    except Exception as e:  # noqa: BLE001
+        _note(ledger, step=step, device=getattr(session, "_fliqs_device", "?"), error=one_line(e))
+        raise
+
+
+def _ms_run_evaluator(ledger: str, session, rt_mod, device, evaluator_config, repeated_args):
+    """RPCRunner's ``f_run_evaluator``: TVM's own ``time_evaluator`` protocol on the device,
+    each timed candidate noted in the ledger with the device that timed it."""
+    from tvm.s_tir.meta_schedule.runner.utils import run_evaluator_common
+    where = getattr(session, "_fliqs_device", "?")
+    try:
+        costs = run_evaluator_common(rt_mod, device, evaluator_config, repeated_args)
+    except Exception as e:  # noqa: BLE001
+        _note(ledger, step="time", device=where, error=one_line(e))
+        raise
+    _note(ledger, step="time", device=where)
+    return costs
+
+
+def _read_ledger(ledger: str) -> tuple:
+    """``({device: candidates timed}, [error lines])`` of a tuning ledger."""
+    import json
+    timed: dict = {}
+    errors: list = []
+    try:
+        lines = Path(ledger).read_text().splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if "error" in event:
+            errors.append(f"{event.get('step', '?')} on {event.get('device', '?')}: {event['error']}")
+        elif event.get("step") == "time":
+            timed[event["device"]] = timed.get(event["device"], 0) + 1
+    return timed, errors
+
+
+@contextmanager
+def tuning_runner(host: str, port: int, key: str, priority: int = 1,
+                  timeout: float = DEFAULT_SESSION_TIMEOUT_S, workers: int = 1):
+    """MetaSchedule's ``RPCRunner`` (``tvm.s_tir.meta_schedule``) on the devices under ``key`` at
+    the tracker ``host:port``: every candidate is uploaded to a device, timed there with TVM's
+    ``time_evaluator`` and removed, one fresh session per candidate, ``workers`` candidates at
+    once (one per device). ``RPCConfig`` carries the tracker, key, ``priority`` and ``timeout``
+    (the session limit, and how long a candidate waits for a free device).
+
+    Before the runner is made a device under ``key`` must be free within ``timeout`` (else the
+    one-line FliqsError of ``request_device``, naming the key); when the tuning ends, the
+    candidates each device timed are added to ``tuning_runs()``, and FliqsError if candidates
+    reached the devices but none could be timed there (the first device errors quoted)."""
+    import os
+    import tempfile
+    from functools import partial
+
+    from tvm.s_tir import meta_schedule as ms
+    from tvm.s_tir.meta_schedule.runner import rpc_runner
+    request_device(host, port, key, priority, timeout=timeout, wait=timeout).close()
+    fd, ledger = tempfile.mkstemp(prefix="fliqs-ms-runs-", suffix=".jsonl")
+    os.close(fd)
+    runner = ms.runner.RPCRunner(
+        rpc_config=ms.runner.RPCConfig(tracker_host=host, tracker_port=int(port), tracker_key=key,
+                                       session_priority=int(priority),
+                                       session_timeout_sec=max(1, int(round(timeout)))),
+        f_create_session=partial(_ms_create_session, ledger),
+        f_upload_module=partial(_ms_step, ledger, "upload", rpc_runner.default_upload_module),
+        f_alloc_argument=partial(_ms_step, ledger, "alloc", rpc_runner.default_alloc_argument),
+        f_run_evaluator=partial(_ms_run_evaluator, ledger),
+        max_workers=max(1, int(workers)))
+    try:
+        yield runner
+    finally:
+        runner.pool.shutdown(wait=True)
+        timed, errors = _read_ledger(ledger)
+        try:
+            os.remove(ledger)
+        except OSError:
+            pass
+        with _UPLOADS_LOCK:
+            for device, n in timed.items():
+                _TUNING_RUNS[device] = _TUNING_RUNS.get(device, 0) + n
+    if errors and not timed:
+        raise FliqsError(f"MetaSchedule could not time any candidate on the devices under key "
+                         f"{key!r} at {host}:{port} ({len(errors)} failures; first: {errors[0]})")
 
 
 # --- a farm of devices --------------------------------------------------------------------------

@@ -504,12 +504,17 @@ def compile_module(mod, target: Target, *, tuning: Optional[Tuning] = None, fuse
     if tuning is not None:
         wd = Path(tuning.work_dir or Path(tempfile.gettempdir()) / "fliqs-tvm-tune" / _safe(target.key))
         wd.mkdir(parents=True, exist_ok=True)
-        mod = _tune(mod, tgt, wd, tuning)
+        mod = _tune(mod, target, wd, tuning)
     return tvm.compile(mod, target=tgt)
 
 
-def _tune(mod, tgt, work_dir: Path, tuning: Tuning, build_timeout_s: float = 300.0):
+def _tune(mod, target: Target, work_dir: Path, tuning: Tuning, build_timeout_s: float = 300.0):
     """TVM's ``static_shape_tuning`` steps with patient builders/runners and database reuse.
+
+    Candidates are built here for ``target``'s TVM target (an ``rpc://`` target's device target,
+    resolved before any work) and timed where the target is: ``devices.device_for(target)
+    .tuning_runner`` — ``LocalRunner`` on this host, MetaSchedule's ``RPCRunner`` on a device
+    under an ``rpc://`` key (a one-line FliqsError naming the key when none is free then).
 
     Requires: a Relax module before the zero pipeline. Guarantees: every task with a valid record
     in ``work_dir``'s JSON database (from any earlier run or model: workloads are matched
@@ -526,6 +531,8 @@ def _tune(mod, tgt, work_dir: Path, tuning: Tuning, build_timeout_s: float = 300
     per_task = tuning.per_task or max(1, trials)
     per_round = tuning.per_round
     from tvm.s_tir import meta_schedule as ms
+    from fliqs_compiler.backends.devices import device_for
+    tgt = target.tvm()
     with tgt:
         mod = transform.Sequential([relax.transform.DecomposeOpsForInference(),
                                     relax.transform.CanonicalizeBindings(),
@@ -541,12 +548,12 @@ def _tune(mod, tgt, work_dir: Path, tuning: Tuning, build_timeout_s: float = 300
         if trials > 0 and todo:
             contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
                 todo, str(work_dir), space="post-order-apply", strategy="evolutionary")
-            ms.tune.tune_tasks(
-                tasks=contexts, task_weights=weights, work_dir=str(work_dir),
-                max_trials_global=max(trials, per_task), max_trials_per_task=per_task,
-                num_trials_per_iter=min(64, max(1, per_round or per_task)), database=database,
-                builder=ms.builder.LocalBuilder(timeout_sec=build_timeout_s),
-                runner=ms.runner.LocalRunner(timeout_sec=build_timeout_s))
+            with device_for(target).tuning_runner(build_timeout_s) as runner:
+                ms.tune.tune_tasks(
+                    tasks=contexts, task_weights=weights, work_dir=str(work_dir),
+                    max_trials_global=max(trials, per_task), max_trials_per_task=per_task,
+                    num_trials_per_iter=min(64, max(1, per_round or per_task)), database=database,
+                    builder=ms.builder.LocalBuilder(timeout_sec=build_timeout_s), runner=runner)
         with database:  # the database already in memory: no second read of the JSON files
             mod = relax.transform.MetaScheduleApplyDatabase()(mod)
     return mod

@@ -112,8 +112,26 @@ def check_tuning(target, trials):
         n = -1
     if n < 0:
         raise FliqsError(f"--tune-trials {trials}: give a number of trials ≥ 0")
-    if n:  # the backend decides (e.g. tvm: not on rpc:// targets until RPCRunner is wired)
+    if n:  # the backend decides (its tunes(target) and tuning_refusal)
         why = tuning_refusal(backend_for(target), target)
         if why:
             raise FliqsError(why)
     return TuningOptions(trials=n)
+
+
+def check_metric(value, option: str = "--metric") -> Optional[str]:
+    """The search's quality metric: None (chosen from the model's outputs), a ``QUALITY`` name, or
+    a callable ``fn(outputs, float_outputs, labels) -> float`` (higher is better; registered as
+    ``custom:<name>``, whose name is returned). Anything else → FliqsError naming ``option`` and
+    the valid names (checked before any model work)."""
+    if value is None:
+        return None
+    from fliqs_compiler.search.trainer import QUALITY, custom_metric
+    if callable(value) and not isinstance(value, str):
+        return custom_metric(value)
+    name = str(value).strip().lower()
+    if name not in QUALITY:
+        valid = ", ".join(n for n in QUALITY if not n.startswith("custom:"))
+        raise FliqsError(f"{option} {value!r}: unknown metric; use one of {valid} "
+                         "(or a callable through the Python API)")
+    return name

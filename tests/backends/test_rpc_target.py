@@ -133,15 +133,83 @@ def test_run_many_uploads_once_and_matches_run(rpc, tmp_path):
         np.testing.assert_allclose(a[0], expected, atol=1e-5)
 
 
-def test_tuning_on_an_rpc_target_is_refused_by_the_backend(rpc):
+def test_tuning_applies_to_rpc_targets(rpc):
     from fliqs_compiler.backends import registry
-    from fliqs_compiler.base.errors import FliqsError
     t = parse_target(rpc)
-    assert registry.tunes(registry.backend_for(t), t) is False
-    assert registry.tunes(registry.backend_for(parse_target("llvm")), parse_target("llvm")) is True
-    with pytest.raises(FliqsError, match=r"--tune-trials with .*RPCRunner.*--tune-trials 0") as e:
-        api.plan("profile", model=api.DEMO_MODEL, target=rpc, tune_trials=4)
-    assert "\n" not in str(e.value)
+    assert registry.tunes(registry.backend_for(t), t) is True  # RPCRunner: timed on the device
+    assert registry.tuning_refusal(registry.backend_for(t), t) is None
+    api.plan("profile", model=api.DEMO_MODEL, target=rpc, tune_trials=4)  # accepted
+
+
+def test_tuning_without_a_free_device_is_one_line_naming_the_key(rpc, farm):
+    """At tuning time every device under the key is busy: MetaSchedule's runner is never made,
+    the error names the key (the CLI exits 2 on it, as on every FliqsError)."""
+    import gc
+
+    from fliqs_compiler.backends import rpc as R
+    from fliqs_compiler.base.errors import FliqsError
+    held = [R.request_device(farm.host, farm.port, KEY) for _ in range(farm.servers_n)]
+    try:
+        device = devices.device_for(parse_target(rpc + "?timeout=2"))
+        with pytest.raises(FliqsError, match=f"no free device under key {KEY!r}") as e:
+            with device.tuning_runner(300.0):
+                pytest.fail("a runner without a free device")
+        assert "\n" not in str(e.value)
+    finally:
+        for lease in held:
+            lease.close()
+        del held
+        gc.collect()
+
+
+def _tiny():
+    """Three linears: the middle one is the only searched layer (first and last stay float)."""
+    import torch
+    from torch import nn
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(),
+                         nn.Linear(16, 4)).eval(), (torch.randn(1, 8),)
+
+
+@pytest.mark.slow
+def test_tuned_table_times_candidates_on_the_device_and_reuses_its_cache(rpc, farm, tmp_path):
+    """``--tune-trials 1`` on an rpc:// target: MetaSchedule's RPCRunner times the candidate on
+    a farm device (counted by the runner's worker processes: ``rpc.tuning_runs``), the tuned
+    entry and the tuning database are filed under the device key and target, and a rerun
+    measures nothing."""
+    from fliqs_compiler.backends import rpc as R
+    model, example = _tiny()
+    cache = tmp_path / "tuned"
+    farm_devices = {f"{farm.host}:{s.port}" for s in farm.servers}
+
+    def profile():
+        return api.profile(model, target=rpc, formats="int8", progress=False, cache_dir=cache,
+                           example_inputs=example, tune_trials=1)[1]
+
+    runs, ups = R.tuning_runs(), R.uploads()
+    t0 = time.monotonic()
+    table = profile()
+    first_s = time.monotonic() - t0
+    new_runs = {d: n - runs.get(d, 0) for d, n in R.tuning_runs().items() if n > runs.get(d, 0)}
+    assert new_runs and set(new_runs) <= farm_devices, new_runs  # timed on a farm device
+    assert table.measured == len(table.entries) == 1
+    key = json.loads(next(iter(table.entries)))
+    device_key = devices.resolve(parse_target(rpc)).key
+    assert key[0] == device_key and device_key.startswith(f"rpc:{KEY}:") and key[4] == "tvm-tuned1"
+    assert next(iter(table.entries.values()))["ms"] > 0
+    # the tuning database: the device's own folder (key + digest of its target), none for the host
+    ms_dirs = [d for d in (cache / "metaschedule").iterdir() if d.is_dir()]
+    assert [d.name for d in ms_dirs] == [f"rpc-{KEY}-{devices._digest(device_key)}"]
+    assert (ms_dirs[0] / "database_tuning_record.json").read_text().strip()
+    assert not (cache / "metaschedule" / "database_tuning_record.json").exists()
+
+    runs, ups = R.tuning_runs(), R.uploads()
+    t0 = time.monotonic()
+    again = profile()  # the cached table: nothing compiled, tuned or timed
+    rerun_s = time.monotonic() - t0
+    assert again.measured == 0 and again.entries.keys() == table.entries.keys()
+    assert R.tuning_runs() == runs and R.uploads() == ups
+    print(f"tuned table: {first_s:.1f} s, rerun {rerun_s:.2f} s, candidates {new_runs}")
 
 
 @pytest.mark.parametrize("target, match", [
