@@ -84,6 +84,21 @@ prior_option = click.option(
          "charged as search steps) or from uniform probabilities.")
 
 
+metric_option = click.option(
+    "--metric", metavar="NAME", default=None,
+    help="Quality signal of the search and the report: accuracy, agreement, cosine, sqnr, "
+         "neg_rel_mse, neg_kl, neg_mse, neg_loss (default: chosen from the model's outputs; "
+         "the report says which and why).")
+
+
+def metric_options(value) -> dict:
+    """``--metric NAME`` → search options (checked up front: an unknown name is a one-line
+    FliqsError listing the valid ones)."""
+    from fliqs_compiler.driver.options import check_metric
+    name = check_metric(value)
+    return {"metric": name} if name else {}
+
+
 input_shape_option = click.option(
     "--input-shape", "input_shapes", multiple=True, metavar="NAME=1x3x224x224",
     help="Pin an input's shape (repeatable); needed for dynamic dimensions.")

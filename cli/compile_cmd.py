@@ -5,8 +5,8 @@ from __future__ import annotations
 import click
 
 from fliqs_compiler.cli.common import (OneLineCommand, debug_option, finetune_options, prior_option,
-                                       handle_errors, input_shape_option, parse_input_shapes,
-                                       parse_int)
+                                       handle_errors, input_shape_option, metric_option,
+                                       metric_options, parse_input_shapes, parse_int)
 from fliqs_compiler.driver.options import check_data_arg
 
 
@@ -37,6 +37,7 @@ from fliqs_compiler.driver.options import check_data_arg
               help="Fine-tune N steps under the found configuration (for comparison: FLIQS "
                    "needs no retraining; the report keeps both qualities).")
 @prior_option
+@metric_option
 @click.option("--quiet", is_flag=True, help="No progress display.")
 @click.option("--dry-run", is_flag=True,
               help="Check the options, list the stages this run would execute, and stop.")
@@ -45,7 +46,7 @@ from fliqs_compiler.driver.options import check_data_arg
 @debug_option
 @handle_errors
 def compile_(model, target, data, formats, budget, sweep, steps, out, seed, resume, input_shapes,
-             baselines, tune_trials, finetune, prior, quiet, dry_run, checkpoint_every):
+             baselines, tune_trials, finetune, prior, metric, quiet, dry_run, checkpoint_every):
     """Search a mixed-precision format per layer of MODEL under a budget, then export, lower,
     compile and measure it for TARGET."""
     from fliqs_compiler.driver import api
@@ -54,7 +55,7 @@ def compile_(model, target, data, formats, budget, sweep, steps, out, seed, resu
         raise FliqsError("--target is required: use llvm (host CPU via TVM), ort, or a JSON target dict")
     check_data_arg(data)  # before the model is imported (cheap options first)
     shapes = parse_input_shapes(input_shapes)
-    search_options = dict(finetune_options(finetune), prior=prior)
+    search_options = dict(finetune_options(finetune), prior=prior, **metric_options(metric))
     if checkpoint_every is not None:
         search_options["checkpoint_every"] = api.check_steps(checkpoint_every)
     kwargs = dict(target=target, data=data, formats=formats, budget=budget,

@@ -29,7 +29,7 @@ from fliqs_compiler.base.errors import FliqsError  # noqa: E402
 from fliqs_compiler.driver import stages as S  # noqa: E402
 from fliqs_compiler.driver.options import (DEFAULT_BUDGET, DEFAULT_FORMATS, DEFAULT_HOLDOUT,  # noqa: E402
                                            DEFAULT_STEPS, check_data_arg, check_holdout,
-                                           check_model_arg, check_steps, check_tuning,
+                                           check_metric, check_model_arg, check_steps, check_tuning,
                                            parse_baselines, parse_formats, parse_sweep)
 from fliqs_compiler.driver.outdir import resolve_out_dir  # noqa: E402
 from fliqs_compiler.driver.pipeline import PerBudget, Request, Run, execute, format_plan  # noqa: E402
@@ -133,6 +133,19 @@ def _target(text):
     return backend_for(target).resolve(target)
 
 
+def _search_options(search_options: Optional[dict], metric=None) -> dict:
+    """The search options with ``metric`` (the argument, else ``search_options["metric"]``) and
+    ``reward_metric`` checked (``options.check_metric``: a user callable is registered and
+    replaced by its name, so the options stay plain data)."""
+    so = dict(search_options or {})
+    name = check_metric(metric if metric is not None else so.get("metric"))
+    if name is not None:
+        so["metric"] = name
+    if so.get("reward_metric") is not None:
+        so["reward_metric"] = check_metric(so["reward_metric"], "reward_metric")
+    return so
+
+
 def _start() -> None:
     import torch
     torch.set_num_threads(threads())
@@ -144,10 +157,11 @@ def compile_request(model, *, target, data=None, formats=None, budget=None, step
                     input_shapes: Optional[dict] = None, progress: bool = True,
                     holdout: float = DEFAULT_HOLDOUT, example_inputs=None, layer_latency: bool = True,
                     prepare_options: Optional[dict] = None, search_options: Optional[dict] = None,
-                    baselines=None, tune_trials: int = 0) -> Request:
+                    baselines=None, tune_trials: int = 0, metric=None) -> Request:
     from fliqs_compiler.backends.targets import parse_target
     from fliqs_compiler.cost.budget import parse_budget
     fmts = parse_formats(formats)
+    search_options = _search_options(search_options, metric)
     steps = check_steps(steps)
     tgt = _target(target)
     tuning = check_tuning(tgt, tune_trials)
@@ -172,10 +186,11 @@ def search_request(model, *, data=None, formats=None, budget=None, steps: int = 
                    seed: int = 0, resume: bool = False, input_shapes: Optional[dict] = None,
                    progress: bool = True, holdout: float = DEFAULT_HOLDOUT, example_inputs=None,
                    target=None, prepare_options: Optional[dict] = None,
-                   search_options: Optional[dict] = None) -> Request:
+                   search_options: Optional[dict] = None, metric=None) -> Request:
     from fliqs_compiler.backends.targets import parse_target
     from fliqs_compiler.cost.budget import parse_budget
     fmts = parse_formats(formats)
+    search_options = _search_options(search_options, metric)
     steps = check_steps(steps)
     b = parse_budget(budget or DEFAULT_BUDGET)
     tgt = _target(target) if target is not None else None
@@ -235,7 +250,7 @@ def compile(model, *, target, data=None, formats=None, budget=None, steps: int =
             input_shapes: Optional[dict] = None, progress: bool = True,
             holdout: float = DEFAULT_HOLDOUT, example_inputs=None, layer_latency: bool = True,
             prepare_options: Optional[dict] = None, search_options: Optional[dict] = None,
-            baselines=None, tune_trials: int = 0) -> Result:
+            baselines=None, tune_trials: int = 0, metric=None) -> Result:
     """Compile ``model`` (an .onnx path or an ``nn.Module`` with ``example_inputs``) for ``target``:
     the ``PIPELINES["compile"]`` stages.
 
@@ -247,7 +262,12 @@ def compile(model, *, target, data=None, formats=None, budget=None, steps: int =
     ``holdout``: fraction of the data kept out of training to measure quality; ``baselines``:
     names from ``search.baselines.BASELINES`` ("uniform,random,ilp,dnas") run on the same graph,
     data, steps and budget, reported next to FLIQS; ``tune_trials`` > 0: per-layer latency
-    tables (latency budgets, the report) from tuned kernels (backends that tune).
+    tables (latency budgets, the report) from tuned kernels (backends that tune); ``metric``:
+    the quality signal of the search and the report — a ``search.trainer.QUALITY`` name
+    (accuracy, agreement, cosine, sqnr, neg_rel_mse, ...) or a callable
+    ``fn(outputs, float_outputs, labels) -> float``, higher is better; None: chosen from the
+    model's outputs (``search.trainer.auto_metric``; the report's ``quality.metric_reason`` says
+    why).
 
     Requires nothing of ``out`` but that it can be created/written. Guarantees: on success ``out``
     holds every file of the output folder (docs/design.md) and report.json meets the contract; on
@@ -260,7 +280,7 @@ def compile(model, *, target, data=None, formats=None, budget=None, steps: int =
                               input_shapes=input_shapes, progress=progress, holdout=holdout,
                               example_inputs=example_inputs, layer_latency=layer_latency,
                               prepare_options=prepare_options, search_options=search_options,
-                              baselines=baselines, tune_trials=tune_trials)
+                              baselines=baselines, tune_trials=tune_trials, metric=metric)
     run = execute(PIPELINES["compile"], _new_run(request))
     results = [Result(p.out, p.values["report"], p.values.get("published", {})) for p in run.points]
     main = results[0]
@@ -277,16 +297,18 @@ def search_only(model, *, data=None, formats=None, budget=None, steps: int = DEF
                 seed: int = 0, resume: bool = False, input_shapes: Optional[dict] = None,
                 progress: bool = True, holdout: float = DEFAULT_HOLDOUT, example_inputs=None,
                 target=None, prepare_options: Optional[dict] = None,
-                search_options: Optional[dict] = None) -> dict:
+                search_options: Optional[dict] = None, metric=None) -> dict:
     """``PIPELINES["search"]``: import → passes → (latency table) → search; writes ``config.json``
-    (+ ``search.jsonl``, ``checkpoint/``) into ``out``. A latency budget needs ``target``. Returns
-    ``{"out_dir", "config", "formats", "cost", "budget_value", "quality"}``; same failure
+    (+ ``search.jsonl``, ``checkpoint/``) into ``out``. A latency budget needs ``target``;
+    ``metric`` as in ``compile``. Returns ``{"out_dir", "config", "formats", "cost",
+    "budget_value", "quality"}`` (``quality``: metric, metric_reason, float, final); same failure
     guarantees as ``compile``."""
     _start()
     request = search_request(model, data=data, formats=formats, budget=budget, steps=steps, out=out,
                              seed=seed, resume=resume, input_shapes=input_shapes, progress=progress,
                              holdout=holdout, example_inputs=example_inputs, target=target,
-                             prepare_options=prepare_options, search_options=search_options)
+                             prepare_options=prepare_options, search_options=search_options,
+                             metric=metric)
     run = execute(PIPELINES["search"], _new_run(request))
     point = run.points[0]
     sr = point.values["search"]

@@ -1,12 +1,14 @@
 """The data a command runs on and how its quality is measured: the search data (``load_dataset``),
-the float teacher and its quality (``data_and_teacher``), and ``evaluate`` on the held-out split."""
+the quality metric (``choose``: given, or chosen from the float model's outputs), the float
+teacher and its quality (``data_and_teacher``), and ``evaluate`` on the held-out split (the
+metrics of ``search.trainer.QUALITY``, the same functions the search uses)."""
 from __future__ import annotations
 
 from typing import Optional
 
 from fliqs_compiler.base.errors import FliqsError
 
-__all__ = ["load_dataset", "data_and_teacher", "evaluate", "num_classes"]
+__all__ = ["load_dataset", "choose", "data_and_teacher", "evaluate", "num_classes"]
 
 
 def load_dataset(data, graph, seed: int, holdout: float):
@@ -29,13 +31,28 @@ def load_dataset(data, graph, seed: int, holdout: float):
                                "the teacher; quality = agreement with it)")
 
 
-def data_and_teacher(data, graph, seed: int, holdout: float) -> tuple:
-    """(dataset, float teacher, metric, float quality): the data stage of compile and lower."""
+def choose(graph, dataset, metric: Optional[str] = None) -> tuple:
+    """(metric, reason): ``metric`` as given (a checked ``QUALITY`` name), else the automatic
+    choice from the float graph's outputs (``search.trainer.choose_metric``). A metric that
+    needs labels on unlabeled data is a FliqsError here, before any training."""
+    from fliqs_compiler.search.trainer import QUALITY, choose_metric
+    if metric is None:
+        return choose_metric(graph.gm, dataset, graph.output_names)
+    if QUALITY[metric].needs_labels and not dataset.labeled:
+        raise FliqsError(f"--metric {metric}: the data has no labels; use a label-free metric "
+                         "(agreement, cosine, sqnr, neg_rel_mse, neg_kl) or give labelled --data")
+    return metric, f"given (--metric {metric})"
+
+
+def data_and_teacher(data, graph, seed: int, holdout: float, metric: Optional[str] = None) -> tuple:
+    """(dataset, float teacher, metric, reason, float quality): the data stage of compile and
+    lower (``metric``: as given, None → chosen from the model's outputs)."""
     import copy
     dataset = load_dataset(data, graph, seed, holdout)
+    metric, reason = choose(graph, dataset, metric)
     teacher = copy.deepcopy(graph.gm).eval()
-    metric, q_float = evaluate(teacher, dataset, teacher)
-    return dataset, teacher, metric, q_float
+    _, q_float = evaluate(teacher, dataset, teacher, metric=metric)
+    return dataset, teacher, metric, reason, q_float
 
 
 def check_runs_on_batches(graph) -> None:
@@ -67,25 +84,22 @@ def num_classes(graph) -> Optional[int]:
     return int(out.shape[1]) if torch.is_tensor(out) and out.dim() == 2 and out.shape[1] > 1 else None
 
 
-def evaluate(gm, dataset, teacher=None, batch: int = 256) -> tuple:
+def evaluate(gm, dataset, teacher=None, batch: int = 256, metric: Optional[str] = None) -> tuple:
     """(metric, value) of ``gm`` on the held-out split (``x_test``: the official test split where
-    the data has one, else the validation split): accuracy with labels, else top-1 agreement with
-    ``teacher`` (a float GraphModule; None → the model agrees with itself: 1.0)."""
+    the data has one, else the validation split), every output concatenated over the batches.
+    ``metric``: a ``QUALITY`` name; None → ``choose_metric`` on ``teacher`` (or ``gm``). Teacher
+    metrics compare with ``teacher`` (a float GraphModule; None → ``gm`` itself: the float value)."""
     import torch
+    from fliqs_compiler.search.trainer import QUALITY, float_outputs, pack_outputs, choose_metric
+    if metric is None:
+        metric = choose_metric(teacher if teacher is not None else gm, dataset)[0]
     x, y = dataset.x_test, dataset.y_test
-    hits = 0
-    with torch.no_grad():
-        for i in range(0, len(x), batch):
-            out = gm(x[i:i + batch])
-            out = out[0] if isinstance(out, (tuple, list)) else out
-            pred = out.reshape(out.shape[0], -1).argmax(1)
-            if y is not None:
-                ref = y[i:i + batch]
-            elif teacher is not None:
-                t = teacher(x[i:i + batch])
-                t = t[0] if isinstance(t, (tuple, list)) else t
-                ref = t.reshape(t.shape[0], -1).argmax(1)
-            else:
-                ref = pred
-            hits += int((pred == ref).sum())
-    return ("accuracy" if y is not None else "agreement"), hits / max(1, len(x))
+    m = QUALITY[metric]
+
+    def outputs(model):
+        with torch.no_grad():
+            chunks = [float_outputs(model(x[i:i + batch])) for i in range(0, len(x), batch)]
+        return pack_outputs([torch.cat(parts) for parts in zip(*chunks)])
+    outs = outputs(gm)
+    ref = (outputs(teacher) if teacher is not None else outs) if m.needs_teacher else None
+    return metric, float(m.fn(outs, y, ref))

@@ -40,8 +40,10 @@ class Import:
 
 
 class Data:
-    """The search data → ``run.dataset``; with ``teacher``, also the float teacher and its
-    held-out quality (``run.teacher``, ``run.metric``, ``run.q_float``)."""
+    """The search data → ``run.dataset`` and the quality metric (``--metric``, else chosen from
+    the float model's outputs) with its reason (``run.metric``, ``run.metric_reason``); with
+    ``teacher``, also the float teacher and its held-out quality (``run.teacher``,
+    ``run.q_float``)."""
 
     name = "data"
 
@@ -53,11 +55,15 @@ class Data:
 
     def run(self, run: Run) -> None:
         r = run.request
+        given = (r.search_options or {}).get("metric")
         if not self.teacher:
-            run.set(dataset=quality.load_dataset(r.data, run.graph, r.seed, r.holdout))
+            dataset = quality.load_dataset(r.data, run.graph, r.seed, r.holdout)
+            metric, reason = quality.choose(run.graph, dataset, given)
+            run.set(dataset=dataset, metric=metric, metric_reason=reason)
             return
-        dataset, teacher, metric, q_float = quality.data_and_teacher(r.data, run.graph, r.seed, r.holdout)
-        run.set(dataset=dataset, teacher=teacher, metric=metric, q_float=q_float)
+        dataset, teacher, metric, reason, q_float = quality.data_and_teacher(
+            r.data, run.graph, r.seed, r.holdout, given)
+        run.set(dataset=dataset, teacher=teacher, metric=metric, metric_reason=reason, q_float=q_float)
 
 
 class Passes:
@@ -153,6 +159,21 @@ class Budgets:
 
 
 # ---- per budget point -------------------------------------------------------------------------
+def _search_options(run: Run):
+    """``SearchOptions`` of this run: the request's, with the metric the data stage settled on
+    and, unless given, that metric's teacher loss for the weight training."""
+    import dataclasses
+    from fliqs_compiler.search import SearchOptions
+    from fliqs_compiler.search.oneshot import recipe_train
+    from fliqs_compiler.search.trainer import QUALITY
+    r = run.request
+    options = {**r.search_options, "metric": run.metric}
+    train = options.get("train") or recipe_train()
+    if train.teacher_loss is None and QUALITY[run.metric].teacher_loss is not None:
+        options["train"] = dataclasses.replace(train, teacher_loss=QUALITY[run.metric].teacher_loss)
+    return SearchOptions(steps=r.steps, seed=r.seed, **options)
+
+
 def _point_graph(run: Run):
     """The searchable graph of this point: the run's own for one budget, a copy per sweep point
     (each search trains its own weights)."""
@@ -177,12 +198,11 @@ class Baselines:
 
     def run(self, run: Run) -> None:
         from fliqs_compiler.cost.model import config_cost
-        from fliqs_compiler.search import SearchOptions
         from fliqs_compiler.search.baselines import BASELINES
         r, graph, budget = run.request, _point_graph(run), run.point.budget
         latency = run.values.get("latency")
         cache = run.values.setdefault("baseline_cache", {})
-        opts = SearchOptions(steps=r.steps, seed=r.seed, **r.search_options)
+        opts = _search_options(run)
         rows = []
         for name in r.baselines:
             key = (name, None if name == "uniform" else budget.text)
@@ -209,13 +229,14 @@ class Search:
         return f"{run.point.budget.text}, {run.request.steps} steps"
 
     def run(self, run: Run) -> None:
-        from fliqs_compiler.search import SearchOptions, run_search
+        from fliqs_compiler.search import run_search
         r = run.request
         graph = _point_graph(run)
-        options = SearchOptions(steps=r.steps, seed=r.seed, **r.search_options)
-        run.point.values["search"] = run_search(
-            graph, run.dataset, run.point.budget, options, out_dir=run.point.out, resume=r.resume,
-            latency_model=run.values.get("latency"), progress=r.progress)
+        result = run_search(
+            graph, run.dataset, run.point.budget, _search_options(run), out_dir=run.point.out,
+            resume=r.resume, latency_model=run.values.get("latency"), progress=r.progress)
+        result.quality["metric_reason"] = run.metric_reason  # the driver chose it (the search was told)
+        run.point.values["search"] = result
 
 
 class SaveSearchConfig:
@@ -255,7 +276,7 @@ class Materialize:
                            "model's own")
         graph = p.graph if p.graph is not None else run.graph
         fixed = materialize(graph, formats)
-        _, q_final = quality.evaluate(fixed.gm, run.dataset, run.teacher)
+        _, q_final = quality.evaluate(fixed.gm, run.dataset, run.teacher, metric=run.metric)
         p.values.update(formats=formats, fixed=fixed, q_final=q_final,
                         inputs=numeric_inputs(fixed, run.dataset))
 
@@ -364,8 +385,8 @@ class Report:
         report = build_report(
             graph=graph, model_name=graph.name, target=target, formats_searched=list(r.formats),
             budget=budget, budget_value=value, formats=formats,
-            quality={"metric": run.metric, "float": float(run.q_float), "final": float(v["q_final"]),
-                     "split": "held-out"},
+            quality={"metric": run.metric, "metric_reason": run.metric_reason,
+                     "float": float(run.q_float), "final": float(v["q_final"]), "split": "held-out"},
             facts=v["facts"], timing=p.timing, latency=table, dataset=run.dataset,
             search_info=search_info, baselines=v.get("baselines", []), notes=p.notes, files=files)
         caps = backend.caps(target)

@@ -16,7 +16,9 @@ CONTRACT = {
     "layers": [{"node": str, "op": str, "macs": int, "params": int, "format_w": str,
                 "format_a": str, "bops": int, "latency_ms": OPT_NUM, "executed_dtype": OPT_STR}],
     "totals": {"bops": int, "float_bops": int, "size_bytes": int, "latency_ms": OPT_NUM},
-    "quality": {"metric": str, "float": NUM, "final": NUM},
+    # metric: a search.trainer.QUALITY name; metric_reason: why it was chosen (auto_metric's
+    # rule, or "given (--metric NAME)")
+    "quality": {"metric": str, "metric_reason": str, "float": NUM, "final": NUM},
     "baselines": [{"name": str, "bops": int, "quality": NUM, "latency_ms": OPT_NUM}],
     # onnxruntime_max_abs_err: a DEFAULT onnxruntime.InferenceSession(path) (what users run) vs
     # the quantized torch graph. Extra fields written by build_report: onnxruntime_exact_max_abs_err

@@ -20,6 +20,8 @@ def _summary(r: dict) -> list:
             f"| budget achieved{how} | {fmt(achieved)}{ratio} |",
             f"| quality ({metric}) | float {quality(r['quality']['float'], metric)} → final "
             f"{quality(r['quality']['final'], metric)} |",
+            *([f"| quality metric | `{metric}`: {r['quality']['metric_reason']} |"]
+              if r["quality"].get("metric_reason") else []),
             f"| BOPs (searched layers) | {si(r['totals']['bops'])} |",
             f"| BOPs (layers kept in float) | {si(r['totals']['float_bops'])} |",
             f"| weight size (searched layers) | {size_bytes(r['totals']['size_bytes'])} |",

@@ -6,6 +6,7 @@ from typing import Optional
 
 MISSING = "—"
 PERCENT_METRICS = ("accuracy", "agreement")  # fractions shown as percentages
+METRIC_UNITS = {"sqnr": " dB"}  # shown after the value
 
 
 def si(x: Optional[float], unit: str = "") -> str:
@@ -36,7 +37,7 @@ def quality(x: Optional[float], metric: str) -> str:
     """A quality value: a percentage for accuracy-like metrics, else 4 significant digits."""
     if x is None:
         return MISSING
-    return f"{x * 100:.2f} %" if metric in PERCENT_METRICS else f"{x:.4g}"
+    return f"{x * 100:.2f} %" if metric in PERCENT_METRICS else f"{x:.4g}{METRIC_UNITS.get(metric, '')}"
 
 
 def budget_text(budget: dict) -> str:

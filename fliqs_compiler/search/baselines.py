@@ -30,7 +30,8 @@ from fliqs_compiler.search.oneshot import SearchOptions
 from fliqs_compiler.search.projection import project_to_budget
 from fliqs_compiler.search.sensitivity import (forward_step_equivalents, ilp_choice, marginal_costs,
                                                measure_on_heldout, most_precise)
-from fliqs_compiler.search.trainer import WeightTrainer, default_metric, first_output, float_copy, needs_teacher
+from fliqs_compiler.search.metrics import resolve_metric
+from fliqs_compiler.search.trainer import WeightTrainer, float_copy, needs_teacher
 
 __all__ = ["BaselineResult", "uniform", "fixed", "random_search", "sensitivity_ilp", "dnas", "DNASMixer",
            "dnas_wrap", "marginal_costs", "BASELINES"]
@@ -58,10 +59,11 @@ class BaselineResult:
 
 def _setup(graph: Graph, data, options: SearchOptions):
     g = copy.deepcopy(graph)
-    metric = options.metric or default_metric(data)
+    metric = resolve_metric(g, data, options.metric)[0]
     teacher = float_copy(g.gm) if needs_teacher(data, options.train, metric) else None
     torch.manual_seed(options.seed)
-    return g, WeightTrainer(g.gm, data, options.train, teacher), metric, torch.Generator().manual_seed(options.seed)
+    return (g, WeightTrainer(g.gm, data, options.train, teacher, metric=metric), metric,
+            torch.Generator().manual_seed(options.seed))
 
 
 def _target(graph, budget, latency):
@@ -204,9 +206,10 @@ def dnas(graph: Graph, data, budget, options: SearchOptions, latency=None, alpha
     t0 = time.perf_counter()
     target, kind = _target(graph, budget, latency)
     g, alphas = dnas_wrap(graph)
-    metric = options.metric or default_metric(data)
+    metric = resolve_metric(graph, data, options.metric)[0]
     trainer = WeightTrainer(g.gm, data, options.train,
-                            float_copy(graph.gm) if needs_teacher(data, options.train, metric) else None)
+                            float_copy(graph.gm) if needs_teacher(data, options.train, metric) else None,
+                            metric=metric)
     ref = most_precise(graph.space)
     base_cost, deltas = marginal_costs(graph, ref, kind, latency)
     k = graph.space.max_candidates
@@ -220,7 +223,7 @@ def dnas(graph: Graph, data, budget, options: SearchOptions, latency=None, alpha
         x, y, idx = trainer.batch("train", options.train.batch_size, gen)
         t = trainer.teacher_out("train", idx)
         g.gm.train()
-        loss = trainer.loss(first_output(g.gm(x)), y, t)
+        loss = trainer.loss(g.gm(x), y, t)
         if target is not None:
             p = torch.softmax(alphas.masked_fill(~mask, -1e9), dim=-1)
             expected = base_cost + (p * delta).sum()

@@ -43,8 +43,8 @@ from fliqs_compiler.search.controller import Controller, ControllerOptions, tuna
 from fliqs_compiler.search.projection import project_to_budget
 from fliqs_compiler.search.sensitivity import (forward_step_equivalents, ilp_choice, marginal_costs,
                                                measure_on_heldout, prior_logits, sensitivity_evaluations)
-from fliqs_compiler.search.trainer import (QUALITY, TrainOptions, WeightTrainer, default_metric,
-                      first_output, float_copy, needs_teacher)
+from fliqs_compiler.search.metrics import QUALITY, resolve_metric
+from fliqs_compiler.search.trainer import TrainOptions, WeightTrainer, float_copy, needs_teacher
 
 __all__ = ["SearchOptions", "SearchResult", "OneShotSearch", "run_search", "config_id"]
 
@@ -72,7 +72,7 @@ class SearchOptions:
     steps: int = 300
     seed: int = 0
     gamma: float = 0.5  # cost weight of the absolute reward
-    metric: Optional[str] = None  # QUALITY key; None: accuracy with labels, agreement without
+    metric: Optional[str] = None  # QUALITY key; None: chosen from the outputs (metrics.auto_metric)
     reward_batch: str = "heldout"  # heldout (a validation batch, TuNAS) | train (the step's batch)
     reward_batch_size: Optional[int] = None  # held-out batch size; None: the training batch size
     reward_metric: Optional[str] = None  # QUALITY key of the reward; None: ``metric``
@@ -176,7 +176,7 @@ class OneShotSearch:
                  latency_model: Optional[LatencyModel] = None):
         self.graph, self.data, self.opts = graph, data, options or SearchOptions()
         self.space, self.gm = graph.space, graph.gm
-        self.metric = self.opts.metric or default_metric(data)
+        self.metric, self.metric_reason = resolve_metric(graph, data, self.opts.metric)
         self.reward_metric = self.opts.reward_metric or self.metric
         _check_inputs(graph, data, self.metric)
         _check_inputs(graph, data, self.reward_metric)
@@ -189,7 +189,8 @@ class OneShotSearch:
         self.gen = torch.Generator().manual_seed(self.opts.seed)
         self.teacher = float_copy(self.gm)
         teach = any(needs_teacher(data, self.opts.train, m) for m in (self.metric, self.reward_metric))
-        self.trainer = WeightTrainer(self.gm, data, self.opts.train, self.teacher if teach else None)
+        self.trainer = WeightTrainer(self.gm, data, self.opts.train, self.teacher if teach else None,
+                                     metric=self.metric)
         # the prior's forward passes are paid for with weight steps (the same total for all methods)
         self.prior_samples, self.prior_charged = self._prior_cost(len(data.x_val))
         self.steps = max(1, int(self.opts.steps) - self.prior_charged)  # weight steps run
@@ -294,14 +295,15 @@ class OneShotSearch:
         x, y, idx = trainer.batch("train", opts.train.batch_size, gen)
         t = trainer.teacher_out("train", idx)
         self.gm.train()
-        out = first_output(self.gm(x))
+        out = self.gm(x)  # every output: the loss and the reward cover them all
         loss = trainer.loss(out, y, t)
         trainer.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         trainer.optimizer.step()
         judge = QUALITY[self.reward_metric][0]
         if opts.reward_batch == "train":
-            quality = judge(out.detach(), y, t)
+            with torch.no_grad():
+                quality = judge(out, y, t)
             batch = None
         else:
             batch = trainer.batch("val", opts.reward_batch_size or opts.train.batch_size, gen)
@@ -363,7 +365,7 @@ class OneShotSearch:
         metric, trainer = self.metric, self.trainer
         final = list(self._final())
         self.space.apply(self.gm, final)
-        quality = {"metric": metric,
+        quality = {"metric": metric, "metric_reason": self.metric_reason,
                    "float": trainer.evaluate(metric, "test", model=self.teacher),  # the starting model
                    "final": trainer.evaluate(metric, "test")}
         if self.opts.finetune > 0:

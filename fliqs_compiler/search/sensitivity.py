@@ -81,9 +81,7 @@ def measure_sensitivity(space, gm, loss_of_output: Callable, x, y, t,
 
     def loss_of(choice):
         space.apply(gm, choice)
-        out = gm(x)
-        out = out[0] if isinstance(out, (tuple, list)) else out
-        return float(loss_of_output(out, y, t))
+        return float(loss_of_output(gm(x), y, t))  # every output (the trainer's loss)
 
     base = loss_of(ref)
     rows = []

@@ -4,12 +4,11 @@ search and the baselines).
 ``WeightTrainer`` owns the batches (drawn from one ``torch.Generator``, so a run is a pure
 function of its seed), the weight optimizer (weights and per-format scales of the
 ``SearchableQuantizer``s), the loss (cross-entropy with labels; with no labels, knowledge
-distillation from the float model) and the quality signals (``QUALITY``).
+distillation from the float model) and the evaluation in a quality signal (``metrics.py``:
+``QUALITY``, the automatic choice; re-exported here).
 """
 from __future__ import annotations
 
-import contextlib
-import copy
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -18,84 +17,17 @@ import torch.nn.functional as Fn
 from torch import nn
 
 from fliqs_compiler.data.sources import Dataset
-from fliqs_compiler.numerics.quantizers import SearchableQuantizer
+from fliqs_compiler.search.float_view import bypass_quantizers, float_copy  # noqa: F401
+from fliqs_compiler.search.metrics import (QUALITY, SQNR_CAP_DB, TEACHER_LOSSES, Metric, OutputInfo,  # noqa: F401
+                                           auto_metric, choose_metric, custom_metric, default_metric,
+                                           describe_outputs, first_output, float_outputs, outputs_of,
+                                           output_kind, pack_outputs, paired_outputs, register_metric)
 
-__all__ = ["TrainOptions", "WeightTrainer", "QUALITY", "float_copy", "bypass_quantizers",
-           "first_output", "default_metric", "needs_teacher", "weight_optimizer"]
-
-
-def first_output(out):
-    """The model's first output tensor (fx graphs may return tuples/lists)."""
-    while isinstance(out, (tuple, list)):
-        out = out[0]
-    return out
-
-
-def _quantizer_paths(gm: nn.Module) -> list:
-    return [name for name, m in gm.named_modules() if isinstance(m, SearchableQuantizer)]
-
-
-def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
-    parent, _, leaf = path.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, leaf, module)
-
-
-@contextlib.contextmanager
-def bypass_quantizers(gm: nn.Module):
-    """Run ``gm`` in float: every ``SearchableQuantizer`` is an identity inside the block."""
-    saved = {p: gm.get_submodule(p) for p in _quantizer_paths(gm)}
-    try:
-        for p in saved:
-            _set_submodule(gm, p, nn.Identity())
-        yield gm
-    finally:
-        for p, m in saved.items():
-            _set_submodule(gm, p, m)
-
-
-def float_copy(gm: nn.Module) -> nn.Module:
-    """A deep copy of ``gm`` with its quantizers replaced by identities (the float model)."""
-    model = copy.deepcopy(gm)
-    for p in _quantizer_paths(model):
-        _set_submodule(model, p, nn.Identity())
-    return model.eval()
-
-
-# ---- quality signals: (student output, labels or None, teacher output or None) -> float ----
-def _accuracy(out, y, t):
-    return float((out.argmax(-1) == y).float().mean())
-
-
-def _neg_loss(out, y, t):
-    return -float(Fn.cross_entropy(out, y))
-
-
-def _agreement(out, y, t):
-    return float((out.argmax(-1) == t.argmax(-1)).float().mean())
-
-
-def _neg_kl(out, y, t):
-    return -float(Fn.kl_div(Fn.log_softmax(out, -1), Fn.log_softmax(t, -1), log_target=True,
-                            reduction="batchmean"))
-
-
-def _neg_mse(out, y, t):
-    return -float(Fn.mse_loss(out, t))
-
-
-QUALITY = {  # name -> (function, needs labels, needs teacher)
-    "accuracy": (_accuracy, True, False),
-    "neg_loss": (_neg_loss, True, False),
-    "agreement": (_agreement, False, True),
-    "neg_kl": (_neg_kl, False, True),
-    "neg_mse": (_neg_mse, False, True),
-}
-
-
-def default_metric(data: Dataset, classification: bool = True) -> str:
-    if data.labeled:
-        return "accuracy"
-    return "agreement" if classification else "neg_mse"
+__all__ = ["TrainOptions", "WeightTrainer", "QUALITY", "Metric", "TEACHER_LOSSES", "float_copy",
+           "bypass_quantizers", "first_output", "outputs_of", "default_metric", "auto_metric",
+           "choose_metric", "describe_outputs", "OutputInfo", "output_kind", "register_metric",
+           "custom_metric", "needs_teacher", "weight_optimizer", "SQNR_CAP_DB", "float_outputs",
+           "pack_outputs"]
 
 
 @dataclass
@@ -118,10 +50,16 @@ class TrainOptions:
     # Every sampled configuration learns to match the float model (in-place distillation as in
     # BigNAS); without labels the loss is pure KD whatever this is.
     distill: float = 0.0
+    # The distillation / label-free loss, a ``TEACHER_LOSSES`` name; None: the metric's own
+    # (``QUALITY[metric].teacher_loss``: KL for logits, 1 − cosine for embeddings, relative MSE
+    # for SQNR). The driver sets it from the search metric.
+    teacher_loss: Optional[str] = None
 
     def __post_init__(self):
         if not 0.0 <= float(self.distill) <= 1.0:
             raise ValueError(f"distill={self.distill}: use a weight in [0, 1]")
+        if self.teacher_loss is not None and self.teacher_loss not in TEACHER_LOSSES:
+            raise ValueError(f"teacher_loss={self.teacher_loss!r}: use one of {', '.join(TEACHER_LOSSES)}")
 
 
 def needs_teacher(data: Dataset, options: TrainOptions, metric: Optional[str] = None) -> bool:
@@ -147,48 +85,71 @@ def weight_optimizer(gm: nn.Module, options: TrainOptions) -> torch.optim.Optimi
 class WeightTrainer:
     """Trains ``gm``'s weights and scales under whichever configuration is applied to it.
 
-    Requires: ``gm`` returns logits [N, classes] (or any tensor when unlabeled: MSE distillation);
-    ``teacher`` (the float model) when the data is unlabeled or a teacher-based metric is used.
+    Requires: with labels, ``gm``'s first output is logits [N, classes]; ``teacher`` (the float
+    model) when the data is unlabeled, ``distill`` > 0 or a teacher-based metric is used.
+    The teacher loss is ``options.teacher_loss``, else that of ``metric`` (a ``QUALITY`` name;
+    None: ``choose_metric`` on the teacher's outputs, once, when a teacher loss is first needed).
     Guarantees: batches depend only on the generator passed in; the optimizer holds every
     trainable parameter of ``gm`` at construction (per-format scales included).
     """
 
     def __init__(self, gm: nn.Module, data: Dataset, options: TrainOptions,
-                 teacher: Optional[nn.Module] = None):
+                 teacher: Optional[nn.Module] = None, metric: Optional[str] = None):
         self.gm, self.data, self.options, self.teacher = gm, data, options, teacher
         if options.distill > 0 and teacher is None:
             raise ValueError("TrainOptions.distill > 0 needs the float model as teacher")
+        if metric is not None and metric not in QUALITY:
+            raise ValueError(f"metric {metric!r}: use one of {', '.join(QUALITY)}")
+        self.metric = metric
         self.optimizer = weight_optimizer(gm, options)
         self._teacher_cache: dict = {}
+        self._loss_metric: Optional[str] = None
 
     # -- teacher outputs (cached per split: the float model never changes) ---------------------
-    def teacher_out(self, split: str, idx: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    def teacher_out(self, split: str, idx: Optional[torch.Tensor]):
+        """The float model's outputs on ``split`` (rows ``idx``; None: all): a tensor for a
+        one-output model, else a tuple of tensors (every floating output)."""
         if self.teacher is None:
             return None
         if split not in self._teacher_cache:
             x = getattr(self.data, f"x_{split}")
+            b = self.options.eval_batch_size
             with torch.no_grad():
-                outs = [first_output(self.teacher(x[i:i + self.options.eval_batch_size]))
-                        for i in range(0, len(x), self.options.eval_batch_size)]
-            self._teacher_cache[split] = torch.cat(outs)
-        t = self._teacher_cache[split]
-        return t if idx is None else t[idx]
+                chunks = [float_outputs(self.teacher(x[i:i + b])) for i in range(0, len(x), b)]
+            self._teacher_cache[split] = [torch.cat(parts) for parts in zip(*chunks)]
+        outs = self._teacher_cache[split]
+        return pack_outputs(outs if idx is None else [t[idx] for t in outs])
+
+    def loss_metric(self) -> str:
+        """The metric the teacher loss pairs with: ``metric``, or (None, or a user metric with no
+        teacher loss of its own) ``choose_metric`` on the teacher's outputs, chosen once."""
+        if self._loss_metric is None:
+            name = self.metric
+            if name is None or QUALITY[name].teacher_loss is None:
+                name = choose_metric(self.teacher, self.data)[0] if self.teacher is not None else "accuracy"
+            self._loss_metric = name
+        return self._loss_metric
 
     def loss(self, out, y, t):
-        """Cross-entropy with labels, mixed with KD at weight ``distill``; without labels KD
-        (KL to the teacher at ``kd_temperature``) or MSE."""
+        """Cross-entropy of the first output with labels, mixed with the teacher loss at weight
+        ``distill``; without labels the teacher loss alone. ``out``: the model's output(s) (one
+        tensor, e.g. ``first_output``, or all of them)."""
         if y is not None:
-            ce = Fn.cross_entropy(out, y)
+            ce = Fn.cross_entropy(float_outputs(out)[0], y)
             d = self.options.distill
             return ce if d <= 0 or t is None else (1 - d) * ce + d * self._kd(out, t)
         return self._kd(out, t)
 
     def _kd(self, out, t):
-        if out.dim() == 2 and out.shape[1] > 1:
-            T = self.options.kd_temperature
-            return Fn.kl_div(Fn.log_softmax(out / T, -1), Fn.log_softmax(t / T, -1), log_target=True,
-                             reduction="batchmean") * T * T
-        return Fn.mse_loss(out, t)
+        """The metric's teacher loss, mean over the outputs (``QUALITY[m].outputs == "first"``:
+        the first output only)."""
+        m = QUALITY[self.loss_metric()]
+        fn = TEACHER_LOSSES[self.options.teacher_loss or m.teacher_loss]
+        T = self.options.kd_temperature
+        outs, ts = paired_outputs(out, t)
+        if m.outputs == "first":
+            outs, ts = outs[:1], ts[:1]
+        return sum(fn(o, r, T) for o, r in zip(outs, ts)) / len(outs)
 
     def batch(self, split: str, size: int, generator: torch.Generator):
         x = getattr(self.data, f"x_{split}")
@@ -201,7 +162,7 @@ class WeightTrainer:
         x, y, idx = self.batch("train", self.options.batch_size, generator)
         t = self.teacher_out("train", idx)
         self.gm.train()
-        loss = self.loss(first_output(self.gm(x)), y, t)
+        loss = self.loss(self.gm(x), y, t)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -209,18 +170,20 @@ class WeightTrainer:
 
     @torch.no_grad()
     def quality(self, metric: str, x, y, t) -> float:
+        """``metric`` of ``gm`` (all its outputs) on the batch ``x``."""
         self.gm.eval()
-        return QUALITY[metric][0](first_output(self.gm(x)), y, t)
+        return QUALITY[metric][0](self.gm(x), y, t)
 
     @torch.no_grad()
     def evaluate(self, metric: str, split: str = "test", model: Optional[nn.Module] = None) -> float:
         """``metric`` over a whole split (``val`` or ``test``) of ``model`` (default: ``gm`` under
-        its applied configuration)."""
+        its applied configuration), every output concatenated over the evaluation chunks."""
         model = self.gm if model is None else model
         model.eval()
         x, y = getattr(self.data, f"x_{split}"), getattr(self.data, f"y_{split}")
         b = self.options.eval_batch_size
-        outs = torch.cat([first_output(model(x[i:i + b])) for i in range(0, len(x), b)])
+        chunks = [float_outputs(model(x[i:i + b])) for i in range(0, len(x), b)]
+        outs = pack_outputs([torch.cat(parts) for parts in zip(*chunks)])
         return QUALITY[metric][0](outs, y, self.teacher_out(split, None))
 
     def train_fixed(self, apply, choice: Sequence[int], steps: int, generator: torch.Generator) -> None:

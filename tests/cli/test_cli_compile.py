@@ -97,7 +97,10 @@ def test_qdq_onnx_runs_with_the_models_io(run, demo_model, threads):
 def test_search_log(run):
     out, _ = run
     lines = [json.loads(s) for s in (out / "search.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in lines] == list(range(12))
+    sched = json.loads((out / "report.json").read_text())["search"]["schedule"]
+    charged = sched["prior"]["charged_steps"]  # the sensitivity prior's passes, paid as steps
+    assert 0 < charged <= 2 and sched["weight_steps"] == 12 - charged
+    assert [r["step"] for r in lines] == list(range(12 - charged))
     for r in lines:
         for k in ("reward", "cost", "quality", "entropy"):
             assert isinstance(r[k], (int, float))

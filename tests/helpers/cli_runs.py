@@ -13,7 +13,7 @@ TOP = {
     "model": str, "target": str, "formats": list, "budget": {"kind": str, "value": NUM},
     "layers": list,
     "totals": {"bops": int, "float_bops": int, "size_bytes": int, "latency_ms": OPT_NUM},
-    "quality": {"metric": str, "float": NUM, "final": NUM},
+    "quality": {"metric": str, "metric_reason": str, "float": NUM, "final": NUM},
     "baselines": list,
     "numerics": {"onnxruntime_max_abs_err": OPT_NUM, "tvm_max_abs_err": OPT_NUM},
     "timing_s": {"import": NUM, "passes": NUM, "search": NUM, "export": NUM, "lower": NUM},
