@@ -92,18 +92,27 @@ def _check_batches(fixed, qs, path, x: np.ndarray) -> dict:
 
 
 # ---- a torch CNN, mixed int8 / int4 ------------------------------------------------------------
+def _searched_layers(graph) -> list:
+    """Every conv/linear searched (first and last included), int8 candidates."""
+    return list(passes.prepare(graph, passes.PrepareOptions(
+        formats=["int8"], keep_float_first=False, keep_float_last=False)).layers)
+
+
+def _exported(graph, config, digits, folder):
+    """(fixed graph, quantizers, model.qdq.onnx path) of ``config`` calibrated on 64 digits."""
+    fixed, q = _materialize(graph, config, digits.x_train[:64])
+    return fixed, q, ox.export_qdq(fixed, folder / "model.qdq.onnx")
+
+
 @pytest.fixture(scope="module")
 def cnn(tmp_path_factory, trained_tiny_cnn, digits):
     torch.set_num_threads(1)  # numerics only (see test_conformance's matrix fixture)
     graph = fq.load(copy.deepcopy(trained_tiny_cnn).eval(), (digits.x_train[:1],))
-    names = list(passes.prepare(graph, passes.PrepareOptions(
-        formats=["int8"], keep_float_first=False, keep_float_last=False)).layers)
+    names = _searched_layers(graph)
     config = {names[0]: {"weight": "int8", "activation": "int8"},
               names[1]: {"weight": "int4", "activation": "int4"},
               names[2]: {"weight": "int4", "activation": "int8"}}
-    fixed, q = _materialize(graph, config, digits.x_train[:64])
-    path = ox.export_qdq(fixed, tmp_path_factory.mktemp("cnn") / "model.qdq.onnx")
-    yield graph, fixed, q, path
+    yield (graph,) + _exported(graph, config, digits, tmp_path_factory.mktemp("cnn"))
     torch.set_num_threads(2)
 
 
@@ -179,17 +188,14 @@ def vit(tmp_path_factory, digits):
     torch.set_num_threads(1)
     graph = fq.load(make_vit(tmp_path_factory.mktemp("vit_src")))
     assert graph.meta["batch"]["dynamic"]
-    layers = list(passes.prepare(graph, passes.PrepareOptions(
-        formats=["int8"], keep_float_first=False, keep_float_last=False)).layers)
+    layers = _searched_layers(graph)
     # int8 everywhere but: int4 weights (qkv), an MX activation (mlp.0: blocked on the feature
     # axis of [batch, 17, 32] tokens, a -1 batch in its Reshapes; the weight reaches the MatMul
     # through a Transpose), mxint8 weights of two blocks (mlp.2, K = 64)
     config = {layers[1]: {"weight": "int4", "activation": "int8"},
               layers[3]: {"weight": "int8", "activation": "mxfp8_e4m3"},
               layers[4]: {"weight": "mxint8", "activation": "int8"}}
-    fixed, q = _materialize(graph, config, digits.x_train[:64])
-    path = ox.export_qdq(fixed, tmp_path_factory.mktemp("vit") / "model.qdq.onnx")
-    yield fixed, q, path
+    yield _exported(graph, config, digits, tmp_path_factory.mktemp("vit"))
     torch.set_num_threads(2)
 
 
@@ -241,8 +247,7 @@ def test_static_batch_vit_builds_a_default_session(vit_src, digits, config, monk
     build (MatMulAddFusion's Reshapes: a QuantizeLinear with output_dtype INT8 and a UINT8
     zero point), and the rewrite leaves the graph's values bit-identical (onnx.reference)."""
     from onnx.reference import ReferenceEvaluator
-    layers = list(passes.prepare(_pinned_vit(vit_src), passes.PrepareOptions(
-        formats=["int8"], keep_float_first=False, keep_float_last=False)).layers)
+    layers = _searched_layers(_pinned_vit(vit_src))
     fixed, q = _materialize(_pinned_vit(vit_src), _static_vit_configs(layers)[config],
                             digits.x_train[:64])
     assert ox.batch_inputs(fixed) == []
