@@ -8,9 +8,11 @@ Accepted forms (``parse_target``):
 - a JSON target dict, e.g. ``{"kind":"llvm","mcpu":"znver4","num-cores":2}`` (TVM 0.27 accepts
   only dicts; ``num-cores`` is added when missing because MetaSchedule needs it).
 - ``ort`` — onnxruntime's CPU execution provider (no TVM).
-- ``rpc://HOST:PORT/KEY[?target=<JSON target dict>&priority=N&timeout=S]`` — a device behind a
-  TVM RPC tracker. Without ``target=`` the device is asked for its own LLVM target
+- ``rpc://HOST:PORT/KEY[?target=<JSON target dict>&priority=N&timeout=S&cc=COMPILER]`` — a
+  device behind a TVM RPC tracker. Without ``target=`` the device is asked for its own LLVM target
   (``backends.devices.resolve``, through the backend's ``resolve``); nothing uses the host CPU.
+  ``cc=``: the cross compiler that links libraries for the device when its ``mtriple`` differs
+  from the host's (``cross_compiler``; default ``$FLIQS_CROSS_CC``, else ``<mtriple>-g++``).
 
 A ``Target`` is plain data: ``kind`` (the backend that runs it: 'tvm' | 'ort', a name in
 ``backends.registry``), ``tvm_target`` (dict or None), ``key`` (a stable string for caches: same
@@ -30,10 +32,11 @@ from typing import Callable, Optional
 from fliqs_compiler.base.errors import FliqsError
 
 __all__ = ["Target", "Capabilities", "CPU_FEATURES", "parse_target", "register_form",
-           "unregister_form", "default_threads", "host_cpu", "VALID_FORMS"]
+           "unregister_form", "default_threads", "host_cpu", "host_triple", "same_triple",
+           "cross_compiler", "CROSS_CC_ENV", "VALID_FORMS"]
 
 VALID_FORMS = ("llvm", 'a JSON target dict such as {"kind":"llvm","mcpu":"znver4","num-cores":2}',
-               "ort", "rpc://HOST:PORT/KEY[?target=<JSON target dict>&priority=N&timeout=S]")
+               "ort", "rpc://HOST:PORT/KEY[?target=<JSON target dict>&priority=N&timeout=S&cc=COMPILER]")
 
 
 def default_threads() -> int:
@@ -53,6 +56,42 @@ def host_cpu() -> str:
         return str(codegen.llvm_get_system_cpu()) or "generic"
     except Exception:  # noqa: BLE001 — a build without the LLVM helper
         return "generic"
+
+
+def host_triple() -> str:
+    """LLVM's triple for this host (e.g. ``x86_64-pc-linux-gnu``); '' when TVM cannot tell."""
+    import tvm  # noqa: F401
+    from tvm.target import codegen
+    try:
+        return str(codegen.llvm_get_system_triple())
+    except Exception:  # noqa: BLE001 — a build without the LLVM helper
+        return ""
+
+
+_VENDORS = frozenset({"pc", "unknown", "none", "conda", "redhat", "suse", "w64", "apple"})
+
+
+def _triple_parts(triple: str) -> tuple:
+    """(arch, os, env...) of an LLVM triple, the vendor dropped: ``x86_64-pc-linux-gnu``,
+    ``x86_64-conda-linux-gnu`` and ``x86_64-linux-gnu`` all give ('x86_64', 'linux', 'gnu')."""
+    parts = str(triple).strip().lower().split("-")
+    if len(parts) >= 4 or (len(parts) == 3 and parts[1] in _VENDORS):
+        parts = parts[:1] + parts[2:]
+    return tuple(parts)
+
+
+def same_triple(a: str, b: str) -> bool:
+    """True when two LLVM triples name the same architecture and OS (vendors ignored)."""
+    return _triple_parts(a) == _triple_parts(b)
+
+
+def _is_x86(tvm_target: Optional[dict]) -> bool:
+    """The target dict builds for x86: no ``mtriple`` (the host's, LLVM's default) or an x86 one."""
+    triple = str((tvm_target or {}).get("mtriple") or "")
+    if not triple:
+        return True
+    arch = _triple_parts(triple)[0]
+    return arch in ("x86_64", "amd64", "x86", "i386", "i486", "i586", "i686")
 
 
 # Instruction-set features per LLVM CPU name, for the features lowering rules choose kernels by
@@ -97,7 +136,9 @@ def cpu_features(tvm_target: Optional[dict]) -> frozenset:
     """``CPU_FEATURES[mcpu]`` adjusted by the target dict's ``mattr`` (+feature / -feature)."""
     if not tvm_target:
         return frozenset()
-    features = set(CPU_FEATURES.get(str(tvm_target.get("mcpu", "")), ()))
+    # CPU_FEATURES rows are x86 CPUs: an aarch64 (or other non-x86) mtriple never gets them, even
+    # with an x86 mcpu name in the dict; only its own mattr features count then.
+    features = set(CPU_FEATURES.get(str(tvm_target.get("mcpu", "")), ()) if _is_x86(tvm_target) else ())
     mattr = tvm_target.get("mattr") or []
     for item in mattr.split(",") if isinstance(mattr, str) else mattr:
         item = str(item).strip()
@@ -116,6 +157,7 @@ class Target:
     text: str
     tvm_target: Optional[dict] = None
     rpc: Optional[RpcAddress] = None  # a remote device behind a tracker
+    cc: Optional[str] = None  # cross compiler for export_library (rpc ``cc=``); see cross_compiler
 
     @property
     def key(self) -> str:
@@ -199,7 +241,7 @@ def _ort(text: str) -> Optional[Target]:
 
 _RPC_RE = re.compile(r"^rpc://(?P<host>[A-Za-z0-9_.\-]+):(?P<port>\d{1,5})/(?P<key>[A-Za-z0-9_.\-]+)"
                      r"(?:\?(?P<query>.*))?$")
-_RPC_USAGE = "rpc://HOST:PORT/KEY[?target=<JSON target dict>&priority=N&timeout=S]"
+_RPC_USAGE = "rpc://HOST:PORT/KEY[?target=<JSON target dict>&priority=N&timeout=S&cc=COMPILER]"
 
 
 @dataclass(frozen=True)
@@ -215,7 +257,8 @@ class RpcAddress:
 
 
 def _rpc_query(text: str, query: str) -> dict:
-    """``target=<JSON>&priority=N&timeout=S`` → checked values (unknown keys are errors)."""
+    """``target=<JSON>&priority=N&timeout=S&cc=COMPILER`` → checked values (unknown keys are
+    errors)."""
     from urllib.parse import parse_qs
     out = {}
     try:
@@ -235,6 +278,14 @@ def _rpc_query(text: str, query: str) -> dict:
                 raise FliqsError(f"--target {text!r}: {name}={value!r} is not a "
                                  f"{'integer' if name == 'priority' else 'positive number of seconds'}") from None
             out[name] = number
+        elif name == "cc":
+            # read raw: a '+' in a compiler name (g++) is a plus, not a URL-encoded space
+            from urllib.parse import unquote
+            value = unquote([p for p in query.split("&") if p.startswith("cc=")][-1][3:])
+            if not value.strip():
+                raise FliqsError(f"--target {text!r}: cc= needs a compiler (a name on PATH or a "
+                                 "path), e.g. cc=aarch64-linux-gnu-g++")
+            out["cc"] = value.strip()
         else:
             raise FliqsError(f"--target {text!r}: unknown option {name!r}; expected {_RPC_USAGE}")
     return out
@@ -250,7 +301,7 @@ def _rpc(text: str) -> Optional[Target]:
     address = RpcAddress(m["host"], int(m["port"]), m["key"], int(opts.get("priority", 1)),
                          float(opts.get("timeout", 60.0)))
     # No target= : the device is asked for its own (``backends.rpc``); never the host's CPU.
-    return Target("tvm", text, opts.get("tvm_target"), rpc=address)
+    return Target("tvm", text, opts.get("tvm_target"), rpc=address, cc=opts.get("cc"))
 
 
 # Target forms, tried in order; each returns a Target, None (not this form) or raises FliqsError.
@@ -282,3 +333,39 @@ def parse_target(text) -> Target:
         if target is not None:
             return target
     raise FliqsError(f"--target {text!r} is not a known target; use one of: " + ", ".join(VALID_FORMS))
+
+
+CROSS_CC_ENV = "FLIQS_CROSS_CC"
+
+
+def cross_compiler(target: Target):
+    """The ``fcompile`` for ``export_library`` of a library built for ``target`` (resolved).
+
+    None (the host's default compiler) when the target dict has no ``mtriple`` or the same one as
+    the host (``tvm.target.codegen.llvm_get_system_triple``, vendors ignored). Otherwise
+    ``tvm.support.cc.cross_compiler(CC)`` with CC, in order: the rpc target's ``cc=`` option,
+    ``$FLIQS_CROSS_CC``, ``<mtriple>-g++`` when on PATH. None of them → a one-line FliqsError
+    naming the triple, the Debian package and the option/variable. (Android: set CC to the NDK's
+    clang++, or use ``tvm.support.ndk.create_shared`` through the API.)"""
+    import shutil
+    triple = str((target.tvm_target or {}).get("mtriple") or "").strip()
+    if not triple:
+        return None
+    host = host_triple()
+    if host and same_triple(triple, host):
+        return None
+    cc = target.cc or os.environ.get(CROSS_CC_ENV, "").strip() or None
+    if cc is None:
+        cc = shutil.which(f"{triple}-g++")
+        if cc is None:
+            pkg = f"g++-{triple.replace('_', '-')}"
+            raise FliqsError(
+                f"target {target.text!r} builds for {triple!r} (host: {host or 'unknown'}) but no "
+                f"cross compiler {triple}-g++ is on PATH; install one (Debian: apt-get install "
+                f"{pkg}) or set {CROSS_CC_ENV}=COMPILER (rpc:// targets: &cc=COMPILER)")
+    elif shutil.which(cc) is None:
+        raise FliqsError(f"target {target.text!r}: cross compiler {cc!r} for {triple!r} is not "
+                         f"found (from {'cc=' if target.cc else CROSS_CC_ENV}); give a name on "
+                         "PATH or a path to an executable")
+    from tvm.support import cc as tvm_cc
+    return tvm_cc.cross_compiler(cc)

@@ -57,7 +57,7 @@ from fliqs_compiler.base.errors import FliqsError  # noqa: E402
 from fliqs_compiler.numerics.qspec import QuantSpec  # noqa: E402
 
 from fliqs_compiler.backends import tvm_kernels as K  # noqa: E402
-from fliqs_compiler.backends.targets import Target, parse_target  # noqa: E402
+from fliqs_compiler.backends.targets import Target, cross_compiler, parse_target  # noqa: E402
 
 __all__ = ["QTensor", "Lowered", "Tuning", "lower", "translate", "compile_module", "WEIGHT_RULES",
            "ACT_RULES", "COMPUTE_RULES", "asm_functions", "fuse_pipeline"]
@@ -638,9 +638,12 @@ class Lowered:
         return float(f(*self._args(inputs)).median * 1e3)
 
 
-def _write_library(ex, path: Path) -> None:
+def _write_library(ex, path: Path, fcompile=None) -> None:
+    """``ex.export_library`` at ``path`` (atomic), linked by ``fcompile``: None (the host's
+    compiler) or ``targets.cross_compiler(target)``'s, for a target whose ``mtriple`` is not the
+    host's."""
     with atomic.replacing(path, suffix=".so") as tmp:
-        ex.export_library(tmp)
+        ex.export_library(tmp, fcompile=fcompile)
 
 
 def _public_names(graph, records: list) -> list:
@@ -666,11 +669,16 @@ def lower(graph, target, out_dir=None, *, tuning: Optional[Tuning] = None, vnni:
     Guarantees: ``out_dir/tvm/model.so`` (when ``out_dir``) is written atomically and loads in a
     fresh ``relax.VirtualMachine`` whose ``main`` takes only the model inputs; ``executed`` names
     the realized compute per layer public name. Bad target / unsupported format → FliqsError.
+    A target whose ``mtriple`` differs from the host's (a device) is linked by its cross compiler
+    (``targets.cross_compiler``): the file is then for that device, not loadable here.
     """
     target = parse_target(target)
     if target.kind != "tvm":
         raise FliqsError(f"target {target.text!r} is not a TVM target; lower() needs 'llvm' or a "
                          "JSON target dict")
+    # The linker for a device whose triple is not the host's, checked before any work (a missing
+    # cross compiler is a one-line FliqsError, not a failure after the compile).
+    fcompile = cross_compiler(target) if out_dir is not None else None
     times = {}
     t0 = time.perf_counter()
     inputs = example_inputs or graph.example_inputs()
@@ -721,7 +729,7 @@ def lower(graph, target, out_dir=None, *, tuning: Optional[Tuning] = None, vnni:
     path = None
     if out_dir is not None:
         path = Path(out_dir) / "tvm" / "model.so"
-        _write_library(ex, path)
+        _write_library(ex, path, fcompile)
         meta = {"target": target.tvm_target, "executed": executed, "asm": stats}
         atomic.write_text(path.with_suffix(".json"), json.dumps(meta, indent=1))
     times["total"] = time.perf_counter() - t0
