@@ -232,8 +232,7 @@ class _RemoteLayers:
         built: list = [None] * len(entries)  # position → (library, input), filled as compiled
         ready = self._compiled(entries, built, workers)
         if not pipelined():  # asked for: nothing compiles while a device times
-            for _ in ready:
-                pass
+            ready = list(ready)  # compile every entry before any is timed
             ready = None
         results = measure_on_farm(range(len(entries)), a.host, a.port, a.key, n_devices,
                                   lambda session, i: time_remote(built[i][0], [built[i][1]], session),

@@ -27,6 +27,7 @@ import socket
 import threading
 import time
 import uuid
+import contextlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -449,10 +450,8 @@ def tuning_runner(host: str, port: int, key: str, priority: int = 1,
     finally:
         runner.pool.shutdown(wait=True)
         timed, errors = _read_ledger(ledger)
-        try:
+        with contextlib.suppress(OSError):  # a ledger already gone is nothing to clean up
             os.remove(ledger)
-        except OSError:
-            pass
         with _UPLOADS_LOCK:
             for device, n in timed.items():
                 _TUNING_RUNS[device] = _TUNING_RUNS.get(device, 0) + n
