@@ -38,6 +38,7 @@ function really contains ``vpdpbusd``; 'int8' plain int32-accumulating loops, wi
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -546,8 +547,9 @@ def _tune(mod, target: Target, work_dir: Path, tuning: Tuning, build_timeout_s: 
             log(f"MetaSchedule: {len(tasks)} tasks, {len(tasks) - len(todo)} reused from "
                 f"{work_dir}, {len(todo) if trials > 0 else 0} to tune")
         if trials > 0 and todo:
-            contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-                todo, str(work_dir), space="post-order-apply", strategy="evolutionary")
+            with _unnamed_handlers_detached(_MS_LOGGER):
+                contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+                    todo, str(work_dir), space="post-order-apply", strategy="evolutionary")
             with device_for(target).tuning_runner(build_timeout_s) as runner:
                 ms.tune.tune_tasks(
                     tasks=contexts, task_weights=weights, work_dir=str(work_dir),
@@ -557,6 +559,30 @@ def _tune(mod, target: Target, work_dir: Path, tuning: Tuning, build_timeout_s: 
         with database:  # the database already in memory: no second read of the JSON files
             mod = relax.transform.MetaScheduleApplyDatabase()(mod)
     return mod
+
+
+_MS_LOGGER = "tvm.s_tir.meta_schedule"
+
+
+@contextlib.contextmanager
+def _unnamed_handlers_detached(logger_name: str):
+    """Detach the logger's unnamed handlers while MetaSchedule writes its logging config.
+
+    MetaSchedule's ``create_loggers`` lists the handlers already on its logger *by name* in a
+    ``dictConfig``; an unnamed one (``logging.StreamHandler()`` added by an application, or the
+    capture handler pytest attaches to every non-propagating logger) is ``None`` there and the
+    call dies with "'NoneType' object has no attribute 'format'" — measured: every tuning after
+    the first in one pytest process. They are re-attached afterwards, so they keep their records."""
+    import logging
+    logger = logging.getLogger(logger_name)
+    unnamed = [h for h in logger.handlers if h.get_name() is None]
+    for h in unnamed:
+        logger.removeHandler(h)
+    try:
+        yield
+    finally:
+        for h in unnamed:
+            logger.addHandler(h)
 
 
 def _is_scheduled(prim_mod) -> bool:

@@ -56,3 +56,38 @@ def test_tuned_layer_uses_persistent_database(tmp_path):
     assert said == [f"MetaSchedule: 1 tasks, 1 reused from {tmp_path}, 0 to tune"]  # nothing re-tuned
     assert (tmp_path / "database_tuning_record.json").read_text().strip().splitlines() == records
     assert again.time_ms([np.ones((1, 128), np.float32)], repeat=2) > 0
+
+
+def test_tuning_setup_survives_unnamed_handlers_on_the_meta_schedule_logger(tmp_path):
+    """An unnamed handler on MetaSchedule's logger (an application's ``StreamHandler()``, or
+    pytest's capture handler on every non-propagating logger) made MetaSchedule's logging setup
+    fail with "'NoneType' object has no attribute 'format'"; the handler keeps its place."""
+    import logging
+
+    from tvm import relax
+    from tvm.s_tir import meta_schedule as ms
+
+    import torch
+
+    from fliqs_compiler.backends.targets import parse_target
+    from fliqs_compiler.backends.tvm_lower import _MS_LOGGER, _unnamed_handlers_detached, translate
+    fc = LayerInfo("fc", "linear", "n", weight_shape=(8, 16), input_shape=(1, 16))
+    g = layer_graph(fc, "float", "float")
+    mod, _ = translate(torch.export.export(g.gm.eval(), tuple(g.example_inputs())))
+    tgt = parse_target("llvm").tvm()  # carries -num-cores, as MetaSchedule requires
+    with tgt:
+        tasks = ms.relax_integration.extract_tasks(relax.get_pipeline("zero")(mod), tgt)
+    logger = logging.getLogger(_MS_LOGGER)
+    mine = logging.StreamHandler()
+    logger.addHandler(mine)
+    try:
+        with pytest.raises(AttributeError, match="format"), tgt:  # MetaSchedule's own behaviour
+            ms.relax_integration.extracted_tasks_to_tune_contexts(tasks, str(tmp_path))
+        with _unnamed_handlers_detached(_MS_LOGGER):
+            with tgt:
+                contexts, _ = ms.relax_integration.extracted_tasks_to_tune_contexts(
+                    tasks, str(tmp_path))
+        assert len(contexts) == len(tasks) >= 1
+        assert mine in logger.handlers
+    finally:
+        logger.removeHandler(mine)
