@@ -114,7 +114,8 @@ def _quiet_fx_call_errors() -> None:
 
 def handle_errors(fn):
     """Run a command body: FliqsError → one line on stderr and its exit code; anything else →
-    one line and exit 1 (a traceback with --debug or FLIQS_DEBUG=1)."""
+    one line and exit 1 (a traceback with --debug or FLIQS_DEBUG=1). A data-parallel rank whose
+    error line another process prints (``ranks.silenced``) exits with the code alone."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -126,7 +127,8 @@ def handle_errors(fn):
             if isinstance(e, FliqsError):
                 if os.environ.get(DEBUG_ENV):
                     raise
-                click.echo(f"fliqs: error: {e}", err=True)
+                if not _silenced(e):
+                    click.echo(f"fliqs: error: {e}", err=True)
                 sys.exit(e.exit_code)
             if isinstance(e, KeyboardInterrupt):
                 click.echo("fliqs: interrupted (a checkpoint, if any, is kept; rerun with --resume)",
@@ -136,9 +138,15 @@ def handle_errors(fn):
         except Exception as e:  # noqa: BLE001 — the CLI's last line of defence
             if os.environ.get(DEBUG_ENV):
                 raise
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            click.echo(f"fliqs: internal error: {type(e).__name__}: {msg} "
-                       "(rerun with --debug for a traceback)", err=True)
+            if not _silenced(e):
+                msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                click.echo(f"fliqs: internal error: {type(e).__name__}: {msg} "
+                           "(rerun with --debug for a traceback)", err=True)
             sys.exit(1)
 
     return wrapper
+
+
+def _silenced(error: BaseException) -> bool:
+    from fliqs_compiler.cli.ranks import silenced
+    return silenced(error)

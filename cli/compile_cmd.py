@@ -7,6 +7,7 @@ import click
 from fliqs_compiler.cli.common import (OneLineCommand, debug_option, finetune_options, prior_option,
                                        handle_errors, input_shape_option, metric_option,
                                        metric_options, parse_input_shapes, parse_int)
+from fliqs_compiler.cli.ranks import check_nproc, device_option, launch, nproc_option
 from fliqs_compiler.driver.options import check_data_arg
 
 
@@ -38,6 +39,8 @@ from fliqs_compiler.driver.options import check_data_arg
                    "needs no retraining; the report keeps both qualities).")
 @prior_option
 @metric_option
+@device_option
+@nproc_option
 @click.option("--quiet", is_flag=True, help="No progress display.")
 @click.option("--dry-run", is_flag=True,
               help="Check the options, list the stages this run would execute, and stop.")
@@ -46,7 +49,8 @@ from fliqs_compiler.driver.options import check_data_arg
 @debug_option
 @handle_errors
 def compile_(model, target, data, formats, budget, sweep, steps, out, seed, resume, input_shapes,
-             baselines, tune_trials, finetune, prior, metric, quiet, dry_run, checkpoint_every):
+             baselines, tune_trials, finetune, prior, metric, device, nproc, quiet, dry_run,
+             checkpoint_every):
     """Search a mixed-precision format per layer of MODEL under a budget, then export, lower,
     compile and measure it for TARGET."""
     from fliqs_compiler.driver import api
@@ -56,15 +60,21 @@ def compile_(model, target, data, formats, budget, sweep, steps, out, seed, resu
     check_data_arg(data)  # before the model is imported (cheap options first)
     shapes = parse_input_shapes(input_shapes)
     search_options = dict(finetune_options(finetune), prior=prior, **metric_options(metric))
+    nproc = check_nproc(nproc, search_options)
     if checkpoint_every is not None:
         search_options["checkpoint_every"] = api.check_steps(checkpoint_every)
     kwargs = dict(target=target, data=data, formats=formats, budget=budget,
                   steps=api.check_steps(steps), out=out, seed=parse_int("--seed", seed),
                   resume=resume, sweep=sweep, baselines=baselines, input_shapes=shapes or None,
                   progress=not quiet, search_options=search_options,
-                  tune_trials=parse_int("--tune-trials", tune_trials))
+                  tune_trials=parse_int("--tune-trials", tune_trials), device=device)
     if dry_run:
         click.echo(api.describe("compile", model=model, **kwargs))
         return
+    if nproc > 1:
+        api.compile_request(model, **kwargs)  # every option checked before the ranks start
+        launch(nproc, out or "the output folder")
+        return
     result = api.compile(model, **kwargs)
-    click.echo(f"wrote {result.out_dir} (report: {result.out_dir / 'report.md'})")
+    if result is not None:  # None: a data-parallel rank other than 0 (it writes nothing)
+        click.echo(f"wrote {result.out_dir} (report: {result.out_dir / 'report.md'})")

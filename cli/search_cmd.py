@@ -8,6 +8,7 @@ from fliqs_compiler.driver.options import check_data_arg
 from fliqs_compiler.cli.common import (OneLineCommand, debug_option, finetune_options, prior_option,
                                        handle_errors, input_shape_option, metric_option,
                                        metric_options, parse_input_shapes, parse_int)
+from fliqs_compiler.cli.ranks import check_nproc, device_option, launch, nproc_option
 
 
 @click.command("search", cls=OneLineCommand)
@@ -25,17 +26,26 @@ from fliqs_compiler.cli.common import (OneLineCommand, debug_option, finetune_op
               help="Fine-tune N steps under the found configuration (comparison only).")
 @prior_option
 @metric_option
+@device_option
+@nproc_option
 @click.option("--quiet", is_flag=True, help="No progress display.")
 @debug_option
 @handle_errors
 def search(model, data, formats, budget, target, steps, out, seed, resume, input_shapes, finetune,
-           prior, metric, quiet):
+           prior, metric, device, nproc, quiet):
     """Run the FLIQS one-shot search on MODEL and write DIR/config.json (and search.jsonl)."""
     from fliqs_compiler.driver import api
     check_data_arg(data)  # before the model is imported (cheap options first)
     search_options = dict(finetune_options(finetune), prior=prior, **metric_options(metric))
-    res = api.search_only(model, data=data, formats=formats, budget=budget, target=target,
-                          steps=api.check_steps(steps), out=out, seed=parse_int("--seed", seed),
-                          resume=resume, input_shapes=parse_input_shapes(input_shapes) or None,
-                          progress=not quiet, search_options=search_options)
-    click.echo(f"wrote {res['config']}")
+    nproc = check_nproc(nproc, search_options)
+    kwargs = dict(data=data, formats=formats, budget=budget, target=target,
+                  steps=api.check_steps(steps), out=out, seed=parse_int("--seed", seed),
+                  resume=resume, input_shapes=parse_input_shapes(input_shapes) or None,
+                  progress=not quiet, search_options=search_options, device=device)
+    if nproc > 1:
+        api.search_request(model, **kwargs)  # every option checked before the ranks start
+        launch(nproc, out or "the output folder")
+        return
+    res = api.search_only(model, **kwargs)
+    if res is not None:  # None: a data-parallel rank other than 0
+        click.echo(f"wrote {res['config']}")

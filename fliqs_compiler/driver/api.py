@@ -20,6 +20,7 @@ import os
 
 os.environ.setdefault("TVM_NUM_THREADS", "2")  # before anything imports tvm
 
+import dataclasses  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Optional  # noqa: E402
@@ -31,9 +32,11 @@ from fliqs_compiler.driver.options import (DEFAULT_BUDGET, DEFAULT_FORMATS, DEFA
                                            DEFAULT_STEPS, check_data_arg, check_holdout,
                                            check_metric, check_model_arg, check_steps, check_tuning,
                                            parse_baselines, parse_formats, parse_sweep)
+from fliqs_compiler.driver import outdir  # noqa: E402
 from fliqs_compiler.driver.outdir import resolve_out_dir  # noqa: E402
 from fliqs_compiler.driver.pipeline import PerBudget, Request, Run, execute, format_plan  # noqa: E402
 from fliqs_compiler.driver.pipeline import plan as _plan  # noqa: E402
+from fliqs_compiler.search.parallel import resolve_device  # noqa: E402
 
 __all__ = ["Result", "compile", "search_only", "lower_config", "profile", "plan", "PIPELINES",
            "parse_formats", "parse_sweep", "parse_baselines", "check_steps", "resolve_out_dir",
@@ -148,7 +151,23 @@ def _search_options(search_options: Optional[dict], metric=None) -> dict:
 
 def _start() -> None:
     import torch
-    torch.set_num_threads(threads())
+    # data-parallel ranks on one machine share its cores
+    torch.set_num_threads(max(1, threads() // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+
+
+def _execute_ranks(stages, request: Request) -> Optional[Run]:
+    """``execute`` on this process's device, in the torchrun job it belongs to (if any). Rank 0
+    runs every stage and owns the output folder; the other ranks run the collective stages
+    (``pipeline``), write nothing and get None."""
+    from fliqs_compiler.search import parallel
+    with parallel.start(request.device) as par:
+        if par.writer:
+            return execute(stages, _new_run(request))
+        request = dataclasses.replace(request, writer=False, progress=False)
+        run = _new_run(request)
+        run.out_dir = outdir.default_path(request.out, request.model)
+        execute(stages, run, own_out_dir=False)
+        return None
 
 
 # ---- requests: every option checked up front ------------------------------------------------------
@@ -157,10 +176,11 @@ def compile_request(model, *, target, data=None, formats=None, budget=None, step
                     input_shapes: Optional[dict] = None, progress: bool = True,
                     holdout: float = DEFAULT_HOLDOUT, example_inputs=None, layer_latency: bool = True,
                     prepare_options: Optional[dict] = None, search_options: Optional[dict] = None,
-                    baselines=None, tune_trials: int = 0, metric=None) -> Request:
+                    baselines=None, tune_trials: int = 0, metric=None, device=None) -> Request:
     from fliqs_compiler.backends.targets import parse_target
     from fliqs_compiler.cost.budget import parse_budget
     fmts = parse_formats(formats)
+    resolve_device(device)
     search_options = _search_options(search_options, metric)
     steps = check_steps(steps)
     tgt = _target(target)
@@ -179,17 +199,18 @@ def compile_request(model, *, target, data=None, formats=None, budget=None, step
                    input_shapes=input_shapes, example_inputs=example_inputs, holdout=holdout,
                    layer_latency=layer_latency, prepare_options=dict(prepare_options or {}),
                    search_options=dict(search_options or {}), baselines=baseline_names,
-                   tuning=tuning, progress=progress)
+                   tuning=tuning, progress=progress, device=device)
 
 
 def search_request(model, *, data=None, formats=None, budget=None, steps: int = DEFAULT_STEPS, out=None,
                    seed: int = 0, resume: bool = False, input_shapes: Optional[dict] = None,
                    progress: bool = True, holdout: float = DEFAULT_HOLDOUT, example_inputs=None,
                    target=None, prepare_options: Optional[dict] = None,
-                   search_options: Optional[dict] = None, metric=None) -> Request:
+                   search_options: Optional[dict] = None, metric=None, device=None) -> Request:
     from fliqs_compiler.backends.targets import parse_target
     from fliqs_compiler.cost.budget import parse_budget
     fmts = parse_formats(formats)
+    resolve_device(device)
     search_options = _search_options(search_options, metric)
     steps = check_steps(steps)
     b = parse_budget(budget or DEFAULT_BUDGET)
@@ -205,7 +226,7 @@ def search_request(model, *, data=None, formats=None, budget=None, steps: int = 
                    example_inputs=example_inputs, holdout=holdout, layer_latency=False,
                    prepare_options=dict(prepare_options or {}),
                    search_options=dict(search_options or {}),
-                   tuning=check_tuning(tgt, 0) if tgt else None, progress=progress)
+                   tuning=check_tuning(tgt, 0) if tgt else None, progress=progress, device=device)
 
 
 def lower_request(model, config, *, target, out=None, data=None, input_shapes: Optional[dict] = None,
@@ -250,7 +271,7 @@ def compile(model, *, target, data=None, formats=None, budget=None, steps: int =
             input_shapes: Optional[dict] = None, progress: bool = True,
             holdout: float = DEFAULT_HOLDOUT, example_inputs=None, layer_latency: bool = True,
             prepare_options: Optional[dict] = None, search_options: Optional[dict] = None,
-            baselines=None, tune_trials: int = 0, metric=None) -> Result:
+            baselines=None, tune_trials: int = 0, metric=None, device=None) -> Optional[Result]:
     """Compile ``model`` (an .onnx path or an ``nn.Module`` with ``example_inputs``) for ``target``:
     the ``PIPELINES["compile"]`` stages.
 
@@ -267,7 +288,10 @@ def compile(model, *, target, data=None, formats=None, budget=None, steps: int =
     (accuracy, agreement, cosine, sqnr, neg_rel_mse, ...) or a callable
     ``fn(outputs, float_outputs, labels) -> float``, higher is better; None: chosen from the
     model's outputs (``search.trainer.auto_metric``; the report's ``quality.metric_reason`` says
-    why).
+    why); ``device``: where the search trains (auto — CUDA when available —, cpu, cuda, cuda:N;
+    export, lowering and measurement stay on the host). Under ``torchrun`` every rank calls this
+    and the search is data parallel (``search.parallel``): rank 0 writes and returns the Result,
+    the other ranks return None.
 
     Requires nothing of ``out`` but that it can be created/written. Guarantees: on success ``out``
     holds every file of the output folder (docs/design.md) and report.json meets the contract; on
@@ -280,8 +304,11 @@ def compile(model, *, target, data=None, formats=None, budget=None, steps: int =
                               input_shapes=input_shapes, progress=progress, holdout=holdout,
                               example_inputs=example_inputs, layer_latency=layer_latency,
                               prepare_options=prepare_options, search_options=search_options,
-                              baselines=baselines, tune_trials=tune_trials, metric=metric)
-    run = execute(PIPELINES["compile"], _new_run(request))
+                              baselines=baselines, tune_trials=tune_trials, metric=metric,
+                              device=device)
+    run = _execute_ranks(PIPELINES["compile"], request)
+    if run is None:
+        return None
     results = [Result(p.out, p.values["report"], p.values.get("published", {})) for p in run.points]
     main = results[0]
     if request.sweep:
@@ -297,19 +324,21 @@ def search_only(model, *, data=None, formats=None, budget=None, steps: int = DEF
                 seed: int = 0, resume: bool = False, input_shapes: Optional[dict] = None,
                 progress: bool = True, holdout: float = DEFAULT_HOLDOUT, example_inputs=None,
                 target=None, prepare_options: Optional[dict] = None,
-                search_options: Optional[dict] = None, metric=None) -> dict:
+                search_options: Optional[dict] = None, metric=None, device=None) -> Optional[dict]:
     """``PIPELINES["search"]``: import → passes → (latency table) → search; writes ``config.json``
     (+ ``search.jsonl``, ``checkpoint/``) into ``out``. A latency budget needs ``target``;
     ``metric`` as in ``compile``. Returns ``{"out_dir", "config", "formats", "cost",
     "budget_value", "quality"}`` (``quality``: metric, metric_reason, float, final); same failure
-    guarantees as ``compile``."""
+    guarantees as ``compile``; ``device`` and torchrun as in ``compile`` (ranks > 0: None)."""
     _start()
     request = search_request(model, data=data, formats=formats, budget=budget, steps=steps, out=out,
                              seed=seed, resume=resume, input_shapes=input_shapes, progress=progress,
                              holdout=holdout, example_inputs=example_inputs, target=target,
                              prepare_options=prepare_options, search_options=search_options,
-                             metric=metric)
-    run = execute(PIPELINES["search"], _new_run(request))
+                             metric=metric, device=device)
+    run = _execute_ranks(PIPELINES["search"], request)
+    if run is None:
+        return None
     point = run.points[0]
     sr = point.values["search"]
     return {"out_dir": run.out_dir, "config": point.values["config"], "formats": sr.formats,

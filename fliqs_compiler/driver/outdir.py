@@ -22,10 +22,15 @@ def model_stem(model) -> str:
     return type(model).__name__.lower()
 
 
+def default_path(out, model) -> Path:
+    """``out``, or ``./fliqs-out/<model stem>/`` (nothing created)."""
+    return Path(out) if out is not None else Path("fliqs-out") / model_stem(model)
+
+
 def resolve_out_dir(out, model) -> Path:
     """``out`` or ``./fliqs-out/<model stem>/``; created and probed for writing up front.
     Not a folder / not writable → FliqsError (nothing left behind)."""
-    path = Path(out) if out is not None else Path("fliqs-out") / model_stem(model)
+    path = default_path(out, model)
     if path.exists() and not path.is_dir():
         raise FliqsError(f"--out {path}: exists and is not a folder; choose a folder path")
     try:
@@ -102,7 +107,7 @@ def cleanup_failed(out: Path, created: Optional[Path], before: set) -> None:
 def out_dir(out, model):
     """The output folder (``out`` or ``./fliqs-out/<model stem>/``), created and probed; if the
     body fails, ``cleanup_failed`` leaves it as it was (plus the checkpoint)."""
-    out_path = Path(out) if out is not None else Path("fliqs-out") / model_stem(model)
+    out_path = default_path(out, model)
     created = first_missing_ancestor(out_path)
     path = resolve_out_dir(out_path, model)
     before = {p.name for p in path.iterdir()}

@@ -3,7 +3,9 @@
 A stage (``Stage``) is a small object with a ``name``, a one-line ``describe(run)`` of what it
 will do for the given arguments, and ``run(run)``, which reads and writes the one run context
 (``Run``): the checked request plus whatever earlier stages produced. ``PerBudget`` holds the
-stages that run once per budget (a sweep runs them for each value).
+stages that run once per budget (a sweep runs them for each value). A stage with
+``collective = True`` runs on every data-parallel rank (``search.parallel``); the others only on
+rank 0, the one writer.
 
 The runner (``execute``) owns, once for every command: the output folder (created and probed up
 front; on failure put back as it was, except the search checkpoint ``--resume`` needs), the
@@ -51,6 +53,10 @@ class Request:
     config: Optional[Path] = None  # lower: the config.json to materialize
     cache_dir: Any = None  # latency tables' cache folder (profile)
     progress: bool = True
+    device: Optional[str] = None  # search device: auto (None) | cpu | cuda | cuda:N
+    # False on data-parallel ranks other than 0: they run only the ``collective`` stages (the
+    # ones every rank takes part in: import … search) and write nothing
+    writer: bool = True
 
     @property
     def model_text(self) -> str:
@@ -133,6 +139,8 @@ def _label(budget) -> str:
 
 
 def _applies(stage, run: Run) -> bool:
+    if not run.request.writer and not getattr(stage, "collective", False):
+        return False  # a data-parallel rank > 0: files and artifacts are rank 0's
     return getattr(stage, "applies", lambda run: True)(run)
 
 

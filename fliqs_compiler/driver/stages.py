@@ -29,6 +29,7 @@ class Import:
     """The model → ``run.graph`` (ONNX importer or torch.export)."""
 
     name = "import"
+    collective = True
 
     def describe(self, run: Run) -> str:
         return run.request.model_text
@@ -46,6 +47,7 @@ class Data:
     ``run.q_float``)."""
 
     name = "data"
+    collective = True
 
     def __init__(self, teacher: bool = True):
         self.teacher = teacher
@@ -70,6 +72,7 @@ class Passes:
     """The compiler passes (``passes.prepare``): the searchable graph → ``run.graph``."""
 
     name = "passes"
+    collective = True
 
     def describe(self, run: Run) -> str:
         return _formats_text(run.request.formats)
@@ -125,6 +128,7 @@ class LatencyTable:
     (or always, for ``profile``)."""
 
     name = "latency table"
+    collective = True
 
     def __init__(self, always: bool = False):
         self.always = always
@@ -138,9 +142,12 @@ class LatencyTable:
         return f"per layer × format on {r.target.text}{tuned}"
 
     def run(self, run: Run) -> None:
+        from fliqs_compiler.search import parallel
         r = run.request
-        run.set(latency=latency_model(run.graph, r.target, list(r.formats), r.progress,
-                                      cache_dir=r.cache_dir, tuning=r.tuning))
+        # measured once (rank 0), the same table on every data-parallel rank
+        run.set(latency=parallel.current().from_writer(
+            lambda: latency_model(run.graph, r.target, list(r.formats), r.progress,
+                                  cache_dir=r.cache_dir, tuning=r.tuning)))
 
 
 class Budgets:
@@ -148,6 +155,7 @@ class Budgets:
     impossible budget is refused before the long work."""
 
     name = "budget"
+    collective = True
 
     def describe(self, run: Run) -> str:
         return ", ".join(b.text for b in run.request.budgets)
@@ -189,6 +197,7 @@ class Baselines:
     search (they start from the same float weights). ``uniform`` is budget-free: run once."""
 
     name = "baselines"
+    collective = True
 
     def applies(self, run: Run) -> bool:
         return bool(run.request.baselines)
@@ -224,6 +233,7 @@ class Search:
     (checkpointed into the point's folder; ``--resume`` continues it)."""
 
     name = "search"
+    collective = True
 
     def describe(self, run: Run) -> str:
         return f"{run.point.budget.text}, {run.request.steps} steps"
@@ -369,7 +379,7 @@ class Report:
                            "seconds": round(p.timing.get("search", 0.0), 2), "resumed": bool(r.resume),
                            "cost": float(sr.cost), "cost_kind": sr.cost_kind, "search_quality": sr.quality,
                            "final_probabilities": [list(map(float, q)) for q in sr.probabilities],
-                           "schedule": sr.schedule}
+                           "schedule": sr.schedule, **sr.execution}
             files.update(search_log="search.jsonl", search_png="search.png", checkpoint="checkpoint/")
             budget, value = p.budget, p.value
             save_config(stage / "config.json", graph.name, formats,

@@ -22,7 +22,8 @@ what a u8 × s8 VNNI kernel wants.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import contextlib
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -30,7 +31,23 @@ from torch import nn
 from fliqs_compiler.numerics import formats as F
 from fliqs_compiler.numerics.quant import fake_quant, lsq_grad_factor, mse_scale, scale_grad
 
-__all__ = ["FormatQuantizer", "SearchableQuantizer", "executed_format"]
+__all__ = ["FormatQuantizer", "SearchableQuantizer", "executed_format", "init_rows_from"]
+
+# While a data-parallel rank runs its share of a batch (``search.parallel``), the rows an
+# activation scale is initialised from: every rank's share gathered, so the scale is the one a
+# single process would compute on the whole batch (and equal on every rank).
+_INIT_ROWS: Optional[Callable] = None
+
+
+@contextlib.contextmanager
+def init_rows_from(gather: Callable):
+    """Activation scales initialised in the body see ``gather(x)`` instead of ``x``."""
+    global _INIT_ROWS
+    previous, _INIT_ROWS = _INIT_ROWS, gather
+    try:
+        yield
+    finally:
+        _INIT_ROWS = previous
 
 
 def executed_format(fmt_name: str, unsigned: bool) -> str:
@@ -133,6 +150,8 @@ class SearchableQuantizer(nn.Module):
     def _init_scale(self, x: torch.Tensor, index: int) -> None:
         fmt = F.get(self.executed(index))
         if _has_scale(fmt):
+            if _INIT_ROWS is not None and self.role == "activation":
+                x = _INIT_ROWS(x)
             s = mse_scale(x, fmt, self.axis)
             target = self.log_scales[index]
             target.copy_(s.clamp_min(1e-12).log().reshape(target.shape))

@@ -50,7 +50,7 @@ def load_checkpoint(out_dir) -> Optional[dict]:
     if not path.exists():
         return None
     try:
-        return torch.load(path, weights_only=True)
+        return torch.load(path, weights_only=True, map_location="cpu")  # any device resumes it
     except Exception as e:  # noqa: BLE001
         raise FliqsError(f"{path}: unreadable checkpoint ({type(e).__name__}); delete "
                          f"{path.parent} and rerun without --resume") from None

@@ -142,12 +142,18 @@ class SearchResult:
     log_path: Optional[str]
     probabilities: list = field(default_factory=list)  # final policy, per decision
     schedule: dict = field(default_factory=dict)  # phase boundaries, final-stretch facts
+    # where it ran: world_size, backend (gloo / nccl / None), device, global_batch, steps_per_s
+    execution: dict = field(default_factory=dict)
 
     def config(self, model: str) -> dict:
         return {"model": model, "formats": self.formats}
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _detached(out):
+    return out.detach() if torch.is_tensor(out) else type(out)(o.detach() for o in out)
 
 
 def config_id(choice) -> str:
@@ -191,6 +197,8 @@ class OneShotSearch:
         teach = any(needs_teacher(data, self.opts.train, m) for m in (self.metric, self.reward_metric))
         self.trainer = WeightTrainer(self.gm, data, self.opts.train, self.teacher if teach else None,
                                      metric=self.metric)
+        self.parallel = self.trainer.parallel  # device and data-parallel ranks (parallel.py)
+        self.teacher.to(self.trainer.device)
         # the prior's forward passes are paid for with weight steps (the same total for all methods)
         self.prior_samples, self.prior_charged = self._prior_cost(len(data.x_val))
         self.steps = max(1, int(self.opts.steps) - self.prior_charged)  # weight steps run
@@ -201,6 +209,7 @@ class OneShotSearch:
         self.precision_order = [sorted(range(len(d.candidates)),
                                        key=lambda k, d=d: -F.get(d.candidates[k]).cost_bits)
                                 for d in self.space.decisions]
+        self.started_at, self.resumed_s = 0, 0.0  # where this process began (a resume: later)
         self.final_choice: Optional[list] = None  # set when the final stretch begins
         self.projection_moves = 0
         self.tail: tuple = (None, 0)
@@ -292,18 +301,13 @@ class OneShotSearch:
         run = self.tail[1] + 1 if self.tail[0] == choice else 1
         self.tail = (list(choice), run)  # the trailing run of identical configurations
         self.space.apply(self.gm, choice)
-        x, y, idx = trainer.batch("train", opts.train.batch_size, gen)
-        t = trainer.teacher_out("train", idx)
-        self.gm.train()
-        out = self.gm(x)  # every output: the loss and the reward cover them all
-        loss = trainer.loss(out, y, t)
-        trainer.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        trainer.optimizer.step()
+        # every output: the loss and the reward cover them all
+        loss, out, y, t = trainer.train_batch(gen)
         judge = QUALITY[self.reward_metric][0]
         if opts.reward_batch == "train":
+            par, n = trainer.parallel, opts.train.batch_size
             with torch.no_grad():
-                quality = judge(out, y, t)
+                quality = judge(*(par.gather(v, total=n) for v in (_detached(out), y, t)))
             batch = None
         else:
             batch = trainer.batch("val", opts.reward_batch_size or opts.train.batch_size, gen)
@@ -329,7 +333,7 @@ class OneShotSearch:
         return {"step": step, "phase": phase, "choice": choice, "config_id": config_id(choice),
                 "reward": reward, "cost": cost,
                 "cost_ratio": None if self.target is None else cost / self.target,
-                "quality": quality, "loss": float(loss.detach()), "entropy": info["entropy"],
+                "quality": quality, "loss": loss, "entropy": info["entropy"],
                 "baseline": info["baseline"], "advantage": info["advantage"], "beta": info["beta"],
                 "warmup": phase == "warmup",
                 "probs": [[round(v, 4) for v in row[:len(d.candidates)]]
@@ -356,7 +360,8 @@ class OneShotSearch:
         self.projection_moves = int(state.get("projection_moves", 0))
         self.tail = tuple(state.get("tail", (None, 0)))
         self.prior = state.get("prior")
-        return int(state["step"]), float(state["elapsed"])
+        self.started_at, self.resumed_s = int(state["step"]), float(state["elapsed"])
+        return self.started_at, self.resumed_s
 
     def finish(self, seconds: float, log_path: Optional[str]) -> SearchResult:
         """Apply the final configuration (the trained one of the final stretch; with no final
@@ -372,11 +377,16 @@ class OneShotSearch:
             trainer.train_fixed(self.space.apply, final, self.opts.finetune, self.gen)
             quality["final_finetuned"] = trainer.evaluate(metric, "test")
             quality["finetune_steps"] = self.opts.finetune
+        self.gm.to("cpu")  # export, lowering and measurement run on the host
+        steps_run = max(1, self.steps - self.started_at)
         return SearchResult(choice=final, formats=self.space.formats_of(final), cost=self.cost_of(final),
                             cost_kind=self.cost_kind, budget_target=self.target, quality=quality,
                             steps=self.opts.steps, seconds=seconds, log_path=log_path,
                             probabilities=self.controller.probs().tolist(),
-                            schedule=self.schedule_facts())
+                            schedule=self.schedule_facts(),
+                            execution={**self.parallel.describe(),
+                                       "global_batch": self.opts.train.batch_size,
+                                       "steps_per_s": round(steps_run / max(seconds - self.resumed_s, 1e-9), 3)})
 
     def schedule_facts(self) -> dict:
         """Phase boundaries and what the final stretch trained (the report states them)."""
@@ -406,16 +416,19 @@ def run_search(graph: Graph, data, budget, options: Optional[SearchOptions] = No
     """
     search = OneShotSearch(graph, data, budget, options, latency_model)
     opts = search.opts
+    writer = search.parallel.writer  # under data parallelism only rank 0 writes files
     start, elapsed, log = 0, 0.0, None
     if out_dir is not None:
         out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        state = load_checkpoint(out_dir) if resume else None
+        if writer:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        state = load_checkpoint(out_dir) if resume else None  # every rank resumes from it
         if state is not None:
             start, elapsed = search.load_state_dict(state, out_dir)
-        log = StepLog(out_dir / "search.jsonl", keep_through_step=start - 1 if state else None)
+        if writer:
+            log = StepLog(out_dir / "search.jsonl", keep_through_step=start - 1 if state else None)
     bar = None
-    if progress:
+    if progress and writer:
         from tqdm.auto import tqdm
         bar = tqdm(total=search.steps, initial=start, desc="FLIQS search", unit="step", dynamic_ncols=True)
     t0 = time.perf_counter() - elapsed
@@ -431,7 +444,8 @@ def run_search(graph: Graph, data, budget, options: Optional[SearchOptions] = No
                                 refresh=False)
                 bar.update(1)
             done = step + 1
-            if out_dir is not None and (done % max(1, opts.checkpoint_every) == 0 or done == search.steps):
+            if writer and out_dir is not None and (done % max(1, opts.checkpoint_every) == 0
+                                                   or done == search.steps):
                 save_checkpoint(out_dir, search.state_dict(done, time.perf_counter() - t0))
     finally:
         if bar is not None:
@@ -439,7 +453,7 @@ def run_search(graph: Graph, data, budget, options: Optional[SearchOptions] = No
         if log is not None:
             log.close()
     result = search.finish(time.perf_counter() - t0, str(out_dir / "search.jsonl") if out_dir else None)
-    if out_dir is not None:
+    if writer and out_dir is not None:
         atomic_write_text(out_dir / "search_result.json", json.dumps(result.as_dict(), indent=1))
         from fliqs_compiler.search.diagnostics import plot_search
         plot_search(out_dir / "search.jsonl", out_dir / "search.png")

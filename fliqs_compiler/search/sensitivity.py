@@ -72,16 +72,20 @@ class Sensitivity:
 
 @torch.no_grad()
 def measure_sensitivity(space, gm, loss_of_output: Callable, x, y, t,
-                        reference: Optional[Sequence[int]] = None) -> Sensitivity:
+                        reference: Optional[Sequence[int]] = None,
+                        forward: Optional[Callable] = None) -> Sensitivity:
     """Sensitivity of every (decision, candidate) on the batch ``(x, y, t)``; leaves ``gm``
-    in training mode unchanged apart from the applied configuration (the reference)."""
+    in training mode unchanged apart from the applied configuration (the reference).
+    ``forward(gm, x)``: how the outputs are computed (default ``gm(x)``; the trainer's spreads
+    the batch over data-parallel ranks)."""
+    forward = forward or (lambda model, inputs: model(inputs))
     ref = list(most_precise(space) if reference is None else reference)
     was_training = gm.training
     gm.eval()
 
     def loss_of(choice):
         space.apply(gm, choice)
-        return float(loss_of_output(gm(x), y, t))  # every output (the trainer's loss)
+        return float(loss_of_output(forward(gm, x), y, t))  # every output (the trainer's loss)
 
     base = loss_of(ref)
     rows = []
@@ -105,9 +109,10 @@ def measure_on_heldout(space, gm, trainer, data, samples: int) -> Sensitivity:
     loss: cross-entropy with labels, distillation from the teacher without (the ILP baseline and
     the FLIQS prior measure the same way)."""
     n = min(int(samples), len(data.x_val))
-    y = data.y_val[:n] if data.y_val is not None else None
+    y = data.y_val[:n].to(trainer.device) if data.y_val is not None else None
     t = trainer.teacher_out("val", torch.arange(n)) if y is None else None
-    return measure_sensitivity(space, gm, trainer.loss, data.x_val[:n], y, t)
+    return measure_sensitivity(space, gm, trainer.loss, data.x_val[:n], y, t,
+                               forward=trainer.forward)
 
 
 def ilp_choice(sens_rows: Sequence[Sequence[float]], base_cost: float, deltas, target: Optional[float]):

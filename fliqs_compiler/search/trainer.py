@@ -17,6 +17,7 @@ import torch.nn.functional as Fn
 from torch import nn
 
 from fliqs_compiler.data.sources import Dataset
+from fliqs_compiler.search import parallel
 from fliqs_compiler.search.float_view import bypass_quantizers, float_copy  # noqa: F401
 from fliqs_compiler.search.metrics import (QUALITY, SQNR_CAP_DB, TEACHER_LOSSES, Metric, OutputInfo,  # noqa: F401
                                            auto_metric, choose_metric, custom_metric, default_metric,
@@ -101,6 +102,15 @@ class WeightTrainer:
         if metric is not None and metric not in QUALITY:
             raise ValueError(f"metric {metric!r}: use one of {', '.join(QUALITY)}")
         self.metric = metric
+        # the device and data-parallel group of this process (``parallel.start``); one CPU
+        # process unless the driver started more
+        self.parallel = parallel.current()
+        self.device = self.parallel.device
+        parallel.check_split(options.batch_size, self.parallel.world)
+        gm.to(self.device)
+        if teacher is not None:
+            teacher.to(self.device)
+        self.model = self.parallel.wrap(gm)  # what the training step calls (DDP across ranks)
         self.optimizer = weight_optimizer(gm, options)
         self._teacher_cache: dict = {}
         self._loss_metric: Optional[str] = None
@@ -115,7 +125,8 @@ class WeightTrainer:
             x = getattr(self.data, f"x_{split}")
             b = self.options.eval_batch_size
             with torch.no_grad():
-                chunks = [float_outputs(self.teacher(x[i:i + b])) for i in range(0, len(x), b)]
+                chunks = [float_outputs(self.forward(self.teacher, x[i:i + b]))
+                          for i in range(0, len(x), b)]
             self._teacher_cache[split] = [torch.cat(parts) for parts in zip(*chunks)]
         outs = self._teacher_cache[split]
         return pack_outputs(outs if idx is None else [t[idx] for t in outs])
@@ -151,28 +162,45 @@ class WeightTrainer:
             outs, ts = outs[:1], ts[:1]
         return sum(fn(o, r, T) for o, r in zip(outs, ts)) / len(outs)
 
+    def forward(self, model: nn.Module, x):
+        """``model``'s outputs on the batch ``x`` (on the trainer's device; across data-parallel
+        ranks each runs its share and all get every output, in order)."""
+        return self.parallel.forward(model, x.to(self.device, non_blocking=True))
+
     def batch(self, split: str, size: int, generator: torch.Generator):
+        """A random batch of ``split`` (the global batch: the same rows on every rank), on the
+        trainer's device."""
         x = getattr(self.data, f"x_{split}")
         y = getattr(self.data, f"y_{split}")
         idx = torch.randint(len(x), (min(size, len(x)) if split != "train" else size,), generator=generator)
-        return x[idx], (None if y is None else y[idx]), idx
+        dev = self.device
+        return x[idx].to(dev, non_blocking=True), (None if y is None else y[idx].to(dev)), idx
 
-    def step(self, generator: torch.Generator) -> float:
-        """One optimizer step on a training batch; returns the loss."""
+    def train_batch(self, generator: torch.Generator):
+        """One optimizer step on a training batch (this rank's share of it under data
+        parallelism). Returns (loss over the global batch, this rank's outputs, its labels and
+        teacher outputs) — the search judges the step's own batch from them."""
         x, y, idx = self.batch("train", self.options.batch_size, generator)
-        t = self.teacher_out("train", idx)
+        par = self.parallel
+        x, y, t = par.shard(x), par.shard(y), par.shard(self.teacher_out("train", idx))
         self.gm.train()
-        loss = self.loss(self.gm(x), y, t)
+        with par.sharded():
+            out = self.model(x)
+        loss = self.loss(out, y, t)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        return float(loss.detach())
+        return float(par.mean(loss.detach())), out, y, t
+
+    def step(self, generator: torch.Generator) -> float:
+        """One optimizer step on a training batch; returns the loss."""
+        return self.train_batch(generator)[0]
 
     @torch.no_grad()
     def quality(self, metric: str, x, y, t) -> float:
         """``metric`` of ``gm`` (all its outputs) on the batch ``x``."""
         self.gm.eval()
-        return QUALITY[metric][0](self.gm(x), y, t)
+        return QUALITY[metric][0](self.forward(self.gm, x), y, t)
 
     @torch.no_grad()
     def evaluate(self, metric: str, split: str = "test", model: Optional[nn.Module] = None) -> float:
@@ -182,8 +210,9 @@ class WeightTrainer:
         model.eval()
         x, y = getattr(self.data, f"x_{split}"), getattr(self.data, f"y_{split}")
         b = self.options.eval_batch_size
-        chunks = [float_outputs(model(x[i:i + b])) for i in range(0, len(x), b)]
+        chunks = [float_outputs(self.forward(model, x[i:i + b])) for i in range(0, len(x), b)]
         outs = pack_outputs([torch.cat(parts) for parts in zip(*chunks)])
+        y = None if y is None else y.to(self.device)
         return QUALITY[metric][0](outs, y, self.teacher_out(split, None))
 
     def train_fixed(self, apply, choice: Sequence[int], steps: int, generator: torch.Generator) -> None:
