@@ -24,6 +24,9 @@ from fliqs_compiler.driver.options import check_data_arg
               help="bops=0.25x | bops=12.5G | size=2MB | latency=3ms (default bops=0.5x).")
 @click.option("--sweep", metavar="KIND=V1,V2,...",
               help="One search per budget, e.g. bops=0.2x,0.3x,0.5x; draws pareto.png.")
+@click.option("--jobs", metavar="K", default="1", show_default=True,
+              help="Sweep points run at once, each in its own process (same results as one by "
+                   "one; K × threads should fit the cores).")
 @click.option("--steps", metavar="N", default="300", show_default=True, help="Search steps.")
 @click.option("--out", metavar="DIR", help="Output folder (default ./fliqs-out/<model-stem>/).")
 @click.option("--seed", metavar="N", default="0", show_default=True, help="Random seed.")
@@ -48,7 +51,7 @@ from fliqs_compiler.driver.options import check_data_arg
               help="Search checkpoint interval in steps (tests).")
 @debug_option
 @handle_errors
-def compile_(model, target, data, formats, budget, sweep, steps, out, seed, resume, input_shapes,
+def compile_(model, target, data, formats, budget, sweep, jobs, steps, out, seed, resume, input_shapes,
              baselines, tune_trials, finetune, prior, metric, device, nproc, quiet, dry_run,
              checkpoint_every):
     """Search a mixed-precision format per layer of MODEL under a budget, then export, lower,
@@ -61,13 +64,17 @@ def compile_(model, target, data, formats, budget, sweep, steps, out, seed, resu
     shapes = parse_input_shapes(input_shapes)
     search_options = dict(finetune_options(finetune), prior=prior, **metric_options(metric))
     nproc = check_nproc(nproc, search_options)
+    if nproc > 1 and api.check_jobs(jobs) > 1:
+        raise FliqsError(f"--nproc {nproc} and --jobs {jobs} together: run a sweep's points either "
+                         "at once (--jobs) or each over several processes (--nproc), not both")
     if checkpoint_every is not None:
         search_options["checkpoint_every"] = api.check_steps(checkpoint_every)
     kwargs = dict(target=target, data=data, formats=formats, budget=budget,
                   steps=api.check_steps(steps), out=out, seed=parse_int("--seed", seed),
                   resume=resume, sweep=sweep, baselines=baselines, input_shapes=shapes or None,
                   progress=not quiet, search_options=search_options,
-                  tune_trials=parse_int("--tune-trials", tune_trials), device=device)
+                  tune_trials=parse_int("--tune-trials", tune_trials), device=device,
+                  jobs=jobs)
     if dry_run:
         click.echo(api.describe("compile", model=model, **kwargs))
         return

@@ -30,7 +30,8 @@ from fliqs_compiler.base.errors import FliqsError  # noqa: E402
 from fliqs_compiler.driver import stages as S  # noqa: E402
 from fliqs_compiler.driver.options import (DEFAULT_BUDGET, DEFAULT_FORMATS, DEFAULT_HOLDOUT,  # noqa: E402
                                            DEFAULT_STEPS, check_data_arg, check_holdout,
-                                           check_metric, check_model_arg, check_steps, check_tuning,
+                                           check_jobs, check_metric, check_model_arg, check_steps,
+                                           check_tuning,
                                            parse_baselines, parse_formats, parse_sweep)
 from fliqs_compiler.driver import outdir  # noqa: E402
 from fliqs_compiler.driver.outdir import resolve_out_dir  # noqa: E402
@@ -39,7 +40,7 @@ from fliqs_compiler.driver.pipeline import plan as _plan  # noqa: E402
 from fliqs_compiler.search.parallel import resolve_device  # noqa: E402
 
 __all__ = ["Result", "compile", "search_only", "lower_config", "profile", "plan", "PIPELINES",
-           "parse_formats", "parse_sweep", "parse_baselines", "check_steps", "resolve_out_dir",
+           "parse_formats", "parse_sweep", "parse_baselines", "check_steps", "check_jobs", "resolve_out_dir",
            "DEFAULT_FORMATS", "DEFAULT_BUDGET", "DEFAULT_STEPS", "DEMO_MODEL"]
 
 DEMO_MODEL = Path(__file__).resolve().parents[1] / "assets" / "demo.onnx"
@@ -176,7 +177,8 @@ def compile_request(model, *, target, data=None, formats=None, budget=None, step
                     input_shapes: Optional[dict] = None, progress: bool = True,
                     holdout: float = DEFAULT_HOLDOUT, example_inputs=None, layer_latency: bool = True,
                     prepare_options: Optional[dict] = None, search_options: Optional[dict] = None,
-                    baselines=None, tune_trials: int = 0, metric=None, device=None) -> Request:
+                    baselines=None, tune_trials: int = 0, metric=None, device=None,
+                    jobs: int = 1) -> Request:
     from fliqs_compiler.backends.targets import parse_target
     from fliqs_compiler.cost.budget import parse_budget
     fmts = parse_formats(formats)
@@ -190,6 +192,7 @@ def compile_request(model, *, target, data=None, formats=None, budget=None, step
         raise FliqsError("--budget and --sweep given together; a sweep runs one search per budget, "
                          "so give only --sweep (e.g. --sweep bops=0.2x,0.5x)")
     budgets = tuple(parse_budget(b) for b in (sweep_budgets or [budget or DEFAULT_BUDGET]))
+    jobs = check_jobs(jobs)
     baseline_names = tuple(parse_baselines(baselines))
     holdout = check_holdout(holdout)
     check_data_arg(data)
@@ -199,7 +202,7 @@ def compile_request(model, *, target, data=None, formats=None, budget=None, step
                    input_shapes=input_shapes, example_inputs=example_inputs, holdout=holdout,
                    layer_latency=layer_latency, prepare_options=dict(prepare_options or {}),
                    search_options=dict(search_options or {}), baselines=baseline_names,
-                   tuning=tuning, progress=progress, device=device)
+                   tuning=tuning, progress=progress, device=device, jobs=jobs)
 
 
 def search_request(model, *, data=None, formats=None, budget=None, steps: int = DEFAULT_STEPS, out=None,
@@ -271,7 +274,8 @@ def compile(model, *, target, data=None, formats=None, budget=None, steps: int =
             input_shapes: Optional[dict] = None, progress: bool = True,
             holdout: float = DEFAULT_HOLDOUT, example_inputs=None, layer_latency: bool = True,
             prepare_options: Optional[dict] = None, search_options: Optional[dict] = None,
-            baselines=None, tune_trials: int = 0, metric=None, device=None) -> Optional[Result]:
+            baselines=None, tune_trials: int = 0, metric=None, device=None,
+            jobs: int = 1) -> Optional[Result]:
     """Compile ``model`` (an .onnx path or an ``nn.Module`` with ``example_inputs``) for ``target``:
     the ``PIPELINES["compile"]`` stages.
 
@@ -279,7 +283,8 @@ def compile(model, *, target, data=None, formats=None, budget=None, steps: int =
     image folder; None → seeded random inputs, float model as teacher); ``formats`` (names or
     "int4,int8"); ``budget`` ("bops=0.5x", "size=2MB", "latency=3ms"); ``sweep``
     ("bops=0.2x,0.3x,0.5x": one search per budget, sharing import/passes/data/latency table; the
-    first value's result lands in ``out``, the others in ``out/sweep/<budget>/``, plus pareto.png);
+    first value's result lands in ``out``, the others in ``out/sweep/<budget>/``, plus pareto.png;
+    ``jobs`` > 1: that many points at once, each in its own process, same results as one by one);
     ``holdout``: fraction of the data kept out of training to measure quality; ``baselines``:
     names from ``search.baselines.BASELINES`` ("uniform,random,ilp,dnas") run on the same graph,
     data, steps and budget, reported next to FLIQS; ``tune_trials`` > 0: per-layer latency
@@ -305,7 +310,7 @@ def compile(model, *, target, data=None, formats=None, budget=None, steps: int =
                               example_inputs=example_inputs, layer_latency=layer_latency,
                               prepare_options=prepare_options, search_options=search_options,
                               baselines=baselines, tune_trials=tune_trials, metric=metric,
-                              device=device)
+                              device=device, jobs=jobs)
     run = _execute_ranks(PIPELINES["compile"], request)
     if run is None:
         return None

@@ -44,6 +44,18 @@ def parse_sweep(value: Optional[str]) -> Optional[list]:
     return budgets
 
 
+def check_jobs(jobs) -> int:
+    """``--jobs``: sweep points at once, a positive integer."""
+    try:
+        n = int(jobs)
+        if n != float(jobs) or n < 1:
+            raise ValueError
+    except (TypeError, ValueError):
+        raise FliqsError(f"--jobs {jobs!r}: give the number of sweep points to run at once "
+                         "(1 or more)") from None
+    return n
+
+
 def check_steps(steps) -> int:
     """A positive step count, or FliqsError."""
     try:

@@ -53,6 +53,7 @@ class Request:
     config: Optional[Path] = None  # lower: the config.json to materialize
     cache_dir: Any = None  # latency tables' cache folder (profile)
     progress: bool = True
+    jobs: int = 1  # sweep points run at once (spawned processes; ``_points_in_processes``)
     device: Optional[str] = None  # search device: auto (None) | cpu | cuda | cuda:N
     # False on data-parallel ranks other than 0: they run only the ``collective`` stages (the
     # ones every rank takes part in: import … search) and write nothing
@@ -211,17 +212,79 @@ def _execute(stages: Sequence, run: Run) -> Run:
     progress = _Progress(len(plan(stages, copy.copy(run))), run.request.progress)
     for stage in stages:
         if isinstance(stage, PerBudget):
-            shared = dict(run.timing)
             run.points = stage.points(run)
-            for point in run.points:
-                run.point = point
-                point.timing = dict(shared)
-                for s in stage.stages:
-                    if _applies(s, run):
-                        _run_stage(s, run, progress, point.timing)
-                if point.stage_dir is not None:
-                    point.values["published"] = outdir.publish(point.stage_dir, point.out)
+            if run.request.jobs > 1 and len(run.points) > 1:
+                _points_in_processes(stages, run, progress)
+            else:
+                for i in range(len(run.points)):
+                    _run_point(stage, run, i, progress)
             run.point = None
         elif _applies(stage, run):
             _run_stage(stage, run, progress, run.timing)
     return run
+
+
+def _run_point(stage: PerBudget, run: Run, i: int, progress: _Progress) -> Point:
+    """The per-budget stages of point ``i``, then its files published."""
+    point = run.point = run.points[i]
+    point.timing = dict(run.timing)
+    for s in stage.stages:
+        if _applies(s, run):
+            _run_stage(s, run, progress, point.timing)
+    if point.stage_dir is not None:
+        point.values["published"] = outdir.publish(point.stage_dir, point.out)
+    return point
+
+
+# What a point run in another process sends back: plain data (its report and file list), not
+# the graphs and arrays its stages made.
+_RETURNED = ("report", "published", "search")
+
+
+def _point_in_child(job: tuple) -> dict:
+    """In a fresh (spawned) process: the shared stages again (import, data, passes, … — each a
+    pure function of the request; a latency table comes from the on-disk cache the parent
+    filled), then the per-budget stages of point ``i`` only."""
+    stages, request, out_dir, i, threads = job
+    import torch
+    torch.set_num_threads(threads)
+    run = Run(request, out_dir=out_dir)
+    quiet = _Progress(0, False)
+    for stage in stages:
+        if isinstance(stage, PerBudget):
+            run.points = stage.points(run)
+            shared = len(run.executed)
+            point = _run_point(stage, run, i, quiet)
+            return {"values": {k: point.values[k] for k in _RETURNED if k in point.values},
+                    "timing": point.timing, "notes": point.notes, "value": point.value,
+                    "executed": run.executed[shared:]}
+        if _applies(stage, run):
+            _run_stage(stage, run, quiet, run.timing)
+    raise RuntimeError("no per-budget stage in the pipeline")
+
+
+def _points_in_processes(stages: Sequence, run: Run, progress: _Progress) -> None:
+    """Run the sweep's points ``run.request.jobs`` at a time, each in a spawned process (fork is
+    not an option: a forked child of a process whose OpenMP pool ran deadlocks in its first
+    parallel op — measured, GNU libgomp). Each child redoes the shared stages, then runs its
+    point: the point's search is the same function of (graph, data, options, budget) as in a
+    serial sweep (its own seeded generator), so the results are the serial ones; each point
+    keeps its own checkpoint (``--resume``). Threads per process stay what they are: ``jobs`` ×
+    threads should fit the machine's cores."""
+    import dataclasses
+    import multiprocessing
+
+    import torch
+    request = dataclasses.replace(run.request, progress=False, jobs=1)
+    jobs = [(list(stages), request, run.out_dir, i, torch.get_num_threads())
+            for i in range(len(run.points))]
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(min(run.request.jobs, len(run.points))) as pool:
+        for i, got in enumerate(pool.imap(_point_in_child, jobs)):
+            point = run.points[i]
+            point.values.update(got["values"])
+            point.timing, point.notes, point.value = got["timing"], got["notes"], got["value"]
+            for name in got["executed"]:  # the point's stages, as they ran over there
+                progress.start(name, f"{point.budget.text} (in a sweep process)")
+                progress.done(point.timing.get(name, 0.0) - run.timing.get(name, 0.0))
+            run.executed += got["executed"]

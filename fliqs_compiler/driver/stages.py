@@ -425,21 +425,8 @@ class SweepSummary:
 
     def run(self, run: Run) -> None:
         from fliqs_compiler.report import write_report
+        from fliqs_compiler.report.sweep import add_sweep
         main = run.points[0]
-        reports = [(p, p.values["report"]) for p in run.points]
-        report = main.values["report"]
-        report["sweep"] = [
-            {"budget": rep["budget"]["text"], "budget_value": rep["budget"]["value"],
-             "bops": rep["totals"]["bops"], "size_bytes": rep["totals"]["size_bytes"],
-             "quality": rep["quality"]["final"], "latency_ms": rep["totals"]["latency_ms"],
-             "dir": str(p.out.relative_to(run.out_dir)) if p.out != run.out_dir else "."}
-            for p, rep in reports]
-        seen, merged = set(), []
-        for _, rep in reports:
-            for b in rep["baselines"]:
-                key = (b["name"], b["bops"], b["quality"])
-                if key not in seen:
-                    seen.add(key)
-                    merged.append(b)
-        report["sweep_baselines"] = merged
+        report = add_sweep(main.values["report"], [(p.out, p.values["report"]) for p in run.points],
+                           run.out_dir)
         main.values.setdefault("published", {}).update(write_report(run.out_dir, report))

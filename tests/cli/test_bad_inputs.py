@@ -157,6 +157,9 @@ CASES = [
     ("compile-tune-on-ort", C + [DEMO, *OK, "--tune-trials", "8"], ["--tune-trials", "TVM"]),
     ("profile-unknown-format", ["profile", DEMO, "--target", "ort", "--formats", "int99", "--quiet"], ["int99"]),
     ("report-no-run", ["report", "{tmp}/empty_dir"], ["report.json"]),
+    ("report-merge-no-out", ["report", "{tmp}/empty_dir", "{tmp}/empty_dir"], ["--out MERGED"]),
+    ("jobs-zero", C + [DEMO, "--sweep", "bops=0.4x,0.8x", "--jobs", "0", *OK], ["--jobs", "'0'"]),
+    ("jobs-with-nproc", C + [DEMO, "--jobs", "2", "--nproc", "2", *OK], ["--nproc 2", "--jobs 2"]),
 ]
 
 

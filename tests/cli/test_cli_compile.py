@@ -184,3 +184,43 @@ def test_compile_llvm_builds_loadable_model_so(tmp_path, demo_model):
     y = vm["main"](tvm.runtime.tensor(x, tvm.cpu()))
     y = y[0] if not hasattr(y, "numpy") else y
     assert y.numpy().shape == (1, 10)
+
+
+def _sweep_points(out) -> list:
+    report = json.loads((out / "report.json").read_text())
+    points = []
+    for row in report["sweep"]:
+        d = out / row["dir"]
+        rep = json.loads((d / "report.json").read_text())
+        points.append({"budget": row["budget"], "formats": json.loads((d / "config.json").read_text())["formats"],
+                       "quality": rep["quality"]["final"], "bops": rep["totals"]["bops"],
+                       "baselines": [{k: v for k, v in b.items() if k != "seconds"}
+                                     for b in rep["baselines"]],
+                       "log": (d / "search.jsonl").read_text().splitlines()})
+    return points
+
+
+def test_sweep_points_at_once_equal_the_serial_sweep(tmp_path, demo_model):
+    """``--jobs 2``: the points run in two processes of their own and come out as one by one:
+    same formats, quality, BOPs, baselines and step logs, point by point."""
+    args = ["compile", str(demo_model), "--target", "ort", "--data", "digits", "--steps", "6",
+            "--formats", "int4,int8", "--sweep", "bops=0.4x,0.6x,0.8x", "--baselines", "uniform",
+            "--quiet"]
+    run_cli(args + ["--out", str(tmp_path / "serial")])
+    run_cli(args + ["--out", str(tmp_path / "jobs"), "--jobs", "2"])
+    serial, jobs = _sweep_points(tmp_path / "serial"), _sweep_points(tmp_path / "jobs")
+    assert [p["budget"] for p in jobs] == ["bops=0.4x", "bops=0.6x", "bops=0.8x"]
+    assert jobs == serial
+    assert (tmp_path / "jobs" / "pareto.png").is_file()
+    assert sorted(p.name for p in (tmp_path / "jobs").rglob("*")) == \
+        sorted(p.name for p in (tmp_path / "serial").rglob("*"))
+    # points run as separate jobs, merged afterwards: the same sweep table
+    serial_dir = tmp_path / "serial"
+    dirs = [serial_dir] + sorted((serial_dir / "sweep").iterdir())
+    run_cli(["report", *map(str, dirs), "--out", str(tmp_path / "merged")])
+    merged = json.loads((tmp_path / "merged" / "report.json").read_text())
+    table = json.loads((serial_dir / "report.json").read_text())["sweep"]
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "dir"} for r in rows]  # noqa: E731
+    assert strip(merged["sweep"]) == strip(table)
+    assert [r["dir"] for r in merged["sweep"]] == [f"../{d.relative_to(tmp_path)}" for d in dirs]
+    assert (tmp_path / "merged" / "pareto.png").is_file()
