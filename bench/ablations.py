@@ -39,6 +39,7 @@ VARIANTS = {
     "prior after a progressive warmup": ({"prior_at": "search"}, {}, {"warmup": 0.15}),
     "15 % progressive warmup": ({}, {}, {"warmup": 0.15}),
     "no distillation": ({}, {"distill": 0.0}, {}),
+    "cosine LR": ({}, {"lr_schedule": "cosine"}, {}),
     "uniform warmup": ({"warmup_sampling": "uniform"}, {}, {"warmup": 0.15}),
     "no final stretch": ({}, {}, {"freeze": 1.0}),
     "raw advantage": ({}, {}, {"advantage": "raw"}),

@@ -73,10 +73,12 @@ def load_fmnist(seed: int = 0, limit=None):
                      mean=0.2860, std=0.3530, limit=limit)
 
 
-def bench_options(steps: int, seed: int = 0) -> SearchOptions:
-    """The one training/search setting every method shares (the package defaults, batch 128)."""
+def bench_options(steps: int, seed: int = 0, lr_schedule: str = "constant") -> SearchOptions:
+    """The one training/search setting every method shares (the package defaults, batch 128;
+    ``lr_schedule`` for every method alike)."""
     return SearchOptions(steps=steps, seed=seed, reward_batch_size=256, checkpoint_every=10 ** 9,
-                         train=dataclasses.replace(recipe_train(), batch_size=128, lr=2e-4))
+                         train=dataclasses.replace(recipe_train(), batch_size=128, lr=2e-4,
+                                                   lr_schedule=lr_schedule))
 
 
 def float_model(data, epochs: float, batch: int, seed: int, width: int = 16):
@@ -194,6 +196,8 @@ def main(argv=None):
                     help="comma list of fliqs,fliqs-config,uniform,ilp,random,dnas")
     ap.add_argument("--uniform", default=None, help="uniform formats to train (default: all of the space)")
     ap.add_argument("--test-limit", type=int, default=None)
+    ap.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"],
+                    help="learning-rate schedule of every method's training (TrainOptions.lr_schedule)")
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--replot", action="store_true", help="only redraw quality.png from quality.json")
     a = ap.parse_args(argv)
@@ -230,7 +234,7 @@ def main(argv=None):
         graph = searchable(model, SPACES[space], f"resnet8-{space}", work)
         for steps in steps_list:
             for seed in seeds:
-                opts = bench_options(steps, seed)
+                opts = bench_options(steps, seed, a.lr_schedule)
                 if "uniform" in methods:  # once per format: the row is matched to budgets later
                     for fmt in (f for f in SPACES[space] if not a.uniform or f in a.uniform.split(",")):
                         key = (space, "-", f"uniform-{fmt}", seed, steps)

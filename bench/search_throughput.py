@@ -124,10 +124,8 @@ def main(argv=None):
                       "model": "ResNet-8 (BN folded), 1x28x28"},
            "results": res, "ratios": ratios, "runs": runs}
     if a.json:
-        tmp = a.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(out, f, indent=1)
-        os.replace(tmp, a.json)
+        from fliqs_compiler.base import atomic
+        atomic.write_text(Path(a.json), json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":

@@ -220,6 +220,7 @@ def dnas(graph: Graph, data, budget, options: SearchOptions, latency=None, alpha
     torch.manual_seed(options.seed)
     warm = int(round(options.controller.warmup * options.steps))
     for step in range(options.steps):
+        trainer.at_progress(step, options.steps)
         x, y, idx = trainer.batch("train", options.train.batch_size, gen)
         t = trainer.teacher_out("train", idx)
         g.gm.train()

@@ -302,6 +302,7 @@ class OneShotSearch:
         self.tail = (list(choice), run)  # the trailing run of identical configurations
         self.space.apply(self.gm, choice)
         # every output: the loss and the reward cover them all
+        trainer.at_progress(step, self.steps)
         loss, out, y, t = trainer.train_batch(gen)
         judge = QUALITY[self.reward_metric][0]
         if opts.reward_batch == "train":

@@ -9,6 +9,7 @@ distillation from the float model) and the evaluation in a quality signal (``met
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -24,11 +25,19 @@ from fliqs_compiler.search.metrics import (QUALITY, SQNR_CAP_DB, TEACHER_LOSSES,
                                            describe_outputs, first_output, float_outputs, outputs_of,
                                            output_kind, pack_outputs, paired_outputs, register_metric)
 
-__all__ = ["TrainOptions", "WeightTrainer", "QUALITY", "Metric", "TEACHER_LOSSES", "float_copy",
+__all__ = ["TrainOptions", "WeightTrainer", "LR_SCHEDULES", "QUALITY", "Metric", "TEACHER_LOSSES", "float_copy",
            "bypass_quantizers", "first_output", "outputs_of", "default_metric", "auto_metric",
            "choose_metric", "describe_outputs", "OutputInfo", "output_kind", "register_metric",
            "custom_metric", "needs_teacher", "weight_optimizer", "SQNR_CAP_DB", "float_outputs",
            "pack_outputs"]
+
+
+# factor on the learning rates at fraction t ∈ [0, 1) of a training run; a pure function of the
+# step, so a resumed run continues on the same schedule with nothing extra to checkpoint
+LR_SCHEDULES = {
+    "constant": lambda t: 1.0,
+    "cosine": lambda t: 0.5 * (1.0 + math.cos(math.pi * min(max(t, 0.0), 1.0))),
+}
 
 
 @dataclass
@@ -55,8 +64,13 @@ class TrainOptions:
     # (``QUALITY[metric].teacher_loss``: KL for logits, 1 − cosine for embeddings, relative MSE
     # for SQNR). The driver sets it from the search metric.
     teacher_loss: Optional[str] = None
+    # Learning-rate schedule over one training run (the search's weight steps, a baseline's QAT
+    # steps), an ``LR_SCHEDULES`` name: the factor on ``lr`` and ``scale_lr`` at each step.
+    lr_schedule: str = "constant"
 
     def __post_init__(self):
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule={self.lr_schedule!r}: use one of {', '.join(LR_SCHEDULES)}")
         if not 0.0 <= float(self.distill) <= 1.0:
             raise ValueError(f"distill={self.distill}: use a weight in [0, 1]")
         if self.teacher_loss is not None and self.teacher_loss not in TEACHER_LOSSES:
@@ -112,6 +126,7 @@ class WeightTrainer:
             teacher.to(self.device)
         self.model = self.parallel.wrap(gm)  # what the training step calls (DDP across ranks)
         self.optimizer = weight_optimizer(gm, options)
+        self._base_lrs = [g["lr"] for g in self.optimizer.param_groups]
         self._teacher_cache: dict = {}
         self._loss_metric: Optional[str] = None
 
@@ -215,8 +230,15 @@ class WeightTrainer:
         y = None if y is None else y.to(self.device)
         return QUALITY[metric][0](outs, y, self.teacher_out(split, None))
 
+    def at_progress(self, step: int, steps: int) -> None:
+        """Set the learning rates for step ``step`` of a ``steps``-step run (``lr_schedule``)."""
+        factor = LR_SCHEDULES[self.options.lr_schedule](step / max(1, steps))
+        for group, base in zip(self.optimizer.param_groups, self._base_lrs):
+            group["lr"] = base * factor
+
     def train_fixed(self, apply, choice: Sequence[int], steps: int, generator: torch.Generator) -> None:
-        """``steps`` optimizer steps with the configuration ``choice`` (QAT)."""
+        """``steps`` optimizer steps with the configuration ``choice`` (QAT), on the schedule."""
         apply(self.gm, choice)
-        for _ in range(int(steps)):
+        for i in range(int(steps)):
+            self.at_progress(i, int(steps))
             self.step(generator)
