@@ -203,3 +203,35 @@ def test_prior_at_search_is_measured_when_the_search_phase_begins(trained_tiny_c
 def copy_graph(g):
     import copy
     return copy.deepcopy(g)
+
+
+# -- learning-rate schedule ----------------------------------------------------------------------
+def test_cosine_schedule_sets_every_groups_rate_from_the_step(trained_tiny_cnn, digits):
+    from fliqs_compiler.search.trainer import WeightTrainer
+    g = searchable(trained_tiny_cnn, digits)
+    trainer = WeightTrainer(g.gm, digits, TrainOptions(batch_size=16, lr=1e-3, scale_lr=1e-2,
+                                                       lr_schedule="cosine"))
+    assert [grp["lr"] for grp in trainer.optimizer.param_groups] == [1e-3, 1e-2]
+    for step, factor in [(0, 1.0), (5, 0.5), (9, 0.5 * (1 + math.cos(math.pi * 0.9)))]:
+        trainer.at_progress(step, 10)
+        assert [grp["lr"] for grp in trainer.optimizer.param_groups] == pytest.approx(
+            [1e-3 * factor, 1e-2 * factor])
+    flat = WeightTrainer(g.gm, digits, TrainOptions(batch_size=16, lr=1e-3))
+    flat.at_progress(9, 10)
+    assert flat.optimizer.param_groups[0]["lr"] == 1e-3  # constant: the default
+    with pytest.raises(ValueError, match="lr_schedule='linear'"):
+        TrainOptions(lr_schedule="linear")
+
+
+def test_the_search_steps_on_the_schedule(trained_tiny_cnn, digits, monkeypatch):
+    """Every weight step of the search sets its rate from (step, weight steps) first."""
+    from fliqs_compiler.search.trainer import WeightTrainer
+    seen = []
+    original = WeightTrainer.at_progress
+    monkeypatch.setattr(WeightTrainer, "at_progress",
+                        lambda self, step, steps: (seen.append((step, steps)), original(self, step, steps)))
+    r = run_search(searchable(trained_tiny_cnn, digits), digits, "bops=0.5x",
+                   opts(steps=12, train={"lr_schedule": "cosine"}), progress=False)
+    assert seen == [(i, 12) for i in range(12)] and r.steps == 12
+    fp = [SearchOptions(train=TrainOptions(lr_schedule=s)).fingerprint() for s in ("constant", "cosine")]
+    assert fp[0] != fp[1]  # a checkpoint of one schedule never resumes the other
