@@ -35,8 +35,10 @@ __all__ = ["Replicas", "DataParallel", "resolve_device", "start", "current", "wo
            "check_split"]
 
 # How long a rank waits in a collective for the others (a peer that died is noticed by gloo's
-# closed connection at once; this bounds the case of a peer that hangs).
+# closed connection at once; this bounds a peer that hangs). Long by default: the other ranks
+# wait in one broadcast while rank 0 measures a latency table, which can take an hour when tuned.
 TIMEOUT_ENV = "FLIQS_DDP_TIMEOUT_S"
+DEFAULT_TIMEOUT_S = 3 * 3600
 
 
 def resolve_device(text: Optional[str]) -> torch.device:
@@ -233,7 +235,10 @@ def start(device: Optional[str] = None):
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(dev)
-    timeout = datetime.timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, "600")))
+    try:
+        timeout = datetime.timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)))
+    except ValueError:
+        raise FliqsError(f"{TIMEOUT_ENV}={os.environ[TIMEOUT_ENV]!r}: give seconds, e.g. 3600") from None
     owned = not dist.is_initialized()
     if owned:
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=timeout)
