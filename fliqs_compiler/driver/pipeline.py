@@ -286,5 +286,5 @@ def _points_in_processes(stages: Sequence, run: Run, progress: _Progress) -> Non
             point.timing, point.notes, point.value = got["timing"], got["notes"], got["value"]
             for name in got["executed"]:  # the point's stages, as they ran over there
                 progress.start(name, f"{point.budget.text} (in a sweep process)")
-                progress.done(point.timing.get(name, 0.0) - run.timing.get(name, 0.0))
+                progress.done(point.timing.get(name, 0.0))  # per-point names: none shared
             run.executed += got["executed"]

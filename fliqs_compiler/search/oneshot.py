@@ -40,6 +40,7 @@ from fliqs_compiler.ir.graph import Graph
 from fliqs_compiler.search.checkpoint import StepLog, atomic_write_text, load_checkpoint, save_checkpoint
 from fliqs_compiler.numerics import formats as F
 from fliqs_compiler.search.controller import Controller, ControllerOptions, tunas_reward
+from fliqs_compiler.search.parallel import map_outputs
 from fliqs_compiler.search.projection import project_to_budget
 from fliqs_compiler.search.sensitivity import (forward_step_equivalents, ilp_choice, marginal_costs,
                                                measure_on_heldout, prior_logits, sensitivity_evaluations)
@@ -150,10 +151,6 @@ class SearchResult:
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
-def _detached(out):
-    return out.detach() if torch.is_tensor(out) else type(out)(o.detach() for o in out)
 
 
 def config_id(choice) -> str:
@@ -308,7 +305,8 @@ class OneShotSearch:
         if opts.reward_batch == "train":
             par, n = trainer.parallel, opts.train.batch_size
             with torch.no_grad():
-                quality = judge(*(par.gather(v, total=n) for v in (_detached(out), y, t)))
+                seen = map_outputs(torch.Tensor.detach, out)
+                quality = judge(*(par.gather(v, total=n) for v in (seen, y, t)))
             batch = None
         else:
             batch = trainer.batch("val", opts.reward_batch_size or opts.train.batch_size, gen)

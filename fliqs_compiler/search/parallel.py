@@ -32,7 +32,7 @@ import torch
 from fliqs_compiler.base.errors import FliqsError
 
 __all__ = ["Replicas", "DataParallel", "resolve_device", "start", "current", "world_from_env",
-           "check_split"]
+           "check_split", "map_outputs"]
 
 # How long a rank waits in a collective for the others (a peer that died is noticed by gloo's
 # closed connection at once; this bounds a peer that hangs). Long by default: the other ranks
@@ -84,12 +84,12 @@ def _split(n: int, world: int) -> list:
     return [(r * n // world, (r + 1) * n // world) for r in range(world)]
 
 
-def _map(fn, out):
+def map_outputs(fn, out):
     """``fn`` on a tensor, or on each tensor of a tuple/list of outputs (None stays None)."""
     if out is None:
         return None
     if isinstance(out, (tuple, list)):
-        return type(out)(_map(fn, o) for o in out)
+        return type(out)(map_outputs(fn, o) for o in out)
     return fn(out) if torch.is_tensor(out) else out
 
 
@@ -146,7 +146,7 @@ class DataParallel(Replicas):
         def rows(t):
             lo, hi = _split(len(t), self.world)[self.rank]
             return t[lo:hi]
-        return _map(rows, out)
+        return map_outputs(rows, out)
 
     def gather(self, out, total: Optional[int] = None):
         """Every rank's share of a batch, concatenated in rank order (= the global batch order).
@@ -160,7 +160,7 @@ class DataParallel(Replicas):
             parts = [torch.empty_like(padded) for _ in range(self.world)]
             self.dist.all_gather(parts, padded.contiguous())
             return torch.cat([p[:hi - lo] for p, (lo, hi) in zip(parts, bounds)])
-        return _map(cat, out)
+        return map_outputs(cat, out)
 
     def gather_rows(self, t: torch.Tensor) -> torch.Tensor:
         """Every rank's ``t`` concatenated along dim 0, whatever each rank's row count (an
