@@ -185,17 +185,17 @@ class _RemoteLayers:
         self.work = Path(self._work.name)
         self._built = itertools.count()
 
-    def _input(self, layer):
-        import numpy as np
-        return np.random.default_rng(0).standard_normal(tuple(layer.input_shape)).astype(np.float32)
+    def _inputs(self, layer):
+        from fliqs_compiler.backends.tvm_measure import layer_inputs
+        return layer_inputs(layer)
 
     def _build(self, layer, fw, fa):
         out = self.work / str(next(self._built))
-        return Path(_compile_entry(layer, fw, fa, self.target, self.tuning, str(out))), self._input(layer)
+        return Path(_compile_entry(layer, fw, fa, self.target, self.tuning, str(out))), self._inputs(layer)
 
     def __call__(self, layer, fw, fa) -> float:
-        lib, x = self._build(layer, fw, fa)
-        return self.device.time_ms(_Library(lib), [x])
+        lib, inputs = self._build(layer, fw, fa)
+        return self.device.time_ms(_Library(lib), inputs)
 
     def _compiled(self, entries, built: list, workers: int):
         """Yield each entry's position once its library is in ``built`` (completion order):
@@ -218,7 +218,7 @@ class _RemoteLayers:
                 done, todo = wait(todo, return_when=FIRST_COMPLETED)
                 for f in done:
                     i = futures[f]
-                    built[i] = (Path(f.result()), self._input(entries[i][0]))
+                    built[i] = (Path(f.result()), self._inputs(entries[i][0]))
                     yield i
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
@@ -229,13 +229,13 @@ class _RemoteLayers:
         a = self.device.address
         n_devices = self.device.devices()
         workers = compile_workers()
-        built: list = [None] * len(entries)  # position → (library, input), filled as compiled
+        built: list = [None] * len(entries)  # position → (library, inputs), filled as compiled
         ready = self._compiled(entries, built, workers)
         if not pipelined():  # asked for: nothing compiles while a device times
             ready = list(ready)  # compile every entry before any is timed
             ready = None
         results = measure_on_farm(range(len(entries)), a.host, a.port, a.key, n_devices,
-                                  lambda session, i: time_remote(built[i][0], [built[i][1]], session),
+                                  lambda session, i: time_remote(built[i][0], built[i][1], session),
                                   progress=progress, priority=a.priority, timeout=a.timeout,
                                   wait=a.timeout, ready=ready)
         for r in results:

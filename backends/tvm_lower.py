@@ -1,7 +1,7 @@
 """Lower a materialized fliqs graph to TVM Relax with real low-precision compute, and compile it.
 
 Pipeline (``lower``): ``torch.export`` the graph → ``translate`` (TVM's exported-program importer
-with our converters for ``fliqs.fake_quant``, ``conv2d`` and ``linear``) → ``tvm_kernels.vnni_rewrite``
+with our converters for ``fliqs.fake_quant``, ``conv2d``, ``linear`` and ``matmul``) → ``tvm_kernels.vnni_rewrite``
 (``relax.dpl``: u8×s8→s32 conv/matmul with constant weights → hand VNNI ``call_tir``) → default
 pipeline or MetaSchedule tuning → ``tvm.compile`` → ``out_dir/tvm/model.so`` (atomic).
 
@@ -17,8 +17,8 @@ Per-format rules live in ONE place, the tables below, keyed by ``Format.kind``:
   (int → round/clip to int8/uint8 codes; fp16 → divide, saturate, cast, cast back, multiply;
   fp8/bf16/fp6/fp4 → divide, exact round-to-nearest-even on the f32 bit pattern
   (``tvm_kernels.fp_round_te``), multiply — never ``relax.op.quantize`` or TVM's fp8 casts).
-- ``COMPUTE_RULES`` (pattern → rewrite): which (weight, activation) code dtypes a conv/linear
-  consumes natively: int8 × (u)int8 → int32 accumulation, then one multiply by s_x·s_w (per
+- ``COMPUTE_RULES`` (pattern → rewrite): which (weight, activation) code dtypes a conv / linear /
+  MatMul (attention MatMuls included: the second operand plays the weight) consumes natively: int8 × (u)int8 → int32 accumulation, then one multiply by s_x·s_w (per
   output channel) and the bias (fused into one loop nest only with ``fuse=True`` or tuning);
   bf16 × bf16 / fp16 × fp16 → fp32 accumulation; anything else runs in fp32 on the dequantized
   values (quantize-dequantize math).
@@ -272,12 +272,15 @@ COMPUTE_RULES = [
 ]
 
 
-def _match_rule(w: Optional[QTensor], a: Optional[QTensor]) -> Optional[ComputeRule]:
+def _match_rule(w: Optional[QTensor], a: Optional[QTensor],
+                channel_axes: tuple = (0,)) -> Optional[ComputeRule]:
     """The native rule for (weight, activation), or None (fp32 on dequantized values). Needs a
-    per-tensor activation scale and a per-tensor or output-channel (axis 0) weight scale."""
+    per-tensor activation scale and a per-tensor or per-output-channel weight scale (the output
+    channel on one of ``channel_axes``: conv / linear 0, MatMul [.., K, N] the last)."""
     if w is None or a is None or w.codes is None or a.codes is None:
         return None
-    if a.scale is None or a.scale.size != 1 or w.scale is None or (w.scale.size > 1 and w.axis not in (0, None)):
+    if a.scale is None or a.scale.size != 1 or w.scale is None or \
+            (w.scale.size > 1 and w.axis not in (*channel_axes, None)):
         return None
     for rule in COMPUTE_RULES:
         if w.compute in rule.weight and a.compute in rule.act:
@@ -415,6 +418,20 @@ class _Translator:
             y = bb.emit(relax.op.add(y, bias))
         return y
 
+    def matmul(self, node, imp):
+        """MatMul ``[.., M, K] × [.., K, N]``: a constant weight (per output channel, its last
+        axis) or a run-time second operand (an attention MatMul, per tensor) — on the codes with
+        the rule's accumulation, then one rescale along N."""
+        a, w = self._quant_inputs(node)
+        w_rank = len(w.codes.ty.shape) if w is not None and w.codes is not None else 0
+        rule = _match_rule(w, a, channel_axes=(-1, w_rank - 1))
+        if rule is None:
+            return self._float_op("matmul.default", "matmul")(node, imp)
+        bb = imp.block_builder
+        y = bb.emit(_relax().op.matmul(a.codes, w.codes, out_dtype=rule.acc))
+        self._record(node, "matmul", rule, a, w)
+        return self._rescale(bb, y, a, w, rule, len(y.ty.shape), -1)
+
     def _float_op(self, key, op_name):
         """Quantizable ops without a native rule here: TVM's own converter (fp32 on dequantized
         values), recorded so every quantizable op appears in ``executed`` in order."""
@@ -428,12 +445,12 @@ class _Translator:
 
     def convert_map(self):
         table = {"fake_quant.default": self.fake_quant, "conv2d.default": self.conv2d,
-                 "linear.default": self.linear}
+                 "linear.default": self.linear, "matmul.default": self.matmul}
         # aten ops TVM 0.27's importer lacks when decompositions are off
         table["t.default"] = lambda node, imp: imp.block_builder.emit(
             _relax().op.permute_dims(imp.env[node.args[0]]))
         for key, op_name in (("conv1d.default", "conv1d"), ("conv_transpose1d.default", "conv_transpose1d"),
-                             ("conv_transpose2d.input", "conv_transpose2d"), ("matmul.default", "matmul")):
+                             ("conv_transpose2d.input", "conv_transpose2d")):
             table[key] = self._float_op(key, op_name)
         return table
 
