@@ -186,3 +186,18 @@ def test_four_bit_activation_before_maxpool_runs_in_onnxruntime(tmp_path):
     one = x[:1]  # the demo model's input has batch 1
     got = run_onnx(make_session(path, exact=True), [one])[0]
     np.testing.assert_allclose(got, fixed(one).detach().numpy(), rtol=0, atol=1e-5)
+
+
+def test_deviation_verdict_tells_cascades_from_wrong_artifacts():
+    """A rare row off in both sessions is a rounding cascade (a float op on the other side of a
+    later rounding boundary); a row off only in the default session is a rewrite; many rows off
+    is a wrong artifact."""
+    from fliqs_compiler.backends.ort_backend import CASCADE_ROW_SHARE, deviation_verdict
+    quiet = [0.3] * 8
+    assert deviation_verdict(quiet, quiet, 2.0) is None
+    one_both = [2.1] + [0.2] * 7
+    assert deviation_verdict(one_both, one_both, 2.0) is None
+    assert "rewrite" in deviation_verdict(one_both, [0.2] * 8, 2.0)
+    many = [5.0] * 3 + [0.2] * 5
+    assert 3 / 8 > CASCADE_ROW_SHARE
+    assert "3 of 8" in deviation_verdict(many, many, 2.0)
