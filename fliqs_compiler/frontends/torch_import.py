@@ -4,7 +4,8 @@ The module is exported in eval mode, which (torch 2.13) keeps BatchNorm as one
 ``aten.batch_norm`` node reading trainable ``get_attr`` parameters and running-stat buffers;
 ``ep.module()`` is the ``fx.GraphModule``. If ``torch.export`` refuses the module (data-dependent
 control flow, unsupported python), ``torch.fx.symbolic_trace`` is tried; if both fail the user
-gets one line naming the module and the export error.
+gets one line naming the module and the export error. ``scaled_dot_product_attention`` nodes
+are decomposed into their two MatMuls and softmax (``frontends.sdpa``) so attention is searched.
 """
 from __future__ import annotations
 
@@ -74,7 +75,9 @@ def import_module(module: nn.Module, example_inputs: Optional[tuple]) -> Graph:
                     "or export the model to ONNX and import that") from None
     finally:
         module.train(was_training)
+    from fliqs_compiler.frontends.sdpa import decompose_sdpa
     from fliqs_compiler.ir.graph import enable_train_eval
+    decompose_sdpa(gm)
     enable_train_eval(gm)  # ExportedProgram.module() refuses .train()/.eval(); callers toggle modes
     with torch.no_grad():
         out = gm(*example_inputs)
