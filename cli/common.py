@@ -84,6 +84,18 @@ prior_option = click.option(
          "charged as search steps) or from uniform probabilities.")
 
 
+attention_option = click.option(
+    "--attention-matmuls", "attention", type=click.Choice(["searched", "float"]),
+    default="searched", show_default=True,
+    help="Activation × activation MatMuls (attention Q·Kᵀ and A·V): searched like every layer "
+         "(a softmax output only in formats of ≥ 8 bits), or kept in float.")
+
+
+def prepare_options(attention: str) -> dict:
+    """``--attention-matmuls`` → ``passes.PrepareOptions`` fields."""
+    return {} if attention == "searched" else {"quantize_act_matmul": False}
+
+
 metric_option = click.option(
     "--metric", metavar="NAME", default=None,
     help="Quality signal of the search and the report: accuracy, agreement, cosine, sqnr, "

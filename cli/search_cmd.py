@@ -5,7 +5,8 @@ import click
 
 from fliqs_compiler.driver.options import check_data_arg
 
-from fliqs_compiler.cli.common import (OneLineCommand, debug_option, finetune_options, prior_option,
+from fliqs_compiler.cli.common import (OneLineCommand, attention_option, debug_option,
+                                       finetune_options, prepare_options, prior_option,
                                        handle_errors, input_shape_option, metric_option,
                                        metric_options, parse_input_shapes, parse_int)
 from fliqs_compiler.cli.ranks import check_nproc, device_option, launch, nproc_option
@@ -25,6 +26,7 @@ from fliqs_compiler.cli.ranks import check_nproc, device_option, launch, nproc_o
 @click.option("--finetune", metavar="N", default="0", show_default=True,
               help="Fine-tune N steps under the found configuration (comparison only).")
 @prior_option
+@attention_option
 @metric_option
 @device_option
 @nproc_option
@@ -32,7 +34,7 @@ from fliqs_compiler.cli.ranks import check_nproc, device_option, launch, nproc_o
 @debug_option
 @handle_errors
 def search(model, data, formats, budget, target, steps, out, seed, resume, input_shapes, finetune,
-           prior, metric, device, nproc, quiet):
+           prior, attention, metric, device, nproc, quiet):
     """Run the FLIQS one-shot search on MODEL and write DIR/config.json (and search.jsonl)."""
     from fliqs_compiler.driver import api
     check_data_arg(data)  # before the model is imported (cheap options first)
@@ -41,7 +43,8 @@ def search(model, data, formats, budget, target, steps, out, seed, resume, input
     kwargs = dict(data=data, formats=formats, budget=budget, target=target,
                   steps=api.check_steps(steps), out=out, seed=parse_int("--seed", seed),
                   resume=resume, input_shapes=parse_input_shapes(input_shapes) or None,
-                  progress=not quiet, search_options=search_options, device=device)
+                  progress=not quiet, search_options=search_options,
+                  prepare_options=prepare_options(attention), device=device)
     if nproc > 1:
         api.search_request(model, **kwargs)  # every option checked before the ranks start
         launch(nproc, out or "the output folder")

@@ -66,8 +66,11 @@ class PrepareOptions:
     formats: candidate formats of every decision. tie_weight_activation: one decision per layer
     (else weight and activation separately). keep_float_first / _last / _patterns: layers left
     in float (outside search and budget). group_patterns: regexes; layers matching one share a
-    decision. quantize_act_matmul: also search activation × activation MatMuls.
-    tie_add_concat_inputs: one activation decision across an Add/Concat. bn: "fold" (eval fold,
+    decision. quantize_act_matmul (default): also search activation × activation MatMuls (the
+    attention MatMuls Q·Kᵀ and A·V); False keeps them float. operand_rules (default): restrict
+    the candidates of operands whose producer a rule covers (``grouping.OPERAND_RULES``: softmax
+    outputs take only formats of ≥ 8 bits); False: every candidate everywhere (an explicit
+    config). tie_add_concat_inputs: one activation decision across an Add/Concat. bn: "fold" (eval fold,
     default, BN frozen) or "qat" (Jacob et al. 2018 fold with batch statistics in training).
     scale_mode: "learned" (LSQ) or "calibrated". check_numerics: compare outputs after each
     numerics-preserving pass (slower; tests and --debug).
@@ -79,7 +82,8 @@ class PrepareOptions:
     keep_float_last: bool = True
     keep_float_patterns: Sequence[str] = ()
     group_patterns: Sequence[str] = ()
-    quantize_act_matmul: bool = False
+    quantize_act_matmul: bool = True
+    operand_rules: bool = True
     tie_add_concat_inputs: bool = False
     bn: str = "fold"
     scale_mode: str = "learned"
@@ -113,7 +117,8 @@ def pipeline(options: PrepareOptions, quantize: bool = True) -> list:
              keep_float_last=o.keep_float_last, keep_float_patterns=o.keep_float_patterns,
              quantize_act_matmul=o.quantize_act_matmul),
         bind(group_decisions, formats=o.formats, tie_weight_activation=o.tie_weight_activation,
-             group_patterns=o.group_patterns, tie_add_concat_inputs=o.tie_add_concat_inputs),
+             group_patterns=o.group_patterns, tie_add_concat_inputs=o.tie_add_concat_inputs,
+             operand_rules=o.operand_rules),
         annotate_costs,
     ]
     if quantize:

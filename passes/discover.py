@@ -6,8 +6,9 @@ MACs (batch included):
 - conv-transpose: input elements × (Cout / groups) × prod(kernel);
 - linear: output elements × in_features; matmul: output elements × K.
 ``params`` counts the weight elements (the tensor the weight format applies to); the bias count
-is in ``attrs['bias_params']``. Activation × activation MatMuls (attention scores / context) are
-quantizable only with ``quantize_act_matmul``; their ``params`` is 0.
+is in ``attrs['bias_params']``. Activation × activation MatMuls (attention scores Q·Kᵀ and
+context A·V) are layers too (``quantize_act_matmul``, default; ``attrs['act_x_act']``); their
+``params`` is 0 and their second operand plays the weight (its BOPs width counts).
 
 Keep-float rules (configuration): the first / last quantizable layer in topological order
 (``keep_float_first`` / ``keep_float_last``), and layers whose public name matches one of
@@ -109,7 +110,7 @@ def layers_discovered(graph: Graph):
 @contract(requires=[tensor_nodes_have_shape], ensures=[layers_discovered])
 def discover_quantizable(graph: Graph, keep_float_first: bool = True,
                          keep_float_last: bool = True, keep_float_patterns: Sequence[str] = (),
-                         quantize_act_matmul: bool = False) -> Graph:
+                         quantize_act_matmul: bool = True) -> Graph:
     """Requires: ``tensor_nodes_have_shape`` (run ``propagate_shapes`` first). Ensures:
     ``layers_discovered``.
 

@@ -11,11 +11,21 @@ activation MatMul, ``'weight'`` is its second operand). Members are merged (unio
 Layers kept in float have no members. Decision names: the pattern (``group_patterns``), else the
 first layer's name, suffixed ``.weight`` / ``.activation`` when a decision holds only that role
 (untied).
+
+Operand rules (``OPERAND_RULES``, data; on unless ``operand_rules=False``): an operand produced by
+an op a rule covers (seen through shape ops and pooling) restricts its decision's candidates to
+the formats the rule admits. The one rule today: a softmax output (attention probabilities, the
+first operand of A·V) takes only formats of ≥ 8 bits per element (int8/uint8, fp8, MX-8, bf16,
+fp16). Why: the probabilities lie in [0, 1] and most are near 1/T (T keys); a uniform grid of
+2^b - 1 steps over [0, 1] rounds everything below half a step to zero — with 4 bits that is
+every probability under 1/30, the whole tail of a 17-token attention row. A decision left with no
+admitted candidate is kept in float (``graph.meta['keep_float_reasons']`` says why).
 """
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 from torch import fx
 
@@ -29,7 +39,7 @@ from fliqs_compiler.passes.discover import layers_discovered
 from fliqs_compiler.passes.manager import contract
 
 __all__ = ["group_decisions", "decisions_cover_searched_layers",
-           "quantizers_belong_to_decisions"]
+           "quantizers_belong_to_decisions", "OperandRule", "OPERAND_RULES"]
 
 ROLES = ("weight", "activation")
 _SEE_THROUGH = ir.TRANSPARENT_KINDS + ("relu", "relu6")
@@ -50,6 +60,43 @@ class _UnionFind:
         ra, rb = self.find(a), self.find(b)
         if ra != rb:
             self.parent[rb] = ra
+
+
+@dataclass(frozen=True)
+class OperandRule:
+    """Formats an operand may take, chosen by the op that produces it (module docstring)."""
+
+    name: str
+    producers: tuple  # ir kinds whose output the rule covers (seen through shape ops / pooling)
+    admits: Callable  # Format -> bool
+    why: str
+
+
+OPERAND_RULES = (
+    OperandRule("probability", ("softmax",), lambda f: f.kind == "float" or f.bits >= 8,
+                "a softmax output (probabilities in [0, 1], most near 1/T) needs >= 8 bits per "
+                "element"),
+)
+_ROLE_ARG = {"weight": "weight", "activation": "input"}
+
+
+def _operand_rule(graph: Graph, layer_name: str, role: str):
+    """The rule covering (layer, role)'s operand, or None."""
+    src = ir.get_arg(graph.fx_node(graph.layers[layer_name].node), _ROLE_ARG[role])
+    while isinstance(src, fx.Node) and ir.kind_of(src) in ir.TRANSPARENT_KINDS and src.args:
+        src = src.args[0]
+    kind = ir.kind_of(src) if isinstance(src, fx.Node) else None
+    return next((r for r in OPERAND_RULES if kind in r.producers), None)
+
+
+def _rules_of(graph: Graph, members) -> set:
+    return {r for r in (_operand_rule(graph, *m) for m in members) if r is not None}
+
+
+def _admitted(graph: Graph, members, candidates) -> tuple:
+    """The candidates every operand rule covering ``members`` admits (all when none covers)."""
+    rules = _rules_of(graph, members)
+    return tuple(c for c in candidates if all(r.admits(F.get(c)) for r in rules))
 
 
 def _source(node):
@@ -110,7 +157,7 @@ def quantizers_belong_to_decisions(graph: Graph):
           ensures=[decisions_cover_searched_layers, quantizers_belong_to_decisions])
 def group_decisions(graph: Graph, formats: Sequence[str] = ("int4", "int8"),
                     tie_weight_activation: bool = True, group_patterns: Sequence[str] = (),
-                    tie_add_concat_inputs: bool = False) -> Graph:
+                    tie_add_concat_inputs: bool = False, operand_rules: bool = True) -> Graph:
     """Requires: ``layers_discovered`` (run ``discover_quantizable``). Ensures:
     ``decisions_cover_searched_layers``, ``quantizers_belong_to_decisions``.
 
@@ -161,8 +208,20 @@ def group_decisions(graph: Graph, formats: Sequence[str] = ("int4", "int8"),
     for layer in searched:
         for role in ROLES:
             components.setdefault(uf.find((layer.name, role)), []).append((layer.name, role))
+    allowed = {root: _admitted(graph, members, candidates) if operand_rules else candidates
+               for root, members in components.items()}
+    reasons = graph.meta["keep_float_reasons"] = {}
+    for root, members in components.items():
+        if not allowed[root]:  # no candidate fits: the decision's layers stay float
+            why = "; ".join(sorted({r.why for r in _rules_of(graph, members)}))
+            for layer_name in {m[0] for m in members}:
+                graph.layers[layer_name].keep_float = True
+                reasons[layer_name] = f"{why}, and no candidate of {', '.join(candidates)} has that"
     decisions, seen_names = [], set()
     for root, members in components.items():
+        members = [m for m in members if not graph.layers[m[0]].keep_float]
+        if not members:
+            continue
         name = label.get(root)
         if name is None:
             roles = {m[1] for m in members}
@@ -170,7 +229,7 @@ def group_decisions(graph: Graph, formats: Sequence[str] = ("int4", "int8"),
         while name in seen_names:
             name += "_"
         seen_names.add(name)
-        decisions.append(Decision(name=name, candidates=candidates, members=members))
+        decisions.append(Decision(name=name, candidates=allowed[root], members=members))
     owner = {m: d.name for d in decisions for m in d.members}
     for layer in graph.layers.values():
         layer.group = "" if layer.keep_float else owner[(layer.name, "weight")]

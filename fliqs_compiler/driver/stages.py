@@ -105,6 +105,7 @@ class ConfigPasses:
         others = [re.escape(n) for n in names if n not in formats]
         graph = prepare(graph, PrepareOptions(
             formats=list(r.formats), keep_float_first=False, keep_float_last=False,
+            operand_rules=False,  # the config is explicit: its formats are the user's choice
             keep_float_patterns=(f"^(?:{'|'.join(others)})$",) if others else ()))
         load_config(r.config, graph)  # names and formats checked against the prepared graph
         _calibrate(graph, formats, run.dataset)
@@ -398,7 +399,9 @@ class Report:
             quality={"metric": run.metric, "metric_reason": run.metric_reason,
                      "float": float(run.q_float), "final": float(v["q_final"]), "split": "held-out"},
             facts=v["facts"], timing=p.timing, latency=table, dataset=run.dataset,
-            search_info=search_info, baselines=v.get("baselines", []), notes=p.notes, files=files)
+            search_info=search_info, baselines=v.get("baselines", []),
+            notes=p.notes + [f"{name} kept in float: {why}" for name, why in
+                             graph.meta.get("keep_float_reasons", {}).items()], files=files)
         caps = backend.caps(target)
         report["environment"]["device"] = {
             "where": caps.device, "backend": backend.name, "target": target.tvm_target or target.text,

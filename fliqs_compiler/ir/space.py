@@ -25,6 +25,12 @@ class Decision:
     members: list = field(default_factory=list)  # [(layer name, role)]
 
 
+def _nearest(decision: Decision, fmt: str) -> int:
+    bits = [F.get(c).cost_bits for c in decision.candidates]
+    wide = [k for k, b in enumerate(bits) if b >= F.get(fmt).cost_bits]
+    return min(wide, key=bits.__getitem__) if wide else max(range(len(bits)), key=bits.__getitem__)
+
+
 @dataclass
 class SearchSpace:
     decisions: list  # [Decision]
@@ -60,12 +66,23 @@ class SearchSpace:
             choice.append(index)
         return choice
 
-    def uniform_choice(self, fmt: str) -> list:
+    def uniform_choice(self, fmt: str, nearest: bool = False) -> list:
+        """``fmt`` in every decision. A decision whose candidates lack it (an operand rule
+        restricted them) raises, or with ``nearest`` takes its cheapest candidate at least as
+        wide as ``fmt`` (else its widest)."""
         fmt = F.get(fmt).name
         missing = [d.name for d in self.decisions if fmt not in d.candidates]
-        if missing:
+        if missing and not nearest:
             raise ValueError(f"format {fmt} is not a candidate of decisions {missing[:3]}")
-        return [d.candidates.index(fmt) for d in self.decisions]
+        return [d.candidates.index(fmt) if fmt in d.candidates else _nearest(d, fmt)
+                for d in self.decisions]
+
+    def substitutes(self, fmt: str) -> dict:
+        """``{decision name: candidate}`` that ``uniform_choice(fmt, nearest=True)`` puts where
+        ``fmt`` is not a candidate."""
+        fmt = F.get(fmt).name
+        return {d.name: d.candidates[_nearest(d, fmt)] for d in self.decisions
+                if fmt not in d.candidates}
 
     def apply(self, gm: fx.GraphModule, choice: Sequence[int]) -> None:
         """Set the active candidate of every member quantizer."""

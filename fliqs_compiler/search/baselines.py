@@ -82,19 +82,25 @@ def _result(name, method, g, choice, kind, latency, quality, steps, t0, notes=""
 
 def uniform(graph: Graph, data, budget, options: SearchOptions, formats: Optional[Sequence[str]] = None,
             latency=None) -> list:
-    """One QAT run per format shared by all decisions (``formats`` default: all such candidates)."""
+    """One QAT run per format shared by all decisions (``formats`` default: every candidate of
+    the space). A decision an operand rule keeps from that format (``grouping.OPERAND_RULES``)
+    takes its nearest wider candidate, as the search must: the notes say which."""
     _, kind = _target(graph, budget, latency)
-    common = [f for f in graph.space.decisions[0].candidates
-              if all(f in d.candidates for d in graph.space.decisions)]
+    space = graph.space
+    every = list(dict.fromkeys(c for d in space.decisions for c in d.candidates))
     out = []
-    for fmt in (formats or common):
+    for fmt in (formats or every):
         t0 = time.perf_counter()
         g, trainer, metric, gen = _setup(graph, data, options)
-        choice = g.space.uniform_choice(fmt)
+        choice = g.space.uniform_choice(fmt, nearest=True)
         trainer.train_fixed(g.space.apply, choice, options.steps, gen)
+        swapped = space.substitutes(fmt)
+        note = f"QAT, all searched layers {fmt}, {options.steps} steps"
+        if swapped:
+            note += (f" ({len(swapped)} decision(s) at " +
+                     ", ".join(sorted(set(swapped.values()))) + " by an operand rule)")
         out.append(_result(f"uniform-{fmt}", "uniform", g, choice, kind, latency,
-                           trainer.evaluate(metric, "test"), options.steps, t0,
-                           f"QAT, all searched layers {fmt}, {options.steps} steps"))
+                           trainer.evaluate(metric, "test"), options.steps, t0, note))
     return out
 
 

@@ -253,9 +253,10 @@ class OneShotSearch:
     def _final(self) -> list:
         """The argmax projected onto the budget (computed once, when the final stretch begins)."""
         if self.final_choice is None:
+            c = self.controller  # masked candidates (a decision with fewer) are no move
+            log_probs = c.log_probs().detach().masked_fill(~c.mask, float("-inf"))
             self.final_choice, self.projection_moves = project_to_budget(
-                self.controller.argmax(), self.controller.log_probs().detach(), self.cost_of,
-                self.target)
+                c.argmax(), log_probs, self.cost_of, self.target)
         return self.final_choice
 
     def _apply_prior(self) -> None:

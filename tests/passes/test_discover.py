@@ -74,27 +74,64 @@ def test_keep_float_rules(cnn):
         P.analyze(g, P.PrepareOptions(keep_float_patterns=["("]))
 
 
-def test_act_x_act_matmul_only_with_option(export_graph):
-    class Attn(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.q, self.k = nn.Linear(8, 8), nn.Linear(8, 8)
+class _Attn(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q, self.k = nn.Linear(8, 8), nn.Linear(8, 8)
 
-        def forward(self, x):
-            s = torch.softmax(self.q(x) @ self.k(x).transpose(-1, -2), -1)
-            return s @ x
+    def forward(self, x):
+        s = torch.softmax(self.q(x) @ self.k(x).transpose(-1, -2), -1)
+        return s @ x
 
-    g = export_graph(Attn(), (1, 4, 8))
-    base = dict(keep_float_first=False, keep_float_last=False)
-    assert [layer.op for layer in P.analyze(g, P.PrepareOptions(**base)).layers.values()] == \
+
+_BASE = dict(keep_float_first=False, keep_float_last=False)
+
+
+def test_act_x_act_matmuls_searched_by_default(export_graph):
+    g = export_graph(_Attn(), (1, 4, 8))
+    assert [layer.op for layer in P.analyze(g, P.PrepareOptions(quantize_act_matmul=False,
+                                                                **_BASE)).layers.values()] == \
         ["linear", "linear"]
-    p = P.prepare(g, P.PrepareOptions(quantize_act_matmul=True, **base))
+    p = P.prepare(g, P.PrepareOptions(**_BASE))
     ops = [(layer.op, layer.params) for layer in p.layers.values()]
     assert ops == [("linear", 72 - 8), ("linear", 64), ("matmul", 0), ("matmul", 0)]
-    ctx = list(p.layers.values())[3]
+    scores, ctx = list(p.layers.values())[2:]
+    assert scores.attrs["act_x_act"] and ctx.attrs["act_x_act"]
     assert p.gm.get_submodule(p.space.quantizers[(ctx.name, "activation")]).unsigned  # softmax
+    # BOPs of an activation x activation MatMul count both operands' widths
+    row = p.meta["cost_table"][scores.name]["bops"]
+    assert row["int4/int8"] == scores.macs * 4 * 8 and row["int8/int8"] == scores.macs * 64
     x = torch.randn(1, 4, 8)
     p(x).sum().backward()
+
+
+def test_softmax_output_takes_only_8_bit_formats(export_graph):
+    g = export_graph(_Attn(), (1, 4, 8))
+    formats = ["int2", "int4", "fp4_e2m1", "fp6_e3m2", "int8", "fp8_e4m3", "bf16"]
+    p = P.analyze(g, P.PrepareOptions(formats=formats, **_BASE))
+    by_layer = {d.members[0][0]: d.candidates for d in p.space.decisions}
+    scores, ctx = list(p.layers)[2:]
+    assert by_layer[ctx] == ("int8", "fp8_e4m3", "bf16")  # A·V: its input is the softmax
+    assert by_layer[scores] == tuple(formats)  # Q·Kᵀ: untouched
+    # untied: only the softmax operand's decision is restricted
+    p = P.analyze(g, P.PrepareOptions(formats=formats, tie_weight_activation=False, **_BASE))
+    cands = {m: d.candidates for d in p.space.decisions for m in d.members}
+    assert cands[(ctx, "activation")] == ("int8", "fp8_e4m3", "bf16")
+    assert cands[(ctx, "weight")] == tuple(formats)
+    # an explicit config (operand_rules=False) may put the softmax output anywhere
+    p = P.analyze(g, P.PrepareOptions(formats=formats, operand_rules=False, **_BASE))
+    assert all(d.candidates == tuple(formats) for d in p.space.decisions)
+
+
+def test_softmax_operand_with_no_admitted_format_stays_float(export_graph):
+    g = export_graph(_Attn(), (1, 4, 8))
+    p = P.prepare(g, P.PrepareOptions(formats=["int4", "int2"], **_BASE))
+    ctx = list(p.layers.values())[3]
+    assert ctx.keep_float and ctx.group == ""
+    assert "softmax output" in p.meta["keep_float_reasons"][ctx.name]
+    assert all(m[0] != ctx.name for d in p.space.decisions for m in d.members)
+    assert len(p.space.decisions) == 3
+    p(torch.randn(1, 4, 8)).sum().backward()
 
 
 def test_ensures_hold_on_an_exported_graph(cnn):
