@@ -196,3 +196,17 @@ def test_encoder_search_uses_cosine_and_searches_attention(tmp_path):
             "scaled_dot_product_attention.context"} <= set(config)
     assert config["scaled_dot_product_attention.context"]["activation"] == "int8"  # the rule
     assert res["quality"]["metric"] == "cosine"
+
+
+def test_cli_keeps_attention_float_on_request(trained_vit, tmp_path):
+    from click.testing import CliRunner
+    from fliqs_compiler.cli.main import cli
+    path = _export(trained_vit, tmp_path, dynamo=False)
+    out = tmp_path / "o"
+    result = CliRunner().invoke(cli, ["search", str(path), "--data", "digits", "--steps", "3",
+                                      "--attention-matmuls", "float", "--quiet", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    names = set(json.loads((out / "config.json").read_text())["formats"])
+    assert names and not any(n.endswith(("attn/MatMul", "attn/MatMul_1")) for n in names)
+    bad = CliRunner().invoke(cli, ["search", str(path), "--attention-matmuls", "int8"])
+    assert bad.exit_code == 2 and "--attention-matmuls" in bad.output

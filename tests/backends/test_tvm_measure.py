@@ -91,3 +91,20 @@ def test_tuning_setup_survives_unnamed_handlers_on_the_meta_schedule_logger(tmp_
         assert mine in logger.handlers
     finally:
         logger.removeHandler(mine)
+
+
+def test_matmul_layers_measure_with_their_own_operand_layout():
+    """A MatMul's constant weight is [K, N] (not square here: a transposed weight fails to
+    trace); an attention MatMul's second operand is a run-time input of the micro-model."""
+    fc = LayerInfo("m", "matmul", "n", weight_shape=(24, 40), input_shape=(1, 5, 24),
+                   attrs={"act_x_act": False})
+    ms, low = tvm_layer_ms(fc, "int8", "int8", "llvm", repeat=2, min_repeat_ms=5,
+                           return_lowered=True)
+    assert ms > 0 and low.executed["m"]["dtype"] == "int8xint8->int32"
+    att = LayerInfo("att", "matmul", "n", weight_shape=(1, 4, 8, 17), input_shape=(1, 4, 17, 8),
+                    attrs={"act_x_act": True})
+    g = layer_graph(att, "int8", "int8")
+    assert [spec.shape for spec in g.inputs] == [(1, 4, 17, 8), (1, 4, 8, 17)]
+    ms, low = tvm_layer_ms(att, "int8", "int8", "llvm", repeat=2, min_repeat_ms=5,
+                           return_lowered=True)
+    assert ms > 0 and low.executed["att"]["dtype"] == "int8xint8->int32"

@@ -156,3 +156,15 @@ def test_requires_refused_by_the_manager(cnn):
     with pytest.raises(PassContractError, match="pass discover_quantizable: requires "
                        "tensor_nodes_have_shape does not hold: node .* has no meta"):
         P.run_passes(copy.deepcopy(g), [P.discover_quantizable])
+
+
+def test_uniform_choice_takes_the_nearest_wider_format_where_a_rule_forbids_it(export_graph):
+    g = export_graph(_Attn(), (1, 4, 8))
+    p = P.analyze(g, P.PrepareOptions(formats=["int4", "int8", "bf16"], **_BASE))
+    ctx = list(p.layers)[3]
+    with pytest.raises(ValueError, match="not a candidate"):
+        p.space.uniform_choice("int4")
+    formats = p.space.formats_of(p.space.uniform_choice("int4", nearest=True))
+    assert formats[ctx] == {"weight": "int8", "activation": "int8"}  # 8 bits: the nearest wider
+    assert all(f == {"weight": "int4", "activation": "int4"} for n, f in formats.items() if n != ctx)
+    assert p.space.substitutes("int4") == {ctx: "int8"} and p.space.substitutes("int8") == {}
