@@ -21,6 +21,12 @@ and the run resumes from it (finished rows are skipped). ``quality.png``: accura
 
     python bench/quality.py --quick                       # small smoke run
     python bench/quality.py --seeds 3 --steps 300,900 --spaces int,fp,mixed
+    python bench/quality.py --model vit --seeds 1 --steps 300   # the ViT: quality_vit.json
+
+``--model vit``: ``examples.toy_models.ViT`` (4 blocks, 64 wide, 4 heads, 49 patch tokens + a
+class token), trained the same way (Adam, cosine LR, 8 epochs, lr 1e-3), its attention MatMuls
+searched (the softmax output only at >= 8 bits), LayerNorm / softmax / GELU in float; space
+``vit`` = int4, int8, fp8_e4m3; budgets 0.3x, 0.5x, 0.7x of all-INT8 BOPs.
 Requires ``apt-get install -y dataset-fashion-mnist``. 2 threads.
 """
 from __future__ import annotations
@@ -51,14 +57,35 @@ from fliqs_compiler.ir.graph import InputSpec  # noqa: E402
 from fliqs_compiler.search import SearchOptions, run_search  # noqa: E402
 from fliqs_compiler.search.oneshot import recipe_train  # noqa: E402
 from fliqs_compiler.search import baselines as B  # noqa: E402
-from examples.toy_models import ResNet8, evaluate_float, fuse_bn, train_float  # noqa: E402
+from examples.toy_models import ResNet8, ViT, evaluate_float, fuse_bn, train_float  # noqa: E402
 
 SPACES = {
     "int": ["int2", "int3", "int4", "int8"],
     "fp": ["fp4_e2m1", "fp6_e3m2", "fp8_e4m3"],
     "mixed": ["int2", "int3", "int4", "int8", "fp4_e2m1", "fp6_e3m2", "fp8_e4m3"],
+    "vit": ["int4", "int8", "fp8_e4m3"],
 }
-BUDGETS = {"int": [0.14, 0.25, 0.45], "fp": [0.25, 0.35, 0.45], "mixed": [0.14, 0.25, 0.45]}
+BUDGETS = {"int": [0.14, 0.25, 0.45], "fp": [0.25, 0.35, 0.45], "mixed": [0.14, 0.25, 0.45],
+           "vit": [0.3, 0.5, 0.7]}
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchModel:
+    """A benchmarked float model: how it is built and trained, its default spaces, its file."""
+
+    name: str
+    build: object  # () -> nn.Module
+    epochs: float
+    lr: float
+    fold_bn: bool
+    spaces: str
+    results: str  # the quality JSON's file name
+
+
+MODELS = {
+    "resnet8": BenchModel("ResNet-8", lambda: ResNet8(width=16), 10, 3e-3, True, "int,fp", "quality.json"),
+    "vit": BenchModel("ViT", ViT, 8, 1e-3, False, "vit", "quality_vit.json"),
+}
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -81,21 +108,23 @@ def bench_options(steps: int, seed: int = 0, lr_schedule: str = "constant") -> S
                                                    lr_schedule=lr_schedule))
 
 
-def float_model(data, epochs: float, batch: int, seed: int, width: int = 16):
-    """Trained ResNet-8 (cached by epochs/batch/seed/width), BN folded."""
-    cache = Path.home() / ".cache" / "fliqs" / f"resnet8w{width}_fmnist_e{epochs}_b{batch}_s{seed}.pt"
-    model = ResNet8(width=width)
+def float_model(data, epochs: float, batch: int, seed: int, key: str = "resnet8"):
+    """The trained float model (cached by model/epochs/batch/seed), BN folded (ResNet-8)."""
+    spec = MODELS[key]
+    stem = "resnet8w16" if key == "resnet8" else key  # the ResNet-8 cache keeps its old name
+    cache = Path.home() / ".cache" / "fliqs" / f"{stem}_fmnist_e{epochs}_b{batch}_s{seed}.pt"
+    model = spec.build()
     if cache.exists():
         model.load_state_dict(torch.load(cache, weights_only=True))
     else:
         steps = int(epochs * len(data.x_train) / batch)
         t = time.perf_counter()
-        train_float(model, data.x_train, data.y_train, steps, batch_size=batch, lr=3e-3, seed=seed,
+        train_float(model, data.x_train, data.y_train, steps, batch_size=batch, lr=spec.lr, seed=seed,
                     progress=True)
         print(f"float training: {steps} steps in {time.perf_counter() - t:.0f} s", flush=True)
         cache.parent.mkdir(parents=True, exist_ok=True)
         torch.save(model.state_dict(), cache)
-    return fuse_bn(model.eval())
+    return fuse_bn(model.eval()) if spec.fold_bn else model.eval()
 
 
 def pareto_png(rows, float_acc, path: Path) -> None:
@@ -137,7 +166,7 @@ def searchable(model, fmts, name: str, cache: Path):
     """The float model through the real front door: ONNX export, ``fq.load``, ``prepare``."""
     import fliqs_compiler as fq
     from fliqs_compiler.passes import PrepareOptions, prepare
-    path = cache / "resnet8_float.onnx"
+    path = cache / f"{name.split('-')[0]}_float.onnx"
     if not path.exists():
         torch.onnx.export(model, (torch.zeros(1, 1, 28, 28),), str(path), input_names=["x"],
                           output_names=["logits"], dynamic_axes={"x": {0: "batch"}}, dynamo=False)
@@ -187,10 +216,11 @@ def run_method(method, graph, data, budget, opts, work):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smoke run: 1 seed, 100 steps, int space, 2000 test images")
-    ap.add_argument("--epochs", type=float, default=10)
+    ap.add_argument("--model", default="resnet8", choices=list(MODELS))
+    ap.add_argument("--epochs", type=float, default=None, help="float training (default: the model's)")
     ap.add_argument("--steps", default=None, help="comma list of step counts (default 300,900; quick 100)")
     ap.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (default 3; quick 1)")
-    ap.add_argument("--spaces", default=None, help=f"comma list of {', '.join(SPACES)} (default int,fp)")
+    ap.add_argument("--spaces", default=None, help=f"comma list of {', '.join(SPACES)} (default: the model's)")
     ap.add_argument("--budgets", default=None, help="fractions of all-INT8 BOPs (default: per space)")
     ap.add_argument("--methods", default="fliqs,fliqs-config,uniform,ilp,random",
                     help="comma list of fliqs,fliqs-config,uniform,ilp,random,dnas")
@@ -201,25 +231,26 @@ def main(argv=None):
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--replot", action="store_true", help="only redraw quality.png from quality.json")
     a = ap.parse_args(argv)
+    spec = MODELS[a.model]
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    state_path = out / "quality.json"
+    state_path = out / spec.results
     state = json.loads(state_path.read_text()) if state_path.exists() else {}
     rows = [r for r in state.get("rows", []) if "seed" in r]
     if a.replot:
-        return pareto_png(rows, state["float_accuracy"], out / "quality.png")
+        return pareto_png(rows, state["float_accuracy"], out / spec.results.replace(".json", ".png"))
     torch.set_num_threads(2)
     steps_list = [int(s) for s in (a.steps or ("100" if a.quick else "300,900")).split(",")]
     seeds = range(a.seeds if a.seeds is not None else (1 if a.quick else 3))
-    spaces = (a.spaces or "int" if a.quick else a.spaces or "int,fp").split(",")
+    spaces = (a.spaces or (spec.spaces.split(",")[0] if a.quick else spec.spaces)).split(",")
     methods = a.methods.split(",")
     data = load_fmnist(0)
-    model = float_model(data, a.epochs, 128, 0, 16)
+    model = float_model(data, a.epochs if a.epochs is not None else spec.epochs, 128, 0, a.model)
     limit = a.test_limit or (2000 if a.quick else None)
     if limit:
         data.x_test, data.y_test = data.x_test[:limit], data.y_test[:limit]
     float_acc = evaluate_float(model, data.x_test, data.y_test)
-    print(f"float ResNet-8 (BN folded): {float_acc * 100:.2f} % on {len(data.x_test)} test images", flush=True)
+    print(f"float {spec.name}: {float_acc * 100:.2f} % on {len(data.x_test)} test images", flush=True)
     work = Path(tempfile.mkdtemp(prefix="fliqs-quality-"))
     done = {(r["space"], r["budget"], r["method"], r["seed"], r["steps"]) for r in rows}
 
@@ -231,7 +262,7 @@ def main(argv=None):
               f"bops={row['bops'] / 1e6:7.2f}M acc={row['accuracy'] * 100:6.2f} % ({row['seconds']:.0f} s)", flush=True)
 
     for space in spaces:
-        graph = searchable(model, SPACES[space], f"resnet8-{space}", work)
+        graph = searchable(model, SPACES[space], f"{a.model}-{space}", work)
         for steps in steps_list:
             for seed in seeds:
                 opts = bench_options(steps, seed, a.lr_schedule)
@@ -264,9 +295,9 @@ def main(argv=None):
                                      "meets_budget": meets_budget(bops, target),
                                      "accuracy": acc, "evaluated_by": by, "seconds": secs,
                                      "formats": formats}, **extra))
-    pareto_png(rows, float_acc, out / "quality.png")
+    pareto_png(rows, float_acc, out / spec.results.replace(".json", ".png"))
     print(summary(rows, float_acc))
-    print(f"wrote {state_path} and {out / 'quality.png'}")
+    print(f"wrote {state_path} and {out / spec.results.replace('.json', '.png')}")
 
 
 def summary(rows, float_acc) -> str:

@@ -22,7 +22,7 @@ from fliqs_compiler.ir.graph import Graph, InputSpec, LayerInfo
 from fliqs_compiler.numerics.quantizers import SearchableQuantizer
 from fliqs_compiler.ir.space import Decision, SearchSpace
 
-__all__ = ["QuantWrap", "make_searchable", "TinyCNN", "ResNet8", "fuse_bn", "train_float"]
+__all__ = ["QuantWrap", "make_searchable", "TinyCNN", "ResNet8", "ViT", "fuse_bn", "train_float"]
 
 
 class QuantWrap(nn.Module):
@@ -159,6 +159,52 @@ class ResNet8(nn.Module):
     def forward(self, x):
         x = self.b3(self.b2(self.b1(torch.relu(self.stem(x)))))
         return self.fc(torch.flatten(Fn.adaptive_avg_pool2d(x, 1), 1))
+
+
+class _Attention(nn.Module):
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).reshape(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        att = ((q @ k.transpose(-2, -1)) * (d // self.heads) ** -0.5).softmax(-1)
+        return self.proj((att @ v).transpose(1, 2).reshape(b, t, d))
+
+
+class _Block(nn.Module):
+    def __init__(self, dim: int, heads: int, mlp: int):
+        super().__init__()
+        self.norm1, self.attn = nn.LayerNorm(dim), _Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp), nn.GELU(), nn.Linear(mlp, dim))
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class ViT(nn.Module):
+    """A small pre-norm vision transformer for 1×28×28 images: 4×4 patches (49 tokens) + a class
+    token, learned position embedding, ``depth`` blocks of ``heads``-head attention and a GELU
+    MLP (explicit MatMuls, as legacy ONNX exports write them), LayerNorm, linear head."""
+
+    def __init__(self, dim: int = 64, depth: int = 4, heads: int = 4, mlp: int = 128,
+                 classes: int = 10, patch: int = 4, image: int = 28):
+        super().__init__()
+        tokens = (image // patch) ** 2
+        self.patch = nn.Conv2d(1, dim, patch, patch)
+        self.cls = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos = nn.Parameter(torch.randn(1, tokens + 1, dim) * 0.02)
+        self.blocks = nn.Sequential(*[_Block(dim, heads, mlp) for _ in range(depth)])
+        self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, classes)
+
+    def forward(self, x):
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], 1) + self.pos
+        return self.head(self.norm(self.blocks(x))[:, 0])
 
 
 def fuse_bn(model: nn.Module) -> nn.Module:
