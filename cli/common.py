@@ -91,9 +91,31 @@ attention_option = click.option(
          "(a softmax output only in formats of ≥ 8 bits), or kept in float.")
 
 
-def prepare_options(attention: str) -> dict:
-    """``--attention-matmuls`` → ``passes.PrepareOptions`` fields."""
-    return {} if attention == "searched" else {"quantize_act_matmul": False}
+group_option = click.option(
+    "--group", "groups", metavar="REGEX", multiple=True,
+    help="Layers whose name matches REGEX share one format (repeatable; one decision per "
+         "REGEX), e.g. --group 'attn/(q|k|v)_proj' for separate Q, K, V Linears.")
+keep_float_option = click.option(
+    "--keep-float", "keep_float", metavar="REGEX", multiple=True,
+    help="Layers whose name matches REGEX stay float, outside search and budget (repeatable).")
+
+
+def prepare_options(attention: str, groups=(), keep_float=()) -> dict:
+    """``--attention-matmuls``, ``--group``, ``--keep-float`` → ``passes.PrepareOptions``
+    fields; a bad regular expression is a one-line error before the model is read."""
+    import re
+    for option, patterns in (("--group", groups), ("--keep-float", keep_float)):
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise FliqsError(f"{option} {pattern!r}: not a valid regular expression ({e})") from None
+    options = {} if attention == "searched" else {"quantize_act_matmul": False}
+    if groups:
+        options["group_patterns"] = tuple(groups)
+    if keep_float:
+        options["keep_float_patterns"] = tuple(keep_float)
+    return options
 
 
 metric_option = click.option(

@@ -210,3 +210,22 @@ def test_cli_keeps_attention_float_on_request(trained_vit, tmp_path):
     assert names and not any(n.endswith(("attn/MatMul", "attn/MatMul_1")) for n in names)
     bad = CliRunner().invoke(cli, ["search", str(path), "--attention-matmuls", "int8"])
     assert bad.exit_code == 2 and "--attention-matmuls" in bad.output
+
+
+def test_cli_group_and_keep_float_patterns(trained_vit, tmp_path):
+    from click.testing import CliRunner
+    from fliqs_compiler.cli.main import cli
+    path = _export(trained_vit, tmp_path, dynamo=False)
+    out = tmp_path / "o"
+    result = CliRunner().invoke(cli, ["search", str(path), "--data", "digits", "--steps", "4",
+                                      "--group", "attn/(qkv|proj)/", "--keep-float", "mlp",
+                                      "--budget", "bops=0.6x", "--quiet", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    formats = json.loads((out / "config.json").read_text())["formats"]
+    searched = {n: f for n, f in formats.items() if f.get("weight", "float") != "float"}
+    assert searched and not any("mlp" in n for n in searched)
+    tied = {json.dumps(f, sort_keys=True) for n, f in searched.items() if "qkv" in n or "proj" in n}
+    assert len(tied) == 1  # one decision for every qkv and proj Linear
+    bad = CliRunner().invoke(cli, ["search", str(path), "--group", "attn/("])
+    assert bad.exit_code == 2 and "--group 'attn/('" in bad.output
+    assert "Traceback" not in bad.output
