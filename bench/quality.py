@@ -226,7 +226,7 @@ def main(argv=None):
                     help="comma list of fliqs,fliqs-config,uniform,ilp,random,dnas")
     ap.add_argument("--uniform", default=None, help="uniform formats to train (default: all of the space)")
     ap.add_argument("--test-limit", type=int, default=None)
-    ap.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"],
+    ap.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine", "hold-cosine"],
                     help="learning-rate schedule of every method's training (TrainOptions.lr_schedule)")
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--replot", action="store_true", help="only redraw quality.png from quality.json")

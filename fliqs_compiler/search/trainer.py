@@ -34,9 +34,18 @@ __all__ = ["TrainOptions", "WeightTrainer", "LR_SCHEDULES", "QUALITY", "Metric",
 
 # factor on the learning rates at fraction t ∈ [0, 1) of a training run; a pure function of the
 # step, so a resumed run continues on the same schedule with nothing extra to checkpoint
+def _cosine(t: float) -> float:
+    return 0.5 * (1.0 + math.cos(math.pi * min(max(t, 0.0), 1.0)))
+
+
+# hold-cosine: constant until HOLD_UNTIL, then a cosine to 0 — in the search, the final stretch
+# (the recipe freezes the policy at 0.6: ``oneshot.recipe_controller``) gets its own
+# full decay while the policy learns at the full rate; a baseline's QAT run the same shape
+HOLD_UNTIL = 0.6
 LR_SCHEDULES = {
     "constant": lambda t: 1.0,
-    "cosine": lambda t: 0.5 * (1.0 + math.cos(math.pi * min(max(t, 0.0), 1.0))),
+    "cosine": _cosine,
+    "hold-cosine": lambda t: 1.0 if t < HOLD_UNTIL else _cosine((t - HOLD_UNTIL) / (1.0 - HOLD_UNTIL)),
 }
 
 

@@ -221,6 +221,14 @@ def test_cosine_schedule_sets_every_groups_rate_from_the_step(trained_tiny_cnn, 
     assert flat.optimizer.param_groups[0]["lr"] == 1e-3  # constant: the default
     with pytest.raises(ValueError, match="lr_schedule='linear'"):
         TrainOptions(lr_schedule="linear")
+    held = WeightTrainer(g.gm, digits, TrainOptions(batch_size=16, lr=1e-3, lr_schedule="hold-cosine"))
+    rates = []
+    for step in (0, 5, 6, 8, 9):
+        held.at_progress(step, 10)
+        rates.append(held.optimizer.param_groups[0]["lr"])
+    # full rate until the final stretch (0.6 of the run), then its own cosine: 1, .5 at 0.8
+    assert rates[:3] == pytest.approx([1e-3] * 3)
+    assert rates[3:] == pytest.approx([5e-4, 1e-3 * 0.5 * (1 + math.cos(math.pi * 0.75))])
 
 
 def test_the_search_steps_on_the_schedule(trained_tiny_cnn, digits, monkeypatch):
