@@ -26,7 +26,8 @@ and the run resumes from it (finished rows are skipped). ``quality.png``: accura
 ``--model vit``: ``examples.toy_models.ViT`` (4 blocks, 64 wide, 4 heads, 49 patch tokens + a
 class token), trained the same way (Adam, cosine LR, 8 epochs, lr 1e-3), its attention MatMuls
 searched (the softmax output only at >= 8 bits), LayerNorm / softmax / GELU in float; space
-``vit`` = int4, int8, fp8_e4m3; budgets 0.3x, 0.5x, 0.7x of all-INT8 BOPs.
+``vit`` = int4, int8, fp8_e4m3; budgets 0.35x, 0.5x, 0.7x of all-INT8 BOPs (the cheapest
+configuration is 0.31x: all int4 but the softmax side of A·V, int8 by the operand rule).
 Requires ``apt-get install -y dataset-fashion-mnist``. 2 threads.
 """
 from __future__ import annotations
@@ -66,7 +67,7 @@ SPACES = {
     "vit": ["int4", "int8", "fp8_e4m3"],
 }
 BUDGETS = {"int": [0.14, 0.25, 0.45], "fp": [0.25, 0.35, 0.45], "mixed": [0.14, 0.25, 0.45],
-           "vit": [0.3, 0.5, 0.7]}
+           "vit": [0.35, 0.5, 0.7]}
 
 
 @dataclasses.dataclass(frozen=True)
