@@ -82,9 +82,8 @@ _ROLE_ARG = {"weight": "weight", "activation": "input"}
 
 def _operand_rule(graph: Graph, layer_name: str, role: str):
     """The rule covering (layer, role)'s operand, or None."""
-    src = ir.get_arg(graph.fx_node(graph.layers[layer_name].node), _ROLE_ARG[role])
-    while isinstance(src, fx.Node) and ir.kind_of(src) in ir.TRANSPARENT_KINDS and src.args:
-        src = src.args[0]
+    src = _source(ir.get_arg(graph.fx_node(graph.layers[layer_name].node), _ROLE_ARG[role]),
+                  ir.TRANSPARENT_KINDS)
     kind = ir.kind_of(src) if isinstance(src, fx.Node) else None
     return next((r for r in OPERAND_RULES if kind in r.producers), None)
 
@@ -99,9 +98,10 @@ def _admitted(graph: Graph, members, candidates) -> tuple:
     return tuple(c for c in candidates if all(r.admits(F.get(c)) for r in rules))
 
 
-def _source(node):
-    """The tensor a layer input really comes from, looking through shape ops / pools / ReLUs."""
-    while isinstance(node, fx.Node) and ir.kind_of(node) in _SEE_THROUGH and node.args:
+def _source(node, through: tuple = _SEE_THROUGH):
+    """The tensor a layer input really comes from, looking through ``through`` (default: shape
+    ops, pools and ReLUs)."""
+    while isinstance(node, fx.Node) and ir.kind_of(node) in through and node.args:
         node = node.args[0]
     return node
 
