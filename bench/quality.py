@@ -28,7 +28,7 @@ class token), trained the same way (Adam, cosine LR, 8 epochs, lr 1e-3), its att
 searched (the softmax output only at >= 8 bits), LayerNorm / softmax / GELU in float; space
 ``vit`` = int4, int8, fp8_e4m3; budgets 0.35x, 0.5x, 0.7x of all-INT8 BOPs (the cheapest
 configuration is 0.31x: all int4 but the softmax side of A·V, int8 by the operand rule).
-Requires ``apt-get install -y dataset-fashion-mnist``. 2 threads.
+Requires ``apt-get install -y dataset-fashion-mnist``. 2 threads (``--threads``).
 """
 from __future__ import annotations
 
@@ -133,7 +133,7 @@ def pareto_png(rows, float_acc, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    marks = {"fliqs": "o", "fliqs-config": "P", "uniform": "s", "random": "^", "ilp": "D", "dnas": "v"}
+    marks = {"fliqs": "o", "fliqs-config": "P", "fliqs+ft": "X", "uniform": "s", "random": "^", "ilp": "D", "dnas": "v"}
     present = [s for s in SPACES if any(r["space"] == s for r in rows)]
     if not present:
         return
@@ -143,7 +143,8 @@ def pareto_png(rows, float_acc, path: Path) -> None:
         for i, (method, mk) in enumerate(marks.items()):
             groups: dict = {}
             for r in rows:
-                m = "uniform" if r["method"].startswith("uniform-") else r["method"]
+                m = r["method"].split("-")[0] if r["method"].startswith("uniform-") else r["method"]
+                m = "fliqs+ft" if m.startswith("fliqs+ft") else m
                 if m == method and r["space"] == space and r["steps"] == steps:
                     groups.setdefault((r["budget"], r["method"]), []).append(r)
             pts = sorted((statistics.fmean(r["bops"] for r in g) / 1e6,
@@ -227,8 +228,12 @@ def main(argv=None):
                     help="comma list of fliqs,fliqs-config,uniform,ilp,random,dnas")
     ap.add_argument("--uniform", default=None, help="uniform formats to train (default: all of the space)")
     ap.add_argument("--test-limit", type=int, default=None)
+    ap.add_argument("--finetune", type=int, default=0,
+                    help="after each fliqs row, fine-tune its one-shot weights N more steps under its "
+                         "configuration (row method fliqs+ftN): the no-retraining vs fine-tune goal")
     ap.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine", "hold-cosine"],
                     help="learning-rate schedule of every method's training (TrainOptions.lr_schedule)")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (recorded in the results)")
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--replot", action="store_true", help="only redraw quality.png from quality.json")
     a = ap.parse_args(argv)
@@ -240,7 +245,7 @@ def main(argv=None):
     rows = [r for r in state.get("rows", []) if "seed" in r]
     if a.replot:
         return pareto_png(rows, state["float_accuracy"], out / spec.results.replace(".json", ".png"))
-    torch.set_num_threads(2)
+    torch.set_num_threads(a.threads)
     steps_list = [int(s) for s in (a.steps or ("100" if a.quick else "300,900")).split(",")]
     seeds = range(a.seeds if a.seeds is not None else (1 if a.quick else 3))
     spaces = (a.spaces or (spec.spaces.split(",")[0] if a.quick else spec.spaces)).split(",")
@@ -257,7 +262,7 @@ def main(argv=None):
 
     def record(row):
         rows.append(row)
-        _atomic_json(state_path, {"float_accuracy": float_acc, "threads": 2, "test_images": len(data.x_test),
+        _atomic_json(state_path, {"float_accuracy": float_acc, "threads": a.threads, "test_images": len(data.x_test),
                                   "protocol": "bench/quality.py docstring", "rows": rows})
         print(f"{row['space']:5s} {row['budget']:>6s} {row['method']:12s} seed {row['seed']} {row['steps']:4d} steps "
               f"bops={row['bops'] / 1e6:7.2f}M acc={row['accuracy'] * 100:6.2f} % ({row['seconds']:.0f} s)", flush=True)
@@ -291,11 +296,18 @@ def main(argv=None):
                         formats, g, secs, extra = run_method(method, graph, data, budget, opts, work)
                         acc, by = onnx_accuracy(g, formats, data, work)
                         bops = config_cost(graph, formats, "bops")
-                        record(dict({"space": space, "budget": f"{frac}x", "budget_bops": int(target),
-                                     "method": method, "seed": seed, "steps": steps, "bops": int(bops),
-                                     "meets_budget": meets_budget(bops, target),
-                                     "accuracy": acc, "evaluated_by": by, "seconds": secs,
-                                     "formats": formats}, **extra))
+                        base = {"space": space, "budget": f"{frac}x", "budget_bops": int(target),
+                                "seed": seed, "steps": steps, "bops": int(bops),
+                                "meets_budget": meets_budget(bops, target)}
+                        record(dict(base, method=method, accuracy=acc, evaluated_by=by, seconds=secs,
+                                    formats=formats, **extra))
+                        ft_key = (space, f"{frac}x", f"fliqs+ft{a.finetune}", seed, steps)
+                        if method == "fliqs" and a.finetune > 0 and ft_key not in done:
+                            ft_opts = bench_options(a.finetune, seed, a.lr_schedule)
+                            r = B.fixed(graph, data, graph.space.choice_of(formats), ft_opts, start=g)
+                            acc, by = onnx_accuracy(r.graph, r.formats, data, work)
+                            record(dict(base, method=ft_key[2], accuracy=acc, evaluated_by=by,
+                                        seconds=r.seconds, finetune_steps=a.finetune))
     pareto_png(rows, float_acc, out / spec.results.replace(".json", ".png"))
     print(summary(rows, float_acc))
     print(f"wrote {state_path} and {out / spec.results.replace('.json', '.png')}")
@@ -305,8 +317,8 @@ def summary(rows, float_acc) -> str:
     """Markdown: mean ± std over seeds per (space, budget, steps, method); uniform = the best
     uniform format that meets the budget."""
     lines = [f"float {float_acc * 100:.2f} %", "",
-             "| space | budget | steps | FLIQS (no retraining) | FLIQS config + QAT | best uniform within budget | ILP + QAT | random |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| space | budget | steps | FLIQS (no retraining) | FLIQS + fine-tune | FLIQS config + QAT | best uniform within budget | ILP + QAT | random |",
+             "|---|---|---|---|---|---|---|---|---|"]
     keys = sorted({(r["space"], r["budget"], r["steps"]) for r in rows if r["budget"] != "-"})
 
     def cell(sel):
@@ -326,7 +338,9 @@ def summary(rows, float_acc) -> str:
         best_u = max(uni.values(), key=lambda s: statistics.fmean(r["accuracy"] for r in s), default=[])
         at = [r for r in same if r["budget"] == budget]
         lines.append(f"| {space} | {budget} | {steps} | " + " | ".join(
-            [cell([r for r in at if r["method"] == "fliqs"]), cell([r for r in at if r["method"] == "fliqs-config"]),
+            [cell([r for r in at if r["method"] == "fliqs"]),
+             cell([r for r in at if r["method"].startswith("fliqs+ft")]),
+             cell([r for r in at if r["method"] == "fliqs-config"]),
              (best_u[0]["method"][8:] + " " + cell(best_u)) if best_u else "none fits",
              cell([r for r in at if r["method"] == "ilp"]), cell([r for r in at if r["method"] == "random"])]) + " |")
     return "\n".join(lines)

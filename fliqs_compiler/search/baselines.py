@@ -104,14 +104,20 @@ def uniform(graph: Graph, data, budget, options: SearchOptions, formats: Optiona
     return out
 
 
-def fixed(graph: Graph, data, choice: Sequence[int], options: SearchOptions, latency=None) -> BaselineResult:
+def fixed(graph: Graph, data, choice: Sequence[int], options: SearchOptions, latency=None,
+          start: Optional[Graph] = None) -> BaselineResult:
     """QAT of one given configuration for ``options.steps`` steps from the float weights (how a
-    search's configuration is judged apart from its one-shot weights)."""
+    search's configuration is judged apart from its one-shot weights) or, with ``start``, from
+    that trained graph's weights and scales (a fine-tune of a search's result; the teacher stays
+    the float model of ``graph``)."""
     t0 = time.perf_counter()
     g, trainer, metric, gen = _setup(graph, data, options)
+    if start is not None:
+        g.gm.load_state_dict(start.gm.state_dict())  # in place: the optimizer keeps its tensors
     trainer.train_fixed(g.space.apply, choice, options.steps, gen)
+    origin = "the given weights" if start is not None else "float"
     return _result("fixed", "fixed", g, choice, "bops", latency, trainer.evaluate(metric, "test"),
-                   options.steps, t0, f"QAT of the given configuration, {options.steps} steps")
+                   options.steps, t0, f"QAT of the given configuration from {origin}, {options.steps} steps")
 
 
 def random_search(graph: Graph, data, budget, options: SearchOptions, n: int = 8, latency=None,

@@ -1,6 +1,8 @@
 """One-shot search on digits with a tiny hand-built searchable CNN: determinism under a seed,
 the budget binds, the step log and checkpoint, resume after SIGKILL = uninterrupted run,
 label-free mode, and the baselines (SIGKILL + resume: test_search_resume.py) in the same harness."""
+import copy
+import dataclasses
 import json
 
 import pytest
@@ -126,6 +128,28 @@ def test_baselines_same_harness(float_state, digits):
     for r in uni + [rnd, ilp, dn]:
         assert 0.0 <= r.quality <= 1.0 and r.seconds > 0
     assert not bool(g.gm.conv1.wq.initialized.any())  # baselines work on copies: graph untouched
+
+
+def test_fixed_fine_tunes_from_a_trained_graph(float_state, digits):
+    """``fixed(start=...)`` continues from the search's weights and scales (the +N fine-tune
+    comparison), not from float: at learning rate 0 it evaluates exactly what the search returned."""
+    from fliqs_compiler.search import baselines as B
+    g = searchable(float_state, digits)
+    found = copy.deepcopy(g)
+    res = run_search(found, digits, "bops=0.3x", opts(steps=12), progress=False)
+    base = opts(steps=1)
+    frozen = dataclasses.replace(base, train=dataclasses.replace(base.train, lr=0.0, scale_lr=0.0))
+    again = B.fixed(g, digits, res.choice, frozen, start=found)
+    assert again.quality == pytest.approx(res.quality["final"]) and "from the given weights" in again.notes
+    for name, t in found.gm.state_dict().items():  # the search's scales and weights, unchanged
+        assert torch.equal(again.graph.gm.state_dict()[name], t), name
+    def weights(graph):
+        return torch.cat([p.detach().flatten() for p in graph.gm.parameters()])
+    cold = B.fixed(g, digits, res.choice, frozen)  # from float: the float weights, fresh scales
+    assert not torch.equal(weights(cold.graph), weights(found))
+    tuned = B.fixed(g, digits, res.choice, dataclasses.replace(base, steps=3), start=found)
+    assert not torch.equal(weights(tuned.graph), weights(found))  # it trained
+    assert torch.equal(weights(found), weights(again.graph))  # on a copy: the start is untouched
 
 
 def test_float_copy_and_bypass_match_the_float_model(float_state, digits):
