@@ -94,10 +94,13 @@ class ConfigPasses:
 
     def run(self, run: Run) -> None:
         from fliqs_compiler.ir.config import load_config
-        from fliqs_compiler.passes import PrepareOptions, analyze, prepare
+        from fliqs_compiler.passes import INPUT_OPS, PrepareOptions, analyze, prepare
         r, graph = run.request, run.graph
         formats = run.config_formats
-        names = [layer.name for layer in analyze(graph).layers.values()]
+        # a config may name LayerNorm / softmax / GELU inputs (a search with --quantize-inputs)
+        inputs = tuple(INPUT_OPS)
+        names = [layer.name for layer in analyze(graph, PrepareOptions(quantize_inputs=inputs))
+                 .layers.values()]
         unknown = [n for n in formats if n not in names]
         if unknown:
             raise FliqsError(f"{r.config}: unknown node(s) {', '.join(map(repr, unknown[:5]))} for "
@@ -105,7 +108,7 @@ class ConfigPasses:
         others = [re.escape(n) for n in names if n not in formats]
         graph = prepare(graph, PrepareOptions(
             formats=list(r.formats), keep_float_first=False, keep_float_last=False,
-            operand_rules=False,  # the config is explicit: its formats are the user's choice
+            quantize_inputs=inputs, operand_rules=False,  # the config is explicit: its formats are the user's choice
             keep_float_patterns=(f"^(?:{'|'.join(others)})$",) if others else ()))
         load_config(r.config, graph)  # names and formats checked against the prepared graph
         _calibrate(graph, formats, run.dataset)
