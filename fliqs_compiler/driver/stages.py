@@ -110,9 +110,12 @@ class ConfigPasses:
             formats=list(r.formats), keep_float_first=False, keep_float_last=False,
             quantize_inputs=inputs, operand_rules=False,  # the config is explicit: its formats are the user's choice
             keep_float_patterns=(f"^(?:{'|'.join(others)})$",) if others else ()))
-        load_config(r.config, graph)  # names and formats checked against the prepared graph
+        # names and formats checked against the prepared graph (an input-only layer's weight
+        # becomes "float": it has none)
+        checked = load_config(r.config, graph)["formats"]
+        formats = {name: checked[name] for name in formats}
         _calibrate(graph, formats, run.dataset)
-        run.set(graph=graph)
+        run.set(graph=graph, config_formats=formats)
 
 
 def _calibrate(graph, formats: dict, dataset, batches: int = 4, batch: int = 64) -> None:
