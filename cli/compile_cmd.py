@@ -58,8 +58,8 @@ from fliqs_compiler.driver.options import check_data_arg
 @debug_option
 @handle_errors
 def compile_(model, target, data, formats, budget, sweep, jobs, steps, out, seed, resume, input_shapes,
-             baselines, tune_trials, finetune, prior, attention, quantize_inputs, groups, keep_float,
-             metric, device, nproc, quiet, dry_run, checkpoint_every):
+             baselines, tune_trials, finetune, prior, attention, quantize_inputs, groups,
+             keep_float, metric, device, nproc, quiet, dry_run, checkpoint_every):
     """Search a mixed-precision format per layer of MODEL under a budget, then export, lower,
     compile and measure it for TARGET."""
     from fliqs_compiler.driver import api

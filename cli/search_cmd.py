@@ -48,7 +48,8 @@ def search(model, data, formats, budget, target, steps, out, seed, resume, input
                   steps=api.check_steps(steps), out=out, seed=parse_int("--seed", seed),
                   resume=resume, input_shapes=parse_input_shapes(input_shapes) or None,
                   progress=not quiet, search_options=search_options,
-                  prepare_options=prepare_options(attention, groups, keep_float, quantize_inputs), device=device)
+                  prepare_options=prepare_options(attention, groups, keep_float, quantize_inputs),
+                  device=device)
     if nproc > 1:
         api.search_request(model, **kwargs)  # every option checked before the ranks start
         launch(nproc, out or "the output folder")

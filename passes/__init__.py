@@ -73,7 +73,8 @@ class PrepareOptions:
     (``grouping.OPERAND_RULES``: softmax inputs and outputs take only formats of ≥ 8 bits,
     LayerNorm / GELU inputs ≥ 4 bits); False: every candidate everywhere (an explicit config).
     quantize_inputs: ops whose input activation is searched too (``discover.INPUT_OPS`` keys:
-    ``layernorm``, ``softmax``, ``gelu``; default none: those ops read float inputs). tie_add_concat_inputs: one activation decision across an Add/Concat. bn: "fold" (eval fold,
+    ``layernorm``, ``softmax``, ``gelu``; default none: those ops read float inputs).
+    tie_add_concat_inputs: one activation decision across an Add/Concat. bn: "fold" (eval fold,
     default, BN frozen) or "qat" (Jacob et al. 2018 fold with batch statistics in training).
     scale_mode: "learned" (LSQ) or "calibrated". check_numerics: compare outputs after each
     numerics-preserving pass (slower; tests and --debug).

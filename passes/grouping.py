@@ -113,7 +113,8 @@ def _operand_rule(graph: Graph, layer_name: str, role: str):
     """The rule covering (layer, role)'s operand, or None."""
     src = _source(_operand(graph, layer_name, role), ir.TRANSPARENT_KINDS)
     kind = ir.kind_of(src) if isinstance(src, fx.Node) else None
-    reader = graph.layers[layer_name].op if graph.layers[layer_name].attrs.get("input_only") else None
+    layer = graph.layers[layer_name]
+    reader = layer.op if layer.attrs.get("input_only") else None
     return next((r for r in OPERAND_RULES if kind in r.producers or reader in r.readers), None)
 
 

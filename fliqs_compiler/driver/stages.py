@@ -108,7 +108,8 @@ class ConfigPasses:
         others = [re.escape(n) for n in names if n not in formats]
         graph = prepare(graph, PrepareOptions(
             formats=list(r.formats), keep_float_first=False, keep_float_last=False,
-            quantize_inputs=inputs, operand_rules=False,  # the config is explicit: its formats are the user's choice
+            quantize_inputs=inputs,
+            operand_rules=False,  # the config is explicit: its formats are the user's choice
             keep_float_patterns=(f"^(?:{'|'.join(others)})$",) if others else ()))
         # names and formats checked against the prepared graph (an input-only layer's weight
         # becomes "float": it has none)
