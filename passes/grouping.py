@@ -28,6 +28,10 @@ a rule covers, restricts its decision's candidates to the formats the rule admit
 - a LayerNorm or GELU input takes ≥ 4 bits (no 2-/3-bit grid): with 3 or 7 levels LayerNorm's
   mean and deviation are computed from a handful of values (a 2-bit row normalises to a sign
   pattern), and GELU's bend around 0 falls inside one step.
+Measured (a 2-block ViT trained on digits, post-training scales, only that op's inputs
+quantized, relative error of the logits int2 / int3 / int4 / int8): softmax 0.63 / 0.46 / 0.28 /
+0.020 (top-1 agreement with float 72 / 83 / 93 / 99.4 %), LayerNorm 0.61 / 0.35 / 0.18 / 0.015,
+GELU 0.33 / 0.15 / 0.078 / 0.006.
 A decision left with no admitted candidate is kept in float (``graph.meta['keep_float_reasons']``
 says why).
 """
