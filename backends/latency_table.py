@@ -34,6 +34,7 @@ from fliqs_compiler.numerics import formats as F
 from fliqs_compiler.base import atomic
 from fliqs_compiler.base.errors import FliqsError
 from fliqs_compiler.ir.graph import Graph, LayerInfo
+from fliqs_compiler.cost.model import costed_layers
 from fliqs_compiler.numerics.qspec import QuantSpec
 
 from fliqs_compiler.backends.onnx_export import ORT_FORM_FIXES, spec_nodes
@@ -151,10 +152,11 @@ class LatencyTable:
 
         ``format_pairs``: ``[(fmt_w, fmt_a), ...]`` for every searched layer, or
         ``{layer name: [(fmt_w, fmt_a), ...]}``. ``layers`` defaults to
-        ``graph.searched_layers()``. Layers with equal signatures are measured once.
+        ``cost.model.costed_layers(graph)`` (input-only layers cost nothing: no entry). Layers
+        with equal signatures are measured once.
         """
         todo, seen = [], set()
-        for layer in (list(layers) if layers is not None else graph.searched_layers()):
+        for layer in (list(layers) if layers is not None else costed_layers(graph)):
             pairs = format_pairs.get(layer.name, []) if isinstance(format_pairs, dict) \
                 else format_pairs
             for fw, fa in pairs:

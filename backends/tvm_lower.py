@@ -696,7 +696,10 @@ def _public_names(graph, records: list) -> list:
     are zipped with the records (torch.export keeps execution order); otherwise the fx node name
     is used where it matches a layer's ``.node`` and the exported node name elsewhere."""
     order = {n.name: i for i, n in enumerate(graph.gm.graph.nodes)}
-    layers = sorted(getattr(graph, "layers", {}).values(), key=lambda L: order.get(L.node, 1 << 30))
+    # input-only layers (a LayerNorm / softmax / GELU input) make no record: their quantizer
+    # feeds TVM's own float op on the dequantized values
+    layers = sorted((L for L in getattr(graph, "layers", {}).values()
+                     if not L.attrs.get("input_only")), key=lambda L: order.get(L.node, 1 << 30))
     if layers and len(layers) == len(records):
         return [L.name for L in layers]
     by_node = {L.node: L.name for L in layers}

@@ -21,6 +21,17 @@ scales). Engines (2 threads everywhere; the thread count is printed with the tab
 torch fp32).
 One table of medians (ms) and ratios to torch fp32 of the same model. ``--quick``: the CNN only,
 fewer repeats. These machines are shared and noisy: compare numbers from one run only.
+
+``--model vit`` (results: ``bench/results/latency_vit.json``): transformers instead — the small
+ViT (``examples.toy_models.ViT``, 1×1×28×28, calibrated on Fashion-MNIST) and a 12-layer,
+384-wide, 6-head encoder (MLP 1536, 128 tokens, batch 1, random weights) for latency. Configs
+``fp32``, ``int8`` (every Linear and attention MatMul int8, weights per channel) and ``mixed``
+(int8 / int4 / fp8_e4m3 in turn), through our TVM lowering (untuned: default schedules, hand VNNI
+kernels for int8 Linears) and our QDQ ONNX in onnxruntime; the anchors, in the same run:
+onnxruntime fp32 on the float ONNX and onnxruntime int8 from its own ``quantize_static``
+(per channel, QDQ, on that float ONNX). Ratios are to onnxruntime fp32. ``--profile`` adds a
+per-op breakdown of the TVM runs (``VirtualMachine.set_instrument`` timing every call: TVM
+0.27's VM has no ``profile``).
 """
 from __future__ import annotations
 
@@ -175,6 +186,157 @@ def layer_rows(repeat: int, tune_trials: int = 0, tune_dir=None):
     return rows
 
 
+# ---- transformers (--model vit) ---------------------------------------------------------------
+def _encoder():
+    """12 pre-norm blocks, 384 wide, 6 heads, MLP 1536, on [1, 128, 384] tokens."""
+    from examples.toy_models import _Block
+    return nn.Sequential(*[_Block(384, 6, 1536) for _ in range(12)], nn.LayerNorm(384))
+
+
+def _fashion(n: int):
+    from fliqs_compiler.data.sources import load_data
+    from fliqs_compiler.ir.graph import InputSpec
+    return load_data("fashion-mnist", InputSpec("x", (1, 1, 28, 28))).x_train[:n]
+
+
+def _transformers():
+    from examples.toy_models import ViT
+    torch.manual_seed(0)
+    yield "vit", ViT().eval(), _fashion(64)
+    torch.manual_seed(0)
+    yield "encoder-12x384", _encoder().eval(), torch.randn(16, 128, 384)
+
+
+def _transformer_graphs(model, calib):
+    """{config: materialized Graph}: fp32, int8 and mixed, every Linear / MatMul searched, scales
+    calibrated on ``calib`` (the first row is the timed input)."""
+    import fliqs_compiler as fq
+    from fliqs_compiler import passes
+    g = fq.load(model, (calib[:1],))
+    sg = passes.prepare(g, passes.PrepareOptions(formats=list(MIX), keep_float_first=False,
+                                                 keep_float_last=False, scale_mode="calibrated"))
+    names = list(sg.layers)
+    configs = {"int8": {n: {"weight": "int8", "activation": "int8"} for n in names},
+               "mixed": {n: {"weight": MIX[i % 3], "activation": MIX[i % 3]}
+                         for i, n in enumerate(names)}}
+    graphs = {"fp32": passes.materialize(sg, {})}
+    for cfg, formats in configs.items():
+        choice = sg.space.choice_of(formats)
+        sg.space.apply(sg.gm, choice)
+        with torch.no_grad():
+            sg(calib)
+        graphs[cfg] = passes.materialize(sg, formats)
+    return graphs
+
+
+def _ort_anchors(model, calib, work, tag, repeat):
+    """onnxruntime fp32 on the float ONNX and int8 from ``quantize_static`` (per channel)."""
+    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
+                                          quantize_static)
+    from fliqs_compiler.backends.ort_backend import time_onnx
+    x = calib[:1]
+    fp32 = Path(work) / f"{tag}-fp32.onnx"
+    torch.onnx.export(model, (x,), str(fp32), dynamo=False, opset_version=17,
+                      input_names=["x"], output_names=["y"])
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.rows = iter([{"x": calib[i:i + 1].numpy()} for i in range(len(calib))])
+
+        def get_next(self):
+            return next(self.rows, None)
+    int8 = Path(work) / f"{tag}-ort-int8.onnx"
+    quantize_static(str(fp32), str(int8), Reader(), quant_format=QuantFormat.QDQ,
+                    per_channel=True, activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8)
+    return {"ort fp32": time_onnx(fp32, [x.numpy()], threads=THREADS, repeat=repeat),
+            "ort int8 (quantize_static)": time_onnx(int8, [x.numpy()], threads=THREADS,
+                                                    repeat=repeat)}
+
+
+def _op_breakdown(low, x, top: int = 8) -> list:
+    """TVM per-call times (ms, one run after a warm-up) summed by kernel symbol, largest first,
+    via ``VirtualMachine.set_instrument``."""
+    import tvm
+    from tvm import relax
+    vm = relax.VirtualMachine(low.executable, tvm.cpu())
+    args = [tvm.runtime.tensor(x.numpy(), tvm.cpu())]
+    vm["main"](*args)
+    totals, start = {}, {}
+
+    def instrument(func, symbol, before, ret, *rest):
+        if before:
+            start[symbol] = time.perf_counter()
+        else:
+            totals[symbol] = totals.get(symbol, 0.0) + (time.perf_counter() - start[symbol]) * 1e3
+        return 0
+    vm.set_instrument(instrument)
+    vm["main"](*args)
+    total = sum(totals.values())
+    return [{"kernel": k, "ms": round(v, 3), "share": round(v / total, 3)}
+            for k, v in sorted(totals.items(), key=lambda kv: -kv[1])[:top]]
+
+
+def transformer_rows(configs, repeat: int, profile: bool) -> list:
+    """Median ms of every (model, config, engine) and its ratio to onnxruntime fp32."""
+    from fliqs_compiler.backends.tvm_lower import lower
+    rows, work = [], tempfile.mkdtemp(prefix="fliqs-bench-vit-")
+    for name, model, calib in _transformers():
+        x = calib[:1]
+        anchors = _ort_anchors(model, calib, work, name, repeat)
+        base = anchors["ort fp32"]
+
+        def add(cfg, engine, ms, **extra):
+            rows.append({"model": name, "config": cfg, "engine": engine, "ms": ms,
+                         "ratio_to_ort_fp32": ms / base, **extra})
+            print(f"  {name:15s} {cfg:6s} {engine:27s} {ms:10.3f} ms  x{ms / base:7.2f}  "
+                  + (json.dumps(extra) if extra else ""), flush=True)
+        for engine, ms in anchors.items():
+            add("fp32" if "fp32" in engine else "int8", engine, ms)
+        graphs = _transformer_graphs(model, calib)
+        for cfg in configs:
+            g = graphs[cfg]
+            if cfg != "fp32":
+                add(cfg, "ort (fliqs QDQ)", _ort_ms(g, x, repeat, work, f"{name}-{cfg}"))
+            t0 = time.perf_counter()
+            low = lower(g, "llvm")
+            build_s = time.perf_counter() - t0
+            ms = low.time_ms([x.numpy()], repeat=3, min_repeat_ms=100)
+            kernels = {}
+            for e in low.executed.values():
+                kernels[e["kernel"]] = kernels.get(e["kernel"], 0) + 1
+            extra = {"build_s": round(build_s, 1), "kernels": kernels}
+            if profile:
+                extra["top_ops"] = _op_breakdown(low, x)
+            add(cfg, "tvm (untuned)", ms, **extra)
+    return rows
+
+
+def vit_main(args) -> list:
+    torch.set_num_threads(THREADS)
+    import onnxruntime
+    import tvm
+    load = os.getloadavg()
+    rows = transformer_rows([c for c in args.configs.split(",") if c], 20, args.profile)
+    env = {"threads": THREADS, "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
+           "tvm": tvm.__version__, "cpu": platform.processor() or platform.machine(),
+           "loadavg_start": [round(v, 2) for v in load],
+           "loadavg_end": [round(v, 2) for v in os.getloadavg()]}
+    print(f"\nthreads: {THREADS} (torch, onnxruntime intra-op, TVM_NUM_THREADS); load average "
+          f"{env['loadavg_start']} → {env['loadavg_end']}")
+    print(f"{'model':15s} {'config':6s} {'engine':27s} {'median ms':>10s} {'/ort fp32':>9s}")
+    for r in rows:
+        print(f"{r['model']:15s} {r['config']:6s} {r['engine']:27s} {r['ms']:10.3f} "
+              f"{r['ratio_to_ort_fp32']:9.2f}")
+    out = Path(args.out or Path(__file__).parent / "results" / "latency_vit.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"environment": env, "mixed_formats": list(MIX), "rows": rows},
+                              indent=1))
+    os.replace(tmp, out)
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="the small CNN only, fewer repeats")
@@ -190,7 +352,16 @@ def main(argv=None):
     ap.add_argument("--layer-tune-trials", type=int, default=0,
                     help="MetaSchedule trials for the fp32 single layers (0: naive only)")
     ap.add_argument("--out", default=None, help="write the results as JSON here (atomic)")
+    ap.add_argument("--model", choices=["vit"], default=None,
+                    help="vit: the transformer benchmark (small ViT + 12x384 encoder; configs "
+                         "fp32,int8,mixed; results bench/results/latency_vit.json)")
+    ap.add_argument("--profile", action="store_true",
+                    help="--model vit: per-kernel breakdown of the TVM runs")
     args = ap.parse_args(argv)
+    if args.model == "vit":
+        if args.configs == "fp32,mixed":
+            args.configs = "fp32,int8,mixed"
+        return vit_main(args)
     torch.set_num_threads(THREADS)
     names = [n for n in (args.models if args.models is not None
                          else ("cnn" if args.quick else "resnet18,cnn")).split(",") if n]

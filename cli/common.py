@@ -91,6 +91,13 @@ attention_option = click.option(
          "(a softmax output only in formats of ≥ 8 bits), or kept in float.")
 
 
+quantize_inputs_option = click.option(
+    "--quantize-inputs", "quantize_inputs", metavar="OPS", default="none", show_default=True,
+    help="Also search the input activation of these ops, comma-separated: layernorm, softmax, "
+         "gelu (the op itself stays float on the dequantized input; softmax inputs only in "
+         "formats of ≥ 8 bits, LayerNorm/GELU inputs ≥ 4; they cost nothing in the budget).")
+
+
 group_option = click.option(
     "--group", "groups", metavar="REGEX", multiple=True,
     help="Layers whose name matches REGEX share one format (repeatable; one decision per "
@@ -100,10 +107,12 @@ keep_float_option = click.option(
     help="Layers whose name matches REGEX stay float, outside search and budget (repeatable).")
 
 
-def prepare_options(attention: str, groups=(), keep_float=()) -> dict:
-    """``--attention-matmuls``, ``--group``, ``--keep-float`` → ``passes.PrepareOptions``
-    fields; a bad regular expression is a one-line error before the model is read."""
+def prepare_options(attention: str, groups=(), keep_float=(), quantize_inputs="none") -> dict:
+    """``--attention-matmuls``, ``--group``, ``--keep-float``, ``--quantize-inputs`` →
+    ``passes.PrepareOptions`` fields; a bad regular expression or op name is a one-line error
+    before the model is read."""
     import re
+    from fliqs_compiler.passes import parse_quantize_inputs
     for option, patterns in (("--group", groups), ("--keep-float", keep_float)):
         for pattern in patterns:
             try:
@@ -115,6 +124,9 @@ def prepare_options(attention: str, groups=(), keep_float=()) -> dict:
         options["group_patterns"] = tuple(groups)
     if keep_float:
         options["keep_float_patterns"] = tuple(keep_float)
+    inputs = parse_quantize_inputs(quantize_inputs, "--quantize-inputs")
+    if inputs:
+        options["quantize_inputs"] = inputs
     return options
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from fliqs_compiler.cli.common import (OneLineCommand, attention_option, debug_option, group_option,
-                                       keep_float_option,
+                                       keep_float_option, quantize_inputs_option,
                                        finetune_options, prepare_options, prior_option,
                                        handle_errors, input_shape_option, metric_option,
                                        metric_options, parse_input_shapes, parse_int)
@@ -44,6 +44,7 @@ from fliqs_compiler.driver.options import check_data_arg
                    "needs no retraining; the report keeps both qualities).")
 @prior_option
 @attention_option
+@quantize_inputs_option
 @group_option
 @keep_float_option
 @metric_option
@@ -57,8 +58,8 @@ from fliqs_compiler.driver.options import check_data_arg
 @debug_option
 @handle_errors
 def compile_(model, target, data, formats, budget, sweep, jobs, steps, out, seed, resume, input_shapes,
-             baselines, tune_trials, finetune, prior, attention, groups, keep_float, metric, device,
-             nproc, quiet, dry_run, checkpoint_every):
+             baselines, tune_trials, finetune, prior, attention, quantize_inputs, groups,
+             keep_float, metric, device, nproc, quiet, dry_run, checkpoint_every):
     """Search a mixed-precision format per layer of MODEL under a budget, then export, lower,
     compile and measure it for TARGET."""
     from fliqs_compiler.driver import api
@@ -78,7 +79,7 @@ def compile_(model, target, data, formats, budget, sweep, jobs, steps, out, seed
                   steps=api.check_steps(steps), out=out, seed=parse_int("--seed", seed),
                   resume=resume, sweep=sweep, baselines=baselines, input_shapes=shapes or None,
                   progress=not quiet, search_options=search_options,
-                  prepare_options=prepare_options(attention, groups, keep_float),
+                  prepare_options=prepare_options(attention, groups, keep_float, quantize_inputs),
                   tune_trials=parse_int("--tune-trials", tune_trials), device=device,
                   jobs=jobs)
     if dry_run:

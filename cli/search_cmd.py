@@ -6,7 +6,7 @@ import click
 from fliqs_compiler.driver.options import check_data_arg
 
 from fliqs_compiler.cli.common import (OneLineCommand, attention_option, debug_option, group_option,
-                                       keep_float_option,
+                                       keep_float_option, quantize_inputs_option,
                                        finetune_options, prepare_options, prior_option,
                                        handle_errors, input_shape_option, metric_option,
                                        metric_options, parse_input_shapes, parse_int)
@@ -28,6 +28,7 @@ from fliqs_compiler.cli.ranks import check_nproc, device_option, launch, nproc_o
               help="Fine-tune N steps under the found configuration (comparison only).")
 @prior_option
 @attention_option
+@quantize_inputs_option
 @group_option
 @keep_float_option
 @metric_option
@@ -37,7 +38,7 @@ from fliqs_compiler.cli.ranks import check_nproc, device_option, launch, nproc_o
 @debug_option
 @handle_errors
 def search(model, data, formats, budget, target, steps, out, seed, resume, input_shapes, finetune,
-           prior, attention, groups, keep_float, metric, device, nproc, quiet):
+           prior, attention, quantize_inputs, groups, keep_float, metric, device, nproc, quiet):
     """Run the FLIQS one-shot search on MODEL and write DIR/config.json (and search.jsonl)."""
     from fliqs_compiler.driver import api
     check_data_arg(data)  # before the model is imported (cheap options first)
@@ -47,7 +48,8 @@ def search(model, data, formats, budget, target, steps, out, seed, resume, input
                   steps=api.check_steps(steps), out=out, seed=parse_int("--seed", seed),
                   resume=resume, input_shapes=parse_input_shapes(input_shapes) or None,
                   progress=not quiet, search_options=search_options,
-                  prepare_options=prepare_options(attention, groups, keep_float), device=device)
+                  prepare_options=prepare_options(attention, groups, keep_float, quantize_inputs),
+                  device=device)
     if nproc > 1:
         api.search_request(model, **kwargs)  # every option checked before the ranks start
         launch(nproc, out or "the output folder")

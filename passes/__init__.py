@@ -39,7 +39,7 @@ from fliqs_compiler.ir.graph import Graph
 
 from fliqs_compiler.passes.bn_fold import finalize_qat_bn, fold_batchnorm, fold_batchnorm_qat
 from fliqs_compiler.passes.cost_annotate import annotate_costs
-from fliqs_compiler.passes.discover import discover_quantizable
+from fliqs_compiler.passes.discover import INPUT_OPS, discover_quantizable
 from fliqs_compiler.passes.functionalize import functionalize_modules
 from fliqs_compiler.passes.fusion import annotate_fusion
 from fliqs_compiler.passes.grouping import group_decisions
@@ -53,7 +53,8 @@ __all__ = ["PrepareOptions", "analyze", "prepare", "materialize", "pipeline", "r
            "propagate_shapes", "fold_batchnorm", "fold_batchnorm_qat", "finalize_qat_bn",
            "functionalize_modules", "annotate_fusion", "discover_quantizable", "group_decisions",
            "annotate_costs", "insert_quantizers", "numeric", "check_graph", "set_training",
-           "enable_train_eval", "contract", "PassContractError", "DEFAULT_FORMATS"]
+           "enable_train_eval", "contract", "PassContractError", "DEFAULT_FORMATS",
+           "parse_quantize_inputs", "INPUT_OPS"]
 
 DEFAULT_FORMATS = ("int4", "int8", "fp8_e4m3", "fp4_e2m1", "bf16")
 _BN_PASSES = {"fold": fold_batchnorm, "qat": fold_batchnorm_qat}
@@ -68,9 +69,12 @@ class PrepareOptions:
     in float (outside search and budget). group_patterns: regexes; layers matching one share a
     decision. quantize_act_matmul (default): also search activation × activation MatMuls (the
     attention MatMuls Q·Kᵀ and A·V); False keeps them float. operand_rules (default): restrict
-    the candidates of operands whose producer a rule covers (``grouping.OPERAND_RULES``: softmax
-    outputs take only formats of ≥ 8 bits); False: every candidate everywhere (an explicit
-    config). tie_add_concat_inputs: one activation decision across an Add/Concat. bn: "fold" (eval fold,
+    the candidates of operands whose producer or reader a rule covers
+    (``grouping.OPERAND_RULES``: softmax inputs and outputs take only formats of ≥ 8 bits,
+    LayerNorm / GELU inputs ≥ 4 bits); False: every candidate everywhere (an explicit config).
+    quantize_inputs: ops whose input activation is searched too (``discover.INPUT_OPS`` keys:
+    ``layernorm``, ``softmax``, ``gelu``; default none: those ops read float inputs).
+    tie_add_concat_inputs: one activation decision across an Add/Concat. bn: "fold" (eval fold,
     default, BN frozen) or "qat" (Jacob et al. 2018 fold with batch statistics in training).
     scale_mode: "learned" (LSQ) or "calibrated". check_numerics: compare outputs after each
     numerics-preserving pass (slower; tests and --debug).
@@ -83,6 +87,7 @@ class PrepareOptions:
     keep_float_patterns: Sequence[str] = ()
     group_patterns: Sequence[str] = ()
     quantize_act_matmul: bool = True
+    quantize_inputs: Sequence[str] = ()
     operand_rules: bool = True
     tie_add_concat_inputs: bool = False
     bn: str = "fold"
@@ -101,7 +106,22 @@ class PrepareOptions:
         for name in ("keep_float_patterns", "group_patterns"):
             value = getattr(self, name)
             setattr(self, name, (value,) if isinstance(value, str) else tuple(value))
+        self.quantize_inputs = parse_quantize_inputs(self.quantize_inputs)
         return self
+
+
+def parse_quantize_inputs(value, option: str = "quantize_inputs") -> tuple:
+    """``"layernorm,softmax"`` (or a list) → the ``discover.INPUT_OPS`` keys, order kept, no
+    repeats; ``"none"`` / empty → (). An unknown name → FliqsError naming ``option``."""
+    items = value.split(",") if isinstance(value, str) else list(value or ())
+    items = [str(i).strip().lower() for i in items if str(i).strip()]
+    if items == ["none"]:
+        return ()
+    unknown = [i for i in items if i not in INPUT_OPS]
+    if unknown:
+        raise FliqsError(f"{option} {unknown[0]!r}: unknown op; use a comma-separated list of "
+                         f"{', '.join(INPUT_OPS)} (or none)")
+    return tuple(dict.fromkeys(items))
 
 
 def pipeline(options: PrepareOptions, quantize: bool = True) -> list:
@@ -115,7 +135,7 @@ def pipeline(options: PrepareOptions, quantize: bool = True) -> list:
         annotate_fusion,
         bind(discover_quantizable, keep_float_first=o.keep_float_first,
              keep_float_last=o.keep_float_last, keep_float_patterns=o.keep_float_patterns,
-             quantize_act_matmul=o.quantize_act_matmul),
+             quantize_act_matmul=o.quantize_act_matmul, quantize_inputs=o.quantize_inputs),
         bind(group_decisions, formats=o.formats, tie_weight_activation=o.tie_weight_activation,
              group_patterns=o.group_patterns, tie_add_concat_inputs=o.tie_add_concat_inputs,
              operand_rules=o.operand_rules),

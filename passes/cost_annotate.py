@@ -57,7 +57,8 @@ def annotate_costs(graph: Graph) -> Graph:
         entry = {"float_bops": int(cost.layer_bops(layer, "float", "float"))}
         roles = cands.get(layer.name)
         if roles and not layer.keep_float:
-            fws, fas = roles.get("weight", ()), roles.get("activation", ())
+            # an input-only layer (no weight) has no weight candidates: it reads as float
+            fws, fas = roles.get("weight", ("float",)), roles.get("activation", ())
             entry["bops"] = {f"{fw}/{fa}": int(cost.layer_bops(layer, fw, fa))
                              for fw in fws for fa in fas}
             entry["size_bytes"] = {fw: float(cost.layer_size_bytes(layer, fw)) for fw in fws}

@@ -9,8 +9,11 @@ Weight quantizers are per channel along the output-channel axis with ``block_axi
 reduction axis (conv/linear: 0 / 1; conv-transpose: 1 / 0; MatMul ``[.., K, N]``: -1 / -2).
 Activation quantizers are per tensor with ``block_axis`` 1 (conv, NCHW) or -1 (linear, MatMul),
 and ``unsigned=True`` where the fusion pass proved the input non-negative. For an activation ×
-activation MatMul the ``weight`` quantizer is per tensor on the second operand. Each candidate
-format owns its scale (SearchableQuantizer).
+activation MatMul the ``weight`` quantizer is per tensor on the second operand. An input-only
+layer (a LayerNorm / softmax / GELU input, ``discover.input_operand``) gets only ``<L>_aq``, per
+tensor with ``block_axis`` -1, between its input and the op's nodes that read it (other readers of
+that tensor, e.g. a residual Add, stay float). Each candidate format owns its scale
+(SearchableQuantizer).
 """
 from __future__ import annotations
 
@@ -19,10 +22,11 @@ from torch import fx
 from fliqs_compiler.base.errors import FliqsError
 from fliqs_compiler.ir import ops as ir
 from fliqs_compiler.ir.graph import Graph
+from fliqs_compiler.ir.space import roles_of
 from fliqs_compiler.numerics.quantizers import SearchableQuantizer
 
 from fliqs_compiler.passes._util import sanitize, unique_attr
-from fliqs_compiler.passes.discover import layers_discovered
+from fliqs_compiler.passes.discover import input_operand, layers_discovered
 from fliqs_compiler.passes.fusion import is_nonneg, nonneg_annotated
 from fliqs_compiler.passes.grouping import (decisions_cover_searched_layers,
                                             quantizers_belong_to_decisions)
@@ -45,10 +49,12 @@ def searched_layers_quantized(graph: Graph):
         if node is None:
             return f"layer {layer.name}: fx node {layer.node!r} is not in the graph"
         for role, arg in _ROLE_ARGS:
+            if role not in roles_of(layer):
+                continue
             path = graph.space.quantizers.get((layer.name, role))
             if path is None:
                 return f"layer {layer.name}: no {role} quantizer recorded"
-            src = ir.get_arg(node, arg)
+            src = input_operand(node)[0] if layer.attrs.get("input_only") else ir.get_arg(node, arg)
             if not (isinstance(src, fx.Node) and src.op == "call_module" and src.target == path):
                 return f"layer {layer.name}: its {arg} does not come from {path!r}"
             module = graph.gm.get_submodule(path)
@@ -58,16 +64,33 @@ def searched_layers_quantized(graph: Graph):
     return None
 
 
-def _insert(gm: fx.GraphModule, node: fx.Node, arg: str, path: str, module) -> fx.Node:
-    src = ir.get_arg(node, arg)
+def _quantizer_node(gm: fx.GraphModule, src: fx.Node, before: fx.Node, path: str,
+                    module) -> fx.Node:
     gm.add_submodule(path, module)
-    with gm.graph.inserting_before(node):
+    with gm.graph.inserting_before(before):
         q = gm.graph.call_module(path, (src,))
     for k in ("shape", "dtype", "nonneg", "tensor_meta"):
         if k in src.meta:
             q.meta[k] = src.meta[k]
+    return q
+
+
+def _insert(gm: fx.GraphModule, node: fx.Node, arg: str, path: str, module) -> fx.Node:
+    q = _quantizer_node(gm, ir.get_arg(node, arg), node, path, module)
     ir.set_arg(node, arg, q)
     return q
+
+
+def _insert_input_only(graph: Graph, layer, candidates: dict, scale_mode: str) -> None:
+    """The one activation quantizer of an input-only layer, read by every node of its op."""
+    x, readers = input_operand(graph.fx_node(layer.node))
+    aq = SearchableQuantizer(candidates[(layer.name, "activation")], "activation",
+                             block_axis=-1, unsigned=is_nonneg(x), scale_mode=scale_mode)
+    path = unique_attr(graph.gm, sanitize(layer.name) + "_aq")
+    q = _quantizer_node(graph.gm, x, readers[0], path, aq)
+    for reader in readers:
+        reader.replace_input_with(x, q)
+    graph.space.quantizers[(layer.name, "activation")] = path
 
 
 @contract(requires=[layers_discovered, decisions_cover_searched_layers, nonneg_annotated],
@@ -87,8 +110,11 @@ def insert_quantizers(graph: Graph, scale_mode: str = "learned") -> Graph:
     candidates = {m: d.candidates for d in graph.space.decisions for m in d.members}
     for layer in graph.searched_layers():
         node = graph.fx_node(layer.node)
-        if (layer.name, "weight") in graph.space.quantizers:
+        if (layer.name, roles_of(layer)[0]) in graph.space.quantizers:
             continue  # already inserted
+        if layer.attrs.get("input_only"):
+            _insert_input_only(graph, layer, candidates, scale_mode)
+            continue
         w = ir.get_arg(node, "weight")
         rank = len(layer.weight_shape)
         if layer.params > 0:

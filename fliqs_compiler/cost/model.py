@@ -3,7 +3,10 @@
 BOPs = MACs × bits_w × bits_a (FP formats count their total width, MX formats their amortised
 width; ``float`` counts 32). Size = params × bits_w / 8. Layers kept in float are outside the
 searched cost and the budget (docs/method.md, "Cost models"); ``float_bops`` reports them
-separately.
+separately. Input-only layers (a LayerNorm / softmax / GELU input searched on request) cost
+nothing in any kind (``costed_layers``): the op runs in float on the dequantized input on both
+backends, so its format saves no multiply-accumulate (it has none), no weight byte and no
+measured time; it is chosen for quality alone.
 """
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ from typing import Optional, Protocol
 from fliqs_compiler.numerics import formats as F
 from fliqs_compiler.ir.graph import Graph, LayerInfo
 
-__all__ = ["layer_bops", "layer_size_bytes", "config_cost", "LatencyModel"]
+__all__ = ["layer_bops", "layer_size_bytes", "config_cost", "costed_layers", "LatencyModel"]
 
 
 def layer_bops(layer: LayerInfo, fmt_w: str, fmt_a: str) -> float:
@@ -34,6 +37,12 @@ def _formats_of(formats: dict, layer: LayerInfo):
     return entry.get("weight", "float"), entry.get("activation", entry.get("weight", "float"))
 
 
+def costed_layers(graph: Graph) -> list:
+    """The searched layers a cost counts (and a latency table measures): all but input-only
+    ones (module docstring)."""
+    return [layer for layer in graph.searched_layers() if not layer.attrs.get("input_only")]
+
+
 def config_cost(graph: Graph, formats: dict, kind: str,
                 latency: Optional[LatencyModel] = None) -> float:
     """Cost of a ``{layer: {"weight", "activation"}}`` assignment over the searched layers.
@@ -41,7 +50,7 @@ def config_cost(graph: Graph, formats: dict, kind: str,
     kind: 'bops' | 'size' | 'latency' (latency needs a LatencyModel).
     """
     total = 0.0
-    for layer in graph.searched_layers():
+    for layer in costed_layers(graph):
         fw, fa = _formats_of(formats, layer)
         if kind == "bops":
             total += layer_bops(layer, fw, fa)

@@ -94,10 +94,13 @@ class ConfigPasses:
 
     def run(self, run: Run) -> None:
         from fliqs_compiler.ir.config import load_config
-        from fliqs_compiler.passes import PrepareOptions, analyze, prepare
+        from fliqs_compiler.passes import INPUT_OPS, PrepareOptions, analyze, prepare
         r, graph = run.request, run.graph
         formats = run.config_formats
-        names = [layer.name for layer in analyze(graph).layers.values()]
+        # a config may name LayerNorm / softmax / GELU inputs (a search with --quantize-inputs)
+        inputs = tuple(INPUT_OPS)
+        names = [layer.name for layer in analyze(graph, PrepareOptions(quantize_inputs=inputs))
+                 .layers.values()]
         unknown = [n for n in formats if n not in names]
         if unknown:
             raise FliqsError(f"{r.config}: unknown node(s) {', '.join(map(repr, unknown[:5]))} for "
@@ -105,11 +108,15 @@ class ConfigPasses:
         others = [re.escape(n) for n in names if n not in formats]
         graph = prepare(graph, PrepareOptions(
             formats=list(r.formats), keep_float_first=False, keep_float_last=False,
+            quantize_inputs=inputs,
             operand_rules=False,  # the config is explicit: its formats are the user's choice
             keep_float_patterns=(f"^(?:{'|'.join(others)})$",) if others else ()))
-        load_config(r.config, graph)  # names and formats checked against the prepared graph
+        # names and formats checked against the prepared graph (an input-only layer's weight
+        # becomes "float": it has none)
+        checked = load_config(r.config, graph)["formats"]
+        formats = {name: checked[name] for name in formats}
         _calibrate(graph, formats, run.dataset)
-        run.set(graph=graph)
+        run.set(graph=graph, config_formats=formats)
 
 
 def _calibrate(graph, formats: dict, dataset, batches: int = 4, batch: int = 64) -> None:

@@ -14,11 +14,9 @@ from typing import Optional
 from fliqs_compiler.numerics import formats as F
 from fliqs_compiler.base import atomic
 from fliqs_compiler.base.errors import FliqsError
+from fliqs_compiler.ir.space import ROLES, roles_of
 
 __all__ = ["load_config", "save_config", "validate_formats", "ROLES"]
-
-ROLES = ("weight", "activation")
-
 
 def _fmt(source: str, node: str, role: str, value) -> str:
     try:
@@ -31,7 +29,8 @@ def _fmt(source: str, node: str, role: str, value) -> str:
 def validate_formats(formats: dict, graph=None, source: str = "config") -> dict:
     """Normalise a ``{node: {"weight", "activation"}}`` mapping and check it.
 
-    Without a graph: shape and format names. With a ``Graph``: every node must be one of its
+    Without a graph: shape and format names. With a ``Graph``: an input-only layer's weight is
+    ``"float"`` (it has none); every node must be one of its
     quantizable layers; a non-float format needs a searched (not kept-float) layer and, once
     quantizers are inserted, a format among that quantizer's candidates. Violations raise one
     FliqsError naming the file, node and what to do.
@@ -57,6 +56,8 @@ def validate_formats(formats: dict, graph=None, source: str = "config") -> dict:
         space = graph.space
         for node, entry in out.items():
             layer = graph.layers[node]
+            if "weight" not in roles_of(layer):  # an input-only layer has no weight
+                entry["weight"] = "float"
             for role in ROLES:
                 fmt = entry[role]
                 if fmt == "float":

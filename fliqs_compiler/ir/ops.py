@@ -87,6 +87,9 @@ _add("clamp", [torch.clamp, torch.clip, aten.clamp.default, aten.clip.default,
 _add("sigmoid", [torch.sigmoid, F.sigmoid, aten.sigmoid.default], ("input",))
 _add("softmax", [F.softmax, torch.softmax, aten.softmax.int, aten._softmax.default],
      ("input", "dim"))
+_add("layer_norm", [F.layer_norm, torch.layer_norm, aten.layer_norm.default],
+     ("input", "normalized_shape", "weight", "bias", "eps"))
+_add("gelu", [F.gelu, aten.gelu.default], ("input",), {"approximate": "none"})
 _add("add", [operator.add, torch.add, aten.add.Tensor, aten.add_.Tensor], ("input", "other"))
 _add("cat", [torch.cat, torch.concat, aten.cat.default, aten.concat.default], ("tensors", "dim"),
      {"dim": 0})

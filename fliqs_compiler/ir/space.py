@@ -4,7 +4,8 @@ A *decision* picks one format for all its members; a member is ``(layer name, ro
 ``'weight'`` or ``'activation'``. By default a layer's weight and activation are tied into one
 decision (one format per layer); untied, each gets its own. A *choice* is a list of candidate
 indices, one per decision. ``SearchSpace.apply(gm, choice)`` sets every member quantizer's active
-format.
+format. A layer with ``attrs['input_only']`` (a LayerNorm / softmax / GELU whose input is searched
+on request) has no weight: its one role is ``'activation'`` (``roles_of``).
 """
 from __future__ import annotations
 
@@ -15,7 +16,15 @@ from torch import fx
 
 from fliqs_compiler.numerics import formats as F
 
-__all__ = ["Decision", "SearchSpace"]
+__all__ = ["Decision", "SearchSpace", "ROLES", "roles_of"]
+
+ROLES = ("weight", "activation")
+
+
+def roles_of(layer) -> tuple:
+    """The quantized operands of a ``LayerInfo``: weight and activation, or only the activation
+    of an input-only layer (it has no weight)."""
+    return ("activation",) if layer.attrs.get("input_only") else ROLES
 
 
 @dataclass
@@ -45,12 +54,15 @@ class SearchSpace:
         return max((len(d.candidates) for d in self.decisions), default=0)
 
     def formats_of(self, choice: Sequence[int]) -> dict:
-        """``{layer: {"weight": fmt, "activation": fmt}}`` for a choice (config.json shape)."""
+        """``{layer: {"weight": fmt, "activation": fmt}}`` for a choice (config.json shape); an
+        input-only layer's weight is ``"float"`` (it has none)."""
         out: dict = {}
         for decision, index in zip(self.decisions, choice):
             fmt = decision.candidates[int(index)]
             for layer, role in decision.members:
                 out.setdefault(layer, {})[role] = fmt
+        for entry in out.values():
+            entry.setdefault("weight", "float")
         return out
 
     def choice_of(self, formats: dict) -> list:

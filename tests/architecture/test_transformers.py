@@ -229,3 +229,111 @@ def test_cli_group_and_keep_float_patterns(trained_vit, tmp_path):
     bad = CliRunner().invoke(cli, ["search", str(path), "--group", "attn/("])
     assert bad.exit_code == 2 and "--group 'attn/('" in bad.output
     assert "Traceback" not in bad.output
+
+
+INPUT_OPS = ("layer_norm", "softmax", "gelu")
+
+
+def _fed_by_dequantize(model_path) -> dict:
+    """ONNX op type → [is its data input a DequantizeLinear output, seen through the Max(x, -inf)
+    barrier of ``onnx_export.shield_softmax_input``] for LayerNormalization, Softmax and the Div
+    that starts an exported erf GELU."""
+    import onnx
+    g = onnx.load(str(model_path)).graph
+    producer = {o: n for n in g.node for o in n.output}
+    erf_inputs = {n.input[0] for n in g.node if n.op_type == "Erf"}
+
+    def source(name):
+        node = producer.get(name)
+        return source(node.input[0]) if node is not None and node.op_type == "Max" else node
+    fed = {}
+    for n in g.node:
+        if n.op_type in ("LayerNormalization", "Softmax") or \
+                (n.op_type == "Div" and n.output[0] in erf_inputs):
+            fed.setdefault(n.op_type, []).append(
+                getattr(source(n.input[0]), "op_type", None) == "DequantizeLinear")
+    return fed
+
+
+@pytest.mark.slow
+def test_vit_compiles_with_ln_softmax_gelu_inputs_searched(trained_vit, digits, tmp_path):
+    """``quantize_inputs``: one activation-only decision per LayerNorm / softmax / GELU input,
+    searched with the rest; the QDQ model puts a Q/DQ before each of those ops and runs in a
+    default onnxruntime session; the TVM library agrees."""
+    path = _export(trained_vit, tmp_path, dynamo=False)
+    res = api.compile(str(path), target="llvm", data="digits", formats="int4,int8,fp8_e4m3",
+                      budget="bops=0.6x", steps=16, out=tmp_path / "out", progress=False,
+                      prepare_options={"quantize_inputs": ("layernorm", "softmax", "gelu")})
+    rep = res.report
+    rows = [la for la in rep["layers"] if la["op"] in INPUT_OPS]
+    assert sorted(la["op"] for la in rows) == ["gelu"] * 2 + ["layer_norm"] * 5 + ["softmax"] * 2
+    for la in rows:  # searched, no weight, no BOPs
+        assert not la["keep_float"] and la["format_w"] == "float" and la["bops"] == 0, la
+        assert la["format_a"] in ({"int4", "int8", "fp8_e4m3"} if la["op"] != "softmax"
+                                  else PROBABILITY_FORMATS), la
+    config = json.loads((res.out_dir / "config.json").read_text())["formats"]
+    assert {la["node"] for la in rows} <= set(config)
+    assert rep["totals"]["bops"] <= rep["budget"]["value"] * 1.001
+    assert _fed_by_dequantize(res.onnx_path) == {"LayerNormalization": [True] * 5,
+                                                 "Softmax": [True] * 2, "Div": [True] * 2}
+    x = _inputs(digits)  # held-out digits and the same ×3
+    y_ort = ort.InferenceSession(str(res.onnx_path)).run(None, {"x": x})[0]
+    assert rep["numerics"]["onnxruntime_default_lsb"] <= 2.0  # against the quantized graph
+    acc = (y_ort[:48].argmax(1) == digits.y_test[:48].numpy()).mean()
+    assert acc > 0.6, acc
+    y_tvm = _tvm_outputs(res.out_dir / "tvm" / "model.so", x)
+    assert (y_tvm.argmax(1) == y_ort.argmax(1)).mean() >= 0.97
+    assert np.abs(y_tvm - y_ort).max() <= 0.05 * np.abs(y_ort).max()
+
+
+@pytest.mark.slow
+def test_int8_ln_softmax_gelu_inputs_lower(trained_vit, digits, tmp_path):
+    """A config with every LayerNorm / softmax / GELU input int8 (the dynamo export): ``fliqs
+    lower`` quantizes exactly those inputs; ORT (default session) and TVM agree with the quantized
+    torch graph."""
+    path = _export(trained_vit, tmp_path, dynamo=True)
+    graph = fq.load(path)
+    names = [la.name for la in P.analyze(graph, P.PrepareOptions(
+        quantize_inputs="layernorm,softmax,gelu")).searched_layers()]
+    config = tmp_path / "int8.json"
+    config.write_text(json.dumps({"model": graph.name, "formats": {
+        n: {"weight": "int8", "activation": "int8"} for n in names}}))
+    res = api.lower_config(str(path), str(config), target="llvm", data="digits",
+                           out=tmp_path / "out")
+    rows = {la["node"]: la for la in res.report["layers"] if la["op"] in INPUT_OPS}
+    assert len(rows) == 9 and all(la["format_a"] == "int8" and la["format_w"] == "float"
+                                  for la in rows.values())
+    assert _fed_by_dequantize(res.onnx_path)["LayerNormalization"] == [True] * 5
+    numerics = res.report["numerics"]
+    assert numerics["onnxruntime_default_lsb"] <= 2.0
+    assert numerics["tvm_max_abs_err"] <= max(1e-3, 1.5 * numerics["onnxruntime_max_abs_err"])
+    x = _inputs(digits, 16)
+    y_ort = ort.InferenceSession(str(res.onnx_path)).run(None, {"x": x})[0]
+    y_tvm = _tvm_outputs(res.out_dir / "tvm" / "model.so", x)
+    assert (y_tvm.argmax(1) == y_ort.argmax(1)).all()
+
+
+def test_cli_quantize_inputs(trained_vit, tmp_path):
+    from click.testing import CliRunner
+    from fliqs_compiler.cli.main import cli
+    path = _export(trained_vit, tmp_path, dynamo=False)
+    out = tmp_path / "o"
+    result = CliRunner().invoke(cli, ["search", str(path), "--data", "digits", "--steps", "3",
+                                      "--quantize-inputs", "softmax,gelu", "--quiet",
+                                      "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    formats = json.loads((out / "config.json").read_text())["formats"]
+    assert sum(n.endswith("/Softmax") for n in formats) == 2
+    assert sum(n.endswith("/Erf") for n in formats) == 2
+    assert not any(n.endswith("LayerNormalization") for n in formats)
+    assert all(formats[n]["weight"] == "float" for n in formats if n.endswith(("/Softmax", "/Erf")))
+
+
+@pytest.mark.parametrize("command", [["search"], ["compile", "--target", "llvm"]])
+def test_cli_quantize_inputs_bad_value_is_one_line(demo_model, command):
+    from click.testing import CliRunner
+    from fliqs_compiler.cli.main import cli
+    bad = CliRunner().invoke(cli, [command[0], str(demo_model), *command[1:],
+                                   "--quantize-inputs", "layernorm,batchnorm"])
+    assert bad.exit_code == 2, bad.output
+    assert bad.output.strip().count("\n") == 0 and "--quantize-inputs 'batchnorm'" in bad.output

@@ -168,3 +168,82 @@ def test_uniform_choice_takes_the_nearest_wider_format_where_a_rule_forbids_it(e
     assert formats[ctx] == {"weight": "int8", "activation": "int8"}  # 8 bits: the nearest wider
     assert all(f == {"weight": "int4", "activation": "int4"} for n, f in formats.items() if n != ctx)
     assert p.space.substitutes("int4") == {ctx: "int8"} and p.space.substitutes("int8") == {}
+
+
+_INPUT_OPS = "layernorm,softmax,gelu"
+_WIDE = ["int2", "int4", "fp4_e2m1", "int8", "fp8_e4m3", "bf16"]
+
+
+def _decisions(graph) -> list:
+    return [(d.name, d.candidates, d.members) for d in graph.space.decisions]
+
+
+def test_quantize_inputs_makes_ln_softmax_gelu_inputs_decisions(tmp_path):
+    """Both ONNX forms (LayerNormalization, the exported erf GELU) get one activation-only
+    decision per op input; the candidates follow OPERAND_RULES; off, nothing changes."""
+    import fliqs_compiler as fq
+    from onnx_models import make_vit
+    g = fq.load(make_vit(tmp_path))
+    off = P.prepare(g, P.PrepareOptions(formats=_WIDE))
+    assert _decisions(off) == _decisions(P.prepare(g, P.PrepareOptions(formats=_WIDE,
+                                                                       quantize_inputs="none")))
+    assert not any(la.attrs.get("input_only") for la in off.layers.values())
+    on = P.prepare(g, P.PrepareOptions(formats=_WIDE, quantize_inputs=_INPUT_OPS,
+                                       check_numerics=True))
+    inputs = [la for la in on.layers.values() if la.attrs.get("input_only")]
+    assert sorted(la.op for la in inputs) == ["gelu"] * 2 + ["layer_norm"] * 5 + ["softmax"] * 2
+    cands = {m[0]: d.candidates for d in on.space.decisions for m in d.members}
+    for la in inputs:
+        assert [m for d in on.space.decisions for m in d.members if m[0] == la.name] == \
+            [(la.name, "activation")]  # no weight
+        assert (la.macs, la.params) == (0, 0)
+        assert cands[la.name] == (("int8", "fp8_e4m3", "bf16") if la.op == "softmax"
+                                  else ("int4", "fp4_e2m1", "int8", "fp8_e4m3", "bf16"))
+    # the other decisions are today's
+    assert [d for d in _decisions(on) if not on.layers[d[2][0][0]].attrs.get("input_only")] == \
+        _decisions(off)
+    # every node of the op reads the quantizer; the residual Add beside the LayerNorm does not
+    gm = on.gm
+    for la in inputs:
+        path = on.space.quantizers[(la.name, "activation")]
+        q = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == path)
+        readers = {u.name for u in q.users}
+        assert la.node in readers or la.op == "gelu"
+        assert len(readers) == (2 if la.op == "gelu" else 1)  # erf GELU: x/√2 and x·(…)
+    ln = next(la for la in inputs if la.op == "layer_norm")
+    q = next(n for n in gm.graph.nodes if n.target == on.space.quantizers[(ln.name, "activation")])
+    assert any(u.op == "call_function" and "add" in str(u.target) for u in q.args[0].users)
+    on(torch.randn(3, 1, 8, 8)).sum().backward()
+    # they cost nothing: BOPs / size of the all-int8 reference are unchanged
+    from fliqs_compiler.cost.model import config_cost
+    int8 = {la.name: {"weight": "int8", "activation": "int8"} for la in on.searched_layers()}
+    assert config_cost(on, int8, "bops") == config_cost(off, int8, "bops") > 0
+    assert config_cost(on, on.space.formats_of([0] * on.space.num_decisions), "size") == \
+        config_cost(off, off.space.formats_of([0] * off.space.num_decisions), "size")
+    # the config of an input-only layer says its (absent) weight is float
+    formats = on.space.formats_of(on.space.uniform_choice("int8"))
+    assert formats[ln.name] == {"weight": "float", "activation": "int8"}
+
+
+def test_quantize_inputs_torch_frontend(export_graph):
+    """aten.layer_norm / aten.gelu / aten.softmax of a torch.export graph."""
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm, self.fc = nn.LayerNorm(8), nn.Linear(8, 8)
+
+        def forward(self, x):
+            y = self.fc(self.norm(x))
+            return F.gelu(y) + torch.softmax(y, -1)
+
+    g = export_graph(Block(), (1, 4, 8))
+    p = P.prepare(g, P.PrepareOptions(quantize_inputs=["gelu", "layernorm"], **_BASE))
+    assert [la.op for la in p.layers.values()] == ["layer_norm", "linear", "gelu"]
+    p(torch.randn(1, 4, 8)).sum().backward()
+
+
+@pytest.mark.parametrize("value", ["batchnorm", "layernorm,relu", ["gelu", "attention"]])
+def test_quantize_inputs_bad_value_is_one_line(value):
+    with pytest.raises(FliqsError, match="quantize_inputs .*unknown op; use a comma-separated "
+                                         "list of layernorm, softmax, gelu"):
+        P.PrepareOptions(quantize_inputs=value).validate()
