@@ -68,8 +68,8 @@ def _models(names):
 
 
 # ---- configs -----------------------------------------------------------------------------------
-def _graphs(model, shape):
-    """(fp32 Graph, mixed materialized Graph, mixed formats)."""
+def _calibrated(model, shape):
+    """(searchable graph with every MIX format's scales calibrated, input)."""
     import fliqs_compiler as fq
     from fliqs_compiler import passes
     x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
@@ -77,14 +77,26 @@ def _graphs(model, shape):
     opts = passes.PrepareOptions(formats=list(MIX), keep_float_first=False, keep_float_last=False,
                                  scale_mode="calibrated")
     sg = passes.prepare(g, opts)
-    formats = {name: {"weight": MIX[i % 3], "activation": MIX[i % 3]}
-               for i, name in enumerate(sg.layers)}
     with torch.no_grad():  # calibrate every candidate's scale once, then fix formats
         for fmt in MIX:
             sg.space.apply(sg.gm, sg.space.choice_of({n: {"weight": fmt, "activation": fmt}
                                                       for n in sg.layers}))
             sg(x)
+    return sg, x
+
+
+def _graphs(model, shape):
+    """(fp32 Graph, mixed materialized Graph, mixed formats)."""
+    from fliqs_compiler import passes
+    sg, x = _calibrated(model, shape)
+    formats = _mixed_formats(sg)
     return passes.materialize(sg, {}), passes.materialize(sg, formats), formats, x
+
+
+def _mixed_formats(sg):
+    """Every searched layer in turn int8 / int4 / fp8_e4m3 (weight = activation format)."""
+    return {name: {"weight": MIX[i % 3], "activation": MIX[i % 3]}
+            for i, name in enumerate(sg.layers)}
 
 
 # ---- timing ------------------------------------------------------------------------------------
@@ -118,6 +130,7 @@ def _say(line):
 
 
 def _tvm(graph, x, repeat, **kw):
+    """(median ms, lowering seconds, layers per kernel, ``Lowered``) of ``tvm_lower.lower``."""
     from fliqs_compiler.backends.tvm_lower import lower
     t0 = time.perf_counter()
     low = lower(graph, "llvm", None, **kw)
@@ -126,7 +139,7 @@ def _tvm(graph, x, repeat, **kw):
     kernels = {}
     for e in low.executed.values():
         kernels[e["kernel"]] = kernels.get(e["kernel"], 0) + 1
-    return ms, build_s, kernels
+    return ms, build_s, kernels, low
 
 
 LAYERS = [  # representative ResNet-18 @224 layers: (name, op, weight shape, input shape, attrs)
@@ -175,6 +188,100 @@ def layer_rows(repeat: int, tune_trials: int = 0, tune_dir=None):
     return rows
 
 
+# ---- rule-based schedules (tvm_schedules) vs TVM's default build ------------------------------
+SCHEDULED_CONFIGS = ("fp32", "int8", "mixed")
+TVM_VARIANTS = (("tvm-default", {"fuse": False, "schedule": False}),  # naive loops + hand VNNI kernels
+                ("tvm-scheduled", {}))  # lower()'s default: fused + tvm_schedules rules
+
+
+def _ort_int8_static(fp32_onnx: Path, x, out: Path) -> Path:
+    """onnxruntime's own ``quantize_static`` of the fp32 ONNX: QDQ, per-channel int8 weights,
+    uint8 activations, calibrated on the benchmark input and 7 noisy copies of it."""
+    import logging
+
+    import numpy as np
+    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
+                                          quantize_static)
+    import onnx
+    name = onnx.load(str(fp32_onnx), load_external_data=False).graph.input[0].name
+    rng = np.random.default_rng(0)
+    base = x.numpy()
+    feeds = [base] + [base + 0.1 * rng.standard_normal(base.shape).astype(np.float32)
+                      for _ in range(7)]
+
+    class _Reader(CalibrationDataReader):
+        def __init__(self):
+            self.items = iter([{name: f} for f in feeds])
+
+        def get_next(self):
+            return next(self.items, None)
+
+    level = logging.getLogger().level
+    logging.getLogger().setLevel(logging.ERROR)  # quantize_static logs every node at INFO
+    try:
+        quantize_static(str(fp32_onnx), str(out), _Reader(), quant_format=QuantFormat.QDQ,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        per_channel=True)
+    finally:
+        logging.getLogger().setLevel(level)
+    return out
+
+
+def scheduled_rows(names, configs, repeat):
+    """Per model: anchors (torch fp32, onnxruntime fp32, onnxruntime int8 ``quantize_static``,
+    onnxruntime on our own QDQ export of each config) and, per config, TVM's default build
+    (naive loops outside the hand VNNI kernels) vs the rule-scheduled build, with lowering time
+    and the functions each schedule rule took; ratios are to numbers from this same run."""
+    from fliqs_compiler import passes
+    from fliqs_compiler.backends.onnx_export import export_qdq
+    from fliqs_compiler.backends.ort_backend import time_onnx
+    work = Path(tempfile.mkdtemp(prefix="fliqs-bench-sched-"))
+    out = []
+    for name, model, shape in _models(names):
+        sg, x = _calibrated(model, shape)
+        all_int8 = {n: {"weight": "int8", "activation": "int8"} for n in sg.layers}
+        graphs = {"fp32": passes.materialize(sg, {}), "int8": passes.materialize(sg, all_int8),
+                  "mixed": passes.materialize(sg, _mixed_formats(sg))}
+        fp32_onnx = export_qdq(graphs["fp32"], work / f"{name}-fp32.onnx")
+        row = {"model": name, "load_before": os.getloadavg()[0],
+               "torch_fp32": _torch_ms(graphs["fp32"], x, repeat),
+               "ort_fp32": time_onnx(fp32_onnx, [x.numpy()], threads=THREADS, repeat=repeat),
+               "ort_int8_static": time_onnx(
+                   _ort_int8_static(fp32_onnx, x, work / f"{name}-ort-int8.onnx"), [x.numpy()],
+                   threads=THREADS, repeat=repeat),
+               "configs": {}}
+        _say(f"{name}: torch fp32 {row['torch_fp32']:.2f} ms, onnxruntime fp32 "
+             f"{row['ort_fp32']:.2f} ms, onnxruntime int8 quantize_static {row['ort_int8_static']:.2f} ms")
+        for cfg in configs:
+            c = {"ort_qdq": _ort_ms(graphs[cfg], x, repeat, work, f"{name}-{cfg}")}
+            for variant, kw in TVM_VARIANTS:
+                ms, build_s, kernels, low = _tvm(graphs[cfg], x, repeat, **kw)
+                c[variant] = {"ms": ms, "lower_s": round(build_s, 1),
+                              "compile_s": round(low.timing_s["compile"], 1),
+                              "kernels": kernels, "schedules": low.schedules}
+                _say(f"{name} {cfg:5s} {variant:13s} {ms:9.2f} ms  lowering {build_s:6.1f} s  "
+                     f"{json.dumps(low.schedules)}")
+            sched = c["tvm-scheduled"]["ms"]
+            c["speedup_vs_default"] = c["tvm-default"]["ms"] / sched
+            c["scheduled_vs_ort_int8_static"] = sched / row["ort_int8_static"]
+            c["scheduled_vs_ort_fp32"] = sched / row["ort_fp32"]
+            c["scheduled_vs_ort_qdq"] = sched / c["ort_qdq"]
+            row["configs"][cfg] = c
+        row["load_after"] = os.getloadavg()[0]
+        out.append(row)
+    print(f"\nthreads: {THREADS} (torch, onnxruntime intra-op, TVM_NUM_THREADS); median ms")
+    print(f"{'model':9s} {'config':6s} {'TVM default':>11s} {'scheduled':>10s} {'speedup':>8s} "
+          f"{'ORT QDQ':>8s} {'ORT int8':>8s} {'ORT fp32':>8s} {'/ORT int8':>9s} {'lower s':>8s}")
+    for r in out:
+        for cfg, c in r["configs"].items():
+            print(f"{r['model']:9s} {cfg:6s} {c['tvm-default']['ms']:11.2f} "
+                  f"{c['tvm-scheduled']['ms']:10.2f} {c['speedup_vs_default']:7.1f}x "
+                  f"{c['ort_qdq']:8.2f} {r['ort_int8_static']:8.2f} {r['ort_fp32']:8.2f} "
+                  f"{c['scheduled_vs_ort_int8_static']:8.2f}x {c['tvm-scheduled']['lower_s']:8.1f}")
+        print(f"{r['model']:9s} load average {r['load_before']:.2f} -> {r['load_after']:.2f}")
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="the small CNN only, fewer repeats")
@@ -189,9 +296,14 @@ def main(argv=None):
     ap.add_argument("--layers", action="store_true", help="also time single ResNet-18 layers")
     ap.add_argument("--layer-tune-trials", type=int, default=0,
                     help="MetaSchedule trials for the fp32 single layers (0: naive only)")
+    ap.add_argument("--scheduled", action="store_true",
+                    help="TVM default build vs rule-scheduled build, with onnxruntime fp32 / int8 "
+                         "anchors (configs fp32,int8,mixed unless --configs)")
     ap.add_argument("--out", default=None, help="write the results as JSON here (atomic)")
     args = ap.parse_args(argv)
     torch.set_num_threads(THREADS)
+    if args.scheduled:
+        return _scheduled_main(args)
     names = [n for n in (args.models if args.models is not None
                          else ("cnn" if args.quick else "resnet18,cnn")).split(",") if n]
     repeat = 10 if args.quick else 30
@@ -213,10 +325,10 @@ def main(argv=None):
                 add("ort", _ort_ms(g, x, repeat, work, f"{name}-{cfg}"))
             except Exception as e:  # noqa: BLE001 — report, keep the other engines
                 print(f"  {name} {cfg} ort: failed: {type(e).__name__}: {str(e)[:120]}")
-            ms, build_s, kernels = _tvm(g, x, repeat, vnni=True)
+            ms, build_s, kernels, _ = _tvm(g, x, repeat, vnni=True)
             add("tvm", ms, build_s=round(build_s, 1), kernels=kernels)
             if cfg == "mixed":
-                ms, build_s, kernels = _tvm(g, x, repeat, vnni=False)
+                ms, build_s, kernels, _ = _tvm(g, x, repeat, vnni=False)
                 add("tvm-novnni", ms, build_s=round(build_s, 1), kernels=kernels)
             if args.tune_trials > 0 and cfg in args.tune_configs.split(","):
                 said = []
@@ -224,12 +336,36 @@ def main(argv=None):
                 tuning = Tuning(trials=args.tune_trials, per_task=args.tune_per_task,
                                 per_round=args.tune_round, work_dir=Path(args.tune_dir),
                                 log=lambda line: (said.append(line), _say(line)))
-                ms, build_s, kernels = _tvm(g, x, repeat, vnni=True, tuning=tuning)
+                ms, build_s, kernels, _ = _tvm(g, x, repeat, vnni=True, tuning=tuning)
                 add("tvm-tuned", ms, tune_s=round(build_s, 1), trials=args.tune_trials,
                     per_task=args.tune_per_task, per_round=args.tune_round, metaschedule=said[-1] if said else "",
                     kernels=kernels)
     lrows = (layer_rows(repeat, args.layer_tune_trials, Path(args.tune_dir))
              if args.layers else [])
+    env = _environment()
+    print(f"\nthreads: {THREADS} (torch, onnxruntime intra-op, TVM_NUM_THREADS)")
+    print(f"{'model':9s} {'config':6s} {'engine':11s} {'median ms':>10s} {'/torch fp32':>11s}")
+    for r in rows:
+        print(f"{r['model']:9s} {r['config']:6s} {r['engine']:11s} {r['ms']:10.3f} "
+              f"{r['ratio_to_torch_fp32']:11.2f}")
+    if args.out:
+        _write_json(args.out, {"environment": env, "mixed_formats": list(MIX), "rows": rows,
+                               "layers": lrows})
+    return rows, lrows
+
+
+def _scheduled_main(args):
+    names = [n for n in (args.models or ("cnn" if args.quick else "resnet18,cnn")).split(",") if n]
+    configs = [c for c in (args.configs if args.configs != "fp32,mixed" else
+                           ",".join(SCHEDULED_CONFIGS)).split(",") if c]
+    rows = scheduled_rows(names, configs, 10 if args.quick else 30)
+    if args.out:
+        _write_json(args.out, {"environment": _environment(), "mixed_formats": list(MIX),
+                               "rows": rows})
+    return rows
+
+
+def _environment() -> dict:
     env = {"threads": THREADS, "torch": torch.__version__, "cpu": platform.processor() or platform.machine()}
     try:
         import onnxruntime
@@ -237,20 +373,16 @@ def main(argv=None):
         env.update(onnxruntime=onnxruntime.__version__, tvm=tvm.__version__)
     except ImportError:
         pass
-    print(f"\nthreads: {THREADS} (torch, onnxruntime intra-op, TVM_NUM_THREADS)")
-    print(f"{'model':9s} {'config':6s} {'engine':11s} {'median ms':>10s} {'/torch fp32':>11s}")
-    for r in rows:
-        print(f"{r['model']:9s} {r['config']:6s} {r['engine']:11s} {r['ms']:10.3f} "
-              f"{r['ratio_to_torch_fp32']:11.2f}")
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"environment": env, "mixed_formats": list(MIX), "rows": rows,
-                                   "layers": lrows},
-                                  indent=1))
-        os.replace(tmp, out)
-    return rows, lrows
+    return env
+
+
+def _write_json(path, obj) -> None:
+    """Write ``obj`` as JSON at ``path`` atomically (a temporary file, then a rename)."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, out)
 
 
 if __name__ == "__main__":
