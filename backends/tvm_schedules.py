@@ -77,16 +77,11 @@ def _is_reduction(sch, block) -> bool:
 
 
 def _root_blocks(sch):
-    root = sch.get_sblock("root", func_name="main") if _has_root(sch) else None
-    return list(sch.get_child_blocks(root)) if root is not None else []
-
-
-def _has_root(sch) -> bool:
     try:
-        sch.get_sblock("root", func_name="main")
-        return True
-    except Exception:  # noqa: BLE001 — a function without a root block is not ours to schedule
-        return False
+        root = sch.get_sblock("root", func_name="main")
+    except Exception:  # noqa: BLE001 — no root block: not a function these rules schedule
+        return []
+    return list(sch.get_child_blocks(root))
 
 
 def _inline_spatial(sch) -> None:
@@ -200,7 +195,7 @@ def _schedule_blocks(func, target, only_contractions: bool):
         return None
     sch = s_tir.Schedule(func)
     blocks = _root_blocks(sch)
-    if not blocks or any(sch.get_loops(b) == [] for b in blocks):
+    if not blocks or not all(_plain_loops(sch, b) for b in blocks):
         return None
     if only_contractions and not any(_is_reduction(sch, b) and _reads_buffers(sch, b) >= 2
                                      for b in blocks):
@@ -217,27 +212,39 @@ def _schedule_blocks(func, target, only_contractions: bool):
     return sch
 
 
+def _plain_loops(sch, block) -> bool:
+    """One serial loop per block iterator, as legalization leaves them: anything else was
+    scheduled by someone (MetaSchedule's database, a hand schedule) and is not touched."""
+    from tvm import tirx
+    loops = sch.get_loops(block)
+    return (len(loops) == len(sch.get(block).iter_vars) > 0
+            and all(sch.get(lp).kind == tirx.ForKind.SERIAL for lp in loops))
+
+
 def _is_parallel(sch, block) -> bool:
     from tvm import tirx
     return any(sch.get(lp).kind == tirx.ForKind.PARALLEL for lp in sch.get_loops(block))
 
 
-def _rules():
+def _recipe(only_contractions: bool):
     from tvm.s_tir import dlight as dl
 
     class _Recipe(dl.ScheduleRule):
-        def __init__(self, only_contractions: bool):
-            self.only_contractions = only_contractions
-
         def apply(self, func, target, tunable):
-            return _schedule_blocks(func, target, self.only_contractions)
+            return _schedule_blocks(func, target, only_contractions)
 
-    return [("contraction", _Recipe(True)), ("dlight.cpu.Reduction", dl.cpu.Reduction()),
-            ("loops", _Recipe(False))]
+    return _Recipe()
 
 
-# Rule names in the order they are tried (the first that schedules a function wins).
-RULES = ("contraction", "dlight.cpu.Reduction", "loops")
+def _dlight_cpu_reduction():
+    from tvm.s_tir import dlight as dl
+    return dl.cpu.Reduction()
+
+
+# (name, rule factory) in the order they are tried: the first that schedules a function wins.
+RULES = (("contraction", lambda: _recipe(True)),
+         ("dlight.cpu.Reduction", _dlight_cpu_reduction),
+         ("loops", lambda: _recipe(False)))
 
 
 def schedule(mod, target):
@@ -245,12 +252,12 @@ def schedule(mod, target):
 
     Requires: ``mod`` after LegalizeOps / FuseOps / FuseTIR; ``target`` a ``tvm.target.Target``.
     Guarantees: the same computation; each function one of ``RULES`` schedules carries
-    ``tirx.is_scheduled``; returns ``(mod, counts)`` with ``counts[rule]`` functions per rule,
+    ``tirx.is_scheduled``; returns ``(mod, counts)`` with ``counts[name]`` functions per rule,
     ``counts["kept"]`` already-scheduled functions left alone and ``counts["unscheduled"]`` the
     ones no rule took (they run as before)."""
     from tvm import tirx
     from tvm.s_tir import dlight as dl
-    counts = {name: 0 for name in RULES}
+    counts = {name: 0 for name, _ in RULES}
     counts.update(kept=0, unscheduled=0)
 
     class _Counted(dl.ScheduleRule):
@@ -273,9 +280,9 @@ def schedule(mod, target):
                 and bool(func.attrs.get(SCHEDULED_ATTR, False)):
             counts["kept"] += 1
     with target:
-        out = dl.ApplyDefaultSchedule(*[_Counted(n, r) for n, r in _rules()])(mod)
+        out = dl.ApplyDefaultSchedule(*[_Counted(n, make()) for n, make in RULES])(mod)
     n_prim = sum(isinstance(f, tirx.PrimFunc) for _, f in out.functions_items())
-    counts["unscheduled"] = n_prim - counts["kept"] - sum(counts[n] for n in RULES)
+    counts["unscheduled"] = n_prim - counts["kept"] - sum(counts[n] for n, _ in RULES)
     return out, counts
 
 
