@@ -130,16 +130,20 @@ def _say(line):
 
 
 def _tvm(graph, x, repeat, **kw):
-    """(median ms, lowering seconds, layers per kernel, ``Lowered``) of ``tvm_lower.lower``."""
     from fliqs_compiler.backends.tvm_lower import lower
     t0 = time.perf_counter()
     low = lower(graph, "llvm", None, **kw)
     build_s = time.perf_counter() - t0
     ms = low.time_ms([x.numpy()], repeat=max(3, repeat // 10), min_repeat_ms=100)
+    return ms, build_s, _kernel_counts(low)
+
+
+def _kernel_counts(low) -> dict:
+    """Layers per realized kernel of a ``Lowered``."""
     kernels = {}
     for e in low.executed.values():
         kernels[e["kernel"]] = kernels.get(e["kernel"], 0) + 1
-    return ms, build_s, kernels, low
+    return kernels
 
 
 LAYERS = [  # representative ResNet-18 @224 layers: (name, op, weight shape, input shape, attrs)
@@ -227,14 +231,17 @@ def _ort_int8_static(fp32_onnx: Path, x, out: Path) -> Path:
     return out
 
 
-def scheduled_rows(names, configs, repeat):
+def scheduled_rows(names, configs, repeat, rounds=3):
     """Per model: anchors (torch fp32, onnxruntime fp32, onnxruntime int8 ``quantize_static``,
     onnxruntime on our own QDQ export of each config) and, per config, TVM's default build
     (naive loops outside the hand VNNI kernels) vs the rule-scheduled build, with lowering time
-    and the functions each schedule rule took; ratios are to numbers from this same run."""
+    and the functions each schedule rule took. Everything is built first, then timed in
+    ``rounds`` interleaved rounds (every engine once per round; each number is the median over
+    rounds), so load changes on a shared machine hit every engine alike; ratios are per run."""
     from fliqs_compiler import passes
     from fliqs_compiler.backends.onnx_export import export_qdq
-    from fliqs_compiler.backends.ort_backend import time_onnx
+    from fliqs_compiler.backends.ort_backend import make_session, time_onnx
+    from fliqs_compiler.backends.tvm_lower import lower
     work = Path(tempfile.mkdtemp(prefix="fliqs-bench-sched-"))
     out = []
     for name, model, shape in _models(names):
@@ -243,33 +250,53 @@ def scheduled_rows(names, configs, repeat):
         graphs = {"fp32": passes.materialize(sg, {}), "int8": passes.materialize(sg, all_int8),
                   "mixed": passes.materialize(sg, _mixed_formats(sg))}
         fp32_onnx = export_qdq(graphs["fp32"], work / f"{name}-fp32.onnx")
-        row = {"model": name, "load_before": os.getloadavg()[0],
-               "torch_fp32": _torch_ms(graphs["fp32"], x, repeat),
-               "ort_fp32": time_onnx(fp32_onnx, [x.numpy()], threads=THREADS, repeat=repeat),
-               "ort_int8_static": time_onnx(
-                   _ort_int8_static(fp32_onnx, x, work / f"{name}-ort-int8.onnx"), [x.numpy()],
-                   threads=THREADS, repeat=repeat),
-               "configs": {}}
-        _say(f"{name}: torch fp32 {row['torch_fp32']:.2f} ms, onnxruntime fp32 "
-             f"{row['ort_fp32']:.2f} ms, onnxruntime int8 quantize_static {row['ort_int8_static']:.2f} ms")
+        ort_int8 = _ort_int8_static(fp32_onnx, x, work / f"{name}-ort-int8.onnx")
+        feed = [x.numpy()]
+
+        def ort_timer(path):
+            sess = make_session(path, THREADS)
+            return lambda: time_onnx(sess, feed, threads=THREADS, repeat=repeat)
+
+        timers = {"torch_fp32": lambda: _torch_ms(graphs["fp32"], x, repeat),
+                  "ort_fp32": ort_timer(fp32_onnx), "ort_int8_static": ort_timer(ort_int8)}
+        row = {"model": name, "configs": {}}
         for cfg in configs:
-            c = {"ort_qdq": _ort_ms(graphs[cfg], x, repeat, work, f"{name}-{cfg}")}
+            c = row["configs"][cfg] = {}
+            timers[f"{cfg}/ort_qdq"] = ort_timer(export_qdq(graphs[cfg], work / f"{name}-{cfg}.onnx"))
             for variant, kw in TVM_VARIANTS:
-                ms, build_s, kernels, low = _tvm(graphs[cfg], x, repeat, **kw)
-                c[variant] = {"ms": ms, "lower_s": round(build_s, 1),
+                t0 = time.perf_counter()
+                low = lower(graphs[cfg], "llvm", None, **kw)
+                c[variant] = {"lower_s": round(time.perf_counter() - t0, 1),
                               "compile_s": round(low.timing_s["compile"], 1),
-                              "kernels": kernels, "schedules": low.schedules}
-                _say(f"{name} {cfg:5s} {variant:13s} {ms:9.2f} ms  lowering {build_s:6.1f} s  "
+                              "schedules": low.schedules,
+                              "kernels": _kernel_counts(low)}
+                timers[f"{cfg}/{variant}"] = (lambda low=low: low.time_ms(
+                    feed, repeat=max(3, repeat // 10), min_repeat_ms=100))
+                _say(f"{name} {cfg:5s} {variant:13s} lowering {c[variant]['lower_s']:6.1f} s  "
                      f"{json.dumps(low.schedules)}")
+        samples = {k: [] for k in timers}
+        loads = [os.getloadavg()[0]]
+        for r in range(rounds):
+            for k, fn in timers.items():
+                samples[k].append(fn())
+            loads.append(os.getloadavg()[0])
+            _say(f"{name} round {r + 1}/{rounds}: " + ", ".join(
+                f"{k} {v[-1]:.2f}" for k, v in samples.items()) + f" (load {loads[-1]:.2f})")
+        ms = {k: statistics.median(v) for k, v in samples.items()}
+        row.update(torch_fp32=ms["torch_fp32"], ort_fp32=ms["ort_fp32"],
+                   ort_int8_static=ms["ort_int8_static"], load_average=loads, samples=samples)
+        for cfg, c in row["configs"].items():
+            for variant, _ in TVM_VARIANTS:
+                c[variant]["ms"] = ms[f"{cfg}/{variant}"]
+            c["ort_qdq"] = ms[f"{cfg}/ort_qdq"]
             sched = c["tvm-scheduled"]["ms"]
             c["speedup_vs_default"] = c["tvm-default"]["ms"] / sched
             c["scheduled_vs_ort_int8_static"] = sched / row["ort_int8_static"]
             c["scheduled_vs_ort_fp32"] = sched / row["ort_fp32"]
             c["scheduled_vs_ort_qdq"] = sched / c["ort_qdq"]
-            row["configs"][cfg] = c
-        row["load_after"] = os.getloadavg()[0]
         out.append(row)
-    print(f"\nthreads: {THREADS} (torch, onnxruntime intra-op, TVM_NUM_THREADS); median ms")
+    print(f"\nthreads: {THREADS} (torch, onnxruntime intra-op, TVM_NUM_THREADS); median ms over "
+          f"{rounds} interleaved rounds")
     print(f"{'model':9s} {'config':6s} {'TVM default':>11s} {'scheduled':>10s} {'speedup':>8s} "
           f"{'ORT QDQ':>8s} {'ORT int8':>8s} {'ORT fp32':>8s} {'/ORT int8':>9s} {'lower s':>8s}")
     for r in out:
@@ -278,7 +305,8 @@ def scheduled_rows(names, configs, repeat):
                   f"{c['tvm-scheduled']['ms']:10.2f} {c['speedup_vs_default']:7.1f}x "
                   f"{c['ort_qdq']:8.2f} {r['ort_int8_static']:8.2f} {r['ort_fp32']:8.2f} "
                   f"{c['scheduled_vs_ort_int8_static']:8.2f}x {c['tvm-scheduled']['lower_s']:8.1f}")
-        print(f"{r['model']:9s} load average {r['load_before']:.2f} -> {r['load_after']:.2f}")
+        print(f"{r['model']:9s} torch fp32 {r['torch_fp32']:.2f} ms; load average over the rounds "
+              + " ".join(f"{v:.2f}" for v in r["load_average"]))
     return out
 
 
@@ -325,10 +353,10 @@ def main(argv=None):
                 add("ort", _ort_ms(g, x, repeat, work, f"{name}-{cfg}"))
             except Exception as e:  # noqa: BLE001 — report, keep the other engines
                 print(f"  {name} {cfg} ort: failed: {type(e).__name__}: {str(e)[:120]}")
-            ms, build_s, kernels, _ = _tvm(g, x, repeat, vnni=True)
+            ms, build_s, kernels = _tvm(g, x, repeat, vnni=True)
             add("tvm", ms, build_s=round(build_s, 1), kernels=kernels)
             if cfg == "mixed":
-                ms, build_s, kernels, _ = _tvm(g, x, repeat, vnni=False)
+                ms, build_s, kernels = _tvm(g, x, repeat, vnni=False)
                 add("tvm-novnni", ms, build_s=round(build_s, 1), kernels=kernels)
             if args.tune_trials > 0 and cfg in args.tune_configs.split(","):
                 said = []
@@ -336,7 +364,7 @@ def main(argv=None):
                 tuning = Tuning(trials=args.tune_trials, per_task=args.tune_per_task,
                                 per_round=args.tune_round, work_dir=Path(args.tune_dir),
                                 log=lambda line: (said.append(line), _say(line)))
-                ms, build_s, kernels, _ = _tvm(g, x, repeat, vnni=True, tuning=tuning)
+                ms, build_s, kernels = _tvm(g, x, repeat, vnni=True, tuning=tuning)
                 add("tvm-tuned", ms, tune_s=round(build_s, 1), trials=args.tune_trials,
                     per_task=args.tune_per_task, per_round=args.tune_round, metaschedule=said[-1] if said else "",
                     kernels=kernels)
