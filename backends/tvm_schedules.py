@@ -36,9 +36,10 @@ __all__ = ["schedule", "build", "RULES", "SCHEDULED_ATTR"]
 _LOG = logging.getLogger(__name__)
 
 SCHEDULED_ATTR = "tirx.is_scheduled"
-# Below this many output elements a spatial loop nest runs serially: starting the thread pool
-# costs more than the loop (a few microseconds).
-_PARALLEL_MIN_ELEMENTS = 4096
+# Below this many loop iterations a nest runs serially: waking the thread pool costs more than
+# the loop (measured on all-int8 ResNet-18, 2 threads, loaded 2-core box: 4096 gave 52-57 ms,
+# 262144 56-57 ms, never parallel 63-68 ms, TVM's default build 84-101 ms in the same run).
+_PARALLEL_MIN_ITERATIONS = 4096
 _UNROLL = 4  # register-tile rows per unrolled axis: 4 × 4 tiles keep 16 accumulators in zmm registers
 
 
@@ -116,12 +117,18 @@ def _parallel_vectorize(sch, block, vector_bits: int) -> None:
         sch.vectorize(i)
     else:
         outer.append(loops[-1])
+    if _worth_parallel(exts):
+        sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
+
+
+def _worth_parallel(extents) -> bool:
+    """Enough iterations to pay for waking the thread pool (a symbolic extent counts as many)."""
     total = 1
-    for e in exts:
-        total = total * e if (e is not None and total is not None) else None
-    if outer and (total is None or total >= _PARALLEL_MIN_ELEMENTS):
-        fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
-        sch.parallel(fused)
+    for e in extents:
+        if e is None:
+            return True
+        total *= e
+    return total >= _PARALLEL_MIN_ITERATIONS
 
 
 def _tile_reduction(sch, block, vector_bits: int) -> None:
@@ -142,7 +149,7 @@ def _tile_reduction(sch, block, vector_bits: int) -> None:
     v = next((i for i in reversed(range(n_s)) if lanes_of[i] >= 4),
              max(range(n_s), key=lambda i: (lanes_of[i], i)))
     tile_axes = [i for i in reversed(range(n_s)) if i != v and exts[i] not in (None, 1)][:2]
-    outer, inner = [], []
+    outer, inner_loops = [], []
     for i, lp in enumerate(spatial):
         if i == v:
             lanes = lanes_of[i]
@@ -151,7 +158,7 @@ def _tile_reduction(sch, block, vector_bits: int) -> None:
             if unroll > 1:  # no other axis to tile: unroll this one for independent accumulators
                 o, u, vi = sch.split(lp, factors=[None, unroll, lanes])
                 outer.append(o)
-                inner.append(("unroll", u))
+                inner_loops.append(u)
             else:
                 o, vi = sch.split(lp, factors=[None, lanes])
                 outer.append(o)
@@ -160,13 +167,13 @@ def _tile_reduction(sch, block, vector_bits: int) -> None:
             u = _largest_divisor(exts[i], _UNROLL)
             o, ui = sch.split(lp, factors=[None, u])
             outer.append(o)
-            inner.append(("unroll", ui))
+            inner_loops.append(ui)
         else:
             outer.append(lp)
-    inner_loops = [lp for _, lp in inner]
     sch.reorder(*outer, *reduction, *inner_loops, vec[0])
     fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
-    sch.parallel(fused)
+    if _worth_parallel(exts + [_extent(sch, lp) for lp in reduction]):
+        sch.parallel(fused)
     # Vectorize while the block still has its init: afterwards the update block is no longer a
     # complete reduction under the loop and ``vectorize`` refuses it.
     for lp in inner_loops:
