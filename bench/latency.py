@@ -3,6 +3,8 @@
     .venv/bin/python bench/latency.py [--quick] [--models resnet18,cnn] [--configs fp32,mixed]
         [--tune-trials N --tune-per-task P --tune-round R] [--tune-dir DIR]
         [--layers [--layer-tune-trials T]] [--out bench/results/latency.json]
+    .venv/bin/python bench/latency.py --scheduled [--models resnet18,cnn] [--configs fp32,int8,mixed]
+        [--rounds 3] [--out bench/results/latency_scheduled.json]
 
 Models: ResNet-18 at 1×3×224×224 (built here, random weights, BN folded by the passes) and the
 Fashion-MNIST-size CNN (``search.toy.ResNet8``, 1×1×28×28). Configs: ``fp32`` and ``mixed`` (every
@@ -10,8 +12,9 @@ quantized layer gets int8 / int4 / fp8_e4m3 in turn, weight = activation format;
 scales). Engines (2 threads everywhere; the thread count is printed with the table):
 - ``torch``: eager fp32 module / the fake-quant graph;
 - ``ort``: onnxruntime on the fp32 ONNX / the QDQ ONNX (``backends.onnx_export.export_qdq``);
-- ``tvm``: ``tvm_lower.lower`` default build (naive loops; hand VNNI kernels for int8/int4
-  conv/linear), ``tvm-novnni`` (same without VNNI), and ``tvm-tuned`` when ``--tune-trials N``
+- ``tvm``: ``tvm_lower.lower`` default build (fused, every function rule-scheduled by
+  ``tvm_schedules``; hand VNNI kernels for int8/int4 conv/linear), ``tvm-novnni`` (same without
+  VNNI), and ``tvm-tuned`` when ``--tune-trials N``
   > 0 (MetaSchedule: at most N trials per model and P per task, R candidates per scheduler round —
   every task gets one round, the rest goes to the tasks with the largest expected gain; database
   in ``--tune-dir``: tasks it already holds, from any earlier run or model, are not tuned again;
@@ -21,6 +24,11 @@ scales). Engines (2 threads everywhere; the thread count is printed with the tab
 torch fp32).
 One table of medians (ms) and ratios to torch fp32 of the same model. ``--quick``: the CNN only,
 fewer repeats. These machines are shared and noisy: compare numbers from one run only.
+``--scheduled`` (``scheduled_rows``): per model and config (fp32, all-int8, mixed) TVM's default
+build (``schedule=False, fuse=False``: naive loops outside the hand VNNI kernels) against the
+rule-scheduled build, with lowering times, the functions per schedule rule, and onnxruntime
+anchors (fp32; int8 from onnxruntime's own per-channel ``quantize_static``; our QDQ export of
+each config), all timed in interleaved rounds after everything is built.
 """
 from __future__ import annotations
 
@@ -284,7 +292,8 @@ def scheduled_rows(names, configs, repeat, rounds=3):
                 f"{k} {v[-1]:.2f}" for k, v in samples.items()) + f" (load {loads[-1]:.2f})")
         ms = {k: statistics.median(v) for k, v in samples.items()}
         row.update(torch_fp32=ms["torch_fp32"], ort_fp32=ms["ort_fp32"],
-                   ort_int8_static=ms["ort_int8_static"], load_average=loads, samples=samples)
+                   ort_int8_static=ms["ort_int8_static"], load_average=loads, samples=samples,
+                   best={k: min(v) for k, v in samples.items()})
         for cfg, c in row["configs"].items():
             for variant, _ in TVM_VARIANTS:
                 c[variant]["ms"] = ms[f"{cfg}/{variant}"]
@@ -298,13 +307,16 @@ def scheduled_rows(names, configs, repeat, rounds=3):
     print(f"\nthreads: {THREADS} (torch, onnxruntime intra-op, TVM_NUM_THREADS); median ms over "
           f"{rounds} interleaved rounds")
     print(f"{'model':9s} {'config':6s} {'TVM default':>11s} {'scheduled':>10s} {'speedup':>8s} "
-          f"{'ORT QDQ':>8s} {'ORT int8':>8s} {'ORT fp32':>8s} {'/ORT int8':>9s} {'lower s':>8s}")
+          f"{'ORT QDQ':>8s} {'ORT int8':>8s} {'ORT fp32':>8s} {'/ORT int8':>9s} {'lower s':>8s} "
+          f"{'best: sched / ORT int8':>22s}")
     for r in out:
         for cfg, c in r["configs"].items():
+            best = r["best"]
             print(f"{r['model']:9s} {cfg:6s} {c['tvm-default']['ms']:11.2f} "
                   f"{c['tvm-scheduled']['ms']:10.2f} {c['speedup_vs_default']:7.1f}x "
                   f"{c['ort_qdq']:8.2f} {r['ort_int8_static']:8.2f} {r['ort_fp32']:8.2f} "
-                  f"{c['scheduled_vs_ort_int8_static']:8.2f}x {c['tvm-scheduled']['lower_s']:8.1f}")
+                  f"{c['scheduled_vs_ort_int8_static']:8.2f}x {c['tvm-scheduled']['lower_s']:8.1f} "
+                  f"{best[cfg + '/tvm-scheduled']:10.2f} / {best['ort_int8_static']:.2f}")
         print(f"{r['model']:9s} torch fp32 {r['torch_fp32']:.2f} ms; load average over the rounds "
               + " ".join(f"{v:.2f}" for v in r["load_average"]))
     return out
@@ -327,6 +339,7 @@ def main(argv=None):
     ap.add_argument("--scheduled", action="store_true",
                     help="TVM default build vs rule-scheduled build, with onnxruntime fp32 / int8 "
                          "anchors (configs fp32,int8,mixed unless --configs)")
+    ap.add_argument("--rounds", type=int, default=3, help="--scheduled: interleaved timing rounds")
     ap.add_argument("--out", default=None, help="write the results as JSON here (atomic)")
     args = ap.parse_args(argv)
     torch.set_num_threads(THREADS)
@@ -386,7 +399,7 @@ def _scheduled_main(args):
     names = [n for n in (args.models or ("cnn" if args.quick else "resnet18,cnn")).split(",") if n]
     configs = [c for c in (args.configs if args.configs != "fp32,mixed" else
                            ",".join(SCHEDULED_CONFIGS)).split(",") if c]
-    rows = scheduled_rows(names, configs, 10 if args.quick else 30)
+    rows = scheduled_rows(names, configs, 10 if args.quick else 30, args.rounds)
     if args.out:
         _write_json(args.out, {"environment": _environment(), "mixed_formats": list(MIX),
                                "rows": rows})
