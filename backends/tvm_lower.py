@@ -730,6 +730,8 @@ def lower(graph, target, out_dir=None, *, tuning: Optional[Tuning] = None, vnni:
     the realized compute per layer public name. Bad target / unsupported format → FliqsError.
     A target whose ``mtriple`` differs from the host's (a device) is linked by its cross compiler
     (``targets.cross_compiler``): the file is then for that device, not loadable here.
+    ``fuse`` / ``schedule``: see ``compile_module`` (``fuse=False, schedule=False`` is TVM's
+    default build); ``Lowered.schedules`` counts the functions per schedule rule.
     """
     target = parse_target(target)
     if target.kind != "tvm":
