@@ -2,8 +2,9 @@
 
 Pipeline (``lower``): ``torch.export`` the graph → ``translate`` (TVM's exported-program importer
 with our converters for ``fliqs.fake_quant``, ``conv2d``, ``linear`` and ``matmul``) → ``tvm_kernels.vnni_rewrite``
-(``relax.dpl``: u8×s8→s32 conv/matmul with constant weights → hand VNNI ``call_tir``) → default
-pipeline or MetaSchedule tuning → ``tvm.compile`` → ``out_dir/tvm/model.so`` (atomic).
+(``relax.dpl``: u8×s8→s32 conv/matmul with constant weights → hand VNNI ``call_tir``) → legalize
+and fuse (or MetaSchedule tuning) → ``tvm_schedules`` rule-based schedules for every function
+still unscheduled → ``tvm.compile`` → ``out_dir/tvm/model.so`` (atomic).
 
 Per-format rules live in ONE place, the tables below, keyed by ``Format.kind``:
 
@@ -19,7 +20,7 @@ Per-format rules live in ONE place, the tables below, keyed by ``Format.kind``:
   (``tvm_kernels.fp_round_te``), multiply — never ``relax.op.quantize`` or TVM's fp8 casts).
 - ``COMPUTE_RULES`` (pattern → rewrite): which (weight, activation) code dtypes a conv / linear /
   MatMul (attention MatMuls included: the second operand plays the weight) consumes natively: int8 × (u)int8 → int32 accumulation, then one multiply by s_x·s_w (per
-  output channel) and the bias (fused into one loop nest only with ``fuse=True`` or tuning);
+  output channel) and the bias (fused into one loop nest by default (``fuse=True``) and when tuning);
   bf16 × bf16 / fp16 × fp16 → fp32 accumulation; anything else runs in fp32 on the dequantized
   values (quantize-dequantize math).
 
@@ -503,27 +504,41 @@ class Tuning:
     log: Optional[Callable] = None
 
 
-def compile_module(mod, target: Target, *, tuning: Optional[Tuning] = None, fuse: bool = False):
-    """Relax IRModule → ``tvm.compile`` executable.
+def compile_module(mod, target: Target, *, tuning: Optional[Tuning] = None, fuse: bool = True,
+                      schedule: bool = True):
+    """Relax IRModule → (``tvm.compile`` executable, schedule counts).
 
-    Default: TVM's default build (naive, unscheduled loops; hand VNNI kernels keep their
-    schedules). ``fuse=True``: ``fuse_pipeline`` first (exact: fp8 / bf16 rounding does not rely
-    on casts, see ``tvm_kernels.fp_round_te``). ``tuning``: ``_tune`` — TVM's static-shape tuning
-    steps (zero pipeline, MetaSchedule with ``tuning.trials`` in total, apply the database) with a
-    persistent database in ``tuning.work_dir``: tasks it already holds are not tuned again, by any
-    later call, model or process. The zero pipeline runs FoldConstant, which pre-decodes constant
-    packed (int4 / fp8 / fp4) weights to fp32 at build time.
+    Legalization: ``tuning``: ``_tune`` — TVM's static-shape tuning steps (zero pipeline,
+    MetaSchedule with ``tuning.trials`` in total, apply the database) with a persistent database
+    in ``tuning.work_dir``: tasks it already holds are not tuned again, by any later call, model or
+    process; the zero pipeline runs FoldConstant, which pre-decodes constant packed (int4 / fp8 /
+    fp4) weights to fp32 at build time. Else ``fuse=True`` (default): ``fuse_pipeline`` (exact:
+    fp8 / bf16 rounding does not rely on casts, see ``tvm_kernels.fp_round_te``); ``fuse=False``:
+    LegalizeOps alone, one function per operator.
+    ``schedule=True`` (default): then ``tvm_schedules.schedule`` gives every function that is
+    not already scheduled (hand VNNI kernels, MetaSchedule's tuned ones) a rule-based CPU
+    schedule; ``counts`` says how many each rule took (``tvm_schedules.build`` puts back any
+    that would not build: ``counts["reverted"]``). ``schedule=False``: TVM's default build —
+    naive single-threaded loops outside the hand kernels (the baseline ``bench/latency.py``
+    measures against).
     """
     import tvm
+    from tvm import relax
+    from fliqs_compiler.backends import tvm_schedules
     tgt = target.tvm()
-    if fuse and tuning is None:
-        with tgt:
-            mod = fuse_pipeline()(mod)
     if tuning is not None:
         wd = Path(tuning.work_dir or Path(tempfile.gettempdir()) / "fliqs-tvm-tune" / _safe(target.key))
         wd.mkdir(parents=True, exist_ok=True)
         mod = _tune(mod, target, wd, tuning)
-    return tvm.compile(mod, target=tgt)
+    elif fuse or schedule:
+        with tgt:
+            mod = (fuse_pipeline() if fuse else relax.transform.LegalizeOps())(mod)
+    if not schedule:
+        return tvm.compile(mod, target=tgt), {}
+    scheduled, counts = tvm_schedules.schedule(mod, tgt)
+    ex, reverted = tvm_schedules.build(scheduled, mod, tgt)
+    counts["reverted"] = len(reverted)
+    return ex, counts
 
 
 def _tune(mod, target: Target, work_dir: Path, tuning: Tuning, build_timeout_s: float = 300.0):
@@ -653,6 +668,7 @@ class Lowered:
     mod: object = None
     asm_stats: dict = field(default_factory=dict)
     timing_s: dict = field(default_factory=dict)
+    schedules: dict = field(default_factory=dict)  # functions per tvm_schedules rule ({} unscheduled)
     _vm: object = None
 
     def vm(self):
@@ -707,7 +723,7 @@ def _public_names(graph, records: list) -> list:
 
 
 def lower(graph, target, out_dir=None, *, tuning: Optional[Tuning] = None, vnni: bool = True,
-          fuse: bool = False, example_inputs=None) -> Lowered:
+          fuse: bool = True, schedule: bool = True, example_inputs=None) -> Lowered:
     """Lower a materialized ``Graph`` for a TVM ``target`` and compile it.
 
     Requires: ``graph.gm`` holds only fixed ``FormatQuantizer``s (or ``fliqs.fake_quant`` calls)
@@ -717,6 +733,8 @@ def lower(graph, target, out_dir=None, *, tuning: Optional[Tuning] = None, vnni:
     the realized compute per layer public name. Bad target / unsupported format → FliqsError.
     A target whose ``mtriple`` differs from the host's (a device) is linked by its cross compiler
     (``targets.cross_compiler``): the file is then for that device, not loadable here.
+    ``fuse`` / ``schedule``: see ``compile_module`` (``fuse=False, schedule=False`` is TVM's
+    default build); ``Lowered.schedules`` counts the functions per schedule rule.
     """
     target = parse_target(target)
     if target.kind != "tvm":
@@ -748,7 +766,7 @@ def lower(graph, target, out_dir=None, *, tuning: Optional[Tuning] = None, vnni:
                                       [r.weight_const for r in records if r.weight_const is not None])
         kernel_layers.update({n: (kernel.name, sym) for n, sym in swapped.items()})
     t1 = time.perf_counter()
-    ex = compile_module(mod, target, tuning=tuning, fuse=fuse)
+    ex, schedules = compile_module(mod, target, tuning=tuning, fuse=fuse, schedule=schedule)
     times["compile"] = time.perf_counter() - t1
     asm = ex.mod.imports[0].inspect_source("asm") if ex.mod.imports else ""
     fns = asm_functions(asm)
@@ -776,7 +794,8 @@ def lower(graph, target, out_dir=None, *, tuning: Optional[Tuning] = None, vnni:
     if out_dir is not None:
         path = Path(out_dir) / "tvm" / "model.so"
         _write_library(ex, path, fcompile)
-        meta = {"target": target.tvm_target, "executed": executed, "asm": stats}
+        meta = {"target": target.tvm_target, "executed": executed, "asm": stats,
+                "schedules": schedules}
         atomic.write_text(path.with_suffix(".json"), json.dumps(meta, indent=1))
     times["total"] = time.perf_counter() - t0
-    return Lowered(path, ex, executed, target, mod, stats, times)
+    return Lowered(path, ex, executed, target, mod, stats, times, schedules)

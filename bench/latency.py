@@ -3,6 +3,8 @@
     .venv/bin/python bench/latency.py [--quick] [--models resnet18,cnn] [--configs fp32,mixed]
         [--tune-trials N --tune-per-task P --tune-round R] [--tune-dir DIR]
         [--layers [--layer-tune-trials T]] [--out bench/results/latency.json]
+    .venv/bin/python bench/latency.py --scheduled [--models resnet18,cnn] [--configs fp32,int8,mixed]
+        [--rounds 3] [--out bench/results/latency_scheduled.json]
 
 Models: ResNet-18 at 1×3×224×224 (built here, random weights, BN folded by the passes) and the
 Fashion-MNIST-size CNN (``search.toy.ResNet8``, 1×1×28×28). Configs: ``fp32`` and ``mixed`` (every
@@ -10,8 +12,9 @@ quantized layer gets int8 / int4 / fp8_e4m3 in turn, weight = activation format;
 scales). Engines (2 threads everywhere; the thread count is printed with the table):
 - ``torch``: eager fp32 module / the fake-quant graph;
 - ``ort``: onnxruntime on the fp32 ONNX / the QDQ ONNX (``backends.onnx_export.export_qdq``);
-- ``tvm``: ``tvm_lower.lower`` default build (naive loops; hand VNNI kernels for int8/int4
-  conv/linear), ``tvm-novnni`` (same without VNNI), and ``tvm-tuned`` when ``--tune-trials N``
+- ``tvm``: ``tvm_lower.lower`` default build (fused, every function rule-scheduled by
+  ``tvm_schedules``; hand VNNI kernels for int8/int4 conv/linear), ``tvm-novnni`` (same without
+  VNNI), and ``tvm-tuned`` when ``--tune-trials N``
   > 0 (MetaSchedule: at most N trials per model and P per task, R candidates per scheduler round —
   every task gets one round, the rest goes to the tasks with the largest expected gain; database
   in ``--tune-dir``: tasks it already holds, from any earlier run or model, are not tuned again;
@@ -32,6 +35,12 @@ onnxruntime fp32 on the float ONNX and onnxruntime int8 from its own ``quantize_
 (per channel, QDQ, on that float ONNX). Ratios are to onnxruntime fp32. ``--profile`` adds a
 per-op breakdown of the TVM runs (``VirtualMachine.set_instrument`` timing every call: TVM
 0.27's VM has no ``profile``).
+
+``--scheduled`` (``scheduled_rows``): per model and config (fp32, all-int8, mixed) TVM's default
+build (``schedule=False, fuse=False``: naive loops outside the hand VNNI kernels) against the
+rule-scheduled build, with lowering times, the functions per schedule rule, and onnxruntime
+anchors (fp32; int8 from onnxruntime's own per-channel ``quantize_static``; our QDQ export of
+each config), all timed in interleaved rounds after everything is built.
 """
 from __future__ import annotations
 
@@ -79,8 +88,8 @@ def _models(names):
 
 
 # ---- configs -----------------------------------------------------------------------------------
-def _graphs(model, shape):
-    """(fp32 Graph, mixed materialized Graph, mixed formats)."""
+def _calibrated(model, shape):
+    """(searchable graph with every MIX format's scales calibrated, input)."""
     import fliqs_compiler as fq
     from fliqs_compiler import passes
     x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
@@ -88,14 +97,26 @@ def _graphs(model, shape):
     opts = passes.PrepareOptions(formats=list(MIX), keep_float_first=False, keep_float_last=False,
                                  scale_mode="calibrated")
     sg = passes.prepare(g, opts)
-    formats = {name: {"weight": MIX[i % 3], "activation": MIX[i % 3]}
-               for i, name in enumerate(sg.layers)}
     with torch.no_grad():  # calibrate every candidate's scale once, then fix formats
         for fmt in MIX:
             sg.space.apply(sg.gm, sg.space.choice_of({n: {"weight": fmt, "activation": fmt}
                                                       for n in sg.layers}))
             sg(x)
+    return sg, x
+
+
+def _graphs(model, shape):
+    """(fp32 Graph, mixed materialized Graph, mixed formats)."""
+    from fliqs_compiler import passes
+    sg, x = _calibrated(model, shape)
+    formats = _mixed_formats(sg)
     return passes.materialize(sg, {}), passes.materialize(sg, formats), formats, x
+
+
+def _mixed_formats(sg):
+    """Every searched layer in turn int8 / int4 / fp8_e4m3 (weight = activation format)."""
+    return {name: {"weight": MIX[i % 3], "activation": MIX[i % 3]}
+            for i, name in enumerate(sg.layers)}
 
 
 # ---- timing ------------------------------------------------------------------------------------
@@ -134,10 +155,15 @@ def _tvm(graph, x, repeat, **kw):
     low = lower(graph, "llvm", None, **kw)
     build_s = time.perf_counter() - t0
     ms = low.time_ms([x.numpy()], repeat=max(3, repeat // 10), min_repeat_ms=100)
+    return ms, build_s, _kernel_counts(low)
+
+
+def _kernel_counts(low) -> dict:
+    """Layers per realized kernel of a ``Lowered``."""
     kernels = {}
     for e in low.executed.values():
         kernels[e["kernel"]] = kernels.get(e["kernel"], 0) + 1
-    return ms, build_s, kernels
+    return kernels
 
 
 LAYERS = [  # representative ResNet-18 @224 layers: (name, op, weight shape, input shape, attrs)
@@ -337,6 +363,128 @@ def vit_main(args) -> list:
     return rows
 
 
+# ---- rule-based schedules (tvm_schedules) vs TVM's default build ------------------------------
+SCHEDULED_CONFIGS = ("fp32", "int8", "mixed")
+TVM_VARIANTS = (("tvm-default", {"fuse": False, "schedule": False}),  # naive loops + hand VNNI kernels
+                ("tvm-scheduled", {}))  # lower()'s default: fused + tvm_schedules rules
+
+
+def _ort_int8_static(fp32_onnx: Path, x, out: Path) -> Path:
+    """onnxruntime's own ``quantize_static`` of the fp32 ONNX: QDQ, per-channel int8 weights,
+    uint8 activations, calibrated on the benchmark input and 7 noisy copies of it."""
+    import logging
+
+    import numpy as np
+    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
+                                          quantize_static)
+    import onnx
+    name = onnx.load(str(fp32_onnx), load_external_data=False).graph.input[0].name
+    rng = np.random.default_rng(0)
+    base = x.numpy()
+    feeds = [base] + [base + 0.1 * rng.standard_normal(base.shape).astype(np.float32)
+                      for _ in range(7)]
+
+    class _Reader(CalibrationDataReader):
+        def __init__(self):
+            self.items = iter([{name: f} for f in feeds])
+
+        def get_next(self):
+            return next(self.items, None)
+
+    level = logging.getLogger().level
+    logging.getLogger().setLevel(logging.ERROR)  # quantize_static logs every node at INFO
+    try:
+        quantize_static(str(fp32_onnx), str(out), _Reader(), quant_format=QuantFormat.QDQ,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        per_channel=True)
+    finally:
+        logging.getLogger().setLevel(level)
+    return out
+
+
+def scheduled_rows(names, configs, repeat, rounds=3):
+    """Per model: anchors (torch fp32, onnxruntime fp32, onnxruntime int8 ``quantize_static``,
+    onnxruntime on our own QDQ export of each config) and, per config, TVM's default build
+    (naive loops outside the hand VNNI kernels) vs the rule-scheduled build, with lowering time
+    and the functions each schedule rule took. Everything is built first, then timed in
+    ``rounds`` interleaved rounds (every engine once per round; each number is the median over
+    rounds), so load changes on a shared machine hit every engine alike; ratios are per run."""
+    from fliqs_compiler import passes
+    from fliqs_compiler.backends.onnx_export import export_qdq
+    from fliqs_compiler.backends.ort_backend import make_session, time_onnx
+    from fliqs_compiler.backends.tvm_lower import lower
+    work = Path(tempfile.mkdtemp(prefix="fliqs-bench-sched-"))
+    out = []
+    for name, model, shape in _models(names):
+        sg, x = _calibrated(model, shape)
+        all_int8 = {n: {"weight": "int8", "activation": "int8"} for n in sg.layers}
+        graphs = {"fp32": passes.materialize(sg, {}), "int8": passes.materialize(sg, all_int8),
+                  "mixed": passes.materialize(sg, _mixed_formats(sg))}
+        fp32_onnx = export_qdq(graphs["fp32"], work / f"{name}-fp32.onnx")
+        ort_int8 = _ort_int8_static(fp32_onnx, x, work / f"{name}-ort-int8.onnx")
+        feed = [x.numpy()]
+
+        def ort_timer(path):
+            sess = make_session(path, THREADS)
+            return lambda: time_onnx(sess, feed, threads=THREADS, repeat=repeat)
+
+        timers = {"torch_fp32": lambda: _torch_ms(graphs["fp32"], x, repeat),
+                  "ort_fp32": ort_timer(fp32_onnx), "ort_int8_static": ort_timer(ort_int8)}
+        row = {"model": name, "configs": {}}
+        for cfg in configs:
+            c = row["configs"][cfg] = {}
+            timers[f"{cfg}/ort_qdq"] = ort_timer(export_qdq(graphs[cfg], work / f"{name}-{cfg}.onnx"))
+            for variant, kw in TVM_VARIANTS:
+                t0 = time.perf_counter()
+                low = lower(graphs[cfg], "llvm", None, **kw)
+                c[variant] = {"lower_s": round(time.perf_counter() - t0, 1),
+                              "compile_s": round(low.timing_s["compile"], 1),
+                              "schedules": low.schedules,
+                              "kernels": _kernel_counts(low)}
+                timers[f"{cfg}/{variant}"] = (lambda low=low: low.time_ms(
+                    feed, repeat=max(3, repeat // 10), min_repeat_ms=100))
+                _say(f"{name} {cfg:5s} {variant:13s} lowering {c[variant]['lower_s']:6.1f} s  "
+                     f"{json.dumps(low.schedules)}")
+        samples = {k: [] for k in timers}
+        loads = [os.getloadavg()[0]]
+        for r in range(rounds):
+            for k, fn in timers.items():
+                samples[k].append(fn())
+            loads.append(os.getloadavg()[0])
+            _say(f"{name} round {r + 1}/{rounds}: " + ", ".join(
+                f"{k} {v[-1]:.2f}" for k, v in samples.items()) + f" (load {loads[-1]:.2f})")
+        ms = {k: statistics.median(v) for k, v in samples.items()}
+        row.update(torch_fp32=ms["torch_fp32"], ort_fp32=ms["ort_fp32"],
+                   ort_int8_static=ms["ort_int8_static"], load_average=loads, samples=samples,
+                   best={k: min(v) for k, v in samples.items()})
+        for cfg, c in row["configs"].items():
+            for variant, _ in TVM_VARIANTS:
+                c[variant]["ms"] = ms[f"{cfg}/{variant}"]
+            c["ort_qdq"] = ms[f"{cfg}/ort_qdq"]
+            sched = c["tvm-scheduled"]["ms"]
+            c["speedup_vs_default"] = c["tvm-default"]["ms"] / sched
+            c["scheduled_vs_ort_int8_static"] = sched / row["ort_int8_static"]
+            c["scheduled_vs_ort_fp32"] = sched / row["ort_fp32"]
+            c["scheduled_vs_ort_qdq"] = sched / c["ort_qdq"]
+        out.append(row)
+    print(f"\nthreads: {THREADS} (torch, onnxruntime intra-op, TVM_NUM_THREADS); median ms over "
+          f"{rounds} interleaved rounds")
+    print(f"{'model':9s} {'config':6s} {'TVM default':>11s} {'scheduled':>10s} {'speedup':>8s} "
+          f"{'ORT QDQ':>8s} {'ORT int8':>8s} {'ORT fp32':>8s} {'/ORT int8':>9s} {'lower s':>8s} "
+          f"{'best: sched / ORT int8':>22s}")
+    for r in out:
+        for cfg, c in r["configs"].items():
+            best = r["best"]
+            print(f"{r['model']:9s} {cfg:6s} {c['tvm-default']['ms']:11.2f} "
+                  f"{c['tvm-scheduled']['ms']:10.2f} {c['speedup_vs_default']:7.1f}x "
+                  f"{c['ort_qdq']:8.2f} {r['ort_int8_static']:8.2f} {r['ort_fp32']:8.2f} "
+                  f"{c['scheduled_vs_ort_int8_static']:8.2f}x {c['tvm-scheduled']['lower_s']:8.1f} "
+                  f"{best[cfg + '/tvm-scheduled']:10.2f} / {best['ort_int8_static']:.2f}")
+        print(f"{r['model']:9s} torch fp32 {r['torch_fp32']:.2f} ms; load average over the rounds "
+              + " ".join(f"{v:.2f}" for v in r["load_average"]))
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="the small CNN only, fewer repeats")
@@ -351,6 +499,10 @@ def main(argv=None):
     ap.add_argument("--layers", action="store_true", help="also time single ResNet-18 layers")
     ap.add_argument("--layer-tune-trials", type=int, default=0,
                     help="MetaSchedule trials for the fp32 single layers (0: naive only)")
+    ap.add_argument("--scheduled", action="store_true",
+                    help="TVM default build vs rule-scheduled build, with onnxruntime fp32 / int8 "
+                         "anchors (configs fp32,int8,mixed unless --configs)")
+    ap.add_argument("--rounds", type=int, default=3, help="--scheduled: interleaved timing rounds")
     ap.add_argument("--out", default=None, help="write the results as JSON here (atomic)")
     ap.add_argument("--model", choices=["vit"], default=None,
                     help="vit: the transformer benchmark (small ViT + 12x384 encoder; configs "
@@ -363,6 +515,8 @@ def main(argv=None):
             args.configs = "fp32,int8,mixed"
         return vit_main(args)
     torch.set_num_threads(THREADS)
+    if args.scheduled:
+        return _scheduled_main(args)
     names = [n for n in (args.models if args.models is not None
                          else ("cnn" if args.quick else "resnet18,cnn")).split(",") if n]
     repeat = 10 if args.quick else 30
@@ -401,6 +555,30 @@ def main(argv=None):
                     kernels=kernels)
     lrows = (layer_rows(repeat, args.layer_tune_trials, Path(args.tune_dir))
              if args.layers else [])
+    env = _environment()
+    print(f"\nthreads: {THREADS} (torch, onnxruntime intra-op, TVM_NUM_THREADS)")
+    print(f"{'model':9s} {'config':6s} {'engine':11s} {'median ms':>10s} {'/torch fp32':>11s}")
+    for r in rows:
+        print(f"{r['model']:9s} {r['config']:6s} {r['engine']:11s} {r['ms']:10.3f} "
+              f"{r['ratio_to_torch_fp32']:11.2f}")
+    if args.out:
+        _write_json(args.out, {"environment": env, "mixed_formats": list(MIX), "rows": rows,
+                               "layers": lrows})
+    return rows, lrows
+
+
+def _scheduled_main(args):
+    names = [n for n in (args.models or ("cnn" if args.quick else "resnet18,cnn")).split(",") if n]
+    configs = [c for c in (args.configs if args.configs != "fp32,mixed" else
+                           ",".join(SCHEDULED_CONFIGS)).split(",") if c]
+    rows = scheduled_rows(names, configs, 10 if args.quick else 30, args.rounds)
+    if args.out:
+        _write_json(args.out, {"environment": _environment(), "mixed_formats": list(MIX),
+                               "rows": rows})
+    return rows
+
+
+def _environment() -> dict:
     env = {"threads": THREADS, "torch": torch.__version__, "cpu": platform.processor() or platform.machine()}
     try:
         import onnxruntime
@@ -408,20 +586,16 @@ def main(argv=None):
         env.update(onnxruntime=onnxruntime.__version__, tvm=tvm.__version__)
     except ImportError:
         pass
-    print(f"\nthreads: {THREADS} (torch, onnxruntime intra-op, TVM_NUM_THREADS)")
-    print(f"{'model':9s} {'config':6s} {'engine':11s} {'median ms':>10s} {'/torch fp32':>11s}")
-    for r in rows:
-        print(f"{r['model']:9s} {r['config']:6s} {r['engine']:11s} {r['ms']:10.3f} "
-              f"{r['ratio_to_torch_fp32']:11.2f}")
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"environment": env, "mixed_formats": list(MIX), "rows": rows,
-                                   "layers": lrows},
-                                  indent=1))
-        os.replace(tmp, out)
-    return rows, lrows
+    return env
+
+
+def _write_json(path, obj) -> None:
+    """Write ``obj`` as JSON at ``path`` atomically (a temporary file, then a rename)."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, out)
 
 
 if __name__ == "__main__":
