@@ -199,7 +199,8 @@ def conv2d_nhwc_vnni(n: int, hp: int, wp: int, cin: int, cout: int, kh: int, kw:
 
 # ---- Relax wiring: relax.dpl rewrite of integer conv/matmul with constant weights -------------
 def vnni_rewrite(mod, names: dict, weight_consts: list):
-    """Rewrite ``matmul(u8|s8 [M, K], const s8 [K, N], out int32)`` and ``conv2d(u8|s8 NCHW, const
+    """Rewrite ``matmul(u8|s8 [..., M, K], const s8 [K, N], out int32)`` (static shapes; the leading
+    dims fold into M) and ``conv2d(u8|s8 NCHW, const
     s8 OIHW, out int32)`` into ``call_tir`` of the hand VNNI kernels with pre-packed weights.
 
     ``weight_consts``: the layers' integer weight constants; ``names``: ``{id(const): public name}``
@@ -208,6 +209,7 @@ def vnni_rewrite(mod, names: dict, weight_consts: list):
     multiples of 16 (out) / 4 (in) and the output sliced; grouped / dilated convs are left unchanged
     (plain int8 loops). Returns ``(mod, {name: symbol})``.
     """
+    import tvm
     from tvm import relax
     from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
 
@@ -242,15 +244,20 @@ def vnni_rewrite(mod, names: dict, weight_consts: list):
         a, w = matches[data], matches[w_pat]
         name = layer_name(w)
         if (name is None or str(call.attrs.out_dtype) != "int32" or w.ty.dtype != "int8"
-                or a.ty.dtype not in ("uint8", "int8") or len(a.ty.shape) != 2):
+                or a.ty.dtype not in ("uint8", "int8") or len(a.ty.shape) < 2
+                or not all(isinstance(d, tvm.tirx.IntImm) for d in list(a.ty.shape))):
             return call
-        m, k = (int(d) for d in a.ty.shape)
+        # a transformer's Linear reads [B, T, C] tokens: its rows are all leading dims, one GEMM
+        *lead, k = (int(d) for d in list(a.ty.shape))
+        m = int(np.prod(lead))
         n = int(w.ty.shape[1])
         kp, np_ = _ceil(k, 4), _ceil(n, 16)  # zero weight rows/cols: any activation pad works
         wn = np.zeros((np_, kp), np.int8)
         wn[:n, :k] = w.value.numpy().T
         gv, sym = add_kernel(dense_vnni(m, kp, np_), name)
         au8, unsigned = to_u8(a)
+        if len(lead) > 1:
+            au8 = op.reshape(au8, [m, k])
         if kp != k:
             au8 = op.nn.pad(au8, [0, 0, 0, kp - k])
         y = relax.call_tir(gv, [au8, relax.const(pack_dense_weight(wn))],
@@ -259,6 +266,8 @@ def vnni_rewrite(mod, names: dict, weight_consts: list):
             y = op.subtract(y, relax.const((128 * wn.astype(np.int32).sum(1)).astype(np.int32)))
         if np_ != n:
             y = op.strided_slice(y, axes=[1], begin=[0], end=[n])
+        if len(lead) > 1:
+            y = op.reshape(y, lead + [n])
         done[name] = sym
         return y
 

@@ -10,7 +10,7 @@ from fliqs_compiler.backends import tvm_kernels as K
 from fliqs_compiler.backends.targets import parse_target
 from fliqs_compiler.backends.tvm_lower import lower
 from fliqs_compiler.base.errors import FliqsError
-from fliqs_compiler.ir.graph import Graph, InputSpec
+from fliqs_compiler.ir.graph import Graph, InputSpec, LayerInfo
 from tvm_models import (ActOnly, ConvLinear, act_quantizer, example_input, graph_of,
                         weight_quantizer)
 
@@ -66,6 +66,40 @@ def test_vnni_kernel_realized_and_exact(tmp_path):
         assert e["kernel"] == "vnni" and e["vpdpbusd"] > 0, e
     assert low.executed["features.conv"]["dtype"] == "int8xint8->int32"  # s8 shifted to u8
     assert low.asm_stats["vpdpbusd"] >= 2
+
+
+class TokenLinear(nn.Module):
+    """A transformer's Linear on [B, T, C] tokens, int8 weight per channel, int8/uint8 input;
+    N = 20 is not a multiple of 16 (the kernel pads and slices)."""
+
+    def __init__(self, fa):
+        super().__init__()
+        torch.manual_seed(3)
+        self.fc = nn.Linear(12, 20)
+        self.wq, self.aq = weight_quantizer("int8", self.fc.weight), act_quantizer(fa, 0.02)
+
+    def forward(self, x):
+        return nn.functional.linear(self.aq(x), self.wq(self.fc.weight), self.fc.bias)
+
+
+@pytest.mark.skipif(not HOST_VNNI, reason="host CPU has no AVX512-VNNI")
+@pytest.mark.parametrize("fa", ["int8", "uint8"])
+def test_vnni_kernel_for_linear_on_tokens(fa):
+    """[1, 6, 12] tokens: the leading dims fold into the GEMM's rows, the result is reshaped back;
+    exact against the plain int8 build (both sum exactly in int32) and torch."""
+    m = TokenLinear(fa).eval()
+    gm = torch.fx.symbolic_trace(m)
+    g = Graph(gm, [InputSpec("x", (1, 6, 12))], name="tokens")
+    node = next(n for n in gm.graph.nodes if getattr(n.target, "__name__", "") == "linear")
+    g.layers["tok.fc"] = LayerInfo("tok.fc", "linear", node.name)
+    x = torch.randn(1, 6, 12, generator=torch.Generator().manual_seed(2)).abs()
+    fast, plain = lower(g, "llvm", None, vnni=True), lower(g, "llvm", None, vnni=False)
+    assert fast.executed["tok.fc"]["kernel"] == "vnni" and plain.executed["tok.fc"]["kernel"] == "int8"
+    out = fast.run([x.numpy()])[0]
+    assert out.shape == (1, 6, 20)
+    np.testing.assert_array_equal(out, plain.run([x.numpy()])[0])
+    ref = m(x).detach().numpy()
+    assert np.abs(out - ref).max() <= 1e-5 * max(1.0, np.abs(ref).max())
 
 
 @pytest.mark.skipif(not HOST_VNNI, reason="host CPU has no AVX512-VNNI")
