@@ -101,12 +101,17 @@ def load_fmnist(seed: int = 0, limit=None):
                      mean=0.2860, std=0.3530, limit=limit)
 
 
-def bench_options(steps: int, seed: int = 0, lr_schedule: str = "constant") -> SearchOptions:
+def bench_options(steps: int, seed: int = 0, lr_schedule: str = "constant",
+                  freeze: float | None = None) -> SearchOptions:
     """The one training/search setting every method shares (the package defaults, batch 128;
-    ``lr_schedule`` for every method alike)."""
-    return SearchOptions(steps=steps, seed=seed, reward_batch_size=256, checkpoint_every=10 ** 9,
+    ``lr_schedule`` for every method alike); ``freeze``: the search's policy freeze point instead
+    of the recipe's (an ablation of FLIQS alone)."""
+    opts = SearchOptions(steps=steps, seed=seed, reward_batch_size=256, checkpoint_every=10 ** 9,
                          train=dataclasses.replace(recipe_train(), batch_size=128, lr=2e-4,
                                                    lr_schedule=lr_schedule))
+    if freeze is not None:
+        opts.controller = dataclasses.replace(opts.controller, freeze=freeze)
+    return opts
 
 
 def float_model(data, epochs: float, batch: int, seed: int, key: str = "resnet8"):
@@ -231,6 +236,9 @@ def main(argv=None):
     ap.add_argument("--finetune", type=int, default=0,
                     help="after each fliqs row, fine-tune its one-shot weights N more steps under its "
                          "configuration (row method fliqs+ftN): the no-retraining vs fine-tune goal")
+    ap.add_argument("--freeze", type=float, default=None,
+                    help="FLIQS policy freeze point (fraction of steps) instead of the recipe's 0.6; "
+                         "its rows are named fliqs@freezeF")
     ap.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine", "hold-cosine"],
                     help="learning-rate schedule of every method's training (TrainOptions.lr_schedule)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (recorded in the results)")
@@ -271,7 +279,7 @@ def main(argv=None):
         graph = searchable(model, SPACES[space], f"{a.model}-{space}", work)
         for steps in steps_list:
             for seed in seeds:
-                opts = bench_options(steps, seed, a.lr_schedule)
+                opts = bench_options(steps, seed, a.lr_schedule, a.freeze)
                 if "uniform" in methods:  # once per format: the row is matched to budgets later
                     for fmt in (f for f in SPACES[space] if not a.uniform or f in a.uniform.split(",")):
                         key = (space, "-", f"uniform-{fmt}", seed, steps)
@@ -290,7 +298,9 @@ def main(argv=None):
                         print(f"skip {space} {frac}x: {e}", flush=True)
                         continue
                     for method in (m for m in methods if m != "uniform"):
-                        key = (space, f"{frac}x", method, seed, steps)
+                        label = f"{method}@freeze{a.freeze:g}" if a.freeze is not None and \
+                            method.startswith("fliqs") else method
+                        key = (space, f"{frac}x", label, seed, steps)
                         if key in done:
                             continue
                         formats, g, secs, extra = run_method(method, graph, data, budget, opts, work)
@@ -299,9 +309,9 @@ def main(argv=None):
                         base = {"space": space, "budget": f"{frac}x", "budget_bops": int(target),
                                 "seed": seed, "steps": steps, "bops": int(bops),
                                 "meets_budget": meets_budget(bops, target)}
-                        record(dict(base, method=method, accuracy=acc, evaluated_by=by, seconds=secs,
+                        record(dict(base, method=label, accuracy=acc, evaluated_by=by, seconds=secs,
                                     formats=formats, **extra))
-                        ft_key = (space, f"{frac}x", f"fliqs+ft{a.finetune}", seed, steps)
+                        ft_key = (space, f"{frac}x", f"{label}+ft{a.finetune}", seed, steps)
                         if method == "fliqs" and a.finetune > 0 and ft_key not in done:
                             ft_opts = bench_options(a.finetune, seed, a.lr_schedule)
                             r = B.fixed(graph, data, graph.space.choice_of(formats), ft_opts, start=g)
