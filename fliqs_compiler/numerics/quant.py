@@ -222,8 +222,8 @@ def _backward(ctx, grad):
     element of every quantized tensor, and every forward (the reward's forward-only passes too)
     would compute a mask only training reads, to save one division here. What was measured to
     cost is the temporaries: each fresh activation-sized tensor pays its page faults (x / s on
-    a 3.2M-element activation, 2 threads: 10-13 ms into a fresh tensor, 0.2 ms into a reused one), so one scratch buffer
-    is reused in place throughout."""
+    a 3.2M-element activation, 2 threads: 10-13 ms into a fresh tensor, 0.2 ms into a reused
+    one), so one scratch buffer is reused in place throughout."""
     x, scale, zero_point, y = ctx.saved_tensors
     fmt = F.get(ctx.fmt)
     s = _broadcast(scale, x, ctx.axis)
