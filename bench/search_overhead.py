@@ -4,7 +4,8 @@ Each method runs in its own fresh process (so peak-memory numbers do not mix): b
 searchable ResNet-8 (Fashion-MNIST shape, BN folded) over K formats, take ``--warmup`` untimed
 steps, then time ``--steps`` steps (median ms/step) and read the peak RSS growth over the
 steps' start (``ru_maxrss`` minus the RSS before the first step: activations, gradients,
-optimizer state). Goal (ours; docs/method.md "One-shot" says why): FLIQS ≤ 1.10× the time and ≤ 1.05× the memory of QAT;
+optimizer state). CPU time per step (this process's threads) is printed next to the wall time:
+less hit by other jobs on a shared machine. Goal (ours; docs/method.md "One-shot" says why): FLIQS ≤ 1.10× the time and ≤ 1.05× the memory of QAT;
 DNAS ≈ K× activation memory. 2 threads everywhere.
 
     python bench/search_overhead.py [--steps 30] [--batch 128] [--json out.json]
@@ -86,14 +87,16 @@ def worker(method: str, steps: int, warmup: int, batch: int) -> dict:
     gc.collect()
     _reset_peak()
     rss0 = _status_kb("VmRSS")
-    times = []
+    times, cpu = [], []
     for i in range(warmup + steps):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         step_fn(i)
         if i >= warmup:
             times.append((time.perf_counter() - t) * 1e3)
+            cpu.append((time.process_time() - c) * 1e3)
     peak = _status_kb("VmHWM")
     return {"method": method, "ms_per_step": statistics.median(times), "ms_mean": statistics.fmean(times),
+            "cpu_ms_per_step": statistics.median(cpu), "load_avg_1m": os.getloadavg()[0],
             "peak_rss_mb": peak / 1024, "step_mem_mb": (peak - rss0) / 1024, "steps": steps,
             "batch": batch, "threads": torch.get_num_threads(), "formats": FORMATS}
 
@@ -118,17 +121,20 @@ def main(argv=None):
                                capture_output=True, text=True, check=True)
             rows[m].append(json.loads(p.stdout.strip().splitlines()[-1]))
     res = {m: {"ms_per_step": statistics.median(r["ms_per_step"] for r in rs),
+               "cpu_ms_per_step": statistics.median(r["cpu_ms_per_step"] for r in rs),
                "step_mem_mb": statistics.median(r["step_mem_mb"] for r in rs),
                "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in rs)} for m, rs in rows.items()}
     qat = [m for m in res if m.startswith("qat:")]
-    q = {k: statistics.fmean(res[m][k] for m in qat) for k in ("ms_per_step", "step_mem_mb")}
+    q = {k: statistics.fmean(res[m][k] for m in qat) for k in ("ms_per_step", "cpu_ms_per_step", "step_mem_mb")}
     res["qat:mean"] = dict(q, peak_rss_mb=statistics.fmean(res[m]["peak_rss_mb"] for m in qat))
     print(f"ResNet-8 (BN folded), Fashion-MNIST 28x28, batch {a.batch}, K={len(FORMATS)} formats "
           f"{FORMATS}, 2 threads, {a.steps} timed steps x {a.repeats} round(s); ratios vs the mean "
           "single-format QAT step (FLIQS samples a mix of the formats)")
-    print(f"{'method':18s} {'ms/step':>9s} {'x QAT':>7s} {'step mem MB':>12s} {'x QAT':>7s} {'peak RSS MB':>12s}")
+    print(f"{'method':18s} {'ms/step':>9s} {'x QAT':>7s} {'CPU ms':>8s} {'x QAT':>7s} {'step mem MB':>12s} "
+          f"{'x QAT':>7s} {'peak RSS MB':>12s}")
     for m, r in res.items():
         print(f"{m:18s} {r['ms_per_step']:9.1f} {r['ms_per_step'] / q['ms_per_step']:7.2f} "
+              f"{r['cpu_ms_per_step']:8.1f} {r['cpu_ms_per_step'] / q['cpu_ms_per_step']:7.2f} "
               f"{r['step_mem_mb']:12.1f} {r['step_mem_mb'] / max(q['step_mem_mb'], 1e-9):7.2f} "
               f"{r['peak_rss_mb']:12.1f}")
     out = {"config": {"batch": a.batch, "steps": a.steps, "repeats": a.repeats, "threads": 2,
@@ -136,6 +142,7 @@ def main(argv=None):
                       "memory": "VmHWM growth over the timed steps (peak reset before the first step)"},
            "results": res, "runs": rows,
            "ratios_vs_qat_mean": {m: {"time": r["ms_per_step"] / q["ms_per_step"],
+                                      "cpu_time": r["cpu_ms_per_step"] / q["cpu_ms_per_step"],
                                       "memory": r["step_mem_mb"] / max(q["step_mem_mb"], 1e-9)}
                                   for m, r in res.items()}}
     if a.json:

@@ -131,6 +131,7 @@ class WeightTrainer:
         self.device = self.parallel.device
         parallel.check_split(options.batch_size, self.parallel.world)
         gm.to(self.device)
+        data.use_device(self.device)  # a streamed image folder pins its batches for CUDA
         if teacher is not None:
             teacher.to(self.device)
         self.model = self.parallel.wrap(gm)  # what the training step calls (DDP across ranks)
@@ -191,22 +192,33 @@ class WeightTrainer:
         ranks each runs its share and all get every output, in order)."""
         return self.parallel.forward(model, x.to(self.device, non_blocking=True))
 
-    def batch(self, split: str, size: int, generator: torch.Generator):
-        """A random batch of ``split`` (the global batch: the same rows on every rank), on the
-        trainer's device."""
-        x = getattr(self.data, f"x_{split}")
-        y = getattr(self.data, f"y_{split}")
-        idx = torch.randint(len(x), (min(size, len(x)) if split != "train" else size,), generator=generator)
+    def draw(self, split: str, size: int, generator: torch.Generator) -> torch.Tensor:
+        """The rows of a random batch of ``split`` (the global batch: the same rows on every
+        rank): a pure function of the generator's state, so a resumed run draws on."""
+        n = len(getattr(self.data, f"x_{split}"))
+        return torch.randint(n, (min(size, n) if split != "train" else size,), generator=generator)
+
+    def rows(self, split: str, idx: torch.Tensor):
+        """(inputs, labels) of rows ``idx`` of ``split`` on the trainer's device (a streamed
+        image folder decodes just these rows now)."""
+        x, y = getattr(self.data, f"x_{split}"), getattr(self.data, f"y_{split}")
         dev = self.device
-        return x[idx].to(dev, non_blocking=True), (None if y is None else y[idx].to(dev)), idx
+        return x[idx].to(dev, non_blocking=True), (None if y is None else y[idx].to(dev))
+
+    def batch(self, split: str, size: int, generator: torch.Generator):
+        """A random batch of ``split`` (``draw``), on the trainer's device: (x, y, rows)."""
+        idx = self.draw(split, size, generator)
+        return (*self.rows(split, idx), idx)
 
     def train_batch(self, generator: torch.Generator):
         """One optimizer step on a training batch (this rank's share of it under data
-        parallelism). Returns (loss over the global batch, this rank's outputs, its labels and
+        parallelism: the global batch's rows are drawn, then only this rank's contiguous share
+        is read). Returns (loss over the global batch, this rank's outputs, its labels and
         teacher outputs) — the search judges the step's own batch from them."""
-        x, y, idx = self.batch("train", self.options.batch_size, generator)
         par = self.parallel
-        x, y, t = par.shard(x), par.shard(y), par.shard(self.teacher_out("train", idx))
+        idx = self.draw("train", self.options.batch_size, generator)
+        x, y = self.rows("train", par.shard(idx))
+        t = par.shard(self.teacher_out("train", idx))
         self.gm.train()
         with par.sharded():
             out = self.model(x)
