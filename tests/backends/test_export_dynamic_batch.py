@@ -30,13 +30,14 @@ def _dims(values) -> list:
     return [[d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in values]
 
 
-def _materialize(graph, config: dict, calib: torch.Tensor):
-    """``graph`` prepared (calibrated scales), ``config`` applied and calibrated on ``calib``,
-    materialized, with an int8 output quantizer (the unit of the LSB criterion) on its output."""
-    fmts = sorted({f for e in config.values() for f in e.values()} | {"int8"})
+def _materialize(graph, config: dict, calib: torch.Tensor, **prepare):
+    """``graph`` prepared (calibrated scales; ``prepare``: more PrepareOptions), ``config``
+    applied and calibrated on ``calib``, materialized, with an int8 output quantizer (the unit of
+    the LSB criterion) on its output."""
+    fmts = sorted({f for e in config.values() for f in e.values()} - {"float"} | {"int8"})
     sg = passes.prepare(graph, passes.PrepareOptions(
         formats=fmts, tie_weight_activation=False, keep_float_first=False, keep_float_last=False,
-        scale_mode="calibrated"))
+        scale_mode="calibrated", **prepare))
     config = {L.name: config.get(L.name, {"weight": "int8", "activation": "int8"})
               for L in sg.layers.values()}
     with torch.no_grad():
@@ -171,7 +172,8 @@ def test_every_ort_form_fix_applies_to_a_symbolic_batch(branches, monkeypatch, t
     cg, x = branches
     model, changed = _export_recording(cg.graph, tmp_path / "dynamic.onnx", monkeypatch)
     assert _dims(model.graph.input) == [[ox.BATCH_DIM, len(FIX_CASES), 8, 8]]
-    assert changed == [f.__name__ for f in ox.ORT_FORM_FIXES]
+    # every fix but the softmax-input barrier (no softmax here: the next test has one)
+    assert changed == [f.__name__ for f in ox.ORT_FORM_FIXES if f is not ox.shield_softmax_input]
     # the same rewrites as a static export of the same graph
     monkeypatch.setattr(ox, "batch_inputs", lambda g: [])
     static, changed_static = _export_recording(cg.graph, tmp_path / "static.onnx", monkeypatch)
@@ -180,6 +182,25 @@ def test_every_ort_form_fix_applies_to_a_symbolic_batch(branches, monkeypatch, t
     assert sorted(n.op_type for n in static.graph.node) == sorted(
         n.op_type for n in model.graph.node)
     _check_batches(cg.graph, cg.out_q, tmp_path / "dynamic.onnx", x)
+
+
+def test_softmax_input_barrier_applies_to_a_symbolic_batch(digits, monkeypatch, tmp_path):
+    """``--quantize-inputs softmax`` on an ONNX ViT with a symbolic batch: ``shield_softmax_input``
+    rewrites the export, which keeps its symbolic batch and runs batches 1, 3 and 7 in a default
+    session within one LSB."""
+    torch.set_num_threads(1)
+    graph = fq.load(make_vit(tmp_path))
+    soft = [L.name for L in passes.prepare(graph, passes.PrepareOptions(
+        formats=["int8"], keep_float_first=False, keep_float_last=False,
+        quantize_inputs=("softmax",))).layers.values() if L.op == "softmax"]
+    assert soft
+    fixed, q = _materialize(graph, {n: {"weight": "float", "activation": "int8"} for n in soft},
+                            digits.x_train[:64], quantize_inputs=("softmax",))
+    model, changed = _export_recording(fixed, tmp_path / "vit.onnx", monkeypatch)
+    torch.set_num_threads(2)
+    assert "shield_softmax_input" in changed
+    assert _dims(model.graph.input)[0][0] == ox.BATCH_DIM
+    _check_batches(fixed, q, tmp_path / "vit.onnx", digits.x_test[:64].numpy())
 
 
 # ---- an ONNX ViT with a symbolic batch (class-token Expand, attention reshapes) ---------------
