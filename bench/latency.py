@@ -45,6 +45,7 @@ each config), all timed in interleaved rounds after everything is built.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -580,12 +581,10 @@ def _scheduled_main(args):
 
 def _environment() -> dict:
     env = {"threads": THREADS, "torch": torch.__version__, "cpu": platform.processor() or platform.machine()}
-    try:
+    with contextlib.suppress(ImportError):  # the environment line names what is installed
         import onnxruntime
         import tvm
         env.update(onnxruntime=onnxruntime.__version__, tvm=tvm.__version__)
-    except ImportError:
-        pass
     return env
 
 
