@@ -29,6 +29,7 @@ feeding a conv would otherwise be recomputed once per multiply-accumulate).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 
 __all__ = ["schedule", "build", "RULES", "SCHEDULED_ATTR"]
@@ -186,10 +187,9 @@ def _tile_reduction(sch, block, vector_bits: int) -> None:
     write_back = sch.cache_write(block, 0, "local")
     sch.reverse_compute_at(write_back, fused, preserve_unit_loops=True)
     if len(consumers) == 1 and not _is_reduction(sch, consumers[0]):
-        try:
+        # a consumer that is not elementwise on this buffer is not inlined: scheduled on its own
+        with contextlib.suppress(Exception):
             sch.reverse_compute_inline(consumers[0])
-        except Exception:  # noqa: BLE001 — not elementwise on this buffer: scheduled on its own
-            pass
     sch.decompose_reduction(block, reduction[0])
     last = sch.get_loops(write_back)[-1]  # the tile's store: a short loop along the output's last axis
     if (_extent(sch, last) or 1) > 1:
