@@ -102,16 +102,47 @@ def load_fmnist(seed: int = 0, limit=None):
 
 
 def bench_options(steps: int, seed: int = 0, lr_schedule: str = "constant",
-                  freeze: float | None = None) -> SearchOptions:
+                  overrides: dict | None = None) -> SearchOptions:
     """The one training/search setting every method shares (the package defaults, batch 128;
-    ``lr_schedule`` for every method alike); ``freeze``: the search's policy freeze point instead
-    of the recipe's (an ablation of FLIQS alone)."""
+    ``lr_schedule`` for every method alike); ``overrides``: ``{"controller.freeze": 0.25,
+    "reward_metric": "neg_kl", ...}`` replacing the recipe's search settings (ablations of FLIQS
+    alone: ``--search``)."""
     opts = SearchOptions(steps=steps, seed=seed, reward_batch_size=256, checkpoint_every=10 ** 9,
                          train=dataclasses.replace(recipe_train(), batch_size=128, lr=2e-4,
                                                    lr_schedule=lr_schedule))
-    if freeze is not None:
-        opts.controller = dataclasses.replace(opts.controller, freeze=freeze)
+    for key, value in (overrides or {}).items():
+        part, _, field = key.rpartition(".")
+        if part:  # controller.* / train.*: a nested options dataclass
+            setattr(opts, part, dataclasses.replace(getattr(opts, part), **{field: value}))
+        else:
+            opts = dataclasses.replace(opts, **{field: value})
     return opts
+
+
+def parse_overrides(items) -> dict:
+    """``["controller.freeze=0.25", "reward_metric=neg_kl"]`` -> typed dict, checked against
+    ``SearchOptions`` (and its ``controller`` / ``train`` parts) before any work."""
+    out = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        part, _, field = key.rpartition(".")
+        holder = getattr(SearchOptions(), part) if part in ("controller", "train") else SearchOptions()
+        if not sep or part not in ("", "controller", "train") or not hasattr(holder, field):
+            raise SystemExit(f"--search {item!r}: use FIELD=VALUE with a SearchOptions field, or "
+                             f"controller.FIELD / train.FIELD")
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key] = raw  # a bare string (e.g. reward_metric=neg_kl)
+    return out
+
+
+def variant_label(overrides: dict) -> str:
+    """Row-method suffix of a FLIQS ablation: ``@freeze0.25`` (the older ``--freeze`` rows),
+    ``@freeze0.25,reward_metric=neg_kl``; empty for the recipe."""
+    parts = [f"freeze{v:g}" if k == "controller.freeze" else f"{k.rpartition('.')[2]}={v}"
+             for k, v in overrides.items()]
+    return "@" + ",".join(parts) if parts else ""
 
 
 def float_model(data, epochs: float, batch: int, seed: int, key: str = "resnet8"):
@@ -238,13 +269,20 @@ def main(argv=None):
                          "configuration (row method fliqs+ftN): the no-retraining vs fine-tune goal")
     ap.add_argument("--freeze", type=float, default=None,
                     help="FLIQS policy freeze point (fraction of steps) instead of the recipe's 0.6; "
-                         "its rows are named fliqs@freezeF")
+                         "its rows are named fliqs@freezeF (same as --search controller.freeze=F)")
+    ap.add_argument("--search", action="append", default=[], metavar="FIELD=VALUE",
+                    help="a FLIQS search setting instead of the recipe's (repeatable; e.g. "
+                         "reward_metric=neg_kl, reward_samples=4, controller.freeze=0.25); its rows "
+                         "are named fliqs@<settings>")
     ap.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine", "hold-cosine"],
                     help="learning-rate schedule of every method's training (TrainOptions.lr_schedule)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (recorded in the results)")
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--replot", action="store_true", help="only redraw quality.png from quality.json")
     a = ap.parse_args(argv)
+    overrides = parse_overrides(a.search)
+    if a.freeze is not None:
+        overrides = {"controller.freeze": a.freeze, **overrides}
     spec = MODELS[a.model]
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -279,13 +317,14 @@ def main(argv=None):
         graph = searchable(model, SPACES[space], f"{a.model}-{space}", work)
         for steps in steps_list:
             for seed in seeds:
-                opts = bench_options(steps, seed, a.lr_schedule, a.freeze)
+                base_opts = bench_options(steps, seed, a.lr_schedule)
+                fliqs_opts = bench_options(steps, seed, a.lr_schedule, overrides)
                 if "uniform" in methods:  # once per format: the row is matched to budgets later
                     for fmt in (f for f in SPACES[space] if not a.uniform or f in a.uniform.split(",")):
                         key = (space, "-", f"uniform-{fmt}", seed, steps)
                         if key in done:
                             continue
-                        r = B.uniform(graph, data, None, opts, formats=[fmt])[0]
+                        r = B.uniform(graph, data, None, base_opts, formats=[fmt])[0]
                         acc, by = onnx_accuracy(r.graph, r.formats, data, work)
                         record({"space": space, "budget": "-", "method": f"uniform-{fmt}", "seed": seed,
                                 "steps": steps, "bops": int(config_cost(graph, r.formats, "bops")),
@@ -298,8 +337,9 @@ def main(argv=None):
                         print(f"skip {space} {frac}x: {e}", flush=True)
                         continue
                     for method in (m for m in methods if m != "uniform"):
-                        label = f"{method}@freeze{a.freeze:g}" if a.freeze is not None and \
-                            method.startswith("fliqs") else method
+                        fliqs = method.startswith("fliqs")
+                        label = method + variant_label(overrides) if fliqs else method
+                        opts = fliqs_opts if fliqs else base_opts
                         key = (space, f"{frac}x", label, seed, steps)
                         if key in done:
                             continue
