@@ -132,6 +132,9 @@ class SearchableQuantizer(nn.Module):
                                                           and _has_scale(F.get(self.executed(i)))))
              for i in range(len(self.candidates))])
         self.register_buffer("initialized", torch.zeros(len(self.candidates), dtype=torch.bool))
+        # a host mirror of ``initialized``: reading the buffer in ``forward`` would be one
+        # device→host sync per quantizer per step on CUDA
+        self._host_initialized = [False] * len(self.candidates)
 
     def executed(self, index: Optional[int] = None) -> str:
         """Executed format name of candidate ``index`` (default: the active one)."""
@@ -156,6 +159,11 @@ class SearchableQuantizer(nn.Module):
             target = self.log_scales[index]
             target.copy_(s.clamp_min(1e-12).log().reshape(target.shape))
         self.initialized[index] = True
+        self._host_initialized[index] = True
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._host_initialized = [bool(v) for v in self.initialized.tolist()]  # once, at load
 
     def forward(self, x):
         index = self.active
@@ -164,7 +172,7 @@ class SearchableQuantizer(nn.Module):
             return x
         if not _has_scale(fmt):  # MX: the blocks carry their own power-of-two scales
             return fake_quant(x, fmt, 1.0, self.block_axis)
-        if not bool(self.initialized[index]):
+        if not self._host_initialized[index]:
             self._init_scale(x, index)
         scale = self.log_scales[index].exp()
         if scale.requires_grad:

@@ -105,3 +105,22 @@ def test_format_quantizer_exports_as_one_node():
     ep = torch.export.export(M(), (torch.randn(4),))
     targets = [n.target for n in ep.graph.nodes if n.op == "call_function"]
     assert targets.count(torch.ops.fliqs.fake_quant.default) == 1
+
+
+def test_loaded_state_keeps_scales_initialised():
+    """Resume: a quantizer loaded from a state dict must not re-initialise its scales from the
+    next batch (``forward`` reads a host copy of ``initialized``, refreshed at load)."""
+    torch.manual_seed(0)
+    q = SearchableQuantizer(["int4", "int8"], "activation")
+    q(torch.randn(64) * 2)  # calibrates int4 only
+    with torch.no_grad():
+        q.log_scales[0].add_(0.5)  # a learned value the data would not give
+    state = q.state_dict()
+    fresh = SearchableQuantizer(["int4", "int8"], "activation")
+    fresh.load_state_dict(state)
+    fresh(torch.randn(64) * 10)  # a very different batch
+    assert torch.equal(fresh.log_scales[0].detach(), state["log_scales.0"])
+    assert bool(fresh.initialized[0]) and not bool(fresh.initialized[1])
+    fresh.active = 1
+    fresh(torch.randn(64))  # the uncalibrated candidate still initialises on first use
+    assert bool(fresh.initialized[1])
