@@ -12,6 +12,10 @@ ratios are within this run. ``--before DIR`` (a checkout of an earlier commit, e
 ``git worktree add DIR COMMIT``) runs the same methods with DIR's code in the same rounds:
 before/after ratios measured under the same load.
 
+``fliqs-run`` times a whole run of the recipe's schedule (search, then the final stretch, which
+measures the held-out reward only every ``monitor_every`` steps) per step; ``fliqs-run:1`` the
+same schedule measuring it at every step (as before that option).
+
 Goals (issue "search at scale", benchmarks, not tests): FLIQS ≤ 1.10× the QAT step time on one
 process; 2 processes ≥ 1.6× the throughput of one on a machine with the cores for it (each rank
 gets cores / N threads here, so on a 2-core machine two ranks share the same two cores).
@@ -34,6 +38,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: e
 
 FORMATS = ["int2", "int4", "int8", "fp8_e4m3"]
 METHODS = [("qat:int4", 1), ("fliqs", 1), ("qat:int4", 2), ("fliqs", 2)]
+# A whole recipe schedule (60 % search, 40 % final stretch) averaged per step: what a run costs.
+# ``fliqs-run:1`` measures the held-out reward at every step (``monitor_every=1``, the behaviour
+# before the final stretch stopped paying for it); both only on one process, this checkout only.
+RUN_METHODS = [("fliqs-run", 1), ("fliqs-run:1", 1)]
 
 
 def worker(method: str, steps: int, warmup: int, batch: int) -> None:
@@ -59,6 +67,11 @@ def worker(method: str, steps: int, warmup: int, batch: int) -> None:
         if method == "fliqs":
             search = OneShotSearch(graph, data, "bops=0.3x", opts)
             step = lambda i: search.step(search.controller.warmup_steps + i)  # noqa: E731
+        elif method.startswith("fliqs-run"):  # the recipe's schedule, exactly warmup + steps long
+            every = int(method.split(":")[1]) if ":" in method else SearchOptions().monitor_every
+            search = OneShotSearch(graph, data, "bops=0.3x", SearchOptions(
+                steps=warmup + steps, prior="none", monitor_every=every, train=opts.train))
+            step = search.step
         else:
             trainer = WeightTrainer(graph.gm, data, opts.train)
             graph.space.apply(graph.gm, graph.space.uniform_choice(method.split(":")[1]))
@@ -112,6 +125,8 @@ def _ratios(res: dict, prefix: str, processes: list) -> dict:
     for n in processes:
         out[f"fliqs_vs_qat_step_time@{n}"] = ratio(f"fliqs@{n}", f"qat:int4@{n}", "ms_per_step")
         out[f"fliqs_vs_qat_cpu_time@{n}"] = ratio(f"fliqs@{n}", f"qat:int4@{n}", "cpu_ms_per_step")
+        for m in (m for m, k in RUN_METHODS if k == n and prefix + f"{m}@{n}" in res):
+            out[f"{m}_vs_qat_step_time@{n}"] = ratio(f"{m}@{n}", f"qat:int4@{n}", "ms_per_step")
     if 1 in processes and 2 in processes:
         out["fliqs_throughput_2_vs_1"] = ratio("fliqs@2", "fliqs@1", "images_per_s")
         out["qat_throughput_2_vs_1"] = ratio("qat:int4@2", "qat:int4@1", "images_per_s")
@@ -135,6 +150,7 @@ def main(argv=None):
         return
     processes = [int(n) for n in a.processes.split(",")]
     methods = [(m, n) for m, n in METHODS if n in processes]
+    only_here = [(m, n) for m, n in RUN_METHODS if n in processes]
     trees = {"": __file__}
     if a.before:
         script = Path(a.before) / "bench" / "search_throughput.py"
@@ -142,10 +158,13 @@ def main(argv=None):
             raise SystemExit(f"--before {a.before}: no bench/search_throughput.py there; give a checkout of this repository")
         trees["before:"] = str(script)
     runs = {f"{t}{m}@{n}": [] for t in trees for m, n in methods}
+    runs.update({f"{m}@{n}": [] for m, n in only_here})
     for _ in range(a.repeats):
         for m, n in methods:
             for t, script in trees.items():
                 runs[f"{t}{m}@{n}"].append(_run(m, n, a, script))
+        for m, n in only_here:
+            runs[f"{m}@{n}"].append(_run(m, n, a))
     res = _summary(runs)
     ratios = {f"{t}{k}": v for t in trees for k, v in _ratios(res, t, processes).items()}
     print(f"ResNet-8 (BN folded), Fashion-MNIST 28x28, global batch {a.batch}, {a.steps} timed steps "

@@ -2,7 +2,8 @@
 
 Four panels over the steps — reward (with the controller's baseline), quality, cost / budget and
 policy entropy — with the warmup and final-stretch boundaries marked, so a user can see whether
-the policy settled and how long the returned configuration was trained.
+the policy settled and how long the returned configuration was trained. Steps whose reward was
+not measured (outside the search phase, between ``monitor_every`` steps) are left out.
 """
 from __future__ import annotations
 
@@ -49,14 +50,16 @@ def plot_search(log_path, png_path) -> Path:
     panels = [("reward", "reward", "baseline"), ("quality", "quality (reward metric)", None),
               ("cost_ratio", "cost / budget", None), ("entropy", "policy entropy (nats)", None)]
     for ax, (key, label, extra) in zip(axes, panels):
-        values = [r.get(key) for r in rows]
-        if any(v is None for v in values):
+        # the reward is measured every step only while the policy learns (``monitor_every``)
+        at = [(s, r[key], r.get(extra)) for s, r in zip(steps, rows) if r.get(key) is not None]
+        if not at:
             ax.set_ylabel(f"{label}\n(not logged)")
             continue
-        ax.plot(steps, values, color="0.75", linewidth=0.6)
-        ax.plot(steps, _smooth(values, width), color="C0", label=f"{label} (mean of {width})")
+        xs, values, extras = (list(v) for v in zip(*at))
+        ax.plot(xs, values, color="0.75", linewidth=0.6)
+        ax.plot(xs, _smooth(values, width), color="C0", label=f"{label} (mean of {width})")
         if extra:
-            ax.plot(steps, [float("nan") if r.get(extra) is None else r[extra] for r in rows],
+            ax.plot(xs, [float("nan") if v is None else v for v in extras],
                     color="C1", linewidth=1, label=extra)
         if key == "cost_ratio":
             ax.axhline(1.0, color="C3", linestyle=":", label="budget")

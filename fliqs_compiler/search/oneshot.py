@@ -78,6 +78,12 @@ class SearchOptions:
     reward_batch_size: Optional[int] = None  # held-out batch size; None: the training batch size
     reward_metric: Optional[str] = None  # QUALITY key of the reward; None: ``metric``
     reward_samples: int = 1  # configurations judged per controller step (1 trained + forward-only)
+    # Where the policy does not learn (warmup, final stretch) the held-out reward only feeds the
+    # diagnostics: it is measured every ``monitor_every`` steps there (and at the last step),
+    # logged as None in between. The held-out batch is drawn all the same, so the data order and
+    # the trained weights do not depend on it. Why: that forward was ~a quarter of a step's time
+    # (bench/search_throughput.py), spent on 40 % of the steps for a log line.
+    monitor_every: int = 10
     warmup_sampling: str = "progressive"  # progressive | uniform (see the module docstring)
     # Controller prior (``sensitivity.py``): "sensitivity" measures every (decision, candidate)
     # on the shared weights when the search phase begins, solves the budgeted ILP and starts the
@@ -110,8 +116,15 @@ class SearchOptions:
         if self.warmup_sampling not in ("progressive", "uniform"):
             raise FliqsError(f"search option warmup_sampling={self.warmup_sampling!r}: use "
                              "'progressive' or 'uniform'")
+        if int(self.monitor_every) < 1:
+            raise FliqsError(f"search option monitor_every={self.monitor_every}: use 1 or more")
         if int(self.reward_samples) < 1:
             raise FliqsError(f"search option reward_samples={self.reward_samples}: use 1 or more")
+        if self.controller.advantage == "leave_one_out" and (int(self.reward_samples) < 2
+                                                             or self.reward_batch != "heldout"):
+            raise FliqsError("controller advantage 'leave_one_out' compares the samples of one step "
+                             "on one held-out batch: set reward_samples to 2 or more and "
+                             "reward_batch='heldout'")
         if self.prior_at not in ("start", "search"):
             raise FliqsError(f"search option prior_at={self.prior_at!r}: use 'start' or 'search'")
         if self.prior not in ("none", "sensitivity"):
@@ -127,6 +140,7 @@ class SearchOptions:
         the checkpoint interval does not, so it is left out."""
         d = dataclasses.asdict(self)
         d.pop("checkpoint_every")
+        d.pop("monitor_every")  # logging only (see the field)
         return json.dumps(d, sort_keys=True)
 
 
@@ -309,12 +323,14 @@ class OneShotSearch:
                 seen = map_outputs(torch.Tensor.detach, out)
                 quality = judge(*(par.gather(v, total=n) for v in (seen, y, t)))
             batch = None
-        else:
+        else:  # drawn at every step: the generator's stream must not depend on monitoring
             batch = trainer.batch("val", opts.reward_batch_size or opts.train.batch_size, gen)
+            monitored = (phase == "search" or step % int(opts.monitor_every) == 0
+                         or step == self.steps - 1)
             quality = trainer.quality(self.reward_metric, batch[0], batch[1],
-                                      trainer.teacher_out("val", batch[2]))
+                                      trainer.teacher_out("val", batch[2])) if monitored else None
         cost = self.cost_of(choice)
-        reward = tunas_reward(quality, cost, self.target, opts.gamma)
+        reward = None if quality is None else tunas_reward(quality, cost, self.target, opts.gamma)
         choices, rewards = [choice], [reward]
         if phase == "search" and batch is not None:
             for _ in range(int(opts.reward_samples) - 1):  # forward-only extra samples
@@ -324,8 +340,8 @@ class OneShotSearch:
                                     trainer.teacher_out("val", batch[2]))
                 choices.append(extra)
                 rewards.append(tunas_reward(q, self.cost_of(extra), self.target, opts.gamma))
-        if phase == "warmup":  # no policy yet; warmup rewards (progressive: the most precise,
-            # costliest formats first) would only bias the baseline the policy starts from
+        if phase != "search":  # the policy does not learn; warmup rewards (progressive: the most
+            # precise, costliest formats first) would only bias the baseline it starts from
             info = {"entropy": float(self.controller.entropy().detach()), "beta": 0.0,
                     "baseline": self.controller.baseline, "advantage": 0.0}
         else:
@@ -439,7 +455,8 @@ def run_search(graph: Graph, data, budget, options: Optional[SearchOptions] = No
                 log.write(rec)
             if bar is not None:
                 ratio = rec["cost_ratio"]
-                bar.set_postfix(reward=f"{rec['reward']:.3f}", H=f"{rec['entropy']:.2f}",
+                shown = {} if rec["reward"] is None else {"reward": f"{rec['reward']:.3f}"}
+                bar.set_postfix(**shown, H=f"{rec['entropy']:.2f}",
                                 cost=f"{ratio:.2f}x" if ratio is not None else f"{rec['cost']:.3g}",
                                 refresh=False)
                 bar.update(1)

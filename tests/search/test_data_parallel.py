@@ -142,7 +142,9 @@ def test_two_processes_choose_what_one_process_chooses(runs):
     assert abs(first_1 - first_2) <= 1e-5 * first_1  # the global batch's loss, before any drift
     for a, b in zip(one["log"], two["log"]):  # measured: ratios 0.87-1.16 at losses of 0.004-0.05
         assert abs(a["loss"] - b["loss"]) <= 0.02 + 0.25 * a["loss"]
-        assert abs(a["quality"] - b["quality"]) <= 0.05
+        assert (a["quality"] is None) == (b["quality"] is None)  # monitored at the same steps
+        if a["quality"] is not None:
+            assert abs(a["quality"] - b["quality"]) <= 0.05
     s1, s2 = one["search"], two["search"]
     assert (s1["world_size"], s1["backend"], s1["global_batch"]) == (1, None, 64)
     assert (s2["world_size"], s2["backend"], s2["global_batch"], s2["device"]) == (2, "gloo", 64, "cpu")

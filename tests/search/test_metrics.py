@@ -232,6 +232,7 @@ def test_embedding_model_search_uses_cosine(tmp_path):
     saved = json.loads((tmp_path / "o" / "config.json").read_text())
     assert saved["quality"]["metric"] == "cosine" and saved["quality"]["metric_reason"]
     steps = [json.loads(line) for line in (tmp_path / "o" / "search.jsonl").read_text().splitlines()]
+    steps = [s for s in steps if s["quality"] is not None]  # the steps whose reward was measured
     assert all(-1.0 <= s["quality"] <= 1.0 + 1e-9 for s in steps)  # the reward's Q is a cosine
     assert any(s["quality"] < 1.0 - 1e-6 for s in steps)
 
@@ -270,6 +271,7 @@ def test_user_callable_metric_is_the_quality(tmp_path):
     assert 6.0 < quality["final"] < 7.0
     assert calls and all(y is None for y in calls)  # no labels here
     steps = [json.loads(line) for line in (res.out_dir / "search.jsonl").read_text().splitlines()]
+    steps = [s for s in steps if s["quality"] is not None]  # the steps whose reward was measured
     assert all(6.0 < s["quality"] <= 7.0 for s in steps)  # the reward's Q came from it
     assert len(calls) >= len(steps)
 

@@ -49,6 +49,25 @@ def test_deterministic_under_seed(float_state, digits, tmp_path):
     assert (tmp_path / "r2" / "search.jsonl").read_text() != log_a  # the seed matters
 
 
+def test_monitoring_interval_changes_only_the_log(float_state, digits, tmp_path):
+    """``monitor_every`` skips the held-out reward where the policy does not learn; the weights,
+    the policy and the result must be those of measuring it at every step."""
+    runs = []
+    for every in (1, 4):
+        g = searchable(float_state, digits)
+        o = opts(steps=24, seed=3, monitor_every=every)
+        o.controller = dataclasses.replace(o.controller, freeze=0.6)  # a final stretch to skip in
+        r = run_search(g, digits, "bops=0.4x", o, out_dir=tmp_path / f"m{every}", progress=False)
+        runs.append((r, StepLog.read(tmp_path / f"m{every}" / "search.jsonl"), g.gm.state_dict()))
+    (a, log_a, sd_a), (b, log_b, sd_b) = runs
+    assert a.choice == b.choice and a.quality == b.quality and a.probabilities == b.probabilities
+    assert all(torch.equal(sd_a[k], sd_b[k]) for k in sd_a)
+    assert all(r["quality"] is not None for r in log_a)
+    skipped = [r["step"] for r in log_b if r["quality"] is None]
+    assert skipped and all(log_b[i]["phase"] != "search" and i % 4 for i in skipped)
+    assert [r["choice"] for r in log_a] == [r["choice"] for r in log_b]
+
+
 def test_log_and_checkpoint_contents(float_state, digits, tmp_path):
     g = searchable(float_state, digits)
     r = run_search(g, digits, "bops=0.4x", opts(steps=20), out_dir=tmp_path, progress=False)
