@@ -90,6 +90,30 @@ def test_standardized_advantage_is_scale_free():
     assert run(1.0)[0, 2] > 0.5
 
 
+def test_leave_one_out_advantage_ignores_what_the_samples_share():
+    """Samples of one step are judged on one batch: a large per-step offset common to them (the
+    batch's difficulty) must not change what leave_one_out learns, and the better candidate wins."""
+    def run(noise, advantage):
+        c = Controller([3, 3], ControllerOptions(warmup=0.0, entropy_schedule="none", lr=0.05,
+                                                 advantage=advantage), 60)
+        g, batch = torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)
+        for step in range(40):
+            offset = noise * float(torch.randn(1, generator=batch))  # the same for every sample
+            choices = [c.sample(g) for _ in range(4)]
+            c.update_many(choices, [offset + 0.01 * float(ch[0] == 2) for ch in choices], step)
+        return c.probs()
+    quiet, noisy = run(0.0, "leave_one_out"), run(5.0, "leave_one_out")
+    assert torch.allclose(quiet, noisy, atol=1e-5)  # the shared offset cancels exactly
+    assert noisy[0, 2] > 0.6
+    assert not torch.allclose(run(0.0, "standardized"), run(5.0, "standardized"), atol=1e-2)
+
+
+def test_leave_one_out_needs_several_samples_on_one_batch():
+    with pytest.raises(Exception, match="reward_samples"):
+        SearchOptions(controller=ControllerOptions(advantage="leave_one_out"))
+    SearchOptions(reward_samples=2, controller=ControllerOptions(advantage="leave_one_out"))
+
+
 # -- the search ----------------------------------------------------------------------------------
 def test_progressive_warmup_starts_on_the_most_precise_formats(trained_tiny_cnn, digits, tmp_path):
     g = searchable(trained_tiny_cnn, digits)
