@@ -74,6 +74,10 @@ class ControllerOptions:
     # trains the chosen configuration); 1.0: learns to the end. The entropy schedule spans
     # [warmup, freeze].
     freeze: float = 1.0
+    # At most this many steps of policy learning after the warmup (None: ``freeze`` alone): the
+    # search then lasts a fixed number of controller steps and a longer schedule goes to the
+    # final stretch, which trains the returned configuration.
+    search_steps: Optional[int] = None
 
     def __post_init__(self):
         if self.entropy_schedule not in ENTROPY_SCHEDULES:
@@ -83,6 +87,8 @@ class ControllerOptions:
             raise ValueError(f"warmup {self.warmup}: use a fraction in [0, 1)")
         if not self.warmup < self.freeze <= 1.0:
             raise ValueError(f"freeze {self.freeze}: use a fraction in (warmup, 1]")
+        if self.search_steps is not None and int(self.search_steps) < 1:
+            raise ValueError(f"search_steps {self.search_steps}: use 1 or more (or None)")
         if self.advantage not in ADVANTAGES:
             raise ValueError(f"advantage {self.advantage!r}: use one of {', '.join(ADVANTAGES)}")
 
@@ -103,6 +109,8 @@ class Controller:
         self.total_steps = int(total_steps)
         self.warmup_steps = int(round(options.warmup * self.total_steps))
         self.freeze_steps = max(self.warmup_steps + 1, int(round(options.freeze * self.total_steps)))
+        if options.search_steps is not None:
+            self.freeze_steps = min(self.freeze_steps, self.warmup_steps + int(options.search_steps))
         k = max(counts)
         self.mask = torch.zeros(len(counts), k, dtype=torch.bool)
         for d, c in enumerate(counts):

@@ -69,6 +69,17 @@ def test_controller_freezes_after_freeze_fraction():
     assert c.beta(49) == pytest.approx(c.options.entropy_max, rel=1e-6)  # schedule ends at freeze
 
 
+def test_search_steps_caps_the_search_phase_of_long_schedules():
+    short = Controller([3], ControllerOptions(warmup=0.1, freeze=0.6, search_steps=40), 100)
+    assert short.freeze_steps == 50  # 10 warmup + 40: the cap binds
+    long = Controller([3], ControllerOptions(warmup=0.1, freeze=0.6, search_steps=40), 1000)
+    assert long.freeze_steps == 140 and long.beta(139) == pytest.approx(long.options.entropy_max, rel=1e-6)
+    loose = Controller([3], ControllerOptions(warmup=0.1, freeze=0.6, search_steps=400), 100)
+    assert loose.freeze_steps == 60  # the fraction binds
+    with pytest.raises(ValueError, match="search_steps"):
+        ControllerOptions(search_steps=0)
+
+
 def test_update_many_is_the_mean_of_single_updates_direction():
     c = Controller([3], ControllerOptions(warmup=0.0, entropy_schedule="none"), 10)
     c.update([0], 0.0, 0)  # seed the baseline at 0
