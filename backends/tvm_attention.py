@@ -137,12 +137,6 @@ def attention_rewrite(mod, names: dict, weight_consts: list):
     x_pat, y_pat = wildcard(), wildcard()
     mm = is_op("relax.matmul")(x_pat, y_pat)
 
-    def layer_name(y):
-        for w in weight_consts:
-            if w is not None and w.same_as(y):
-                return names.get(id(w))
-        return None
-
     def symbol(name):
         sym = f"fliqs_vnni_{K._sanitize(name)}"
         while sym in taken:
@@ -162,7 +156,8 @@ def attention_rewrite(mod, names: dict, weight_consts: list):
         p = plan(a_shape, b_shape) if a_shape and b_shape else None
         if p is None:
             return call
-        name = layer_name(b)
+        name = next((names.get(id(w)) for w in weight_consts
+                     if w is not None and w.same_as(b)), None)
         if name is None:  # unnamed: it could not be reported as 'vnni', so it stays as it is
             return call
         batch, m, k, n = p
