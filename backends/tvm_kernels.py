@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fliqs_compiler.backends.targets import cpu_features
+from fliqs_compiler.backends.tvm_attention import attention_rewrite
 
 __all__ = ["Kernel", "KERNELS", "kernels_for", "VNNI_INTRIN", "register_intrinsics", "has_vnni", "pack_dense_weight",
            "pack_conv_weight", "dense_vnni_supported", "conv_vnni_supported",
@@ -370,7 +371,8 @@ class Kernel:
     rewrite: object
 
 
-KERNELS = (Kernel("vnni", compute_rule="int8", needs=("avx512vnni",), rewrite=vnni_rewrite),)
+KERNELS = (Kernel("vnni", compute_rule="int8", needs=("avx512vnni",), rewrite=vnni_rewrite),
+           Kernel("vnni", compute_rule="int8", needs=("avx512vnni",), rewrite=attention_rewrite),)
 
 
 def kernels_for(caps) -> list:

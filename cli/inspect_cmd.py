@@ -1,6 +1,8 @@
 """``fliqs inspect MODEL``: the quantizable nodes of a model (name, op, MACs, params, decision
 group) as a table or, with ``--json``, as a stable JSON object (``inspect_json``). ``--verify``
-runs the imported graph against onnxruntime on random input and exits 1 when they disagree."""
+runs the imported graph against onnxruntime on random input and exits 1 when they disagree.
+``--quantize-inputs`` lists the LayerNorm / softmax / GELU input layers ``compile`` and ``search``
+would add with the same option."""
 from __future__ import annotations
 
 import json
@@ -10,7 +12,8 @@ import click
 
 from fliqs_compiler.base.errors import CheckFailed, FliqsError
 
-from fliqs_compiler.cli.common import debug_option, handle_errors, input_shape_option, parse_input_shapes
+from fliqs_compiler.cli.common import (debug_option, handle_errors, input_shape_option,
+                                       parse_input_shapes, prepare_options, quantize_inputs_option)
 
 
 def _load(model: str, input_shapes: dict):
@@ -63,13 +66,15 @@ def _print_table(data: dict, graph) -> None:
               help="Run the imported graph against onnxruntime on random input; exit 1 if they "
                    "disagree.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output (stdout).")
+@quantize_inputs_option
 @debug_option
 @handle_errors
-def inspect(model: str, input_shapes, verify: bool, as_json: bool):
+def inspect(model: str, input_shapes, verify: bool, as_json: bool, quantize_inputs: str):
     """Table of the quantizable nodes of MODEL: name (the config.json key), op, MACs, params
     and decision group (empty: kept in float)."""
-    from fliqs_compiler.passes import analyze
+    from fliqs_compiler.passes import PrepareOptions, analyze
 
+    options = PrepareOptions(**prepare_options("searched", quantize_inputs=quantize_inputs))
     if not Path(model).is_file():
         raise FliqsError(f"{model}: no such model file")
     graph = _load(model, parse_input_shapes(input_shapes))
@@ -78,7 +83,7 @@ def inspect(model: str, input_shapes, verify: bool, as_json: bool):
         from fliqs_compiler.frontends.verify import verify_onnx_import
         ok, max_err = verify_onnx_import(graph, model)
         verified = (ok, max_err)
-    analyzed = analyze(graph)
+    analyzed = analyze(graph, options)
     data = inspect_json(analyzed)
     if as_json:
         click.echo(json.dumps(data, indent=2))

@@ -142,3 +142,33 @@ def test_inspect_symbolic_batch_needs_no_input_shape(tmp_path):
     assert json.loads(r.stdout)["inputs"][0]["shape"] == [1, 1, 6, 6]
     r = CliRunner().invoke(cli, ["inspect", str(save(["batch", 1, "H", 6]))])
     assert r.exit_code == 2 and "--input-shape x=1x1x1x6" in r.stderr
+
+
+class Block(nn.Module):
+    """Linear → LayerNorm → GELU → Linear → softmax: one input of each ``--quantize-inputs`` op."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.norm, self.fc2 = nn.Linear(8, 8), nn.LayerNorm(8), nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc2(nn.functional.gelu(self.norm(self.fc1(x)))).softmax(-1)
+
+
+def test_inspect_quantize_inputs(tmp_path, monkeypatch):
+    path = tmp_path / "block.onnx"
+    path.write_bytes(b"not read: the loader is patched")
+    monkeypatch.setattr(inspect_cmd, "_load", lambda model, shapes: Graph(
+        torch.export.export(Block().eval(), (torch.randn(1, 8),)).module(),
+        [InputSpec("x", (1, 8))], name="block", source=str(model)))
+
+    def ops(*extra):
+        r = CliRunner().invoke(cli, ["inspect", str(path), "--json", *extra])
+        assert r.exit_code == 0, r.output
+        return sorted(n["op"] for n in json.loads(r.stdout)["nodes"])
+    assert ops() == ["linear", "linear"]
+    assert ops("--quantize-inputs", "layernorm,gelu") == ["gelu", "layer_norm", "linear", "linear"]
+    assert ops("--quantize-inputs", "softmax") == ["linear", "linear", "softmax"]
+    bad = CliRunner().invoke(cli, ["inspect", str(path), "--quantize-inputs", "layernorm,batchnorm"])
+    assert bad.exit_code == 2, bad.output
+    assert bad.output.strip().count("\n") == 0 and "--quantize-inputs 'batchnorm'" in bad.output

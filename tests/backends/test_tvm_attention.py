@@ -1,0 +1,238 @@
+"""Attention MatMuls (activation × activation int8) on the hand VNNI batched kernel
+(``backends/tvm_attention.py``): the kernel and the Relax rewrite are bit-exact against numpy
+int32 matmuls on odd shapes and every operand signedness, unnamed / constant / broadcast MatMuls
+are left alone, and through ``lower`` a ViT's attention MatMuls run (and are reported) on the
+kernel with the same output as the plain int8 build and the QDQ model in onnxruntime.
+
+``lower`` names an attention layer for the rewrite by passing its second operand's codes
+(``tvm_lower._Translator.matmul`` → ``_record(..., wconst=w.codes)``); until ``tvm_lower`` does,
+the ``named_attention`` fixture adds exactly that."""
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from fliqs_compiler.backends import tvm_attention as A
+from fliqs_compiler.backends import tvm_kernels as K
+from fliqs_compiler.backends import tvm_lower as TL
+from fliqs_compiler.backends.targets import parse_target
+from fliqs_compiler.ir.graph import Graph, InputSpec, LayerInfo
+from tvm_models import act_quantizer
+
+pytestmark = pytest.mark.tvm
+TARGET = parse_target("llvm")
+needs_vnni = pytest.mark.skipif(not K.has_vnni(TARGET.tvm_target), reason="no AVX512-VNNI")
+NO_VNNI = '{"kind": "llvm", "mcpu": "znver4", "mattr": ["-avx512vnni"]}'
+
+
+@pytest.fixture
+def named_attention(monkeypatch):
+    """``lower`` passes each attention MatMul's run-time second operand to the kernel rewrites."""
+    record = TL._Translator._record
+
+    def with_operand(self, node, op_name, rule, a, w, wconst=None):
+        if (op_name == "matmul" and wconst is None and rule is not None
+                and not TL._is_const(w.codes)):
+            wconst = w.codes
+        return record(self, node, op_name, rule, a, w, wconst)
+    monkeypatch.setattr(TL._Translator, "_record", with_operand)
+
+
+def _codes(shape, dtype, rng):
+    lo, hi = (0, 256) if dtype == "uint8" else (-128, 128)
+    return rng.integers(lo, hi, shape).astype(dtype)
+
+
+# ---- the kernel ------------------------------------------------------------------------------
+@needs_vnni
+def test_batch_matmul_vnni_exact_and_uses_vpdpbusd():
+    import tvm
+    b, m, k, n = 3, 6, 12, 48  # M not a multiple of the 4-row tile's count, 3 column blocks
+    rng = np.random.default_rng(0)
+    a, w = _codes((b, m, k), "uint8", rng), _codes((b, k, n), "int8", rng)
+    packed = np.ascontiguousarray(w.reshape(b, k // 4, 4, n // 16, 16).transpose(0, 3, 1, 4, 2))
+    prim = A.batch_matmul_vnni(b, m - 2, k, n)  # 4 rows: one full tile
+    ex = tvm.compile(tvm.IRModule({"main": prim.with_attr("global_symbol", "main")}),
+                     target=TARGET.tvm())
+    out = tvm.runtime.tensor(np.zeros((b, m - 2, n), np.int32), tvm.cpu())
+    ex["main"](tvm.runtime.tensor(np.ascontiguousarray(a[:, :m - 2])),
+               tvm.runtime.tensor(packed), out)
+    ref = a[:, :m - 2].astype(np.int32) @ w.astype(np.int32)
+    np.testing.assert_array_equal(out.numpy(), ref)
+    assert "vpdpbusd" in ex.mod.inspect_source("asm")
+
+
+def test_plan_folds_or_declines_batch_dims():
+    assert A.plan([1, 4, 50, 16], [1, 4, 16, 50]) == (4, 50, 16, 50)
+    assert A.plan([2, 6, 12], [12, 20]) == (1, 12, 12, 20)  # a rank-2 right side: rows fold
+    assert A.plan([2, 4, 5, 8], [1, 4, 8, 5]) is None  # broadcast batch: plain loops
+    assert A.plan([5, 8], [7, 3]) is None
+
+
+# ---- the Relax rewrite -----------------------------------------------------------------------
+def _matmul_module(a_shape, b_shape, a_dtype, b_dtype, const_b=None):
+    from tvm import relax
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(a_shape, a_dtype))
+    params = [x]
+    if const_b is None:
+        y = relax.Var("y", relax.TensorType(b_shape, b_dtype))
+        params.append(y)
+    else:
+        y = relax.const(const_b)
+    with bb.function("main", params):
+        with bb.dataflow():
+            out = bb.emit_output(bb.emit(relax.op.matmul(x, y, out_dtype="int32")))
+        bb.emit_func_output(out)
+    return bb.get(), (params[1] if const_b is None else None)
+
+
+def _rewritten(mod, right, name="att"):
+    return A.attention_rewrite(mod, {id(right): name}, [right])
+
+
+def _run(mod, *arrays):
+    import tvm
+    from tvm import relax
+    ex, _ = TL.compile_module(mod, TARGET)
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    out = vm["main"](*[tvm.runtime.tensor(a) for a in arrays]).numpy()
+    return out, ex.mod.imports[0].inspect_source("asm")
+
+
+SHAPES = [((1, 3, 17, 7), (1, 3, 7, 19)),  # Q·Kᵀ-like: K % 4, N % 16, M % 4 all non-zero
+          ((2, 5, 9), (2, 9, 33)),  # A·V-like, 3 column blocks (one padded)
+          ((1, 4, 6, 12), (12, 20))]  # a rank-2 right operand: the left rows fold
+# Q·Kᵀ is int8 × int8, A·V uint8 × int8 (softmax codes); a uint8 right side is exact too
+SIGNS = [("int8", "int8"), ("uint8", "int8"), ("int8", "uint8"), ("uint8", "uint8")]
+
+
+@needs_vnni
+@pytest.mark.parametrize("shapes,signs", [(s, g) for s, g in itertools.product(SHAPES, SIGNS)
+                                          if s is SHAPES[0] or g in SIGNS[:2]])
+def test_rewrite_is_bit_exact_on_odd_shapes(shapes, signs):
+    (a_shape, b_shape), (a_dtype, b_dtype) = shapes, signs
+    mod, right = _matmul_module(a_shape, b_shape, a_dtype, b_dtype)
+    new, done = _rewritten(mod, right)
+    assert done == {"att": "fliqs_vnni_att"}
+    rng = np.random.default_rng(1)
+    a, b = _codes(a_shape, a_dtype, rng), _codes(b_shape, b_dtype, rng)
+    out, asm = _run(new, a, b)
+    np.testing.assert_array_equal(out, np.matmul(a.astype(np.int64), b.astype(np.int64)))
+    assert "vpdpbusd" in TL._kernel_asm(TL.asm_functions(asm), "fliqs_vnni_att")
+
+
+@needs_vnni
+def test_extremes_do_not_overflow_the_corrections():
+    """All -128 × all -128 (the largest shifted product) over a long K."""
+    mod, right = _matmul_module((1, 2, 4, 300), (1, 2, 300, 16), "int8", "int8")
+    new, _ = _rewritten(mod, right)
+    a = np.full((1, 2, 4, 300), -128, np.int8)
+    out, _ = _run(new, a, np.full((1, 2, 300, 16), -128, np.int8))
+    assert (out == 300 * 128 * 128).all()
+
+
+def test_unnamed_constant_and_float_matmuls_are_left_alone():
+    mod, right = _matmul_module((1, 2, 5, 8), (1, 2, 8, 5), "int8", "int8")
+    assert A.attention_rewrite(mod, {}, [])[1] == {}  # not a layer the caller named
+    cmod, _ = _matmul_module((5, 8), (8, 16), "uint8", "int8",
+                             const_b=np.ones((8, 16), np.int8))  # a weight: tvm_kernels' kernel
+    new, done = A.attention_rewrite(cmod, {}, [])
+    assert done == {} and "call_tir" not in new.script()
+    fmod, fright = _matmul_module((1, 2, 5, 8), (1, 2, 8, 5), "float32", "float32")
+    assert _rewritten(fmod, fright)[1] == {}
+
+
+# ---- through lower(): a two-head attention with int8 codes on both sides ----------------------
+class Attention(nn.Module):
+    """softmax(Q·Kᵀ)·V on [1, 2, 5, 6] heads: T = 5 and head dim 6 pad to 16 / 8 in both MatMuls.
+    Q, K, V int8 codes; the softmax output uint8 (non-negative), as fliqs quantizes it."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = (act_quantizer("int8", 0.02) for _ in range(3))
+        self.p = act_quantizer("uint8", 1 / 255)
+
+    def forward(self, q, k, v):
+        s = torch.matmul(self.q(q), self.k(k.transpose(-2, -1)))
+        return torch.matmul(self.p(s.softmax(-1)), self.v(v))
+
+
+def _attention_graph():
+    m = Attention().eval()
+    gm = torch.fx.symbolic_trace(m)
+    g = Graph(gm, [InputSpec(n, (1, 2, 5, 6)) for n in "qkv"], name="attention")
+    nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch.matmul]
+    for public, node in zip(("att.scores", "att.context"), nodes):
+        g.layers[public] = LayerInfo(public, "matmul", node.name)
+    return m, g
+
+
+def _qkv(scale=1.0, seed=2):
+    gen = torch.Generator().manual_seed(seed)
+    return [scale * torch.randn(1, 2, 5, 6, generator=gen) for _ in range(3)]
+
+
+@needs_vnni
+def test_lowered_attention_runs_on_vnni_and_equals_plain_int8(named_attention):
+    m, g = _attention_graph()
+    fast, plain = TL.lower(g, "llvm"), TL.lower(g, NO_VNNI)
+    for name, dtype in (("att.scores", "int8xint8->int32"), ("att.context", "uint8xint8->int32")):
+        assert fast.executed[name]["dtype"] == dtype
+        assert fast.executed[name]["kernel"] == "vnni" and fast.executed[name]["vpdpbusd"] > 0
+    for x in (_qkv(), _qkv(8.0)):  # ×8: Q, K, V saturate their int8 grids
+        arrays = [t.numpy() for t in x]
+        out = fast.run(arrays)[0]
+        np.testing.assert_array_equal(out, plain.run(arrays)[0])
+        ref = m(*x).detach().numpy()
+        assert np.abs(out - ref).max() <= 1e-5 * max(1.0, np.abs(ref).max())
+
+
+@needs_vnni
+def test_without_vnni_in_the_target_the_rewrite_is_not_applied(named_attention):
+    _, g = _attention_graph()
+    assert "avx512vnni" not in parse_target(NO_VNNI).caps.features
+    low = TL.lower(g, NO_VNNI)
+    assert low.asm_stats["vpdpbusd"] == 0 and "fliqs_vnni" not in low.mod.script()
+    for name in ("att.scores", "att.context"):
+        assert low.executed[name]["kernel"] == "int8"
+    x = [t.numpy() for t in _qkv()]
+    np.testing.assert_array_equal(low.run(x)[0], TL.lower(g, "llvm", vnni=False).run(x)[0])
+
+
+# ---- end to end: a ViT, all int8, lowered, a fresh VM on the .so vs onnxruntime -------------
+@needs_vnni
+def test_vit_attention_on_vnni_end_to_end(named_attention, tmp_path, digits):
+    import onnxruntime as ort
+    import fliqs_compiler as fq
+    from fliqs_compiler import passes as P
+    from fliqs_compiler.backends.builtin import open_tvm
+    from fliqs_compiler.driver import api
+    from onnx_models import make_vit
+    path = make_vit(tmp_path)
+    graph = fq.load(path)
+    names = [la.name for la in P.analyze(graph).searched_layers()]
+    config = tmp_path / "int8.json"
+    config.write_text(json.dumps({"model": graph.name, "formats": {
+        n: {"weight": "int8", "activation": "int8"} for n in names}}))
+    res = api.lower_config(str(path), str(config), target="llvm", data="digits",
+                           out=tmp_path / "out")
+    executed = json.loads((res.out_dir / "tvm" / "model.json").read_text())["executed"]
+    attention = {n: e for n, e in executed.items() if n.endswith(("attn/MatMul", "attn/MatMul_1"))}
+    assert len(attention) == 4, sorted(executed)
+    for n, e in attention.items():
+        assert e["kernel"] == "vnni" and e["vpdpbusd"] > 0, (n, e)
+    x = digits.x_test[:8].numpy()
+    x = np.concatenate([x, 3.0 * x])  # ×3: beyond every calibrated range
+    sess = ort.InferenceSession(str(res.onnx_path))
+    run = open_tvm(res.out_dir / "tvm" / "model.so")  # a fresh VirtualMachine on the file
+    y_tvm = np.concatenate([run([row[None]])[0] for row in x])
+    y_ort = sess.run(None, {"x": x})[0]
+    assert (y_tvm.argmax(1) == y_ort.argmax(1)).all()
+    numerics = res.report["numerics"]  # the conformance check: no further from torch than ORT
+    assert numerics["tvm_max_abs_err"] <= max(1e-3, 1.5 * numerics["onnxruntime_max_abs_err"])
