@@ -430,7 +430,9 @@ class _Translator:
             return self._float_op("matmul.default", "matmul")(node, imp)
         bb = imp.block_builder
         y = bb.emit(_relax().op.matmul(a.codes, w.codes, out_dtype=rule.acc))
-        self._record(node, "matmul", rule, a, w)
+        # a run-time second operand (attention) is passed on too: the kernel rewrites find their
+        # layers by identity with it (``tvm_attention.attention_rewrite``)
+        self._record(node, "matmul", rule, a, w, None if _is_const(w.codes) else w.codes)
         return self._rescale(bb, y, a, w, rule, len(y.ty.shape), -1)
 
     def _float_op(self, key, op_name):
@@ -782,7 +784,9 @@ def lower(graph, target, out_dir=None, *, tuning: Optional[Tuning] = None, vnni:
             entry["vpdpbusd"] = n_dp
             if n_dp:
                 entry["kernel"] = kernel
-                entry["weight_storage"] = f"int8 ({kernel.upper()}-prepacked)"
+                entry["weight_storage"] = (  # an attention MatMul's operand is packed per call
+                    f"int8 ({kernel.upper()}-prepacked)" if _is_const(r.weight_const)
+                    else f"run-time int8 (packed per call for {kernel.upper()})")
         elif r.rule in prepacked:
             entry["fallback"] = "scheduled kernel not applicable (shape/groups/layout): plain int8 loops"
         if r.rule and r.rule.startswith("bf16") and stats["vdpbf16ps"]:

@@ -41,23 +41,16 @@ import latency as L  # noqa: E402
 
 @contextlib.contextmanager
 def attention_kernel(enabled: bool):
-    """``lower`` with (and naming for) or without the attention kernel."""
+    """``lower`` with or without the attention kernel (its ``KERNELS`` entry left out)."""
     from fliqs_compiler.backends import tvm_kernels as K
-    from fliqs_compiler.backends import tvm_lower as TL
     from fliqs_compiler.backends.tvm_attention import attention_rewrite
-    kernels, record = K.KERNELS, TL._Translator._record
-
-    def naming(self, node, op_name, rule, a, w, wconst=None):
-        runtime_right = op_name == "matmul" and rule is not None and not TL._is_const(w.codes)
-        return record(self, node, op_name, rule, a, w, w.codes if runtime_right else wconst)
-    if enabled:
-        TL._Translator._record = naming
-    else:
+    kernels = K.KERNELS
+    if not enabled:
         K.KERNELS = tuple(k for k in kernels if k.rewrite is not attention_rewrite)
     try:
         yield
     finally:
-        K.KERNELS, TL._Translator._record = kernels, record
+        K.KERNELS = kernels
 
 
 def _build(graph, enabled):

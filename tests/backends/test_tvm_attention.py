@@ -5,8 +5,7 @@ are left alone, and through ``lower`` a ViT's attention MatMuls run (and are rep
 kernel with the same output as the plain int8 build and the QDQ model in onnxruntime.
 
 ``lower`` names an attention layer for the rewrite by passing its second operand's codes
-(``tvm_lower._Translator.matmul`` → ``_record(..., wconst=w.codes)``); until ``tvm_lower`` does,
-the ``named_attention`` fixture adds exactly that."""
+(``tvm_lower._Translator.matmul`` → ``_record(..., wconst=w.codes)``)."""
 from __future__ import annotations
 
 import itertools
@@ -28,19 +27,6 @@ pytestmark = pytest.mark.tvm
 TARGET = parse_target("llvm")
 needs_vnni = pytest.mark.skipif(not K.has_vnni(TARGET.tvm_target), reason="no AVX512-VNNI")
 NO_VNNI = '{"kind": "llvm", "mcpu": "znver4", "mattr": ["-avx512vnni"]}'
-
-
-@pytest.fixture
-def named_attention(monkeypatch):
-    """``lower`` passes each attention MatMul's run-time second operand to the kernel rewrites."""
-    record = TL._Translator._record
-
-    def with_operand(self, node, op_name, rule, a, w, wconst=None):
-        if (op_name == "matmul" and wconst is None and rule is not None
-                and not TL._is_const(w.codes)):
-            wconst = w.codes
-        return record(self, node, op_name, rule, a, w, wconst)
-    monkeypatch.setattr(TL._Translator, "_record", with_operand)
 
 
 def _codes(shape, dtype, rng):
@@ -179,7 +165,7 @@ def _qkv(scale=1.0, seed=2):
 
 
 @needs_vnni
-def test_lowered_attention_runs_on_vnni_and_equals_plain_int8(named_attention):
+def test_lowered_attention_runs_on_vnni_and_equals_plain_int8():
     m, g = _attention_graph()
     fast, plain = TL.lower(g, "llvm"), TL.lower(g, NO_VNNI)
     for name, dtype in (("att.scores", "int8xint8->int32"), ("att.context", "uint8xint8->int32")):
@@ -194,7 +180,7 @@ def test_lowered_attention_runs_on_vnni_and_equals_plain_int8(named_attention):
 
 
 @needs_vnni
-def test_without_vnni_in_the_target_the_rewrite_is_not_applied(named_attention):
+def test_without_vnni_in_the_target_the_rewrite_is_not_applied():
     _, g = _attention_graph()
     assert "avx512vnni" not in parse_target(NO_VNNI).caps.features
     low = TL.lower(g, NO_VNNI)
@@ -207,7 +193,7 @@ def test_without_vnni_in_the_target_the_rewrite_is_not_applied(named_attention):
 
 # ---- end to end: a ViT, all int8, lowered, a fresh VM on the .so vs onnxruntime -------------
 @needs_vnni
-def test_vit_attention_on_vnni_end_to_end(named_attention, tmp_path, digits):
+def test_vit_attention_on_vnni_end_to_end(tmp_path, digits):
     import onnxruntime as ort
     import fliqs_compiler as fq
     from fliqs_compiler import passes as P
@@ -227,6 +213,7 @@ def test_vit_attention_on_vnni_end_to_end(named_attention, tmp_path, digits):
     assert len(attention) == 4, sorted(executed)
     for n, e in attention.items():
         assert e["kernel"] == "vnni" and e["vpdpbusd"] > 0, (n, e)
+        assert e["weight_storage"].startswith("run-time int8"), e  # packed per call, not prepacked
     x = digits.x_test[:8].numpy()
     x = np.concatenate([x, 3.0 * x])  # ×3: beyond every calibrated range
     sess = ort.InferenceSession(str(res.onnx_path))
