@@ -326,16 +326,13 @@ def vnni_rewrite(mod, names: dict, weight_consts: list):
     def rewrite_conv(call, matches):
         a, w = matches[data], matches[w_pat]
         name = layer_name(w)
-        at = call.attrs
-        if (name is None or str(at.out_dtype) != "int32" or w.ty.dtype != "int8"
-                or a.ty.dtype not in ("uint8", "int8") or str(at.data_layout) != "NCHW"
-                or str(at.kernel_layout) != "OIHW"):
+        if name is None or not _conv_takes_vnni(call):
             return call
-        nb, cin, h, wd = (int(d) for d in a.ty.shape)
+        at = call.attrs
+        layout = _CONV_LAYOUTS[str(at.data_layout)]
+        nb, h, wd, cin = (int(a.ty.shape[i]) for i in layout.nhwc)
         cout, _, kh, kw = (int(d) for d in w.ty.shape)
         ci, co = _ceil(cin, 4), _ceil(cout, 16)
-        if not conv_vnni_supported(ci, co, int(at.groups), [int(d) for d in at.dilation]):
-            return call
         pt, pl, pb, pr = (int(p) for p in at.padding)
         sh, sw = (int(s) for s in at.strides)
         hp, wp = h + pt + pb, wd + pl + pr
@@ -343,7 +340,7 @@ def vnni_rewrite(mod, names: dict, weight_consts: list):
         wn = np.zeros((co, ci, kh, kw), np.int8)
         wn[:cout, :cin] = w.value.numpy()
         au8, unsigned = to_u8(a)
-        x = op.permute_dims(au8, [0, 2, 3, 1])
+        x = layout.to_nhwc(au8)
         if pt or pb or pl or pr or ci != cin:
             x = op.nn.pad(x, [0, 0, pt, pb, pl, pr, 0, ci - cin],
                           pad_value=0.0 if unsigned else 128.0)
@@ -355,8 +352,11 @@ def vnni_rewrite(mod, names: dict, weight_consts: list):
         if co != cout:
             y = op.strided_slice(y, axes=[3], begin=[0], end=[cout])
         done[name] = sym
-        return op.permute_dims(y, [0, 3, 1, 2])
+        return layout.from_nhwc(y)
 
+    convs = _calls(mod["main"], "relax.nn.conv2d")
+    if convs and all(layer_name(c.args[1]) is not None and _conv_takes_vnni(c) for c in convs):
+        mod = _nhwc(mod)  # only then: TVM's own NHWC fp32 conv (mixed models) measured 3-5x slower
     main = mod["main"]
     main = rewrite_call(mm, rewrite_matmul, main)
     main = rewrite_call(cv, rewrite_conv, main)
@@ -364,6 +364,61 @@ def vnni_rewrite(mod, names: dict, weight_consts: list):
     new[new.get_global_var("main")] = main
     new = relax.transform.Normalize()(new)
     return new, done
+
+
+@dataclass(frozen=True)
+class _ConvLayout:
+    """How an activation layout reaches the kernel's NHWC: the axes of N, H, W, C, and the
+    conversion to / from NHWC (none for NHWC itself)."""
+
+    nhwc: tuple
+    to: tuple = ()
+
+    def to_nhwc(self, x):
+        from tvm.relax import op
+        return op.permute_dims(x, list(self.to)) if self.to else x
+
+    def from_nhwc(self, y):
+        from tvm.relax import op
+        return op.permute_dims(y, [self.to.index(i) for i in range(4)]) if self.to else y
+
+
+_CONV_LAYOUTS = {"NCHW": _ConvLayout((0, 2, 3, 1), (0, 2, 3, 1)), "NHWC": _ConvLayout((0, 1, 2, 3))}
+
+
+def _calls(func, op_name: str) -> list:
+    """The calls of the Relax operator ``op_name`` in ``func``."""
+    from tvm import relax
+    found = []
+
+    def visit(e):
+        if isinstance(e, relax.Call) and getattr(e.op, "name", None) == op_name:
+            found.append(e)
+    relax.analysis.post_order_visit(func.body, visit)
+    return found
+
+
+def _conv_takes_vnni(call) -> bool:
+    """An integer conv2d the VNNI kernel computes: u8/s8 data (NCHW or NHWC), constant s8 OIHW
+    weight, int32 out, groups 1, dilation 1 (channel counts are padded)."""
+    from tvm.ir.expr import Constant
+    a, w = call.args[0], call.args[1]
+    at = call.attrs
+    if (not isinstance(w, Constant) or str(at.out_dtype) != "int32" or w.ty.dtype != "int8"
+            or a.ty.dtype not in ("uint8", "int8") or str(at.data_layout) not in _CONV_LAYOUTS
+            or str(at.kernel_layout) != "OIHW" or str(at.out_layout) != str(at.data_layout)):
+        return False
+    cin = int(a.ty.shape[_CONV_LAYOUTS[str(at.data_layout)].nhwc[3]])
+    return conv_vnni_applicable(cin, int(w.ty.shape[0]), int(at.groups),
+                                [int(d) for d in at.dilation])
+
+
+def _nhwc(mod):
+    """Every conv2d in NHWC (weights stay OIHW: the rewrite packs them), the layout carried through
+    the ops between convs (requantize, ReLU, residual add, pooling) by TVM's ConvertLayout, so
+    consecutive convs meet without NCHW<->NHWC transposes."""
+    from tvm import relax
+    return relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "OIHW"]})(mod)
 
 
 def _ceil(v: int, m: int) -> int:
