@@ -9,7 +9,9 @@ vectorization aborts ``StorageRewrite``, and tensorize cannot match Relax's ``[K
 - weights are pre-packed (``pack_dense_weight``: ``[N/16, K/4, 16, 4]``; ``pack_conv_weight``:
   ``[O/16, KH, KW, I/4, 16, 4]``) so the 16×4 block tensorizes;
 - schedules never vectorize a loop around the tensorized block; only the init block's innermost
-  loop is vectorized; the parallel loop is fused before ``decompose_reduction``.
+  loop is vectorized; the parallel loop is fused before ``decompose_reduction``;
+- the conv kernel reduces into a register tile (7 output pixels × 2 channel blocks of 16 int32)
+  and writes it back once (``_accumulate_in_registers``).
 
 ``dense_vnni(M, K, N)`` / ``conv2d_nhwc_vnni(...)`` return scheduled PrimFuncs (attrs
 ``tirx.is_scheduled`` and a unique ``global_symbol``) ready for ``relax.call_tir``;
@@ -133,9 +135,10 @@ def _largest_divisor(n: int, cap: int) -> int:
 
 def _tile_shape(rows: int, blocks: int, max_blocks: int = 2) -> tuple:
     """(row tile, 16-channel-block tile) of the register accumulator: up to ``max_blocks`` output
-    channel blocks, then as many rows (output pixels) as fit in ``_MAX_TILES`` zmm accumulators. Why, measured
-    (1 thread, ResNet-18 conv shapes, best of 7 interleaved): 7 pixels × 2 blocks beat 7 × 1,
-    4 × 2 and 14 × 1 (11.0 vs 12.7 / 12.9 / 12.2 ms for all convs; the old C-in-memory kernel 12.2)."""
+    channel blocks, then as many rows (output pixels) as fit in ``_MAX_TILES`` zmm accumulators.
+    Why, measured (1 thread, ResNet-18's conv shapes, best of 7 interleaved rounds): 7 pixels ×
+    2 blocks 11.0 ms for all convs vs 7 × 1 12.7, 14 × 1 12.2, C in memory (before) 12.2; 4 × 2
+    was slower on every shape it applies to."""
     ot = _largest_divisor(blocks, max_blocks)
     return _largest_divisor(rows, _MAX_TILES // ot), ot
 
@@ -259,7 +262,10 @@ def vnni_rewrite(mod, names: dict, weight_consts: list):
     (the constant is found by identity with ``same_as``). Signed (s8) activations are shifted to u8
     (+128) and corrected with the per-channel weight sums (conv pads with 128 ≡ 0). Channel counts are zero-padded to
     multiples of 16 (out) / 4 (in) and the output sliced; grouped / dilated convs are left unchanged
-    (plain int8 loops). Returns ``(mod, {name: symbol})``.
+    (plain int8 loops). When every conv2d goes to the kernel, the module is first converted to
+    NHWC (``_nhwc``): the graph then runs in the kernel's layout between convs, with one
+    transpose at the input and one where the layout ends (e.g. a flatten); otherwise each kernel
+    call transposes NCHW↔NHWC around itself. Returns ``(mod, {name: symbol})``.
     """
     import tvm
     from tvm import relax
