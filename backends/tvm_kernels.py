@@ -9,7 +9,9 @@ vectorization aborts ``StorageRewrite``, and tensorize cannot match Relax's ``[K
 - weights are pre-packed (``pack_dense_weight``: ``[N/16, K/4, 16, 4]``; ``pack_conv_weight``:
   ``[O/16, KH, KW, I/4, 16, 4]``) so the 16×4 block tensorizes;
 - schedules never vectorize a loop around the tensorized block; only the init block's innermost
-  loop is vectorized; the parallel loop is fused before ``decompose_reduction``.
+  loop is vectorized; the parallel loop is fused before ``decompose_reduction``;
+- the conv kernel reduces into a register tile (7 output pixels × 2 channel blocks of 16 int32)
+  and writes it back once (``_accumulate_in_registers``).
 
 ``dense_vnni(M, K, N)`` / ``conv2d_nhwc_vnni(...)`` return scheduled PrimFuncs (attrs
 ``tirx.is_scheduled`` and a unique ``global_symbol``) ready for ``relax.call_tir``;
@@ -77,12 +79,14 @@ def register_intrinsics() -> None:
         with T.sblock("root"):
             T.reads(C[0:16], A[0:4], B[0:16, 0:4])
             T.writes(C[0:16])
-            a_i32 = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
-            a_u8x64 = T.reinterpret(T.broadcast(a_i32, 16), dtype="uint8x64")
-            b_i8x64 = B.vload([0, 0], dtype="int8x64")
+            # one expression, no named temporaries: TVM 0.27 turns each `name = value` here into a
+            # buffer from TVMBackendAllocWorkspace (3 allocations + frees per parallel task)
             C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
                 T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
-                C.vload([0], dtype="int32x16"), a_u8x64, b_i8x64, dtype="int32x16")
+                C.vload([0], dtype="int32x16"),
+                T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "uint8x4"), dtype="int32"), 16),
+                              dtype="uint8x64"),
+                B.vload([0, 0], dtype="int8x64"), dtype="int32x16")
 
     # override: a second import of this module (tests reload it) registers the same intrinsic
     TensorIntrin.register(VNNI_INTRIN, desc, impl, override=True)
@@ -118,13 +122,64 @@ def conv_vnni_applicable(in_ch: int, out_ch: int, groups: int, dilation=(1, 1)) 
     return conv_vnni_supported(_ceil(in_ch, 4), _ceil(out_ch, 16), groups, dilation)
 
 
-def _divisor(n: int, choices) -> int:
-    return next(c for c in choices if n % c == 0)
+# The accumulator tile lives in a "global"-scope buffer allocated under the parallel loop: TVM 0.27
+# puts such a buffer on the stack when it is under 1024 bytes (a "local" one, or a bigger one, goes
+# through TVMBackendAllocWorkspace per task), and LLVM then keeps the unrolled tile in zmm registers.
+# So at most 15 tiles of 16 int32 (checked in the asm: no stack traffic in the reduction loop).
+_TILE_BYTES = 1024
+_MAX_TILES = _TILE_BYTES // (16 * 4) - 1
+
+
+def _largest_divisor(n: int, cap: int) -> int:
+    return max(d for d in range(1, min(n, cap) + 1) if n % d == 0)
+
+
+def _tile_shape(rows: int, blocks: int, max_blocks: int = 2) -> tuple:
+    """(row tile, 16-channel-block tile) of the register accumulator: up to ``max_blocks`` output
+    channel blocks, then as many rows (output pixels) as fit in ``_MAX_TILES`` zmm accumulators.
+    Why, measured (1 thread, ResNet-18's conv shapes, best of 7 interleaved rounds): 7 pixels ×
+    2 blocks 11.0 ms for all convs vs 7 × 1 12.7, 14 × 1 12.2, C in memory (before) 12.2; 4 × 2
+    was slower on every shape it applies to."""
+    ot = _largest_divisor(blocks, max_blocks)
+    return _largest_divisor(rows, _MAX_TILES // ot), ot
+
+
+def _accumulate_in_registers(sch, blk, parallel, reduction_outer, row_tile, block_tile, o16) -> None:
+    """The VNNI reduction into a register tile: C's tile cached in a stack buffer under the
+    ``parallel`` loop (zeroed, reduced over every reduction loop from ``reduction_outer`` with the
+    16×4 intrinsic, written back once), instead of loading and storing C in memory at every step."""
+    tile = sch.cache_write(blk, 0, "global")
+    sch.reverse_compute_at(tile, parallel)
+    init = sch.decompose_reduction(blk, reduction_outer)
+    sch.tensorize(o16, VNNI_INTRIN)
+    sch.unroll(row_tile)
+    sch.unroll(block_tile)
+    _unroll_vectorize_16(sch, sch.get_loops(init)[1:])
+    _unroll_vectorize_16(sch, sch.get_loops(tile)[1:])
+
+
+def _unroll_vectorize_16(sch, loops) -> None:
+    """A tile's zeroing / write-back loops: the last split into 16-lane vectors, the rest unrolled
+    (constant offsets: what lets LLVM keep the tile in registers)."""
+    *outer, last = loops
+    extent = int(sch.get(last).extent)
+    if extent > 16:
+        lo, last = sch.split(last, [None, 16])
+        outer.append(lo)
+    sch.vectorize(last)
+    for lp in outer:
+        sch.unroll(lp)
+
+
+_OPAQUE = 8  # relax OpPatternKind kOpaque
 
 
 def _finish(sch, name: str):
+    """Scheduled and opaque to FuseOps: AnnotateTIROpPattern would call a kernel whose last block
+    is the tile's write-back "elementwise", and FuseTIR then fails to merge its buffers."""
     func = sch.mod["main"]
-    return func.with_attr("global_symbol", name).with_attr("tirx.is_scheduled", True)
+    return (func.with_attr("global_symbol", name).with_attr("tirx.is_scheduled", True)
+            .with_attr("op_pattern", _OPAQUE))
 
 
 def dense_vnni(m: int, k: int, n: int, name: str | None = None):
@@ -144,8 +199,11 @@ def dense_vnni(m: int, k: int, n: int, name: str | None = None):
     sch = tvm.s_tir.Schedule(te.create_prim_func([a, b, c]))
     blk = sch.get_sblock("C")
     i, j, kk = sch.get_loops(blk)
-    it_f = _divisor(m, (4, 2, 1))
-    jt_f = _divisor(n // 16, (4, 2, 1))
+    # C stays in memory here (a 4 × 4 tile, 16 accumulators): the register tile of the conv
+    # kernel, at most 15 accumulators (2 × 4, 4 × 2, 8 × 1), measured 5-25 % slower on 128-row
+    # GEMMs (128×384×1536: 0.40 ms vs 0.44-0.47; 128×1024×1024: 0.64 vs 0.67-0.80; 2 threads).
+    it_f = _largest_divisor(m, 4)
+    jt_f = _largest_divisor(n // 16, 4)
     io, it = sch.split(i, [None, it_f])
     jo, jt, j16 = sch.split(j, [None, jt_f, 16])
     ko, k4 = sch.split(kk, [None, 4])
@@ -162,7 +220,8 @@ def dense_vnni(m: int, k: int, n: int, name: str | None = None):
 def conv2d_nhwc_vnni(n: int, hp: int, wp: int, cin: int, cout: int, kh: int, kw: int,
                      stride=(1, 1), name: str | None = None):
     """Scheduled PrimFunc: ``(A u8 [N, Hp, Wp, I] (already padded), Wp i8 [O/16, KH, KW, I/4, 16, 4])
-    -> C i32 [N, OH, OW, O]`` (implicit GEMM, VNNI on the 16 output channels × 4 input channels).
+    -> C i32 [N, OH, OW, O]`` (implicit GEMM, VNNI on the 16 output channels × 4 input channels;
+    a tile of output pixels × channel blocks accumulated in registers over KH, KW and I).
 
     Requires ``conv_vnni_supported``; any stride. The caller pads and transposes to NHWC.
     """
@@ -183,18 +242,14 @@ def conv2d_nhwc_vnni(n: int, hp: int, wp: int, cin: int, cout: int, kh: int, kw:
     sch = tvm.s_tir.Schedule(te.create_prim_func([a, w, c]))
     blk = sch.get_sblock("C")
     b, y, x, o, lh, lw, lc = sch.get_loops(blk)
-    xt_f = _divisor(ow, (8, 7, 4, 2, 1))
-    ot_f = _divisor(cout // 16, (4, 2, 1) if xt_f <= 4 else (2, 1))
+    xt_f, ot_f = _tile_shape(ow, cout // 16)
     xo, xt = sch.split(x, [None, xt_f])
     oo, ot, o16 = sch.split(o, [None, ot_f, 16])
     co, c4 = sch.split(lc, [None, 4])
     sch.reorder(b, y, xo, oo, lh, lw, co, xt, ot, o16, c4)
-    sch.parallel(sch.fuse(b, y, xo, oo))
-    init = sch.decompose_reduction(blk, lh)
-    sch.tensorize(o16, VNNI_INTRIN)
-    sch.unroll(xt)
-    sch.unroll(ot)
-    sch.vectorize(sch.get_loops(init)[-1])
+    fused = sch.fuse(b, y, xo, oo)
+    sch.parallel(fused)
+    _accumulate_in_registers(sch, blk, fused, lh, xt, ot, o16)
     return _finish(sch, name or f"fliqs_conv2d_vnni_{next(_COUNTER)}")
 
 
@@ -208,7 +263,10 @@ def vnni_rewrite(mod, names: dict, weight_consts: list):
     (the constant is found by identity with ``same_as``). Signed (s8) activations are shifted to u8
     (+128) and corrected with the per-channel weight sums (conv pads with 128 ≡ 0). Channel counts are zero-padded to
     multiples of 16 (out) / 4 (in) and the output sliced; grouped / dilated convs are left unchanged
-    (plain int8 loops). Returns ``(mod, {name: symbol})``.
+    (plain int8 loops). When every conv2d goes to the kernel, the module is first converted to
+    NHWC (``_nhwc``): the graph then runs in the kernel's layout between convs, with one
+    transpose at the input and one where the layout ends (e.g. a flatten); otherwise each kernel
+    call transposes NCHW↔NHWC around itself. Returns ``(mod, {name: symbol})``.
     """
     import tvm
     from tvm import relax
@@ -275,16 +333,13 @@ def vnni_rewrite(mod, names: dict, weight_consts: list):
     def rewrite_conv(call, matches):
         a, w = matches[data], matches[w_pat]
         name = layer_name(w)
-        at = call.attrs
-        if (name is None or str(at.out_dtype) != "int32" or w.ty.dtype != "int8"
-                or a.ty.dtype not in ("uint8", "int8") or str(at.data_layout) != "NCHW"
-                or str(at.kernel_layout) != "OIHW"):
+        if name is None or not _conv_takes_vnni(call):
             return call
-        nb, cin, h, wd = (int(d) for d in a.ty.shape)
+        at = call.attrs
+        layout = _CONV_LAYOUTS[str(at.data_layout)]
+        nb, h, wd, cin = (int(a.ty.shape[i]) for i in layout.nhwc)
         cout, _, kh, kw = (int(d) for d in w.ty.shape)
         ci, co = _ceil(cin, 4), _ceil(cout, 16)
-        if not conv_vnni_supported(ci, co, int(at.groups), [int(d) for d in at.dilation]):
-            return call
         pt, pl, pb, pr = (int(p) for p in at.padding)
         sh, sw = (int(s) for s in at.strides)
         hp, wp = h + pt + pb, wd + pl + pr
@@ -292,7 +347,7 @@ def vnni_rewrite(mod, names: dict, weight_consts: list):
         wn = np.zeros((co, ci, kh, kw), np.int8)
         wn[:cout, :cin] = w.value.numpy()
         au8, unsigned = to_u8(a)
-        x = op.permute_dims(au8, [0, 2, 3, 1])
+        x = layout.to_nhwc(au8)
         if pt or pb or pl or pr or ci != cin:
             x = op.nn.pad(x, [0, 0, pt, pb, pl, pr, 0, ci - cin],
                           pad_value=0.0 if unsigned else 128.0)
@@ -304,8 +359,11 @@ def vnni_rewrite(mod, names: dict, weight_consts: list):
         if co != cout:
             y = op.strided_slice(y, axes=[3], begin=[0], end=[cout])
         done[name] = sym
-        return op.permute_dims(y, [0, 3, 1, 2])
+        return layout.from_nhwc(y)
 
+    convs = _calls(mod["main"], "relax.nn.conv2d")
+    if convs and all(layer_name(c.args[1]) is not None and _conv_takes_vnni(c) for c in convs):
+        mod = _nhwc(mod)  # only then: TVM's own NHWC fp32 conv (mixed models) measured 3-5x slower
     main = mod["main"]
     main = rewrite_call(mm, rewrite_matmul, main)
     main = rewrite_call(cv, rewrite_conv, main)
@@ -313,6 +371,61 @@ def vnni_rewrite(mod, names: dict, weight_consts: list):
     new[new.get_global_var("main")] = main
     new = relax.transform.Normalize()(new)
     return new, done
+
+
+@dataclass(frozen=True)
+class _ConvLayout:
+    """How an activation layout reaches the kernel's NHWC: the axes of N, H, W, C, and the
+    conversion to / from NHWC (none for NHWC itself)."""
+
+    nhwc: tuple
+    to: tuple = ()
+
+    def to_nhwc(self, x):
+        from tvm.relax import op
+        return op.permute_dims(x, list(self.to)) if self.to else x
+
+    def from_nhwc(self, y):
+        from tvm.relax import op
+        return op.permute_dims(y, [self.to.index(i) for i in range(4)]) if self.to else y
+
+
+_CONV_LAYOUTS = {"NCHW": _ConvLayout((0, 2, 3, 1), (0, 2, 3, 1)), "NHWC": _ConvLayout((0, 1, 2, 3))}
+
+
+def _calls(func, op_name: str) -> list:
+    """The calls of the Relax operator ``op_name`` in ``func``."""
+    from tvm import relax
+    found = []
+
+    def visit(e):
+        if isinstance(e, relax.Call) and getattr(e.op, "name", None) == op_name:
+            found.append(e)
+    relax.analysis.post_order_visit(func.body, visit)
+    return found
+
+
+def _conv_takes_vnni(call) -> bool:
+    """An integer conv2d the VNNI kernel computes: u8/s8 data (NCHW or NHWC), constant s8 OIHW
+    weight, int32 out, groups 1, dilation 1 (channel counts are padded)."""
+    from tvm.ir.expr import Constant
+    a, w = call.args[0], call.args[1]
+    at = call.attrs
+    if (not isinstance(w, Constant) or str(at.out_dtype) != "int32" or w.ty.dtype != "int8"
+            or a.ty.dtype not in ("uint8", "int8") or str(at.data_layout) not in _CONV_LAYOUTS
+            or str(at.kernel_layout) != "OIHW" or str(at.out_layout) != str(at.data_layout)):
+        return False
+    cin = int(a.ty.shape[_CONV_LAYOUTS[str(at.data_layout)].nhwc[3]])
+    return conv_vnni_applicable(cin, int(w.ty.shape[0]), int(at.groups),
+                                [int(d) for d in at.dilation])
+
+
+def _nhwc(mod):
+    """Every conv2d in NHWC (weights stay OIHW: the rewrite packs them), the layout carried through
+    the ops between convs (requantize, ReLU, residual add, pooling) by TVM's ConvertLayout, so
+    consecutive convs meet without NCHW<->NHWC transposes."""
+    from tvm import relax
+    return relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "OIHW"]})(mod)
 
 
 def _ceil(v: int, m: int) -> int:

@@ -55,23 +55,53 @@ def test_dense_vnni_exact_and_uses_vpdpbusd():
     assert "vpdpbusd" in ex.mod.inspect_source("asm")
 
 
-@needs_vnni
-@pytest.mark.parametrize("stride", [(1, 1), (2, 2)])
-def test_conv_vnni_exact(stride):
-    n, h, w_, cin, cout, kh, kw = 1, 9, 9, 8, 32, 3, 3
-    rng = np.random.default_rng(1)
-    x = rng.integers(0, 256, (n, h + 2, w_ + 2, cin)).astype(np.uint8)  # already padded NHWC
-    wt = rng.integers(-128, 128, (cout, cin, kh, kw)).astype(np.int8)
-    ex = _build(K.conv2d_nhwc_vnni(n, h + 2, w_ + 2, cin, cout, kh, kw, stride))
-    oh, ow = (h + 2 - kh) // stride[0] + 1, (w_ + 2 - kw) // stride[1] + 1
-    out = _run(ex, x, K.pack_conv_weight(wt), out_shape=(n, oh, ow, cout))
-    ref = np.zeros((n, oh, ow, cout), np.int64)
+def _conv_ref(x, wt, stride, oh, ow):
+    kh, kw = wt.shape[2:]
+    ref = np.zeros((x.shape[0], oh, ow, wt.shape[0]), np.int64)
     for dy in range(kh):
         for dx in range(kw):
             patch = x[:, dy:dy + stride[0] * oh:stride[0], dx:dx + stride[1] * ow:stride[1], :]
             ref += patch.astype(np.int64) @ wt[:, :, dy, dx].astype(np.int64).T
-    np.testing.assert_array_equal(out, ref)
+    return ref
+
+
+# (H, W, I, O, KH, KW, stride) of the padded NHWC input: 3×3 stride 1 / 2, the 7×7 stride-2 stem
+# (3 channels padded to 4), 1×1 stride 2 (downsample), a prime width with 3 channel blocks (the
+# register tile: 13 pixels × 1 block), non-square kernels and strides
+CONV_SHAPES = [(11, 11, 8, 32, 3, 3, (1, 1)), (11, 11, 8, 32, 3, 3, (2, 2)),
+               (29, 29, 4, 64, 7, 7, (2, 2)), (14, 14, 64, 128, 1, 1, (2, 2)),
+               (15, 15, 16, 48, 3, 3, (1, 1)), (9, 12, 12, 16, 1, 3, (2, 1))]
+
+
+@needs_vnni
+@pytest.mark.parametrize("h,w_,cin,cout,kh,kw,stride", CONV_SHAPES)
+def test_conv_vnni_exact(h, w_, cin, cout, kh, kw, stride):
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 256, (1, h, w_, cin)).astype(np.uint8)  # already padded NHWC
+    wt = rng.integers(-128, 128, (cout, cin, kh, kw)).astype(np.int8)
+    ex = _build(K.conv2d_nhwc_vnni(1, h, w_, cin, cout, kh, kw, stride))
+    oh, ow = (h - kh) // stride[0] + 1, (w_ - kw) // stride[1] + 1
+    out = _run(ex, x, K.pack_conv_weight(wt), out_shape=(1, oh, ow, cout))
+    np.testing.assert_array_equal(out, _conv_ref(x, wt, stride, oh, ow))
     assert "vpdpbusd" in ex.mod.inspect_source("asm")
+
+
+@needs_vnni
+def test_conv_vnni_accumulates_in_registers():
+    """The accumulator tile is a small stack buffer (no TVMBackendAllocWorkspace per parallel
+    task) and the reduction loop runs on zmm registers: no zmm spill/reload to the stack."""
+    ex = _build(K.conv2d_nhwc_vnni(1, 30, 30, 128, 128, 3, 3))
+    assert "TVMBackendAllocWorkspace" not in ex.mod.inspect_source("ll")
+    asm = ex.mod.inspect_source("asm")
+    assert asm.count("vpdpbusd") >= 14
+    assert not [ln for ln in asm.splitlines() if "zmm" in ln and "(%rsp)" in ln]
+
+
+@pytest.mark.parametrize("rows,blocks,want", [(56, 4, (7, 2)), (7, 32, (7, 2)), (112, 4, (7, 2)),
+                                              (13, 3, (13, 1)), (16, 1, (8, 1)), (1, 63, (1, 1))])
+def test_register_tile_fits(rows, blocks, want):
+    xt, ot = K._tile_shape(rows, blocks)
+    assert (xt, ot) == want and xt * ot * 16 * 4 < 1024
 
 
 def test_support_predicates():

@@ -220,3 +220,74 @@ def test_linear_on_sequences_rescales_the_channel_axis():
     for ref, out in zip(m(*xs), low.run([x.numpy() for x in xs])):
         assert out.shape == ref.shape
         assert np.abs(out - ref.detach().numpy()).max() <= 1e-5
+
+
+class ResidualInt8(nn.Module):
+    """A ResNet block in miniature, every conv int8: stem (3 channels, stride 2, 20 outputs: both
+    padded for VNNI) → ReLU → max-pool (3, stride 2) → u8 quantizer → 3×3 conv + residual add →
+    ReLU → u8 quantizer → 1×1 conv. ``groups=2`` makes the middle conv one VNNI does not take."""
+
+    def __init__(self, groups=1):
+        super().__init__()
+        torch.manual_seed(0)
+        self.c1 = nn.Conv2d(3, 20, 3, stride=2, padding=1)
+        self.c2 = nn.Conv2d(20, 20, 3, padding=1, groups=groups)
+        self.c3 = nn.Conv2d(20, 16, 1)
+        self.wq = nn.ModuleList(weight_quantizer("int8", c.weight) for c in (self.c1, self.c2, self.c3))
+        self.aq = nn.ModuleList([act_quantizer("int8", 0.03), act_quantizer("uint8", 0.02),
+                                 act_quantizer("uint8", 0.03)])
+        self.groups = groups
+
+    def forward(self, x):
+        c1, c2, c3 = self.c1, self.c2, self.c3
+        y = torch.relu(nn.functional.conv2d(self.aq[0](x), self.wq[0](c1.weight), c1.bias, 2, 1))
+        y = self.aq[1](nn.functional.max_pool2d(y, 3, 2, 1))
+        z = nn.functional.conv2d(y, self.wq[1](c2.weight), c2.bias, 1, 1, 1, self.groups)
+        z = self.aq[2](torch.relu(z + y))
+        return nn.functional.conv2d(z, self.wq[2](c3.weight), c3.bias)
+
+
+def _residual_graph(groups):
+    gm = torch.fx.symbolic_trace(ResidualInt8(groups).eval())
+    g = Graph(gm, [InputSpec("x", (1, 3, 17, 17))], name="residual")
+    convs = [n for n in gm.graph.nodes if getattr(n.target, "__name__", "") == "conv2d"]
+    for i, node in enumerate(convs):
+        g.layers[f"c{i + 1}"] = LayerInfo(f"c{i + 1}", "conv2d", node.name)
+    return g
+
+
+def _activation_transposes(mod) -> int:
+    """permute_dims of activations (more than one non-unit axis; a [1, C, 1, 1] scale is not)."""
+    return sum(sum(int(d) > 1 for d in c.ty.shape) > 1 for c in K._calls(mod["main"], "relax.permute_dims"))
+
+
+@pytest.mark.skipif(not HOST_VNNI, reason="host CPU has no AVX512-VNNI")
+def test_vnni_convs_run_in_one_nhwc_layout_bit_exact():
+    """Every conv on VNNI: the graph runs in NHWC from input to output (one transpose each end,
+    none between convs, pooling / residual add / requantize in NHWC) and gives the plain int8
+    NCHW build's output bit for bit, on in-range and far out-of-range inputs."""
+    g = _residual_graph(1)
+    fast, plain = lower(g, "llvm", None), lower(g, "llvm", None, vnni=False)
+    assert all(fast.executed[n]["kernel"] == "vnni" for n in ("c1", "c2", "c3"))
+    assert _activation_transposes(fast.mod) == 2
+    assert _activation_transposes(plain.mod) == 0 and K._calls(plain.mod["main"], "relax.nn.conv2d")
+    for x in (example_input((1, 3, 17, 17)), 20 * example_input((1, 3, 17, 17), seed=2)):
+        out = fast.run([x.numpy()])[0]
+        np.testing.assert_array_equal(out, plain.run([x.numpy()])[0])
+        ref = ResidualInt8(1).eval()(x).detach().numpy()
+        assert np.abs(out - ref).max() <= 1e-5 * max(1.0, np.abs(ref).max())
+
+
+@pytest.mark.skipif(not HOST_VNNI, reason="host CPU has no AVX512-VNNI")
+def test_a_conv_vnni_does_not_take_keeps_the_graph_in_nchw():
+    """A grouped conv (plain int8 loops) among VNNI convs: no NHWC conversion (TVM's own NHWC
+    convs are slower), the VNNI convs transpose at their boundaries as before; still exact."""
+    g = _residual_graph(2)
+    low = lower(g, "llvm", None)
+    assert low.executed["c2"]["kernel"] == "int8" and low.executed["c1"]["kernel"] == "vnni"
+    (conv,) = K._calls(low.mod["main"], "relax.nn.conv2d")
+    assert str(conv.attrs.data_layout) == "NCHW"
+    assert _activation_transposes(low.mod) == 4
+    x = example_input((1, 3, 17, 17))
+    ref = ResidualInt8(2).eval()(x).detach().numpy()
+    assert np.abs(low.run([x.numpy()])[0] - ref).max() <= 1e-5 * max(1.0, np.abs(ref).max())
