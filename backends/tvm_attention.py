@@ -56,7 +56,7 @@ def batch_matmul_vnni(b: int, m: int, k: int, n: int, name: str | None = None):
     blk = sch.get_sblock("C")
     bl, i, j, kk = sch.get_loops(blk)
     io, it = sch.split(i, [None, _row_tile(m)])
-    jo, jt, j16 = sch.split(j, [None, K._divisor(n // 16, (4, 2, 1)), 16])
+    jo, jt, j16 = sch.split(j, [None, K._largest_divisor(n // 16, 4), 16])
     ko, k4 = sch.split(kk, [None, 4])
     sch.reorder(bl, io, jo, ko, it, jt, j16, k4)
     # parallel before decompose_reduction, never a vectorized loop around the tensorized block
