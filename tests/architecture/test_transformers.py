@@ -101,15 +101,10 @@ def test_int8_attention_lowers_to_integer_matmuls(trained_vit, tmp_path, digits)
     """All searched layers int8 (the attention MatMuls included): Q·Kᵀ as int8×int8 and A·V as
     uint8×int8 (the softmax output is non-negative) with int32 accumulation, exact against the
     quantized torch graph within the integer rescale's rounding."""
-    path = _export(trained_vit, tmp_path, dynamo=False)
-    graph = fq.load(path)
-    names = [la.name for la in P.analyze(graph).searched_layers()]
-    config = tmp_path / "int8.json"
-    config.write_text(json.dumps({"model": graph.name, "formats": {
-        n: {"weight": "int8", "activation": "int8"} for n in names}}))
-    res = api.lower_config(str(path), str(config), target="llvm", data="digits",
-                           out=tmp_path / "out")
+    from tvm_models import lower_all_int8
+    res = lower_all_int8(_export(trained_vit, tmp_path, dynamo=False), tmp_path)
     by_name = {la["node"]: la for la in res.report["layers"]}
+    names = list(by_name)
     scores = [n for n in names if n.endswith("attn/MatMul")]
     contexts = [n for n in names if n.endswith("attn/MatMul_1")]
     assert len(scores) == len(contexts) == 2
@@ -291,15 +286,9 @@ def test_int8_ln_softmax_gelu_inputs_lower(trained_vit, digits, tmp_path):
     """A config with every LayerNorm / softmax / GELU input int8 (the dynamo export): ``fliqs
     lower`` quantizes exactly those inputs; ORT (default session) and TVM agree with the quantized
     torch graph."""
-    path = _export(trained_vit, tmp_path, dynamo=True)
-    graph = fq.load(path)
-    names = [la.name for la in P.analyze(graph, P.PrepareOptions(
-        quantize_inputs="layernorm,softmax,gelu")).searched_layers()]
-    config = tmp_path / "int8.json"
-    config.write_text(json.dumps({"model": graph.name, "formats": {
-        n: {"weight": "int8", "activation": "int8"} for n in names}}))
-    res = api.lower_config(str(path), str(config), target="llvm", data="digits",
-                           out=tmp_path / "out")
+    from tvm_models import lower_all_int8
+    res = lower_all_int8(_export(trained_vit, tmp_path, dynamo=True), tmp_path,
+                         options=P.PrepareOptions(quantize_inputs="layernorm,softmax,gelu"))
     rows = {la["node"]: la for la in res.report["layers"] if la["op"] in INPUT_OPS}
     assert len(rows) == 9 and all(la["format_a"] == "int8" and la["format_w"] == "float"
                                   for la in rows.values())

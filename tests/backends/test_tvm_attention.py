@@ -195,19 +195,10 @@ def test_without_vnni_in_the_target_the_rewrite_is_not_applied():
 @needs_vnni
 def test_vit_attention_on_vnni_end_to_end(tmp_path, digits):
     import onnxruntime as ort
-    import fliqs_compiler as fq
-    from fliqs_compiler import passes as P
     from fliqs_compiler.backends.builtin import open_tvm
-    from fliqs_compiler.driver import api
     from onnx_models import make_vit
-    path = make_vit(tmp_path)
-    graph = fq.load(path)
-    names = [la.name for la in P.analyze(graph).searched_layers()]
-    config = tmp_path / "int8.json"
-    config.write_text(json.dumps({"model": graph.name, "formats": {
-        n: {"weight": "int8", "activation": "int8"} for n in names}}))
-    res = api.lower_config(str(path), str(config), target="llvm", data="digits",
-                           out=tmp_path / "out")
+    from tvm_models import lower_all_int8
+    res = lower_all_int8(make_vit(tmp_path), tmp_path)
     executed = json.loads((res.out_dir / "tvm" / "model.json").read_text())["executed"]
     attention = {n: e for n, e in executed.items() if n.endswith(("attn/MatMul", "attn/MatMul_1"))}
     assert len(attention) == 4, sorted(executed)

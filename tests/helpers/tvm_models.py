@@ -60,3 +60,21 @@ class ActOnly(nn.Module):
 
     def forward(self, x):
         return self.q(x)
+
+
+def lower_all_int8(onnx_path, tmp_path, data="digits", options=None):
+    """``fliqs lower`` of the ONNX model with every searched layer (``passes.analyze`` under the
+    ``PrepareOptions`` ``options``) at int8 weights and activations, attention MatMuls included:
+    the ``LowerResult``."""
+    import json
+
+    import fliqs_compiler as fq
+    from fliqs_compiler import passes as P
+    from fliqs_compiler.driver import api
+    graph = fq.load(onnx_path)
+    names = [la.name for la in P.analyze(graph, options).searched_layers()]
+    config = tmp_path / "int8.json"
+    config.write_text(json.dumps({"model": graph.name, "formats": {
+        n: {"weight": "int8", "activation": "int8"} for n in names}}))
+    return api.lower_config(str(onnx_path), str(config), target="llvm", data=data,
+                            out=tmp_path / "out")
