@@ -6,7 +6,8 @@ import json
 import click
 
 from fliqs_compiler.cli.common import (OneLineCommand, debug_option, handle_errors,
-                                       input_shape_option, parse_input_shapes, parse_int)
+                                       input_shape_option, parse_input_shapes, parse_int,
+                                       prepare_options, quantize_inputs_option)
 
 
 @click.command("profile", cls=OneLineCommand)
@@ -19,22 +20,28 @@ from fliqs_compiler.cli.common import (OneLineCommand, debug_option, handle_erro
                    "not representative). The tuning database is kept and reused.")
 @click.option("--json", "as_json", is_flag=True, help="Print the table as JSON.")
 @input_shape_option
+@quantize_inputs_option
 @click.option("--quiet", is_flag=True, help="No progress display.")
 @debug_option
 @handle_errors
-def profile(model, target, formats, cache_dir, tune_trials, as_json, input_shapes, quiet):
-    """Measure every searched layer of MODEL in every format on TARGET (cached on disk)."""
+def profile(model, target, formats, cache_dir, tune_trials, as_json, input_shapes, quantize_inputs,
+            quiet):
+    """Measure every searched layer of MODEL in every format on TARGET (cached on disk); input-only
+    layers (``--quantize-inputs``) cost nothing and are not timed."""
+    from fliqs_compiler.cost.model import costed_layers
     from fliqs_compiler.driver import api
     from fliqs_compiler.base.errors import FliqsError
     if not target:
         raise FliqsError("--target is required: use llvm (host CPU via TVM), ort, or a JSON target dict")
     fmts = api.parse_formats(formats)
+    options = prepare_options("searched", quantize_inputs=quantize_inputs)
     graph, table = api.profile(model, target=target, formats=fmts, cache_dir=cache_dir,
                                input_shapes=parse_input_shapes(input_shapes) or None,
                                progress=not quiet,
-                               tune_trials=parse_int("--tune-trials", tune_trials))
+                               tune_trials=parse_int("--tune-trials", tune_trials),
+                               prepare_options=options)
     rows = [{"node": layer.name, "op": layer.op,
-             **{f: table.layer_ms(layer, f, f) for f in fmts}} for layer in graph.searched_layers()]
+             **{f: table.layer_ms(layer, f, f) for f in fmts}} for layer in costed_layers(graph)]
     if as_json:
         click.echo(json.dumps({"model": graph.name, "target": target, "unit": "ms", "layers": rows}, indent=2))
         return

@@ -254,14 +254,15 @@ def lower_request(model, config, *, target, out=None, data=None, input_shapes: O
 
 def profile_request(model, *, target, formats=None, input_shapes: Optional[dict] = None,
                     progress: bool = True, cache_dir=None, example_inputs=None,
-                    tune_trials: int = 0) -> Request:
+                    tune_trials: int = 0, prepare_options: Optional[dict] = None) -> Request:
     from fliqs_compiler.backends.targets import parse_target
     fmts = parse_formats(formats)
     tgt = _target(target)
     tuning = check_tuning(tgt, tune_trials)
     check_model_arg(model)
     return Request("profile", model, tgt, formats=tuple(fmts), input_shapes=input_shapes,
-                   example_inputs=example_inputs, tuning=tuning, cache_dir=cache_dir, progress=progress)
+                   example_inputs=example_inputs, tuning=tuning, cache_dir=cache_dir, progress=progress,
+                   prepare_options=dict(prepare_options or {}))
 
 
 _REQUESTS = {"compile": compile_request, "search": search_request, "lower": lower_request,
@@ -377,14 +378,17 @@ def lower_config(model, config, *, target, out=None, data=None, input_shapes: Op
 
 
 def profile(model, *, target, formats=None, input_shapes: Optional[dict] = None,
-            progress: bool = True, cache_dir=None, example_inputs=None, tune_trials: int = 0):
+            progress: bool = True, cache_dir=None, example_inputs=None, tune_trials: int = 0,
+            prepare_options: Optional[dict] = None):
     """``PIPELINES["profile"]``: build (or refresh from the on-disk cache) the latency table of
-    ``model`` on ``target``: every searched layer × candidate format (``tune_trials`` > 0: tuned
-    kernels, that many trials per layer). Returns ``(prepared graph, LatencyTable)``."""
+    ``model`` on ``target``: every costed searched layer × candidate format (``tune_trials`` > 0:
+    tuned kernels, that many trials per layer; ``prepare_options`` as for ``compile``: input-only
+    layers from ``quantize_inputs`` are searched but not timed, they cost nothing). Returns
+    ``(prepared graph, LatencyTable)``."""
     _start()
     request = profile_request(model, target=target, formats=formats, input_shapes=input_shapes,
                               progress=progress, cache_dir=cache_dir, example_inputs=example_inputs,
-                              tune_trials=tune_trials)
+                              tune_trials=tune_trials, prepare_options=prepare_options)
     run = Run(request, out_dir=None)
     execute(PIPELINES["profile"], run, own_out_dir=False)
     return run.graph, run.latency

@@ -53,3 +53,30 @@ def test_report_print(tmp_path):
     R.write_report(tmp_path, sample_report())
     out = run_cli(["report", str(tmp_path), "--print"])
     assert "# fliqs report: demo" in out and "formats.png" in out
+
+
+def test_profile_with_quantized_inputs_times_only_costed_layers(tmp_path, monkeypatch):
+    """``--quantize-inputs`` adds input-only decisions (LayerNorm / softmax / GELU inputs): the
+    table has no row for them (they cost nothing) and every other layer is still timed."""
+    from onnx_models import make_vit
+    monkeypatch.setenv("FLIQS_CACHE_DIR", str(tmp_path / "cache"))
+    vit = make_vit(tmp_path)
+    base = ["profile", str(vit), "--target", "ort", "--formats", "int8", "--json", "--quiet"]
+    plain = json.loads(run_cli(base))
+    with_inputs = json.loads(run_cli(base + ["--quantize-inputs", "layernorm,softmax,gelu"]))
+    assert [r["node"] for r in with_inputs["layers"]] == [r["node"] for r in plain["layers"]]
+    assert all(r["int8"] > 0 for r in with_inputs["layers"])
+    inspected = json.loads(run_cli(["inspect", str(vit), "--json", "--quantize-inputs", "softmax"]))
+    searched = [n["name"] for n in inspected["nodes"] if n["group"]]
+    assert len(searched) > len(plain["layers"])  # the softmax inputs are searched, not timed
+
+
+def test_profile_refuses_a_bad_quantize_inputs_op_before_reading_the_model(tmp_path):
+    from click.testing import CliRunner
+    from fliqs_compiler.cli.main import cli
+    model = tmp_path / "m.onnx"
+    model.write_bytes(b"never read")
+    r = CliRunner().invoke(cli, ["profile", str(model), "--target", "ort",
+                                 "--quantize-inputs", "layernorm,batchnorm"])
+    assert r.exit_code == 2, r.output
+    assert r.output.strip().count("\n") == 0 and "--quantize-inputs 'batchnorm'" in r.output
