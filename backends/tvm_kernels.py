@@ -484,8 +484,11 @@ class Kernel:
     rewrite: object
 
 
-KERNELS = (Kernel("vnni", compute_rule="int8", needs=("avx512vnni",), rewrite=vnni_rewrite),
-           Kernel("vnni", compute_rule="int8", needs=("avx512vnni",), rewrite=attention_rewrite),)
+KERNELS = (Kernel("vnni", compute_rule="int8", needs=("avx512vnni",), rewrite=vnni_rewrite),)
+# Not in KERNELS: through lower() it breaks the conformance matrix's int5-7 activation cases
+# (act x act MatMul of a conv branch, 21-31 LSB off; tests/backends/test_conformance.py) while
+# its own tests are exact — opt in (tests, bench/latency_attention.py) until that is understood.
+ATTENTION_KERNEL = Kernel("vnni", compute_rule="int8", needs=("avx512vnni",), rewrite=attention_rewrite)
 
 
 def kernels_for(caps) -> list:

@@ -45,7 +45,9 @@ def attention_kernel(enabled: bool):
     from fliqs_compiler.backends import tvm_kernels as K
     from fliqs_compiler.backends.tvm_attention import attention_rewrite
     kernels = K.KERNELS
-    if not enabled:
+    if enabled:  # opt-in: not in KERNELS by default (tvm_kernels says why)
+        K.KERNELS = kernels + (K.ATTENTION_KERNEL,)
+    else:
         K.KERNELS = tuple(k for k in kernels if k.rewrite is not attention_rewrite)
     try:
         yield
