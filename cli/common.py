@@ -173,8 +173,8 @@ def handle_errors(fn):
             if isinstance(e, FliqsError):
                 if os.environ.get(DEBUG_ENV):
                     raise
-                if not _silenced(e):
-                    click.echo(f"fliqs: error: {e}", err=True)
+                _leave_silently(e, e.exit_code)
+                click.echo(f"fliqs: error: {e}", err=True)
                 sys.exit(e.exit_code)
             if isinstance(e, KeyboardInterrupt):
                 click.echo("fliqs: interrupted (a checkpoint, if any, is kept; rerun with --resume)",
@@ -184,15 +184,15 @@ def handle_errors(fn):
         except Exception as e:  # noqa: BLE001 — the CLI's last line of defence
             if os.environ.get(DEBUG_ENV):
                 raise
-            if not _silenced(e):
-                msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-                click.echo(f"fliqs: internal error: {type(e).__name__}: {msg} "
-                           "(rerun with --debug for a traceback)", err=True)
+            _leave_silently(e, 1)
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            click.echo(f"fliqs: internal error: {type(e).__name__}: {msg} "
+                       "(rerun with --debug for a traceback)", err=True)
             sys.exit(1)
 
     return wrapper
 
 
-def _silenced(error: BaseException) -> bool:
-    from fliqs_compiler.cli.ranks import silenced
-    return silenced(error)
+def _leave_silently(error: BaseException, code: int) -> None:
+    from fliqs_compiler.cli.ranks import leave_silently
+    leave_silently(error, code)

@@ -75,6 +75,11 @@ def _peer_lost(error: BaseException) -> bool:
                             "NCCL communicator was aborted"))
 
 
+# The exit code of a rank that stopped because another one is gone (EX_TEMPFAIL): the launcher
+# then names the rank that really failed, even when both failures reach it in the same second.
+PEER_LOST_EXIT = 75
+
+
 def silenced(error: BaseException) -> bool:
     """Whether this rank of a ``launch``-ed job leaves the error line to others: rank 0 prints
     the user's errors (every rank raises the same one), the launcher names a rank that died."""
@@ -85,10 +90,24 @@ def silenced(error: BaseException) -> bool:
     return isinstance(error, FliqsError) and os.environ.get("RANK", "0") != "0"
 
 
+def leave_silently(error: BaseException, code: int) -> None:
+    """End a silenced rank (see ``silenced``) at once, without a word. ``os._exit`` skips the
+    interpreter's teardown: there, a process group whose peer is gone destroys gloo's still
+    running threads, and the C++ runtime aborts with "terminate called without an active
+    exception" on stderr (seen on a CI run: SIGABRT, and a second line under the launcher's)."""
+    if not silenced(error):
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(PEER_LOST_EXIT if _peer_lost(error) else code)
+
+
 def _first_failure(failures: dict):
-    """(rank, failure) of the rank that ended the job: not one the agent then stopped (SIGTERM),
-    the earliest."""
-    return min(failures.items(), key=lambda kv: (kv[1].exitcode == -signal.SIGTERM,
+    """(rank, failure) of the rank that ended the job: not one that stopped because a peer was
+    gone or that the agent then stopped (SIGTERM); the earliest. Timestamps have one-second
+    resolution, so the cause and its consequence often tie."""
+    consequence = (PEER_LOST_EXIT, -signal.SIGTERM)
+    return min(failures.items(), key=lambda kv: (kv[1].exitcode in consequence,
                                                  kv[1].timestamp, kv[0]))
 
 

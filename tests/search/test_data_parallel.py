@@ -204,3 +204,17 @@ def test_a_killed_rank_ends_the_job_in_one_line_and_resume_finishes_it(runs, tmp
     assert [r["config_id"] for r in resumed["log"]] == [r["config_id"] for r in two["log"]]
     assert resumed["formats"] == two["formats"]
     assert abs(resumed["quality"] - two["quality"]) <= 0.01
+
+
+def test_the_launcher_names_the_cause_not_the_peer_that_stopped_in_the_same_second():
+    """torchrun's failure timestamps have one-second resolution: the killed rank and the rank
+    that then lost its peer often tie, and the lower rank number must not decide."""
+    from types import SimpleNamespace as Failure
+
+    from fliqs_compiler.cli.ranks import PEER_LOST_EXIT, _first_failure
+    failures = {0: Failure(exitcode=PEER_LOST_EXIT, timestamp=100),
+                1: Failure(exitcode=-signal.SIGKILL, timestamp=100),
+                2: Failure(exitcode=-signal.SIGTERM, timestamp=99)}
+    assert _first_failure(failures)[0] == 1
+    failures[3] = Failure(exitcode=1, timestamp=99)  # an earlier real failure still comes first
+    assert _first_failure(failures)[0] == 3
