@@ -14,7 +14,11 @@ before/after ratios measured under the same load.
 
 ``fliqs-run`` times a whole run of the recipe's schedule (search, then the final stretch, which
 measures the held-out reward only every ``monitor_every`` steps) per step; ``fliqs-run:1`` the
-same schedule measuring it at every step (as before that option).
+same schedule measuring it at every step (as before that option). ``fliqs:train-reward`` is the
+search step with the reward judged on the step's own batch (``reward_batch="train"``): a
+search step is a QAT step plus one forward-only pass over the held-out batch (the recipe's
+reward, profiled at 0.24× of the training step's time at 1 thread) plus the controller's
+bookkeeping, and this row isolates the bookkeeping.
 
 Goals (issue "search at scale", benchmarks, not tests): FLIQS ≤ 1.10× the QAT step time on one
 process; 2 processes ≥ 1.6× the throughput of one on a machine with the cores for it (each rank
@@ -41,7 +45,10 @@ METHODS = [("qat:int4", 1), ("fliqs", 1), ("qat:int4", 2), ("fliqs", 2)]
 # A whole recipe schedule (60 % search, 40 % final stretch) averaged per step: what a run costs.
 # ``fliqs-run:1`` measures the held-out reward at every step (``monitor_every=1``, the behaviour
 # before the final stretch stopped paying for it); both only on one process, this checkout only.
-RUN_METHODS = [("fliqs-run", 1), ("fliqs-run:1", 1)]
+# ``fliqs:train-reward`` is the search step judging the configuration on the step's own batch
+# (``reward_batch="train"``, the method's other option): no held-out forward, so what remains
+# over QAT is the search's own bookkeeping (sampling, the cost, the controller step).
+RUN_METHODS = [("fliqs-run", 1), ("fliqs-run:1", 1), ("fliqs:train-reward", 1)]
 
 
 def worker(method: str, steps: int, warmup: int, batch: int) -> None:
@@ -64,8 +71,10 @@ def worker(method: str, steps: int, warmup: int, batch: int) -> None:
     opts = SearchOptions(steps=10 ** 6, train=TrainOptions(batch_size=batch))
     with parallel.start("cpu") as par:
         gen = torch.Generator().manual_seed(0)
-        if method == "fliqs":
-            search = OneShotSearch(graph, data, "bops=0.3x", opts)
+        if method in ("fliqs", "fliqs:train-reward"):
+            reward_batch = "train" if method.endswith("train-reward") else "heldout"
+            search = OneShotSearch(graph, data, "bops=0.3x",
+                                   SearchOptions(steps=opts.steps, train=opts.train, reward_batch=reward_batch))
             step = lambda i: search.step(search.controller.warmup_steps + i)  # noqa: E731
         elif method.startswith("fliqs-run"):  # the recipe's schedule, exactly warmup + steps long
             every = int(method.split(":")[1]) if ":" in method else SearchOptions().monitor_every
