@@ -40,7 +40,9 @@ per-op breakdown of the TVM runs (``VirtualMachine.set_instrument`` timing every
 build (``schedule=False, fuse=False``: naive loops outside the hand VNNI kernels) against the
 rule-scheduled build, with lowering times, the functions per schedule rule, and onnxruntime
 anchors (fp32; int8 from onnxruntime's own per-channel ``quantize_static``; our QDQ export of
-each config), all timed in interleaved rounds after everything is built.
+each config) and OpenVINO anchors (fp32, and int8 from that same ``quantize_static`` QDQ model;
+``pip install '.[bench]'``, skipped with a note without it), all timed in interleaved rounds after
+everything is built.
 """
 from __future__ import annotations
 
@@ -403,6 +405,22 @@ def _ort_int8_static(fp32_onnx: Path, x, out: Path) -> Path:
     return out
 
 
+def _openvino_timer(path: Path, feed, repeat):
+    """OpenVINO (PyPI ``openvino``, the ``bench`` extra) on an ONNX file, CPU plugin, ``THREADS``
+    inference threads, latency hint; f32 inference precision pinned (on CPUs with AVX512-BF16 its
+    default may run an fp32 model in bf16). On the int8 QDQ model its low-precision transforms
+    run the convolutions in int8. None when openvino is not installed."""
+    try:
+        import openvino as ov
+    except ImportError:
+        return None
+    compiled = ov.Core().compile_model(str(path), "CPU", {
+        "INFERENCE_NUM_THREADS": THREADS, "PERFORMANCE_HINT": "LATENCY",
+        "INFERENCE_PRECISION_HINT": "f32"})
+    request = compiled.create_infer_request()
+    return lambda: _median_ms(lambda: request.infer(feed), repeat)
+
+
 def scheduled_rows(names, configs, repeat, rounds=3):
     """Per model: anchors (torch fp32, onnxruntime fp32, onnxruntime int8 ``quantize_static``,
     onnxruntime on our own QDQ export of each config) and, per config, TVM's default build
@@ -431,6 +449,9 @@ def scheduled_rows(names, configs, repeat, rounds=3):
 
         timers = {"torch_fp32": lambda: _torch_ms(graphs["fp32"], x, repeat),
                   "ort_fp32": ort_timer(fp32_onnx), "ort_int8_static": ort_timer(ort_int8)}
+        openvino = {"openvino_fp32": _openvino_timer(fp32_onnx, feed, repeat),
+                    "openvino_int8": _openvino_timer(ort_int8, feed, repeat)}  # the same QDQ model
+        timers.update({k: t for k, t in openvino.items() if t is not None})
         row = {"model": name, "configs": {}}
         for cfg in configs:
             c = row["configs"][cfg] = {}
@@ -457,7 +478,8 @@ def scheduled_rows(names, configs, repeat, rounds=3):
         ms = {k: statistics.median(v) for k, v in samples.items()}
         row.update(torch_fp32=ms["torch_fp32"], ort_fp32=ms["ort_fp32"],
                    ort_int8_static=ms["ort_int8_static"], load_average=loads, samples=samples,
-                   best={k: min(v) for k, v in samples.items()})
+                   best={k: min(v) for k, v in samples.items()},
+                   **{k: ms.get(k) for k in openvino})
         for cfg, c in row["configs"].items():
             for variant, _ in TVM_VARIANTS:
                 c[variant]["ms"] = ms[f"{cfg}/{variant}"]
@@ -467,6 +489,9 @@ def scheduled_rows(names, configs, repeat, rounds=3):
             c["scheduled_vs_ort_int8_static"] = sched / row["ort_int8_static"]
             c["scheduled_vs_ort_fp32"] = sched / row["ort_fp32"]
             c["scheduled_vs_ort_qdq"] = sched / c["ort_qdq"]
+            if row["openvino_int8"] is not None:
+                c["scheduled_vs_openvino_int8"] = sched / row["openvino_int8"]
+                c["scheduled_vs_openvino_fp32"] = sched / row["openvino_fp32"]
         out.append(row)
     print(f"\nthreads: {THREADS} (torch, onnxruntime intra-op, TVM_NUM_THREADS); median ms over "
           f"{rounds} interleaved rounds")
@@ -483,6 +508,12 @@ def scheduled_rows(names, configs, repeat, rounds=3):
                   f"{best[cfg + '/tvm-scheduled']:10.2f} / {best['ort_int8_static']:.2f}")
         print(f"{r['model']:9s} torch fp32 {r['torch_fp32']:.2f} ms; load average over the rounds "
               + " ".join(f"{v:.2f}" for v in r["load_average"]))
+        if r["openvino_int8"] is None:
+            print(f"{r['model']:9s} OpenVINO: not installed (pip install '.[bench]')")
+        else:
+            print(f"{r['model']:9s} OpenVINO fp32 {r['openvino_fp32']:.2f} ms, int8 (same QDQ model) "
+                  f"{r['openvino_int8']:.2f} ms; TVM scheduled / OpenVINO int8: " + ", ".join(
+                      f"{cfg} {c['scheduled_vs_openvino_int8']:.2f}x" for cfg, c in r["configs"].items()))
     return out
 
 
