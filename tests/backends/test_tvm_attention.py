@@ -34,14 +34,10 @@ def _codes(shape, dtype, rng):
     return rng.integers(lo, hi, shape).astype(dtype)
 
 
-@pytest.fixture
-def attention_kernel(monkeypatch):
-    """The attention kernel opted in (it is not in ``KERNELS`` by default: tvm_kernels says why)."""
-    monkeypatch.setattr(K, "KERNELS", K.KERNELS + (K.ATTENTION_KERNEL,))
-
-
-def test_attention_kernel_is_opt_in():
-    assert K.ATTENTION_KERNEL not in K.KERNELS
+def test_attention_kernel_is_in_kernels():
+    """On by default: ``lower`` applies it on every target with AVX512-VNNI."""
+    assert K.ATTENTION_KERNEL in K.KERNELS
+    assert K.ATTENTION_KERNEL in K.kernels_for(TARGET.caps) or not K.has_vnni(TARGET.tvm_target)
 
 
 # ---- the kernel ------------------------------------------------------------------------------
@@ -226,7 +222,7 @@ def _qkv(scale=1.0, seed=2):
 
 
 @needs_vnni
-def test_lowered_attention_runs_on_vnni_and_equals_plain_int8(attention_kernel):
+def test_lowered_attention_runs_on_vnni_and_equals_plain_int8():
     m, g = _attention_graph()
     fast, plain = TL.lower(g, "llvm"), TL.lower(g, NO_VNNI)
     for name, dtype in (("att.scores", "int8xint8->int32"), ("att.context", "uint8xint8->int32")):
@@ -241,7 +237,7 @@ def test_lowered_attention_runs_on_vnni_and_equals_plain_int8(attention_kernel):
 
 
 @needs_vnni
-def test_without_vnni_in_the_target_the_rewrite_is_not_applied(attention_kernel):
+def test_without_vnni_in_the_target_the_rewrite_is_not_applied():
     _, g = _attention_graph()
     assert "avx512vnni" not in parse_target(NO_VNNI).caps.features
     low = TL.lower(g, NO_VNNI)
@@ -254,7 +250,7 @@ def test_without_vnni_in_the_target_the_rewrite_is_not_applied(attention_kernel)
 
 # ---- end to end: a ViT, all int8, lowered, a fresh VM on the .so vs onnxruntime -------------
 @needs_vnni
-def test_vit_attention_on_vnni_end_to_end(attention_kernel, tmp_path, digits):
+def test_vit_attention_on_vnni_end_to_end(tmp_path, digits):
     import onnxruntime as ort
     from fliqs_compiler.backends.builtin import open_tvm
     from onnx_models import make_vit
