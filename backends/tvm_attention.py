@@ -7,16 +7,18 @@ tensors, so here the second operand is packed at run time by plain Relax ops (pa
 permute: one injective function after FuseOps, fused with the quantize that makes the codes) and
 the batched kernel runs on the packed block:
 
-- ``batch_matmul_vnni(B, M, K, N)``: ``A u8 [B, M, K] × Bp s8 [B, N/16, K/4, 16, 4] → i32
-  [B, M, N]`` with the corrected ``tvm_kernels.VNNI_INTRIN`` (``vpdpbusd``: u8 × s8), the dense
-  kernel's schedule with the batch fused into the parallel loop.
+- ``batch_matmul_vnni(B, M, K, N, start=...)``: ``A u8 [B, M, K] × Bp s8 [B, N/16, K/4, 16, 4]
+  (+ S i32, broadcast) → i32 [B, M, N]`` with the corrected ``tvm_kernels.VNNI_INTRIN``
+  (``vpdpbusd``: u8 × s8), the dense kernel's schedule with the batch fused into the parallel
+  loop; the optional start term ``S`` (the exactness corrections below) is added per tile.
 - ``attention_rewrite``: the ``relax.dpl`` rewrite of ``matmul(u8|s8, u8|s8, out int32)`` with
   neither operand constant and static shapes. Exactness: a signed left operand is shifted to u8
   (+128) and corrected with the run-time column sums of the right one (−128·Σₖ B[k, n]); an
   unsigned right operand (not emitted by ``tvm_lower`` today, whose integer rule wants int8 there,
   but cheap to keep exact) is shifted to s8 (−128) and corrected with the row sums of the left one
-  (+128·Σₖ A[m, k]). K is zero-padded to a multiple of 4 (zero B rows: any A padding is inert),
-  N to 16 and M to the row tile, and the result sliced.
+  (+128·Σₖ A[m, k]). Both corrections are the kernel's start term, never an op after it
+  (``_emit`` says why). K is zero-padded to a multiple of 4 (zero B rows: any A padding is
+  inert), N to 16 and M to the row tile, and the result sliced.
 """
 from __future__ import annotations
 
@@ -35,8 +37,11 @@ def _row_tile(m: int) -> int:
     return min(m, 4)
 
 
-def batch_matmul_vnni(b: int, m: int, k: int, n: int, name: str | None = None):
-    """Scheduled PrimFunc ``(A u8 [B, M, K], Bp s8 [B, N/16, K/4, 16, 4]) -> C i32 [B, M, N]``.
+def batch_matmul_vnni(b: int, m: int, k: int, n: int, name: str | None = None, *,
+                      start: tuple | None = None):
+    """Scheduled PrimFunc ``(A u8 [B, M, K], Bp s8 [B, N/16, K/4, 16, 4][, S i32 start]) -> C i32
+    [B, M, N]``: ``C = A·B (+ S)``, ``S`` of shape ``start`` — ``(B, 1, N)``, ``(B, M, 1)`` or
+    ``(B, M, N)``, broadcast like numpy — added to each tile as it is written.
 
     Requires K % 4 == 0, N % 16 == 0 and M a multiple of ``_row_tile(M)`` (the rewrite pads).
     The tile is the dense kernel's (rows × 16-column blocks of int32 accumulators); the batch
@@ -49,11 +54,17 @@ def batch_matmul_vnni(b: int, m: int, k: int, n: int, name: str | None = None):
     a = te.placeholder((b, m, k), "uint8", name="A")
     bp = te.placeholder((b, n // 16, k // 4, 16, 4), "int8", name="B")
     r = te.reduce_axis((0, k), name="k")
-    c = te.compute((b, m, n), lambda x, i, j: te.sum(
+    acc = te.compute((b, m, n), lambda x, i, j: te.sum(
         a[x, i, r].astype("int32") * bp[x, j // 16, r // 4, j % 16, r % 4].astype("int32"),
-        axis=r), name="C")
-    sch = tvm.s_tir.Schedule(te.create_prim_func([a, bp, c]))
-    blk = sch.get_sblock("C")
+        axis=r), name="acc")
+    ins = [a, bp]
+    if start is not None:
+        s = te.placeholder(tuple(start), "int32", name="S")
+        ins.append(s)
+        acc = te.compute((b, m, n), lambda x, i, j: acc[x, i, j] + s[
+            x, i if start[1] != 1 else 0, j if start[2] != 1 else 0], name="C")
+    sch = tvm.s_tir.Schedule(te.create_prim_func(ins + [acc]))
+    blk = sch.get_sblock("acc")
     bl, i, j, kk = sch.get_loops(blk)
     io, it = sch.split(i, [None, _row_tile(m)])
     jo, jt, j16 = sch.split(j, [None, K._largest_divisor(n // 16, 4), 16])
@@ -61,13 +72,26 @@ def batch_matmul_vnni(b: int, m: int, k: int, n: int, name: str | None = None):
     sch.reorder(bl, io, jo, ko, it, jt, j16, k4)
     # parallel before decompose_reduction, never a vectorized loop around the tensorized block
     # (tvm_kernels' module notes say why)
-    sch.parallel(sch.fuse(bl, io, jo))
+    fused = sch.fuse(bl, io, jo)
+    sch.parallel(fused)
+    if start is not None:
+        _add_start_per_tile(sch, fused)
     init = sch.decompose_reduction(blk, ko)
     sch.tensorize(j16, K.VNNI_INTRIN)
     sch.unroll(it)
     sch.unroll(jt)
     sch.vectorize(sch.get_loops(init)[-1])
     return K._finish(sch, name or f"fliqs_bmm_vnni_{next(_COUNTER)}")
+
+
+def _add_start_per_tile(sch, parallel) -> None:
+    """``C = acc + S`` computed per tile under the parallel loop, in 16-lane vectors: the
+    accumulator tile shrinks to the thread's own block and is read back while still in cache."""
+    out = sch.get_sblock("C")
+    sch.reverse_compute_at(out, parallel)
+    *_, last = sch.get_loops(out)
+    _, lanes = sch.split(last, [None, 16])
+    sch.vectorize(lanes)
 
 
 def plan(a_shape, b_shape):
@@ -174,8 +198,15 @@ def attention_rewrite(mod, names: dict, weight_consts: list):
 
 
 def _emit(bb, op, relax, a, b, batch, m, k, n, sym):
-    """The kernel call and its corrections on ``[batch, m, k] × [batch | -, k, n]``: the exact
-    int32 product ``[batch, m, n]``."""
+    """The kernel call on ``[batch, m, k] × [batch | -, k, n]``: the exact int32 product
+    ``[batch, m, n]``, the sign corrections included.
+
+    Why the corrections go into the kernel (its start term), not into a subtraction after it: a
+    ``[B, 1, N]`` correction broadcast over M and fused with a consumer that flattens M·N (the
+    conformance Branch: t·tᵀ, flatten, next quantizer) is read at ``j % N`` in one loop over M·N;
+    the LLVM of TVM 0.27 vectorizes that (AVX-512, 16 lanes, N = 8) as a contiguous load, so lanes
+    N..15 read the next batch's corrections (measured: 21-31 LSB at int5-7). The kernel adds them
+    per tile in its own 16-column vectors; its consumers read only the product."""
     from fliqs_compiler.backends import tvm_kernels as K
     kp, np_ = K._ceil(k, 4), K._ceil(n, 16)
     tile = _row_tile(m)
@@ -186,16 +217,35 @@ def _emit(bb, op, relax, a, b, batch, m, k, n, sym):
     bs8, fix_rows = _right_s8(op, relax, b3, b.ty.dtype)
     if mp != m or kp != k:
         au8 = op.nn.pad(au8, [0, 0, 0, mp - m, 0, kp - k])
-    prim = batch_matmul_vnni(batch, mp, kp, np_).with_attr("global_symbol", sym)
-    gv = bb.add_func(prim, sym)
-    y = relax.call_tir(gv, [au8, _pack_right(op, bs8, batch, k, n, kp, np_)],
-                       relax.TensorType((batch, mp, np_), "int32"))
+    start = _start(op, relax, a3, bs8, fix_cols, fix_rows, mp - m, np_ - n)
+    prim = batch_matmul_vnni(batch, mp, kp, np_,
+                             start=_start_shape(batch, mp, np_, fix_cols, fix_rows))
+    gv = bb.add_func(prim.with_attr("global_symbol", sym), sym)
+    args = [au8, _pack_right(op, bs8, batch, k, n, kp, np_)] + ([start] if start is not None else [])
+    y = relax.call_tir(gv, args, relax.TensorType((batch, mp, np_), "int32"))
     if mp != m or np_ != n:
         y = op.strided_slice(y, axes=[1, 2], begin=[0, 0], end=[m, n])
-    c128 = relax.const(128, "int32")
-    if fix_cols:  # (a + 128)·b' = a·b' + 128·Σₖ b'
-        y = op.subtract(y, op.multiply(c128, op.sum(op.astype(bs8, "int32"), axis=[1],
-                                                     keepdims=True)))
-    if fix_rows:  # a·(b − 128) = a·b − 128·Σₖ a, with a the original left operand
-        y = op.add(y, op.multiply(c128, op.sum(op.astype(a3, "int32"), axis=[2], keepdims=True)))
     return y
+
+
+def _start_shape(batch, mp, np_, fix_cols, fix_rows):
+    """The shape of the kernel's start term: per column, per row, or both (None: no term)."""
+    if not (fix_cols or fix_rows):
+        return None
+    return (batch, mp if fix_rows else 1, np_ if fix_cols else 1)
+
+
+def _start(op, relax, a3, bs8, fix_cols, fix_rows, pad_m, pad_n):
+    """The exactness corrections as the kernel's start term, zero-padded to its M / N (None when
+    both operands need no shift): ``−128·Σₖ b'`` per column ((a + 128)·b' = a·b' + 128·Σₖ b')
+    plus ``+128·Σₖ a`` per row (a·(b − 128) = a·b − 128·Σₖ a, a the original left operand)."""
+    c128 = relax.const(128, "int32")
+    start = None
+    if fix_cols:
+        s = op.negative(op.multiply(c128, op.sum(op.astype(bs8, "int32"), axis=[1], keepdims=True)))
+        start = op.nn.pad(s, [0, 0, 0, 0, 0, pad_n]) if pad_n else s
+    if fix_rows:
+        s = op.multiply(c128, op.sum(op.astype(a3, "int32"), axis=[2], keepdims=True))
+        s = op.nn.pad(s, [0, 0, 0, pad_m, 0, 0]) if pad_m else s
+        start = s if start is None else op.add(start, s)
+    return start

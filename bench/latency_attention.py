@@ -8,11 +8,10 @@ Models and configs are ``bench/latency.py --model vit``'s (small ViT on Fashion-
 12-layer 384-wide 6-head encoder on 128 tokens; ``int8``: every Linear and attention MatMul
 int8, calibrated), lowered twice by ``tvm_lower.lower`` (untuned, rule-scheduled):
 - ``before``: ``KERNELS`` without the attention entry (the Linears on VNNI, attention MatMuls
-  as plain int8 loops: main before this kernel);
-- ``after``: the attention kernel too. ``tvm_lower`` does not name attention layers to the
-  kernel rewrites yet (the rewrite only touches named MatMuls), so this script passes each
-  attention MatMul's second operand to them, the one-argument hook proposed for
-  ``tvm_lower._Translator.matmul``.
+  as plain int8 loops);
+- ``after``: ``KERNELS`` as ``lower`` applies them by default, the attention kernel included
+  (``tvm_lower._Translator.matmul`` names each attention MatMul to the rewrites by its second
+  operand).
 Both builds must give the same output bit for bit (checked). Timed in interleaved rounds
 (``time_evaluator`` median per round; the median and the best of the rounds are reported: on a
 loaded machine the best round is the one least disturbed), with onnxruntime fp32 and
@@ -43,12 +42,9 @@ import latency as L  # noqa: E402
 def attention_kernel(enabled: bool):
     """``lower`` with or without the attention kernel (its ``KERNELS`` entry left out)."""
     from fliqs_compiler.backends import tvm_kernels as K
-    from fliqs_compiler.backends.tvm_attention import attention_rewrite
     kernels = K.KERNELS
-    if enabled:  # opt-in: not in KERNELS by default (tvm_kernels says why)
-        K.KERNELS = kernels + (K.ATTENTION_KERNEL,)
-    else:
-        K.KERNELS = tuple(k for k in kernels if k.rewrite is not attention_rewrite)
+    if not enabled:
+        K.KERNELS = tuple(k for k in kernels if k is not K.ATTENTION_KERNEL)
     try:
         yield
     finally:

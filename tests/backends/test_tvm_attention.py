@@ -34,31 +34,34 @@ def _codes(shape, dtype, rng):
     return rng.integers(lo, hi, shape).astype(dtype)
 
 
-@pytest.fixture
-def attention_kernel(monkeypatch):
-    """The attention kernel opted in (it is not in ``KERNELS`` by default: tvm_kernels says why)."""
-    monkeypatch.setattr(K, "KERNELS", K.KERNELS + (K.ATTENTION_KERNEL,))
-
-
-def test_attention_kernel_is_opt_in():
-    assert K.ATTENTION_KERNEL not in K.KERNELS
+def test_attention_kernel_is_in_kernels():
+    """On by default: ``lower`` applies it on every target with AVX512-VNNI."""
+    assert K.ATTENTION_KERNEL in K.KERNELS
+    assert K.ATTENTION_KERNEL in K.kernels_for(TARGET.caps) or not K.has_vnni(TARGET.tvm_target)
 
 
 # ---- the kernel ------------------------------------------------------------------------------
 @needs_vnni
-def test_batch_matmul_vnni_exact_and_uses_vpdpbusd():
+@pytest.mark.parametrize("start", [None, "cols", "rows", "both"])
+def test_batch_matmul_vnni_exact_and_uses_vpdpbusd(start):
+    """The kernel alone, with each shape of start term (added to every tile it writes)."""
     import tvm
-    b, m, k, n = 3, 6, 12, 48  # M not a multiple of the 4-row tile's count, 3 column blocks
+    b, m, k, n = 3, 4, 12, 48  # one full 4-row tile, 3 column blocks
     rng = np.random.default_rng(0)
     a, w = _codes((b, m, k), "uint8", rng), _codes((b, k, n), "int8", rng)
     packed = np.ascontiguousarray(w.reshape(b, k // 4, 4, n // 16, 16).transpose(0, 3, 1, 4, 2))
-    prim = A.batch_matmul_vnni(b, m - 2, k, n)  # 4 rows: one full tile
+    shape = {None: None, "cols": (b, 1, n), "rows": (b, m, 1), "both": (b, m, n)}[start]
+    prim = A.batch_matmul_vnni(b, m, k, n, start=shape)
     ex = tvm.compile(tvm.IRModule({"main": prim.with_attr("global_symbol", "main")}),
                      target=TARGET.tvm())
-    out = tvm.runtime.tensor(np.zeros((b, m - 2, n), np.int32), tvm.cpu())
-    ex["main"](tvm.runtime.tensor(np.ascontiguousarray(a[:, :m - 2])),
-               tvm.runtime.tensor(packed), out)
-    ref = a[:, :m - 2].astype(np.int32) @ w.astype(np.int32)
+    out = tvm.runtime.tensor(np.zeros((b, m, n), np.int32), tvm.cpu())
+    ref = a.astype(np.int32) @ w.astype(np.int32)
+    args = [tvm.runtime.tensor(a), tvm.runtime.tensor(packed)]
+    if shape is not None:
+        s = rng.integers(-40000, 40000, shape).astype(np.int32)
+        args.append(tvm.runtime.tensor(s))
+        ref = ref + s
+    ex["main"](*args, out)
     np.testing.assert_array_equal(out.numpy(), ref)
     assert "vpdpbusd" in ex.mod.inspect_source("asm")
 
@@ -133,6 +136,50 @@ def test_extremes_do_not_overflow_the_corrections():
     assert (out == 300 * 128 * 128).all()
 
 
+def _flattened_requantized_module(shape, signs, qmax):
+    """``clip(round(x·yᵀ-like product · s), -qmax-1, qmax)`` flattened to ``[B, M·N]``: the
+    conformance matrix's Branch tail (t·tᵀ, flatten, the next int5-7 quantizer). The epilogue's
+    innermost loop runs over M·N, so a per-column correction is read at ``n = j % N``."""
+    from tvm import relax
+    (b, m, k), n = shape, shape[1]
+    a_dtype, b_dtype = signs
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((b, m, k), a_dtype))
+    y = relax.Var("y", relax.TensorType((b, k, n), b_dtype))
+    op = relax.op
+    with bb.function("main", [x, y]):
+        with bb.dataflow():
+            acc = bb.emit(op.matmul(x, y, out_dtype="int32"))
+            flat = op.reshape(op.astype(acc, "float32"), (b, m * n))
+            v = op.round(op.multiply(flat, relax.const(np.float32(1 / 1024))))
+            v = op.minimum(op.maximum(v, relax.const(np.float32(-qmax - 1))),
+                           relax.const(np.float32(qmax)))
+            out = bb.emit_output(bb.emit(op.astype(v, "int8")))
+        bb.emit_func_output(out)
+    return bb.get(), y
+
+
+@needs_vnni
+@pytest.mark.parametrize("qmax", [15, 31, 63], ids=["int5", "int6", "int7"])
+@pytest.mark.parametrize("signs", SIGNS, ids="x".join)
+def test_flattened_epilogue_reads_each_column_correction(signs, qmax):
+    """Regression (conformance int5-7 activation cases, 21-31 LSB): the corrections were a
+    ``[B, 1, N]`` tensor subtracted after the kernel; fused with a flatten to ``[B, M·N]`` the
+    epilogue read it at ``j % N``, which the LLVM of TVM 0.27 vectorized (AVX-512, 16 lanes) as a
+    contiguous load — lanes N..15 took the next batch's corrections. N = 8 as in t·tᵀ."""
+    shape = (48, 8, 16)
+    mod, right = _flattened_requantized_module(shape, signs, qmax)
+    new, done = _rewritten(mod, right)
+    assert done == {"att": "fliqs_vnni_att"}
+    rng = np.random.default_rng(3)
+    a = _codes(shape, signs[0], rng)
+    b = _codes((shape[0], shape[2], shape[1]), signs[1], rng)
+    out, _ = _run(new, a, b)
+    acc = np.matmul(a.astype(np.int64), b.astype(np.int64)).reshape(shape[0], -1)
+    ref = np.clip(np.round(acc.astype(np.float32) * np.float32(1 / 1024)), -qmax - 1, qmax)
+    np.testing.assert_array_equal(out, ref.astype(np.int8))
+
+
 def test_unnamed_constant_and_float_matmuls_are_left_alone():
     mod, right = _matmul_module((1, 2, 5, 8), (1, 2, 8, 5), "int8", "int8")
     assert A.attention_rewrite(mod, {}, [])[1] == {}  # not a layer the caller named
@@ -175,7 +222,7 @@ def _qkv(scale=1.0, seed=2):
 
 
 @needs_vnni
-def test_lowered_attention_runs_on_vnni_and_equals_plain_int8(attention_kernel):
+def test_lowered_attention_runs_on_vnni_and_equals_plain_int8():
     m, g = _attention_graph()
     fast, plain = TL.lower(g, "llvm"), TL.lower(g, NO_VNNI)
     for name, dtype in (("att.scores", "int8xint8->int32"), ("att.context", "uint8xint8->int32")):
@@ -190,7 +237,7 @@ def test_lowered_attention_runs_on_vnni_and_equals_plain_int8(attention_kernel):
 
 
 @needs_vnni
-def test_without_vnni_in_the_target_the_rewrite_is_not_applied(attention_kernel):
+def test_without_vnni_in_the_target_the_rewrite_is_not_applied():
     _, g = _attention_graph()
     assert "avx512vnni" not in parse_target(NO_VNNI).caps.features
     low = TL.lower(g, NO_VNNI)
@@ -203,7 +250,7 @@ def test_without_vnni_in_the_target_the_rewrite_is_not_applied(attention_kernel)
 
 # ---- end to end: a ViT, all int8, lowered, a fresh VM on the .so vs onnxruntime -------------
 @needs_vnni
-def test_vit_attention_on_vnni_end_to_end(attention_kernel, tmp_path, digits):
+def test_vit_attention_on_vnni_end_to_end(tmp_path, digits):
     import onnxruntime as ort
     from fliqs_compiler.backends.builtin import open_tvm
     from onnx_models import make_vit
