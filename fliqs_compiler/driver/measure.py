@@ -7,8 +7,8 @@ from pathlib import Path
 
 from fliqs_compiler.backends.targets import default_threads as threads
 
-__all__ = ["latency_model", "chosen_latency", "numeric_inputs", "NumericInputs", "torch_outputs",
-           "max_err", "NUMERIC_SAMPLES", "OUT_OF_RANGE_SCALE"]
+__all__ = ["latency_model", "chosen_latency", "numeric_inputs", "NumericInputs",
+           "NUMERIC_SAMPLES", "OUT_OF_RANGE_SCALE"]
 
 NUMERIC_SAMPLES = 4
 # The numerics checks also run every input batch scaled by this factor: activations then leave
@@ -72,17 +72,3 @@ def numeric_inputs(graph, dataset, k: int = NUMERIC_SAMPLES) -> NumericInputs:
     n = k * b
     desc = f"{' + '.join(w for w in what if w)} + the same {n} scaled x{OUT_OF_RANGE_SCALE:g}"
     return NumericInputs(out + scaled, desc)
-
-
-def torch_outputs(graph, inputs: list) -> list:
-    import torch
-    with torch.no_grad():
-        y = graph.gm(*[torch.from_numpy(a) for a in inputs])
-    ys = y if isinstance(y, (tuple, list)) else [y]
-    return [t.detach().numpy() for t in ys]
-
-
-def max_err(a: list, b: list) -> float:
-    import numpy as np
-    return float(max(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64)))
-                     for x, y in zip(a, b)))

@@ -11,8 +11,7 @@ import re
 
 from fliqs_compiler.base.errors import FliqsError
 from fliqs_compiler.driver import quality
-from fliqs_compiler.driver.measure import (chosen_latency, latency_model, max_err, numeric_inputs,
-                                           torch_outputs)
+from fliqs_compiler.driver.measure import chosen_latency, latency_model, numeric_inputs
 from fliqs_compiler.driver.pipeline import Run
 
 __all__ = ["Import", "Data", "Passes", "ConfigPasses", "LatencyTable", "Budgets", "Baselines",
@@ -311,7 +310,7 @@ class Export:
         from fliqs_compiler.backends.qdq import export_checked
         p = run.point
         path, runnable, facts = export_checked(p.values["fixed"], run.staging(), p.values["inputs"], p.notes)
-        p.values.update(onnx_path=path, facts={**facts, "tvm_err": None, "latency_ms": None, "executed": {}})
+        p.values.update(onnx_path=path, facts={**facts, "tvm_err": None, "tvm_lsb": None, "latency_ms": None, "executed": {}})
 
 
 class Lower:
@@ -334,10 +333,12 @@ class Lower:
         facts = p.values["facts"]
         facts["executed"] = dict(artifact.executed or {})
         if artifact.run is not None and artifact.path != p.values["onnx_path"]:
-            inputs, fixed = p.values["inputs"], p.values["fixed"]
+            from fliqs_compiler.backends.ort_backend import check_artifact
+            inputs = p.values["inputs"]
             ran = artifact.run_many(inputs)  # one call: a remote device gets one upload for all
-            facts[f"{backend_for(target).name}_err"] = max_err(
-                [o for outs in ran for o in outs], [o for x in inputs for o in torch_outputs(fixed, x)])
+            name = backend_for(target).name
+            check = check_artifact(p.values["fixed"], f"{name} artifact {artifact.path.name}", inputs, ran)
+            facts[f"{name}_err"], facts[f"{name}_lsb"] = check["err"], check["lsb"]
 
 
 class Measure:

@@ -65,11 +65,12 @@ def _numerics(facts: dict) -> dict:
     """Backend checks. ``onnxruntime_max_abs_err``: a default ``onnxruntime.InferenceSession``
     (what users run) vs the quantized torch graph; ``onnxruntime_exact_max_abs_err``: our exact
     session; ``onnxruntime_default_lsb``: the default session's max |err| in output LSBs;
+    ``tvm_lsb``: the TVM artifact's (a fresh VM on the .so) max |err| in output LSBs;
     ``numerics_inputs``: what the checks ran on."""
     return {"onnxruntime_max_abs_err": facts.get("ort_err"),
             "onnxruntime_exact_max_abs_err": facts.get("ort_exact_err"),
             "onnxruntime_default_lsb": facts.get("ort_default_lsb"),
-            "tvm_max_abs_err": facts.get("tvm_err"),
+            "tvm_max_abs_err": facts.get("tvm_err"), "tvm_lsb": facts.get("tvm_lsb"),
             "numerics_inputs": facts.get("numerics_inputs")}
 
 

@@ -23,7 +23,9 @@ CONTRACT = {
     # onnxruntime_max_abs_err: a DEFAULT onnxruntime.InferenceSession(path) (what users run) vs
     # the quantized torch graph. Extra fields written by build_report: onnxruntime_exact_max_abs_err
     # (our exact session), onnxruntime_default_lsb (the default session's max |err| in output
-    # LSBs, ort_backend.output_steps), numerics_inputs (what the checks ran on).
+    # LSBs, ort_backend.output_steps), tvm_lsb (the same for the TVM artifact; compile fails when
+    # most output rows are beyond 2 LSB: ort_backend.check_artifact), numerics_inputs (what the
+    # checks ran on).
     "numerics": {"onnxruntime_max_abs_err": OPT_NUM, "tvm_max_abs_err": OPT_NUM},
     "timing_s": {"import": NUM, "passes": NUM, "search": NUM, "export": NUM, "lower": NUM},
     "environment": {"threads": int, "torch": str, "tvm": str, "onnxruntime": str, "cpu": str},

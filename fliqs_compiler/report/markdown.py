@@ -132,7 +132,8 @@ def _numerics(r: dict) -> list:
              f"- onnxruntime (model.qdq.onnx, default session) vs the quantized torch graph: "
              f"max |err| {num('onnxruntime_max_abs_err')} ({num('onnxruntime_default_lsb', '.2f')} "
              f"output LSB); exact session {num('onnxruntime_exact_max_abs_err')}",
-             f"- TVM (tvm/model.so) vs the quantized torch graph: max |err| {num('tvm_max_abs_err')}"]
+             f"- TVM (tvm/model.so) vs the quantized torch graph: max |err| {num('tvm_max_abs_err')} "
+             f"({num('tvm_lsb', '.2f')} output LSB)"]
     if n.get("numerics_inputs"):
         lines.append(f"- checked on: {n['numerics_inputs']}")
     return lines + [f"- note: {note}" for note in r.get("notes") or []]

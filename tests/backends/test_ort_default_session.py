@@ -22,7 +22,7 @@ import fliqs_compiler as fq
 from fliqs_compiler.driver import api
 from fliqs_compiler import passes
 from fliqs_compiler.backends import onnx_export as ox
-from fliqs_compiler.backends.ort_backend import (DEFAULT_TOLERANCE_LSB, check_numerics,
+from fliqs_compiler.backends.ort_backend import (DEFAULT_TOLERANCE_LSB, check_artifact, check_numerics,
                                                  make_session, output_steps)
 from fliqs_compiler.cli.main import cli
 from fliqs_compiler.data.sources import load_data
@@ -165,6 +165,23 @@ def test_dropped_relu_fails_the_check_but_not_the_exact_session(artifact, tmp_pa
     with pytest.raises(CheckFailed, match="default onnxruntime session deviates") as e:
         check_numerics(fixed, path, inputs)
     assert "\n" not in str(e.value)
+
+
+def test_an_artifact_off_by_a_few_lsb_on_most_rows_fails_its_check(artifact):
+    """``check_artifact`` (what compile runs on tvm/model.so): real artifact outputs (here the
+    default session's) pass with their deviation in LSBs; the same outputs moved by 3 output
+    LSBs on every row (what a miscompiled kernel did: 21-31 LSB) fail in one line."""
+    fixed, path, inputs, _ = artifact
+    sess = ort.InferenceSession(str(path))
+    outs = [sess.run(None, {"x": x[0]}) for x in inputs]
+    ok = check_artifact(fixed, "model.so", inputs, outs)
+    assert ok["lsb"] <= DEFAULT_TOLERANCE_LSB and ok["err"] > 0
+    steps = output_steps(fixed, inputs)
+    shifted = [[o + np.float32(3 * steps[0]) for o in out] for out in outs]
+    with pytest.raises(CheckFailed, match="model.so: the artifact deviates") as e:
+        check_artifact(fixed, "model.so", inputs, shifted)
+    rows = sum(len(x[0]) for x in inputs)
+    assert "\n" not in str(e.value) and f"{rows} of {rows} output rows" in str(e.value)
 
 
 @pytest.mark.tvm
