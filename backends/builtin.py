@@ -91,6 +91,17 @@ class TvmBackend:
         database beside the latency cache (reused across runs and models; a remote device's in a
         folder of its own: ``devices.Remote.tuning_dir``); candidates and entries are timed
         where the target is (a farm of remote devices measures entries in parallel)."""
+        return self._measure(target, tuning, cache_dir, "NCHW")
+
+    def measure_layer_in(self, target, tuning: TuningOptions, cache_dir, graph,
+                         formats: dict) -> LayerMeasure:
+        """``measure_layer`` for the layers of one configuration of a model: its convs measured in
+        the layout the lowered model runs in (``tvm_measure.model_layout``: NHWC end to end when
+        every conv runs on the VNNI kernel), in a table of that layout (``tvm-nhwc``)."""
+        from fliqs_compiler.backends.tvm_measure import model_layout
+        return self._measure(target, tuning, cache_dir, model_layout(graph, formats, target))
+
+    def _measure(self, target, tuning: TuningOptions, cache_dir, layout: str) -> LayerMeasure:
         from fliqs_compiler.backends.devices import device_for
         device = device_for(target)
         per_layer = None
@@ -100,7 +111,7 @@ class TvmBackend:
             base = (Path(cache_dir) if cache_dir else default_cache_dir()) / "metaschedule"
             per_layer = Tuning(trials=tuning.trials, per_task=tuning.trials,
                                work_dir=str(device.tuning_dir(base, target)))
-        return device.measure_layer(target, per_layer)
+        return device.measure_layer(target, per_layer, layout)
 
     def measure_model(self, artifact: Artifact, inputs: list) -> Optional[float]:
         return float(artifact.time_ms(inputs))

@@ -40,10 +40,9 @@ class Local:
     def time_ms(self, lowered, inputs) -> float:
         return float(lowered.time_ms(inputs))
 
-    def measure_layer(self, target, tuning) -> LayerMeasure:
+    def measure_layer(self, target, tuning, layout: str = "NCHW") -> LayerMeasure:
         from fliqs_compiler.backends.tvm_measure import measure_fn
-        name = "tvm" if tuning is None else f"tvm-tuned{tuning.trials}"
-        return LayerMeasure(name, measure_fn(target, tuning))
+        return LayerMeasure(_table_name(tuning, layout), measure_fn(target, tuning, layout))
 
     def tuning_runner(self, timeout_s: float):
         """MetaSchedule's ``LocalRunner``: candidates timed in a worker process on this host."""
@@ -92,9 +91,8 @@ class Remote:
         a = self.address
         return max(1, int(list_devices(a.host, a.port)["keys"].get(a.key, {}).get("total", 1)))
 
-    def measure_layer(self, target, tuning) -> LayerMeasure:
-        name = "tvm" if tuning is None else f"tvm-tuned{tuning.trials}"
-        return LayerMeasure(name, _RemoteLayers(self, target, tuning))
+    def measure_layer(self, target, tuning, layout: str = "NCHW") -> LayerMeasure:
+        return LayerMeasure(_table_name(tuning, layout), _RemoteLayers(self, target, tuning, layout))
 
     def tuning_runner(self, timeout_s: float):
         """MetaSchedule's ``RPCRunner`` on the devices under the key (``rpc.tuning_runner``: one
@@ -155,12 +153,19 @@ def compile_workers() -> int:
     return max(0, n)
 
 
-def _compile_entry(layer, fw, fa, target, tuning, out: str) -> str:
-    """Compile one (layer, formats) micro-graph for ``target`` into ``out``; the library path.
-    Module level: also what a compile worker process runs."""
+def _table_name(tuning, layout: str) -> str:
+    """The latency table a TVM measure files its entries under (part of every cache key): tuned
+    kernels and the NHWC layout of an all-VNNI model are tables of their own."""
+    name = "tvm" if tuning is None else f"tvm-tuned{tuning.trials}"
+    return name if layout == "NCHW" else f"{name}-{layout.lower()}"
+
+
+def _compile_entry(layer, fw, fa, target, tuning, out: str, layout: str = "NCHW") -> str:
+    """Compile one (layer, formats) micro-graph (a conv in ``layout``) for ``target`` into
+    ``out``; the library path. Module level: also what a compile worker process runs."""
     from fliqs_compiler.backends.tvm_lower import lower
     from fliqs_compiler.backends.tvm_measure import layer_graph
-    lower(layer_graph(layer, fw, fa), target, Path(out), tuning=tuning)
+    lower(layer_graph(layer, fw, fa, layout), target, Path(out), tuning=tuning)
     return str(Path(out) / "tvm" / "model.so")
 
 
@@ -179,19 +184,20 @@ class _RemoteLayers:
     ``compile_workers`` processes) while the devices time the ones already compiled (unless
     ``pipelined()`` is off); results are yielded as they arrive, so the table caches each one."""
 
-    def __init__(self, device: Remote, target, tuning):
-        self.device, self.target, self.tuning = device, target, tuning
+    def __init__(self, device: Remote, target, tuning, layout: str = "NCHW"):
+        self.device, self.target, self.tuning, self.layout = device, target, tuning, layout
         self._work = tempfile.TemporaryDirectory(prefix="fliqs-rpc-layers-")  # removed with self
         self.work = Path(self._work.name)
         self._built = itertools.count()
 
     def _inputs(self, layer):
         from fliqs_compiler.backends.tvm_measure import layer_inputs
-        return layer_inputs(layer)
+        return layer_inputs(layer, layout=self.layout)
 
     def _build(self, layer, fw, fa):
         out = self.work / str(next(self._built))
-        return Path(_compile_entry(layer, fw, fa, self.target, self.tuning, str(out))), self._inputs(layer)
+        return (Path(_compile_entry(layer, fw, fa, self.target, self.tuning, str(out), self.layout)),
+                self._inputs(layer))
 
     def __call__(self, layer, fw, fa) -> float:
         lib, inputs = self._build(layer, fw, fa)
@@ -211,7 +217,7 @@ class _RemoteLayers:
                                    initializer=_worker_init)
         try:
             futures = {pool.submit(_compile_entry, layer, fw, fa, self.target, self.tuning,
-                                   str(self.work / str(next(self._built)))): i
+                                   str(self.work / str(next(self._built))), self.layout): i
                        for i, (layer, fw, fa) in enumerate(entries)}
             todo = set(futures)
             while todo:

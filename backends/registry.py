@@ -20,7 +20,10 @@ The interface (``Backend``):
   (``Artifact.run_many(input_lists)`` runs several input lists at once: one upload to a remote
   device for all of them);
 - ``measure_layer(target, tuning, cache_dir) -> LayerMeasure``: how its latency tables time one
-  layer in one (weight, activation) format pair;
+  layer in one (weight, activation) format pair; optional ``measure_layer_in(target, tuning,
+  cache_dir, graph, formats) -> LayerMeasure``: the same for the layers of one configuration of
+  a model (``driver.measure.chosen_latency``), where a layer's kernel depends on the whole model
+  (TVM: the layout), its table named apart;
 - ``measure_model(artifact, inputs) -> ms | None``: the whole model's latency;
 - ``runners``: the ways users load its artifact (``Runner``), each checked by the conformance
   matrix (``backends.conformance``);

@@ -6,6 +6,12 @@ dilation / groups), the weight quantized per output channel in ``fmt_w`` and the
 in ``fmt_a`` (``FormatQuantizer``s, exactly what ``materialize`` leaves), lowers it with
 ``tvm_lower.lower`` (the same rules as whole models, VNNI included) and returns the median time in
 ms. It plugs into ``latency_table.build(graph, pairs, measure_fn)`` as ``measure_fn``.
+
+Layout: a model whose convs all run on the VNNI conv kernel runs NHWC end to end (``tvm_kernels``:
+ConvertLayout), every other model NCHW (each VNNI conv then transposes around itself). A conv's
+micro-model runs in the layout of the model it is measured for (``layout``; ``model_layout``
+decides it for a graph and its formats): ``"NHWC"`` takes and returns NHWC tensors, so the lowered
+micro-model has no NCHW↔NHWC transposes around the kernel, like the artifact.
 """
 from __future__ import annotations
 
@@ -24,9 +30,25 @@ from fliqs_compiler.ir.graph import Graph, InputSpec, LayerInfo  # noqa: E402
 from fliqs_compiler.numerics.qspec import QuantSpec  # noqa: E402
 from fliqs_compiler.numerics.quantizers import FormatQuantizer  # noqa: E402
 
-__all__ = ["tvm_layer_ms", "measure_fn", "layer_module", "layer_graph", "layer_inputs"]
+__all__ = ["tvm_layer_ms", "measure_fn", "layer_module", "layer_graph", "layer_inputs",
+           "model_layout", "conv_takes_vnni", "LAYOUTS"]
 
 _CACHE: dict = {}
+LAYOUTS = ("NCHW", "NHWC")
+
+
+def _layout(layer: LayerInfo, layout: str) -> str:
+    """The layout a layer's micro-model runs in: ``layout`` for a conv2d, NCHW for anything else
+    (a linear / MatMul has no spatial layout)."""
+    if layout not in LAYOUTS:
+        raise FliqsError(f"layout {layout!r}: choose from {', '.join(LAYOUTS)}")
+    return layout if layer.op == "conv2d" else "NCHW"
+
+
+def _input_shapes(layer: LayerInfo, layout: str = "NCHW") -> list:
+    n, c, h, w = layer.input_shape if _layout(layer, layout) == "NHWC" else (None,) * 4
+    x = (n, h, w, c) if n is not None else tuple(layer.input_shape)
+    return [x] + ([tuple(layer.weight_shape)] if _act_x_act(layer) else [])
 
 
 def _quantizer(fmt: str, t: torch.Tensor, role: str, axis: Optional[int] = None,
@@ -42,13 +64,13 @@ def _act_x_act(layer: LayerInfo) -> bool:
     return layer.op == "matmul" and bool((layer.attrs or {}).get("act_x_act"))
 
 
-def layer_inputs(layer: LayerInfo, seed: int = 0) -> list:
-    """The micro-model's run-time inputs (float32 arrays, standard normal): the layer's input,
-    and for an activation × activation MatMul its second operand too."""
+def layer_inputs(layer: LayerInfo, seed: int = 0, layout: str = "NCHW") -> list:
+    """The micro-model's run-time inputs (float32 arrays, standard normal): the layer's input
+    (NHWC for a conv measured in ``layout`` NHWC), and for an activation × activation MatMul its
+    second operand too."""
     import numpy as np
     rng = np.random.default_rng(seed)
-    shapes = [layer.input_shape] + ([layer.weight_shape] if _act_x_act(layer) else [])
-    return [rng.standard_normal(tuple(s)).astype(np.float32) for s in shapes]
+    return [rng.standard_normal(s).astype(np.float32) for s in _input_shapes(layer, layout)]
 
 
 class _Layer(nn.Module):
@@ -99,25 +121,34 @@ class _ActMatMul(_Layer):
         return self._apply(x, w)
 
 
-def layer_module(layer: LayerInfo, fmt_w: str, fmt_a: str) -> nn.Module:
-    """The micro-model for one layer (eval mode). Unsupported op → FliqsError."""
+class _ChannelsLast(_Layer):
+    """A conv taking and returning NHWC: the permutes meet the ones ConvertLayout puts around an
+    NHWC conv, so the lowered micro-model runs NHWC end to end like an all-VNNI model."""
+
+    def forward(self, x):
+        return self._apply(x.permute(0, 3, 1, 2), self.weight).permute(0, 2, 3, 1)
+
+
+def layer_module(layer: LayerInfo, fmt_w: str, fmt_a: str, layout: str = "NCHW") -> nn.Module:
+    """The micro-model for one layer (eval mode), a conv in ``layout``. Unsupported op →
+    FliqsError."""
     if layer.op not in ("conv2d", "conv1d", "linear", "matmul"):
         raise FliqsError(f"layer {layer.name}: op {layer.op!r} has no TVM micro-benchmark; "
                          "supported: conv2d, conv1d, linear, matmul")
     if not layer.weight_shape or not layer.input_shape:
         raise FliqsError(f"layer {layer.name}: weight_shape / input_shape unknown; run shape "
                          "propagation (passes.prepare) before measuring latency")
-    return (_ActMatMul if _act_x_act(layer) else _Layer)(layer, fmt_w, fmt_a).eval()
+    cls = (_ActMatMul if _act_x_act(layer)
+           else _ChannelsLast if _layout(layer, layout) == "NHWC" else _Layer)
+    return cls(layer, fmt_w, fmt_a).eval()
 
 
-def layer_graph(layer: LayerInfo, fmt_w: str, fmt_a: str) -> Graph:
-    """A ``Graph`` of the micro-model, with one LayerInfo named like ``layer``."""
-    m = layer_module(layer, fmt_w, fmt_a)
-    second = _act_x_act(layer)
+def layer_graph(layer: LayerInfo, fmt_w: str, fmt_a: str, layout: str = "NCHW") -> Graph:
+    """A ``Graph`` of the micro-model (a conv in ``layout``), with one LayerInfo named like
+    ``layer``."""
+    m = layer_module(layer, fmt_w, fmt_a, layout)
     gm = torch.fx.symbolic_trace(m)
-    inputs = [InputSpec("x", tuple(layer.input_shape))]
-    if second:
-        inputs.append(InputSpec("w", tuple(layer.weight_shape)))
+    inputs = [InputSpec(n, s) for n, s in zip(("x", "w"), _input_shapes(layer, layout))]
     g = Graph(gm, inputs, name=f"layer:{layer.name}")
     node = next(n.name for n in gm.graph.nodes if n.op == "call_function"
                 and getattr(n.target, "__name__", "") in ("conv2d", "conv1d", "linear", "matmul"))
@@ -127,30 +158,77 @@ def layer_graph(layer: LayerInfo, fmt_w: str, fmt_a: str) -> Graph:
 
 
 def tvm_layer_ms(layer: LayerInfo, fmt_w: str, fmt_a: str, target="llvm", tuning=None, *,
-                 repeat: int = 5, min_repeat_ms: int = 50, return_lowered: bool = False):
+                 repeat: int = 5, min_repeat_ms: int = 50, return_lowered: bool = False,
+                 layout: str = "NCHW"):
     """Median latency (ms) of ``layer`` with weight format ``fmt_w`` and input format ``fmt_a``.
 
     Requires: ``layer.weight_shape`` and ``layer.input_shape``. ``tuning``: a
     ``tvm_lower.Tuning`` (MetaSchedule trials and its persistent database), None: default
-    schedules. Results are cached per process by (layer signature, formats, target key, trials).
+    schedules. ``layout``: the layout of the model the layer runs in (a conv's micro-model takes
+    and returns it). Results are cached per process by (layer signature, formats, target key,
+    trials, layout).
     """
     from fliqs_compiler.backends.targets import parse_target
     from fliqs_compiler.backends.tvm_lower import lower
     target = parse_target(target)
+    layout = _layout(layer, layout)
     key = (layer.signature(), F.get(fmt_w).name, F.get(fmt_a).name, target.key,
-           None if tuning is None else tuning.trials)
+           None if tuning is None else tuning.trials, layout)
     if key in _CACHE and not return_lowered:
         return _CACHE[key]
-    g = layer_graph(layer, fmt_w, fmt_a)
+    g = layer_graph(layer, fmt_w, fmt_a, layout)
     low = lower(g, target, None, tuning=tuning)
-    ms = low.time_ms(layer_inputs(layer), repeat=repeat, min_repeat_ms=min_repeat_ms)
+    ms = low.time_ms(layer_inputs(layer, layout=layout), repeat=repeat,
+                     min_repeat_ms=min_repeat_ms)
     _CACHE[key] = ms
     return (ms, low) if return_lowered else ms
 
 
-def measure_fn(target="llvm", tuning=None):
-    """``(layer, fmt_w, fmt_a) -> ms`` bound to a target (and a ``tvm_lower.Tuning``, or None):
-    the ``measure_fn`` that ``latency_table.build(graph, pairs, measure_fn)`` expects."""
+def measure_fn(target="llvm", tuning=None, layout: str = "NCHW"):
+    """``(layer, fmt_w, fmt_a) -> ms`` bound to a target (and a ``tvm_lower.Tuning``, or None,
+    and the model's ``layout``): the ``measure_fn`` that ``latency_table.build(graph, pairs,
+    measure_fn)`` expects."""
     def measure(layer: LayerInfo, fmt_w: str, fmt_a: str) -> float:
-        return tvm_layer_ms(layer, fmt_w, fmt_a, target, tuning)
+        return tvm_layer_ms(layer, fmt_w, fmt_a, target, tuning, layout=layout)
     return measure
+
+
+_VNNI_CACHE: dict = {}
+
+
+def conv_takes_vnni(layer: LayerInfo, fmt_w: str, fmt_a: str, target="llvm") -> bool:
+    """Whether the conv2d ``layer`` in (``fmt_w``, ``fmt_a``) runs on the target's VNNI conv
+    kernel: its micro-model translated by ``tvm_lower.translate`` and its conv call checked by
+    the kernel's own test (``tvm_kernels._conv_takes_vnni``), nothing compiled. Cached per
+    process."""
+    from fliqs_compiler.backends import tvm_kernels as K
+    from fliqs_compiler.backends.targets import parse_target
+    from fliqs_compiler.backends.tvm_lower import translate
+    target = parse_target(target)
+    kernels = K.kernels_for(target.caps)
+    if layer.op != "conv2d" or not any(k.rewrite is K.vnni_rewrite for k in kernels):
+        return False
+    key = (layer.signature(), F.get(fmt_w).name, F.get(fmt_a).name, target.key)
+    if key not in _VNNI_CACHE:
+        g = layer_graph(layer, fmt_w, fmt_a)
+        ep = torch.export.export(g.gm.eval(), tuple(g.example_inputs()))
+        mod, _ = translate(ep, frozenset(k.compute_rule for k in kernels))  # as lower() does
+        convs = K._calls(mod["main"], "relax.nn.conv2d")
+        _VNNI_CACHE[key] = len(convs) == 1 and K._conv_takes_vnni(convs[0])
+    return _VNNI_CACHE[key]
+
+
+def model_layout(graph: Graph, formats: dict, target="llvm") -> str:
+    """The layout the lowered model runs in: ``"NHWC"`` when it has a conv2d and every one of
+    them (layers kept float included: they are float) runs on the VNNI conv kernel — then
+    ``tvm_kernels.vnni_rewrite`` converts the whole graph to NHWC — else ``"NCHW"``.
+    ``formats``: ``{layer: {"weight", "activation"}}``; a layer it lacks is float."""
+    convs = [la for la in graph.layers.values() if la.op == "conv2d"]
+    if not convs:
+        return "NCHW"
+    for la in convs:
+        e = {} if la.keep_float else (formats.get(la.name) or {})
+        fw = e.get("weight", "float")
+        if not conv_takes_vnni(la, fw, e.get("activation", fw), target):
+            return "NCHW"
+    return "NHWC"

@@ -18,13 +18,20 @@ OUT_OF_RANGE_SCALE = 3.0
 
 
 def latency_model(graph, target, formats: list, progress: bool, cache_dir=None, pairs=None,
-                  tuning=None):
+                  tuning=None, model_formats=None):
     """A LatencyTable measured on ``target`` (by its backend's ``measure_layer``) for every
     searched layer × format pair (default: each candidate format for weight and activation
-    alike, as decisions are tied). ``tuning.trials`` > 0: tuned kernels (a table of its own)."""
+    alike, as decisions are tied). ``tuning.trials`` > 0: tuned kernels (a table of its own).
+    ``model_formats``: the configuration the layers run in, when known (``chosen_latency``): a
+    backend with ``measure_layer_in`` then measures them as they run in that model (TVM: its
+    layout), in a table of its own."""
     from fliqs_compiler.backends.latency_table import LatencyTable
     from fliqs_compiler.backends.registry import TuningOptions, backend_for
-    measure = backend_for(target).measure_layer(target, tuning or TuningOptions(), cache_dir)
+    backend, tuning = backend_for(target), tuning or TuningOptions()
+    in_model = getattr(backend, "measure_layer_in", None)
+    measure = (in_model(target, tuning, cache_dir, graph, model_formats)
+               if in_model is not None and model_formats is not None
+               else backend.measure_layer(target, tuning, cache_dir))
     kwargs = {"cache_dir": Path(cache_dir)} if cache_dir else {}
     table = LatencyTable(target.key, measure.table, threads=threads(), **kwargs)
     if pairs is None:
@@ -36,10 +43,12 @@ def latency_model(graph, target, formats: list, progress: bool, cache_dir=None, 
 
 def chosen_latency(graph, target, formats: dict, progress: bool, tuning=None):
     """Per-layer latency of each searched layer in its chosen (weight, activation) formats only
-    (one micro-graph per layer, cached on disk)."""
+    (one micro-graph per layer, cached on disk), measured as it runs in the model with these
+    formats (``latency_model``'s ``model_formats``)."""
     pairs = {name: [(e.get("weight", "float"), e.get("activation", e.get("weight", "float")))]
              for name, e in formats.items()}
-    return latency_model(graph, target, [], progress, pairs=pairs, tuning=tuning)
+    return latency_model(graph, target, [], progress, pairs=pairs, tuning=tuning,
+                         model_formats=formats)
 
 
 class NumericInputs(list):

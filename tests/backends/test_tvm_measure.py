@@ -2,11 +2,14 @@
 
 import pytest
 
+from fliqs_compiler.backends import tvm_kernels as K
+from fliqs_compiler.backends.targets import parse_target
 from fliqs_compiler.backends.tvm_measure import layer_graph, tvm_layer_ms
 from fliqs_compiler.base.errors import FliqsError
 from fliqs_compiler.ir.graph import LayerInfo
 
 pytestmark = pytest.mark.tvm
+HOST_VNNI = K.has_vnni(parse_target("llvm").tvm_target)
 CONV = LayerInfo("blk.conv", "conv2d", "n", weight_shape=(16, 8, 3, 3), input_shape=(1, 8, 8, 8),
                  attrs={"stride": 2, "padding": 1})
 
@@ -108,3 +111,107 @@ def test_matmul_layers_measure_with_their_own_operand_layout():
     ms, low = tvm_layer_ms(att, "int8", "int8", "llvm", repeat=2, min_repeat_ms=5,
                            return_lowered=True)
     assert ms > 0 and low.executed["att"]["dtype"] == "int8xint8->int32"
+
+
+def _permutation_to(mod, start, stop) -> tuple:
+    """The axis order in which data reaches ``stop`` from ``start`` in ``main`` ("param": its
+    input; "kernel": the VNNI ``call_tir``; "output"), composing the permute_dims on the way
+    (elementwise ops, casts and pads keep the order): (0, 1, 2, 3) when no transpose is left."""
+    from tvm import relax
+    main = mod["main"]
+    order = {}
+    result = {}
+    if start == "param":
+        order[main.params[0]] = (0, 1, 2, 3)
+    for block in main.body.blocks:
+        for b in block.bindings:
+            v = b.value
+            if not isinstance(v, relax.Call):
+                if isinstance(v, relax.Var) and v in order:
+                    order[b.var] = order[v]
+                continue
+            name = getattr(v.op, "name", "")
+            args = list(v.args[1].fields) if name == "relax.call_tir" else list(v.args)
+            src = next((a for a in args if isinstance(a, relax.Var) and a in order), None)
+            if name == "relax.call_tir":
+                if stop == "kernel" and src is not None:
+                    return order[src]
+                if start == "kernel":
+                    order[b.var] = (0, 1, 2, 3)
+                continue
+            if src is None:
+                continue
+            p = order[src]
+            order[b.var] = tuple(p[int(a)] for a in v.attrs.axes) if name == "relax.permute_dims" else p
+            result["output"] = order[b.var]
+    return result[stop]
+
+
+@pytest.mark.skipif(not HOST_VNNI, reason="host CPU has no AVX512-VNNI")
+def test_conv_micro_model_in_nhwc_runs_the_kernel_without_transposes():
+    """A VNNI conv measured for a model that runs NHWC (every conv on VNNI) takes and returns NHWC
+    like the artifact: no transpose between the input and the kernel nor after it; NCHW (a mixed
+    model) keeps the transposes each VNNI call makes there. Both compute the same values."""
+    import numpy as np
+
+    from fliqs_compiler.backends.tvm_measure import layer_inputs
+    conv = LayerInfo("blk.conv", "conv2d", "n", weight_shape=(32, 16, 3, 3),
+                     input_shape=(1, 16, 14, 14), attrs={"stride": 1, "padding": 1})
+    _, nchw = tvm_layer_ms(conv, "int8", "uint8", repeat=1, min_repeat_ms=1, return_lowered=True)
+    _, nhwc = tvm_layer_ms(conv, "int8", "uint8", repeat=1, min_repeat_ms=1, return_lowered=True,
+                           layout="NHWC")
+    assert nchw.executed["blk.conv"]["kernel"] == nhwc.executed["blk.conv"]["kernel"] == "vnni"
+    assert _permutation_to(nhwc.mod, "param", "kernel") == (0, 1, 2, 3)
+    assert _permutation_to(nhwc.mod, "kernel", "output") == (0, 1, 2, 3)
+    assert _permutation_to(nchw.mod, "param", "kernel") != (0, 1, 2, 3)
+    assert _permutation_to(nchw.mod, "kernel", "output") != (0, 1, 2, 3)
+    (x,) = layer_inputs(conv)
+    (x_nhwc,) = layer_inputs(conv, layout="NHWC")
+    assert x_nhwc.shape == (1, 14, 14, 16)
+    x_nhwc = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+    np.testing.assert_allclose(nhwc.run([x_nhwc])[0], nchw.run([x])[0].transpose(0, 2, 3, 1),
+                               rtol=1e-6, atol=1e-6)
+    # a linear has no layout: the same micro-model either way
+    fc = LayerInfo("fc", "linear", "n", weight_shape=(8, 16), input_shape=(1, 16))
+    assert layer_inputs(fc, layout="NHWC")[0].shape == (1, 16)
+
+
+def _layers(fmt_c2="int8", keep_float_c2=False):
+    """Graph stand-in (``model_layout`` reads ``graph.layers``): two convs and a linear."""
+    from types import SimpleNamespace
+    c1 = LayerInfo("c1", "conv2d", "n1", weight_shape=(16, 3, 3, 3), input_shape=(1, 3, 8, 8),
+                   attrs={"stride": 1, "padding": 1})
+    c2 = LayerInfo("c2", "conv2d", "n2", weight_shape=(16, 16, 3, 3), input_shape=(1, 16, 8, 8),
+                   attrs={"stride": 1, "padding": 1})
+    c2.keep_float = keep_float_c2
+    fc = LayerInfo("fc", "linear", "n3", weight_shape=(10, 64), input_shape=(1, 64))
+    formats = {"c1": {"weight": "int8", "activation": "int8"},
+               "c2": {"weight": fmt_c2, "activation": fmt_c2},
+               "fc": {"weight": "fp8_e4m3", "activation": "fp8_e4m3"}}
+    if keep_float_c2:
+        del formats["c2"]
+    return SimpleNamespace(layers={"c1": c1, "c2": c2, "fc": fc}), formats
+
+
+def test_model_layout_is_nhwc_only_when_every_conv_takes_vnni():
+    """The rule of ``tvm_kernels.vnni_rewrite``: NHWC iff every conv runs on the VNNI kernel (a
+    float-kept or fp8 conv keeps the model NCHW; linears do not matter); the chosen-formats table
+    of a TVM backend is then a table of its own (``tvm-nhwc``: the layout is in every cache key)."""
+    from fliqs_compiler.backends.builtin import TvmBackend
+    from fliqs_compiler.backends.latency_table import LatencyTable
+    from fliqs_compiler.backends.registry import TuningOptions
+    from fliqs_compiler.backends.tvm_measure import model_layout
+    target = parse_target("llvm")
+    vnni = K.has_vnni(target.tvm_target)
+    g, formats = _layers()
+    assert model_layout(g, formats, target) == ("NHWC" if vnni else "NCHW")
+    for g2, f2 in (_layers("fp8_e4m3"), _layers(keep_float_c2=True)):
+        assert model_layout(g2, f2, target) == "NCHW"
+    backend = TvmBackend()
+    m = backend.measure_layer_in(target, TuningOptions(), None, g, formats)
+    assert m.table == ("tvm-nhwc" if vnni else "tvm")
+    assert backend.measure_layer_in(target, TuningOptions(), None, *_layers("fp8_e4m3")).table == "tvm"
+    assert backend.measure_layer(target, TuningOptions(), None).table == "tvm"
+    keys = {LatencyTable(target.key, name).key(g.layers["c1"], "int8", "int8")
+            for name in ("tvm", "tvm-nhwc")}
+    assert len(keys) == 2
