@@ -28,8 +28,9 @@ from fliqs_compiler.ir.graph import Graph
 from fliqs_compiler.numerics.quantizers import SearchableQuantizer
 from fliqs_compiler.search.oneshot import SearchOptions
 from fliqs_compiler.search.projection import project_to_budget
-from fliqs_compiler.search.sensitivity import (forward_step_equivalents, ilp_choice, marginal_costs,
-                                               measure_on_heldout, most_precise)
+from fliqs_compiler.search.sensitivity import (SENSITIVITY_SAMPLES, forward_step_equivalents,
+                                               ilp_choice, marginal_costs, measure_on_heldout,
+                                               most_precise)
 from fliqs_compiler.search.metrics import resolve_metric
 from fliqs_compiler.search.trainer import WeightTrainer, float_copy, needs_teacher
 
@@ -154,7 +155,7 @@ def random_search(graph: Graph, data, budget, options: SearchOptions, n: int = 8
 
 
 def sensitivity_ilp(graph: Graph, data, budget, options: SearchOptions, latency=None,
-                    sens_samples: int = 512, charge_sensitivity: bool = True) -> BaselineResult:
+                    sens_samples: int = SENSITIVITY_SAMPLES, charge_sensitivity: bool = True) -> BaselineResult:
     """HAWQ-like: measured per-decision loss sensitivity + MILP under the budget, then QAT.
     ``charge_sensitivity``: the sensitivity passes count toward ``options.steps`` (QAT gets
     the rest), so the method costs what the others do."""

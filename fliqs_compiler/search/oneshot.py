@@ -42,8 +42,9 @@ from fliqs_compiler.numerics import formats as F
 from fliqs_compiler.search.controller import Controller, ControllerOptions, tunas_reward
 from fliqs_compiler.search.parallel import map_outputs
 from fliqs_compiler.search.projection import project_to_budget
-from fliqs_compiler.search.sensitivity import (forward_step_equivalents, ilp_choice, marginal_costs,
-                                               measure_on_heldout, prior_logits, sensitivity_evaluations)
+from fliqs_compiler.search.sensitivity import (SENSITIVITY_SAMPLES, forward_step_equivalents,
+                                               ilp_choice, marginal_costs, measure_on_heldout,
+                                               prior_logits, sensitivity_evaluations)
 from fliqs_compiler.search.metrics import QUALITY, resolve_metric
 from fliqs_compiler.search.trainer import TrainOptions, WeightTrainer, float_copy, needs_teacher
 
@@ -93,7 +94,8 @@ class SearchOptions:
     # Controller prior (``sensitivity.py``): "sensitivity" measures every (decision, candidate)
     # on the shared weights when the search phase begins, solves the budgeted ILP and starts the
     # policy with ``prior_probability`` on each decision's ILP pick; its forward passes over
-    # ``prior_samples`` held-out samples are charged against ``steps``. "none": uniform logits.
+    # ``prior_samples`` held-out samples (``SENSITIVITY_SAMPLES``, the ILP baseline's count;
+    # fewer where ``prior_share`` cannot pay) are charged against ``steps``. "none": uniform logits.
     # Measured (bench/quality.py's ResNet-8, INT space, 0.14x, 300 steps, seeds 0 / 1): without
     # the prior 89.04 / 87.41 %; with it, measured after a 15 % warmup 89.19 / 89.28 %, measured
     # at the start (below) with the same warmup 90.70 / 91.11 %.
@@ -103,7 +105,7 @@ class SearchOptions:
     # "search" one, on the shared weights after the warmup, scored 88.1 %); "search" — when the
     # search phase begins.
     prior_at: str = "start"
-    prior_samples: int = 256
+    prior_samples: int = SENSITIVITY_SAMPLES
     prior_probability: float = 0.5
     # The prior may cost at most this fraction of ``steps``: short runs measure on fewer samples
     # (below 16 samples the policy starts uniform, stated in the schedule).
