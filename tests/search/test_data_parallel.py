@@ -159,16 +159,22 @@ def test_only_rank_zero_writes(runs):
     assert len(two["log"]) == two["search"]["schedule"]["weight_steps"]  # one line per step: one writer
 
 
-def _children(pid: int) -> list:
-    kids = []
+def _ranks(pid: int) -> dict:
+    """{RANK: pid} of the processes ``pid`` started with a RANK in their environment (the
+    torchrun ranks; not a helper such as multiprocessing's resource tracker)."""
+    ranks = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) != pid:
+                continue
+            env = dict(kv.split("=", 1) for kv in
+                       (stat.parent / "environ").read_bytes().decode(errors="replace").split("\0") if "=" in kv)
         except OSError:
             continue
-        if int(fields[1]) == pid:
-            kids.append(int(stat.parent.name))
-    return sorted(kids)
+        if "RANK" in env:
+            ranks[int(env["RANK"])] = int(stat.parent.name)
+    return ranks
 
 
 @pytest.mark.slow
@@ -185,9 +191,9 @@ def test_a_killed_rank_ends_the_job_in_one_line_and_resume_finishes_it(runs, tmp
                 break
             assert proc.poll() is None, f"ended before the kill: {proc.stderr.read()}"
             time.sleep(0.05)
-        ranks = _children(proc.pid)
-        assert len(ranks) == 2, ranks
-        os.kill(ranks[-1], signal.SIGKILL)
+        ranks = _ranks(proc.pid)
+        assert sorted(ranks) == [0, 1], ranks
+        os.kill(ranks[1], signal.SIGKILL)
         _, stderr = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:
