@@ -390,7 +390,8 @@ def check_artifact(graph, where: str, input_lists, outputs, tolerance_lsb: float
         raise CheckFailed(f"{where}: the artifact deviates from the quantized graph by {lsb:.1f} "
                           f"output LSBs (max |err| {worst:.3g}, tolerance {tolerance_lsb:g} LSB) on "
                           f"{int(over.sum())} of {over.size} output rows; the artifact is wrong for "
-                          "users, report it with the model (the QDQ model is checked and usable)")
+                          "users, report it with the model (--target ort builds the checked QDQ model "
+                          "alone)")
     return {"err": worst, "lsb": lsb}
 
 
