@@ -27,7 +27,7 @@ from fliqs_compiler.numerics.quantizers import FormatQuantizer
 
 __all__ = ["QDQ_DISABLED_OPTIMIZERS", "EXACT_DISABLED_OPTIMIZERS", "DEFAULT_TOLERANCE_LSB",
            "make_session", "default_session", "run_onnx", "time_onnx", "compare", "ort_can_run",
-           "to_numpy_inputs", "grid_step", "output_steps", "check_numerics", "check_artifact"]
+           "to_numpy_inputs", "grid_step", "output_steps", "check_numerics", "check_artifact", "GraphReference"]
 
 SessionOrPath = Union[str, Path, bytes, ort.InferenceSession]
 
@@ -356,34 +356,45 @@ def deviation_verdict(default_lsb, exact_lsb, tolerance_lsb: float) -> Optional[
     return None
 
 
-def _lsb_rows_against(graph, input_lists):
-    """A function ``(outputs per input list, where) -> (per-row deviation in output LSBs, max
-    |err|)`` measuring an artifact's outputs against the torch graph on ``input_lists``: each
-    output's LSB is ``output_steps``' (``FLOAT_ONLY_UNIT`` of its range where no quantizer
+class GraphReference:
+    """The torch graph's outputs and output LSBs on ``input_lists``, computed once (on first use)
+    and shared by every artifact checked against them (the QDQ model, then the TVM ``.so``).
+    ``lsb_rows(outputs per input list, where) -> (per-row deviation in output LSBs, max |err|)``:
+    each output's LSB is ``output_steps``' (``FLOAT_ONLY_UNIT`` of its range where no quantizer
     precedes it); rows are batch rows × outputs × input lists."""
-    steps = output_steps(graph, input_lists)
-    refs = [_torch_outputs(graph, inputs) for inputs in input_lists]
-    scale = [max((float(np.max(np.abs(ref[i]), initial=0.0)) for ref in refs), default=0.0)
-             for i in range(len(steps))]
-    units = [st if st else max(m, 1e-30) * FLOAT_ONLY_UNIT for st, m in zip(steps, scale)]
 
-    def lsb_rows(got_lists, where):
-        per_input = [_row_errors(ref, got, where) for ref, got in zip(refs, got_lists)]
-        in_lsb = np.concatenate([e / u for per in per_input for e, u in zip(per, units)]
+    def __init__(self, graph, input_lists):
+        self.graph, self.input_lists = graph, input_lists
+        self._refs = self._units = None
+
+    def _measure(self) -> None:
+        steps = output_steps(self.graph, self.input_lists)
+        self._refs = [_torch_outputs(self.graph, inputs) for inputs in self.input_lists]
+        scale = [max((float(np.max(np.abs(ref[i]), initial=0.0)) for ref in self._refs), default=0.0)
+                 for i in range(len(steps))]
+        self._units = [st if st else max(m, 1e-30) * FLOAT_ONLY_UNIT for st, m in zip(steps, scale)]
+
+    def lsb_rows(self, got_lists, where):
+        if self._refs is None:
+            self._measure()
+        per_input = [_row_errors(ref, got, where) for ref, got in zip(self._refs, got_lists)]
+        in_lsb = np.concatenate([e / u for per in per_input for e, u in zip(per, self._units)]
                                 or [np.zeros(0)])
         worst = max((float(e.max(initial=0.0)) for per in per_input for e in per), default=0.0)
         return in_lsb, worst
-    return lsb_rows
 
 
-def check_artifact(graph, where: str, input_lists, outputs, tolerance_lsb: float = DEFAULT_TOLERANCE_LSB) -> dict:
+def check_artifact(graph, where: str, input_lists, outputs, tolerance_lsb: float = DEFAULT_TOLERANCE_LSB,
+                   reference: Optional[GraphReference] = None) -> dict:
     """An artifact other than the QDQ model (a TVM ``.so`` run in a fresh VM) against the torch
     graph: ``outputs`` are its outputs on each of ``input_lists``. Returns ``{"err", "lsb"}``
     (max |err|, largest deviation in output LSBs). Raises ``CheckFailed`` when more than
     ``CASCADE_ROW_SHARE`` of the output rows deviate beyond ``tolerance_lsb``: a compiler that
     miscompiles a kernel moves most rows (seen: TVM 0.27's LLVM vectorizing a fused broadcast read
-    ``B[i, 0, j % 8]`` as a contiguous 16-lane load on znver4; 21-31 LSB)."""
-    in_lsb, worst = _lsb_rows_against(graph, input_lists)(outputs, where)
+    ``B[i, 0, j % 8]`` as a contiguous 16-lane load on znver4; 21-31 LSB). ``reference``: the
+    graph's outputs on ``input_lists`` when already computed (``GraphReference``)."""
+    reference = reference or GraphReference(graph, input_lists)
+    in_lsb, worst = reference.lsb_rows(outputs, where)
     over = in_lsb > tolerance_lsb
     lsb = float(in_lsb.max(initial=0.0))
     if over.sum() > CASCADE_ROW_SHARE * max(1, over.size):
@@ -396,7 +407,8 @@ def check_artifact(graph, where: str, input_lists, outputs, tolerance_lsb: float
 
 
 def check_numerics(graph, onnx_path, input_lists, threads: int = 2,
-                   tolerance_lsb: float = DEFAULT_TOLERANCE_LSB) -> dict:
+                   tolerance_lsb: float = DEFAULT_TOLERANCE_LSB,
+                   reference: Optional[GraphReference] = None) -> dict:
     """The artifact check: a ``default_session`` (what users run) and our exact session
     against the torch graph on every input list of ``input_lists``.
 
@@ -408,7 +420,7 @@ def check_numerics(graph, onnx_path, input_lists, threads: int = 2,
     model, when a row deviates beyond ``tolerance_lsb`` in the default session but not in the
     exact one (an onnxruntime rewrite changes the result), or when more than
     ``CASCADE_ROW_SHARE`` of the rows deviate beyond it (``CASCADE_ROW_SHARE`` says why a few
-    may).
+    may). ``reference``: the graph's outputs on ``input_lists`` when already computed.
     """
     torch.set_num_threads(threads)
     try:
@@ -417,10 +429,10 @@ def check_numerics(graph, onnx_path, input_lists, threads: int = 2,
         raise CheckFailed(f"{onnx_path}: a default onnxruntime.InferenceSession cannot load "
                           f"the artifact ({str(e)[:200]})") from e
     exact = make_session(onnx_path, threads, exact=True)
-    lsb_of = _lsb_rows_against(graph, input_lists)
+    reference = reference or GraphReference(graph, input_lists)
     in_lsb, worst = {}, {}
     for kind, sess in (("default", default), ("exact", exact)):
-        in_lsb[kind], worst[kind] = lsb_of([run_onnx(sess, inputs, threads=threads)
+        in_lsb[kind], worst[kind] = reference.lsb_rows([run_onnx(sess, inputs, threads=threads)
                                             for inputs in input_lists], onnx_path)
     lsb = float(in_lsb["default"].max(initial=0.0))
     over = in_lsb["default"] > tolerance_lsb

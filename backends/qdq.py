@@ -19,11 +19,12 @@ def _quiet_exporter_logs() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
-def export_checked(fixed, out_dir: Path, inputs: list, notes: list) -> tuple:
+def export_checked(fixed, out_dir: Path, inputs: list, notes: list, reference=None) -> tuple:
     """Export ``fixed`` to ``out_dir/model.qdq.onnx`` and check its numerics on ``inputs`` (lists
     of numpy arrays; ``inputs.description`` says what they are). Returns ``(path, runnable,
     facts)`` with facts ``ort_err`` (default session), ``ort_exact_err``, ``ort_default_lsb``,
-    ``numerics_inputs``. Raises ``ort_backend.CheckFailed`` when the default session disagrees
+    ``numerics_inputs``. ``reference``: an ``ort_backend.GraphReference`` of ``fixed`` on
+    ``inputs`` to share with later artifact checks. Raises ``ort_backend.CheckFailed`` when the default session disagrees
     with the graph beyond ``ort_backend.DEFAULT_TOLERANCE_LSB``."""
     from fliqs_compiler.backends.onnx_export import export_qdq
     from fliqs_compiler.backends.ort_backend import check_numerics, compare, ort_can_run
@@ -39,7 +40,7 @@ def export_checked(fixed, out_dir: Path, inputs: list, notes: list) -> tuple:
         facts["ort_err"] = max(float(compare(fixed, path, x, engine="reference", threads=threads()))
                                for x in inputs)
         return path, runnable, facts
-    n = check_numerics(fixed, path, inputs, threads=threads())
+    n = check_numerics(fixed, path, inputs, threads=threads(), reference=reference)
     facts.update(ort_err=n["default_err"], ort_exact_err=n["exact_err"], ort_default_lsb=n["default_lsb"])
     if n["cascade_rows"]:
         notes.append(f"numerics: {n['cascade_rows']} of {n['rows']} output rows differ from the torch "

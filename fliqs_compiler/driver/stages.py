@@ -307,10 +307,14 @@ class Export:
         return "QDQ ONNX + default onnxruntime session check"
 
     def run(self, run: Run) -> None:
+        from fliqs_compiler.backends.ort_backend import GraphReference
         from fliqs_compiler.backends.qdq import export_checked
         p = run.point
-        path, runnable, facts = export_checked(p.values["fixed"], run.staging(), p.values["inputs"], p.notes)
-        p.values.update(onnx_path=path, facts={**facts, "tvm_err": None, "tvm_lsb": None, "latency_ms": None, "executed": {}})
+        # the torch graph's outputs, computed once for the QDQ check and the Lower stage's check
+        reference = GraphReference(p.values["fixed"], p.values["inputs"])
+        path, runnable, facts = export_checked(p.values["fixed"], run.staging(), p.values["inputs"], p.notes,
+                                               reference)
+        p.values.update(onnx_path=path, reference=reference, facts={**facts, "tvm_err": None, "tvm_lsb": None, "latency_ms": None, "executed": {}})
 
 
 class Lower:
@@ -337,7 +341,8 @@ class Lower:
             inputs = p.values["inputs"]
             ran = artifact.run_many(inputs)  # one call: a remote device gets one upload for all
             name = backend_for(target).name
-            check = check_artifact(p.values["fixed"], f"{name} artifact {artifact.path.name}", inputs, ran)
+            check = check_artifact(p.values["fixed"], f"{name} artifact {artifact.path.name}", inputs, ran,
+                                   reference=p.values.get("reference"))
             facts[f"{name}_err"], facts[f"{name}_lsb"] = check["err"], check["lsb"]
 
 
