@@ -66,7 +66,12 @@ SPACES = {
     "mixed": ["int2", "int3", "int4", "int8", "fp4_e2m1", "fp6_e3m2", "fp8_e4m3"],
     "vit": ["int4", "int8", "fp8_e4m3"],
 }
-BUDGETS = {"int": [0.14, 0.25, 0.45], "fp": [0.25, 0.35, 0.45], "mixed": [0.14, 0.25, 0.45],
+# Spaces whose layers choose the weight's and the activation's format separately (two decisions
+# per layer instead of one): W2A4 and the like, where an additive sensitivity model is most likely
+# to mis-rank combinations.
+SPACES["int-untied"] = SPACES["int"]
+UNTIED = {"int-untied"}
+BUDGETS = {"int": [0.14, 0.25, 0.45], "int-untied": [0.14, 0.25, 0.45], "fp": [0.25, 0.35, 0.45], "mixed": [0.14, 0.25, 0.45],
            "vit": [0.35, 0.5, 0.7]}
 
 
@@ -200,8 +205,9 @@ def pareto_png(rows, float_acc, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def searchable(model, fmts, name: str, cache: Path):
-    """The float model through the real front door: ONNX export, ``fq.load``, ``prepare``."""
+def searchable(model, fmts, name: str, cache: Path, tie: bool = True):
+    """The float model through the real front door: ONNX export, ``fq.load``, ``prepare``
+    (``tie``: one format per layer for weight and activation, else one decision each)."""
     import fliqs_compiler as fq
     from fliqs_compiler.passes import PrepareOptions, prepare
     path = cache / f"{name.split('-')[0]}_float.onnx"
@@ -209,7 +215,8 @@ def searchable(model, fmts, name: str, cache: Path):
         torch.onnx.export(model, (torch.zeros(1, 1, 28, 28),), str(path), input_names=["x"],
                           output_names=["logits"], dynamic_axes={"x": {0: "batch"}}, dynamo=False)
     g = fq.load(str(path), input_shapes={"x": (1, 1, 28, 28)})
-    g = prepare(g, PrepareOptions(formats=list(fmts), keep_float_first=False, keep_float_last=False))
+    g = prepare(g, PrepareOptions(formats=list(fmts), keep_float_first=False, keep_float_last=False,
+                                  tie_weight_activation=tie))
     g.name = name
     return g
 
@@ -314,7 +321,7 @@ def main(argv=None):
               f"bops={row['bops'] / 1e6:7.2f}M acc={row['accuracy'] * 100:6.2f} % ({row['seconds']:.0f} s)", flush=True)
 
     for space in spaces:
-        graph = searchable(model, SPACES[space], f"{a.model}-{space}", work)
+        graph = searchable(model, SPACES[space], f"{a.model}-{space}", work, tie=space not in UNTIED)
         for steps in steps_list:
             for seed in seeds:
                 base_opts = bench_options(steps, seed, a.lr_schedule)

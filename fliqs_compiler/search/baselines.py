@@ -5,10 +5,11 @@
   from the same starting weights, the best on the validation split is reported on the test split.
 - ``ilp`` (HAWQ-like): per-decision sensitivity = measured validation-loss increase when that
   decision alone drops from the most precise candidate to each other candidate; minimise the
-  summed sensitivity under the budget with ``scipy.optimize.milp`` (costs linearised per decision
-  around the most precise configuration: exact for tied BOPs/size); then QAT for the same steps.
+  summed sensitivity under the budget with ``scipy.optimize.milp`` (the exact cost of
+  ``cost.model.cost_terms``, untied layers' bits_w x bits_a included); then QAT for the same steps.
 - ``dnas``: differentiable branching (EdMIPS/FBNet-like) — every quantizer runs all K candidates
-  and mixes them with softmax(α) of its decision; the loss adds ``γ·|E[C]/C_target - 1|``;
+  and mixes them with softmax(α) of its decision; the loss adds ``γ·|E[C]/C_target - 1|``
+  (``expected_cost``: exact under independent draws);
   final = argmax α, shared weights, no retraining. K× activation memory: the comparison point.
 Each returns a ``BaselineResult``; none modifies the graph passed in (they work on deep copies).
 """
@@ -23,19 +24,18 @@ import torch
 from torch import nn
 
 from fliqs_compiler.cost.budget import parse_budget, resolve_budget
-from fliqs_compiler.cost.model import config_cost
+from fliqs_compiler.cost.model import config_cost, cost_terms
 from fliqs_compiler.ir.graph import Graph
 from fliqs_compiler.numerics.quantizers import SearchableQuantizer
 from fliqs_compiler.search.oneshot import SearchOptions
 from fliqs_compiler.search.projection import project_to_budget
 from fliqs_compiler.search.sensitivity import (SENSITIVITY_SAMPLES, forward_step_equivalents,
-                                               ilp_choice, marginal_costs, measure_on_heldout,
-                                               most_precise)
+                                               ilp_choice, measure_on_heldout)
 from fliqs_compiler.search.metrics import resolve_metric
 from fliqs_compiler.search.trainer import WeightTrainer, float_copy, needs_teacher
 
 __all__ = ["BaselineResult", "uniform", "fixed", "random_search", "sensitivity_ilp", "dnas", "DNASMixer",
-           "dnas_wrap", "marginal_costs", "BASELINES"]
+           "dnas_wrap", "expected_cost", "BASELINES"]
 
 
 @dataclass
@@ -165,8 +165,7 @@ def sensitivity_ilp(graph: Graph, data, budget, options: SearchOptions, latency=
     space = g.space
     sens = measure_on_heldout(space, g.gm, trainer, data, sens_samples)
     n = sens.samples
-    base_cost, deltas = marginal_costs(g, sens.reference, kind, latency)
-    choice, message = ilp_choice(sens.rows, base_cost, deltas, target)
+    choice, message = ilp_choice(sens.rows, cost_terms(g, kind, latency), target)
     if choice is None:
         choice = list(sens.reference)
         note = f"MILP failed ({message}); fell back to the most precise configuration"
@@ -214,6 +213,18 @@ def dnas_wrap(graph: Graph):
     return g, alphas
 
 
+def expected_cost(cost, probs: torch.Tensor) -> torch.Tensor:
+    """The expected cost (``cost.model.cost_terms``' ``(constant, terms)``) when each decision d
+    draws its candidate independently from ``probs[d]`` (``[decisions, max candidates]``)."""
+    constant, terms = cost
+    total = torch.tensor(float(constant))
+    for t in terms:
+        p = [probs[d, :n] for d, n in zip(t.decisions, t.table.shape)]
+        joint = p[0] if len(p) == 1 else p[0][:, None] * p[1][None, :]
+        total = total + (joint * torch.as_tensor(t.table, dtype=joint.dtype)).sum()
+    return total
+
+
 def dnas(graph: Graph, data, budget, options: SearchOptions, latency=None, alpha_lr: float = 0.01) -> BaselineResult:
     """DNAS branching search for ``options.steps`` steps (α frozen during the warmup fraction)."""
     t0 = time.perf_counter()
@@ -223,11 +234,9 @@ def dnas(graph: Graph, data, budget, options: SearchOptions, latency=None, alpha
     trainer = WeightTrainer(g.gm, data, options.train,
                             float_copy(graph.gm) if needs_teacher(data, options.train, metric) else None,
                             metric=metric)
-    ref = most_precise(graph.space)
-    base_cost, deltas = marginal_costs(graph, ref, kind, latency)
+    cost = cost_terms(graph, kind, latency)
     k = graph.space.max_candidates
-    delta = torch.tensor([r + [0.0] * (k - len(r)) for r in deltas])
-    mask = torch.tensor([[i < len(r) for i in range(k)] for r in deltas])
+    mask = torch.tensor([[i < len(d.candidates) for i in range(k)] for d in graph.space.decisions])
     aopt = torch.optim.Adam([alphas], lr=alpha_lr)
     gen = torch.Generator().manual_seed(options.seed)
     torch.manual_seed(options.seed)
@@ -240,7 +249,7 @@ def dnas(graph: Graph, data, budget, options: SearchOptions, latency=None, alpha
         loss = trainer.loss(g.gm(x), y, t)
         if target is not None:
             p = torch.softmax(alphas.masked_fill(~mask, -1e9), dim=-1)
-            expected = base_cost + (p * delta).sum()
+            expected = expected_cost(cost, p)
             loss = loss + options.gamma * torch.abs(expected / target - 1.0)
         trainer.optimizer.zero_grad(set_to_none=True)
         aopt.zero_grad(set_to_none=True)

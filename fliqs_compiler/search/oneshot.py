@@ -37,13 +37,14 @@ from fliqs_compiler.cost.budget import parse_budget, resolve_budget
 from fliqs_compiler.cost.model import LatencyModel, config_cost
 from fliqs_compiler.base.errors import FliqsError
 from fliqs_compiler.ir.graph import Graph
+from fliqs_compiler.cost.model import cost_terms
 from fliqs_compiler.search.checkpoint import StepLog, atomic_write_text, load_checkpoint, save_checkpoint
 from fliqs_compiler.numerics import formats as F
 from fliqs_compiler.search.controller import Controller, ControllerOptions, tunas_reward
 from fliqs_compiler.search.parallel import map_outputs
 from fliqs_compiler.search.projection import project_to_budget
 from fliqs_compiler.search.sensitivity import (SENSITIVITY_SAMPLES, forward_step_equivalents,
-                                               ilp_choice, marginal_costs, measure_on_heldout,
+                                               ilp_choice, measure_on_heldout,
                                                prior_logits, sensitivity_evaluations)
 from fliqs_compiler.search.metrics import QUALITY, resolve_metric
 from fliqs_compiler.search.trainer import TrainOptions, WeightTrainer, float_copy, needs_teacher
@@ -284,8 +285,8 @@ class OneShotSearch:
         """Measure the sensitivity on the weights as they are now (``prior_at``), solve the ILP at
         the budget and move the policy onto it (once; a warmup keeps sampling its own way)."""
         sens = measure_on_heldout(self.space, self.gm, self.trainer, self.data, self.prior_samples)
-        base_cost, deltas = marginal_costs(self.graph, sens.reference, self.cost_kind, self.latency_model)
-        choice, message = ilp_choice(sens.rows, base_cost, deltas, self.target)
+        choice, message = ilp_choice(sens.rows, cost_terms(self.graph, self.cost_kind, self.latency_model),
+                                     self.target)
         if choice is None:  # no budgeted solution of the linear model: the policy starts uniform
             self.prior = {"choice": None, "message": message, "charged_steps": self.prior_charged}
             return

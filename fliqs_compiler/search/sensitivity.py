@@ -6,8 +6,8 @@ the ``ilp`` baseline and the FLIQS controller prior.
   precise candidate everywhere) to k. The same batch for every trial: the differences are paired,
   so a few hundred samples rank candidates far better than independent batches would.
 - ``ilp_choice``: minimise the summed sensitivity subject to the budget with
-  ``scipy.optimize.milp``; costs are linearised per decision around the reference (exact for
-  BOPs and size, which add up per layer; an approximation for latency tables).
+  ``scipy.optimize.milp``; the cost is exact (``cost.model.cost_terms``: per-layer terms over one
+  decision, or two when a layer's weight and activation are separate decisions).
 - ``prior_logits``: controller logits that put probability ``p`` on each decision's ILP pick and
   share the rest equally; the REINFORCE search then starts where the ILP ends and corrects it
   with measured rewards of whole configurations (interactions the additive model misses).
@@ -21,10 +21,9 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from fliqs_compiler.cost.model import config_cost
 from fliqs_compiler.numerics import formats as F
 
-__all__ = ["SENSITIVITY_SAMPLES", "Sensitivity", "most_precise", "marginal_costs", "measure_sensitivity", "ilp_choice",
+__all__ = ["SENSITIVITY_SAMPLES", "Sensitivity", "most_precise", "measure_sensitivity", "ilp_choice",
            "prior_logits", "forward_step_equivalents", "sensitivity_evaluations", "measure_on_heldout"]
 
 # Held-out samples the per-(decision, candidate) sensitivity is measured on, by the ILP baseline
@@ -39,21 +38,6 @@ def most_precise(space) -> list:
     """Each decision's candidate with the most bits."""
     return [max(range(len(d.candidates)), key=lambda k: F.get(d.candidates[k]).cost_bits)
             for d in space.decisions]
-
-
-def marginal_costs(graph, reference: Sequence[int], kind: str, latency=None):
-    """(cost of ``reference``, [[cost change when decision d alone takes candidate k]])."""
-    space = graph.space
-    base = config_cost(graph, space.formats_of(reference), kind, latency)
-    deltas = []
-    for d, decision in enumerate(space.decisions):
-        row = []
-        for k in range(len(decision.candidates)):
-            trial = list(reference)
-            trial[d] = k
-            row.append(config_cost(graph, space.formats_of(trial), kind, latency) - base)
-        deltas.append(row)
-    return base, deltas
 
 
 def sensitivity_evaluations(space) -> int:
@@ -122,29 +106,52 @@ def measure_on_heldout(space, gm, trainer, data, samples: int) -> Sensitivity:
                                forward=trainer.forward)
 
 
-def ilp_choice(sens_rows: Sequence[Sequence[float]], base_cost: float, deltas, target: Optional[float]):
-    """(choice, note): the configuration of least summed sensitivity whose linearised cost fits
-    ``target``; ``None`` and the solver's message when the MILP fails."""
+def ilp_choice(sens_rows: Sequence[Sequence[float]], cost, target: Optional[float]):
+    """(choice, note): the configuration of least summed sensitivity whose cost fits ``target``;
+    ``None`` and the solver's message when the MILP fails. ``cost``: ``cost.model.cost_terms``'
+    ``(constant, terms)``, exact: a two-decision term gets one variable per candidate pair, tied
+    to the two one-hot choices by its row and column sums (so it equals their product)."""
     from scipy.optimize import Bounds, LinearConstraint, milp
-    flat_s = np.concatenate([np.asarray(r, dtype=float) for r in sens_rows])
-    flat_c = np.concatenate([np.asarray(r, dtype=float) for r in deltas])
-    nvar = len(flat_s)
-    onehot = np.zeros((len(sens_rows), nvar))
-    pos = 0
-    for d, r in enumerate(sens_rows):
-        onehot[d, pos:pos + len(r)] = 1
-        pos += len(r)
-    rows = [LinearConstraint(onehot, 1, 1)]
+    constant, terms = cost
+    sizes = [len(r) for r in sens_rows]
+    start = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
+    pairs = [t for t in terms if len(t.decisions) == 2]
+    nx = int(start[-1])
+    pair_start = nx + np.concatenate([[0], np.cumsum([t.table.size for t in pairs])]).astype(int)
+    nvar = int(pair_start[-1])
+    objective = np.zeros(nvar)
+    objective[:nx] = np.concatenate([np.asarray(r, dtype=float) for r in sens_rows])
+    equalities = []  # (coefficients, right-hand side)
+    for d, n in enumerate(sizes):
+        row = np.zeros(nvar)
+        row[start[d]:start[d] + n] = 1
+        equalities.append(row)
+    budget = np.zeros(nvar)
+    for t in terms:
+        if len(t.decisions) == 1:
+            d = t.decisions[0]
+            budget[start[d]:start[d] + sizes[d]] += t.table
+    for t, p0 in zip(pairs, pair_start):
+        (d1, d2), (n1, n2) = t.decisions, t.table.shape
+        budget[p0:p0 + t.table.size] = t.table.ravel()
+        y = np.arange(t.table.size).reshape(n1, n2) + p0
+        for k in range(n1):  # Σ_j y[k, j] = x[d1, k]
+            row = np.zeros(nvar)
+            row[y[k, :]], row[start[d1] + k] = 1, -1
+            equalities.append(row)
+        for k in range(n2):  # Σ_i y[i, k] = x[d2, k]
+            row = np.zeros(nvar)
+            row[y[:, k]], row[start[d2] + k] = 1, -1
+            equalities.append(row)
+    rhs = np.array([1.0] * len(sizes) + [0.0] * (len(equalities) - len(sizes)))
+    constraints = [LinearConstraint(np.array(equalities), rhs, rhs)]
     if target is not None:
-        rows.append(LinearConstraint(flat_c[None, :], -np.inf, target - base_cost))
-    res = milp(c=flat_s, constraints=rows, integrality=np.ones(nvar), bounds=Bounds(0, 1))
+        constraints.append(LinearConstraint(budget[None, :], -np.inf, target - constant))
+    res = milp(c=objective, constraints=constraints, integrality=np.ones(nvar), bounds=Bounds(0, 1))
     if not res.success:
         return None, str(res.message)
-    x, choice, pos = np.round(res.x), [], 0
-    for r in sens_rows:
-        choice.append(int(np.argmax(x[pos:pos + len(r)])))
-        pos += len(r)
-    return choice, "ok"
+    x = np.round(res.x)
+    return [int(np.argmax(x[start[d]:start[d] + n])) for d, n in enumerate(sizes)], "ok"
 
 
 def prior_logits(choice: Sequence[int], candidate_counts: Sequence[int], width: int,

@@ -182,13 +182,72 @@ def test_prior_logits_put_the_stated_probability_on_the_pick():
 
 
 def test_ilp_choice_is_the_cheapest_loss_under_the_budget():
+    import numpy as np
+    from fliqs_compiler.cost.model import CostTerm
     from fliqs_compiler.search.sensitivity import ilp_choice
     sens = [[3.0, 1.0, 0.0], [0.5, 0.1, 0.0], [9.0, 2.0, 0.0]]  # int2, int4, int8 per decision
-    deltas = [[-15.0, -12.0, 0.0]] * 3  # from all-int8 (cost 48)
-    choice, msg = ilp_choice(sens, 48.0, deltas, target=24.0)
+    cost = (0.0, [CostTerm((d,), np.array(COST[d])) for d in range(3)])
+    choice, msg = ilp_choice(sens, cost, target=24.0)
     assert msg == "ok" and cost_of(choice) <= 24.0
     assert choice == [1, 1, 2]  # loss 1.1 at cost 24 beats [1, 0, 2] (1.5) and [2, 0, 0] (9.5)
-    assert ilp_choice(sens, 48.0, deltas, target=1.0)[0] is None  # below the cheapest: no solution
+    assert ilp_choice(sens, cost, target=1.0)[0] is None  # below the cheapest: no solution
+
+
+def test_ilp_choice_prices_an_untied_layer_by_the_product_of_its_widths():
+    """Weight and activation as separate decisions: the layer costs bits_w x bits_a, which a
+    per-decision linear model gets wrong in the cheap corner (it once let the ILP pick 2.4x the
+    budget). The MILP's pair variables price every combination exactly: brute force agrees."""
+    import itertools
+    import numpy as np
+    from fliqs_compiler.cost.model import CostTerm
+    from fliqs_compiler.search.sensitivity import ilp_choice
+    bits = np.array([2.0, 4.0, 8.0])
+    rng = np.random.default_rng(0)
+    for trial in range(20):
+        macs = rng.uniform(1, 10, size=2)  # two untied layers: decisions (0, 1) and (2, 3)
+        terms = [CostTerm((0, 1), macs[0] * np.outer(bits, bits)), CostTerm((2, 3), macs[1] * np.outer(bits, bits))]
+        sens = np.sort(rng.uniform(0, 5, size=(4, 3)), axis=1)[:, ::-1].tolist()  # fewer bits, more loss
+        target = float(rng.uniform(8, 64)) * macs.sum()
+
+        def exact(c):
+            return sum(t.table[c[t.decisions[0]], c[t.decisions[1]]] for t in terms)
+        feasible = [c for c in itertools.product(range(3), repeat=4) if exact(c) <= target]
+        choice, msg = ilp_choice(sens, (0.0, terms), target)
+        if not feasible:
+            assert choice is None
+            continue
+        assert msg == "ok" and exact(choice) <= target + 1e-9, (trial, choice)
+        best = min(sum(sens[d][k] for d, k in enumerate(c)) for c in feasible)
+        assert sum(sens[d][k] for d, k in enumerate(choice)) == pytest.approx(best)
+
+
+def test_cost_terms_reproduce_config_cost_on_an_untied_graph(trained_tiny_cnn, digits):
+    """``cost_terms`` is exact for every configuration of a real untied space, in BOPs and size."""
+    import itertools
+    import random
+    from fliqs_compiler.cost.model import cost_terms
+    g = make_searchable(trained_tiny_cnn, digits.x_train[:1], FORMATS, tied=False, name="tiny")
+    space = g.space
+    assert any(len(t.decisions) == 2 for t in cost_terms(g, "bops")[1])
+    rng = random.Random(0)
+    for kind in ("bops", "size"):
+        constant, terms = cost_terms(g, kind)
+        for _ in range(30):
+            choice = [rng.randrange(len(d.candidates)) for d in space.decisions]
+            got = constant + sum(t.table[tuple(choice[d] for d in t.decisions)] for t in terms)
+            assert got == pytest.approx(config_cost(g, space.formats_of(choice), kind))
+
+
+def test_expected_cost_is_the_mean_over_independent_draws():
+    import numpy as np
+    from fliqs_compiler.cost.model import CostTerm
+    from fliqs_compiler.search.baselines import expected_cost
+    bits = np.array([2.0, 4.0, 8.0])
+    cost = (5.0, [CostTerm((0, 1), np.outer(bits, bits)), CostTerm((2,), bits)])
+    probs = torch.tensor([[0.2, 0.3, 0.5], [0.6, 0.4, 0.0], [0.0, 0.0, 1.0]])
+    p = probs.numpy()
+    want = 5.0 + (p[0] @ bits) * (p[1] @ bits) + 8.0
+    assert float(expected_cost(cost, probs)) == pytest.approx(want)
 
 
 def test_sensitivity_prior_starts_the_policy_on_the_ilp_pick_and_is_charged(trained_tiny_cnn, digits,
