@@ -107,10 +107,19 @@ keep_float_option = click.option(
     help="Layers whose name matches REGEX stay float, outside search and budget (repeatable).")
 
 
-def prepare_options(attention: str, groups=(), keep_float=(), quantize_inputs="none") -> dict:
-    """``--attention-matmuls``, ``--group``, ``--keep-float``, ``--quantize-inputs`` →
-    ``passes.PrepareOptions`` fields; a bad regular expression or op name is a one-line error
-    before the model is read."""
+weight_activation_option = click.option(
+    "--weight-activation", "weight_activation", type=click.Choice(["tied", "separate"]),
+    default="tied", show_default=True,
+    help="One format per layer for its weight and input activation, or a separate decision for "
+         "each (W2A4 and the like; twice the decisions, costs stay exact: BOPs = MACs x bits_w x "
+         "bits_a).")
+
+
+def prepare_options(attention: str, groups=(), keep_float=(), quantize_inputs="none",
+                    weight_activation: str = "tied") -> dict:
+    """``--attention-matmuls``, ``--group``, ``--keep-float``, ``--quantize-inputs``,
+    ``--weight-activation`` → ``passes.PrepareOptions`` fields; a bad regular expression or op
+    name is a one-line error before the model is read."""
     import re
     from fliqs_compiler.passes import parse_quantize_inputs
     for option, patterns in (("--group", groups), ("--keep-float", keep_float)):
@@ -127,7 +136,25 @@ def prepare_options(attention: str, groups=(), keep_float=(), quantize_inputs="n
     inputs = parse_quantize_inputs(quantize_inputs, "--quantize-inputs")
     if inputs:
         options["quantize_inputs"] = inputs
+    if weight_activation == "separate":
+        options["tie_weight_activation"] = False
     return options
+
+
+def space_options(command):
+    """The search-space options (``--attention-matmuls``, ``--quantize-inputs``, ``--group``,
+    ``--keep-float``, ``--weight-activation``) given to ``command`` as one argument,
+    ``prepare_options``: the ``passes.PrepareOptions`` fields they ask for, checked first."""
+    import functools
+
+    @functools.wraps(command)
+    def with_space(*args, attention, quantize_inputs, groups, keep_float, weight_activation, **kwargs):
+        return command(*args, prepare_options=prepare_options(attention, groups, keep_float, quantize_inputs,
+                                                              weight_activation), **kwargs)
+    for option in (weight_activation_option, keep_float_option, group_option, quantize_inputs_option,
+                   attention_option):
+        with_space = option(with_space)
+    return with_space
 
 
 metric_option = click.option(

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import click
 
-from fliqs_compiler.cli.common import (OneLineCommand, attention_option, debug_option, group_option,
-                                       keep_float_option, quantize_inputs_option,
-                                       finetune_options, prepare_options, prior_option,
+from fliqs_compiler.cli.common import (OneLineCommand, debug_option, space_options,
+                                       finetune_options, prior_option,
                                        handle_errors, input_shape_option, metric_option,
                                        metric_options, parse_input_shapes, parse_int)
 from fliqs_compiler.cli.ranks import check_nproc, device_option, launch, nproc_option
@@ -43,10 +42,6 @@ from fliqs_compiler.driver.options import check_data_arg
               help="Fine-tune N steps under the found configuration (for comparison: FLIQS "
                    "needs no retraining; the report keeps both qualities).")
 @prior_option
-@attention_option
-@quantize_inputs_option
-@group_option
-@keep_float_option
 @metric_option
 @device_option
 @nproc_option
@@ -57,9 +52,9 @@ from fliqs_compiler.driver.options import check_data_arg
               help="Search checkpoint interval in steps (tests).")
 @debug_option
 @handle_errors
+@space_options  # innermost: its option errors pass through handle_errors
 def compile_(model, target, data, formats, budget, sweep, jobs, steps, out, seed, resume, input_shapes,
-             baselines, tune_trials, finetune, prior, attention, quantize_inputs, groups,
-             keep_float, metric, device, nproc, quiet, dry_run, checkpoint_every):
+             baselines, tune_trials, finetune, prior, prepare_options, metric, device, nproc, quiet, dry_run, checkpoint_every):
     """Search a mixed-precision format per layer of MODEL under a budget, then export, lower,
     compile and measure it for TARGET."""
     from fliqs_compiler.driver import api
@@ -79,7 +74,7 @@ def compile_(model, target, data, formats, budget, sweep, jobs, steps, out, seed
                   steps=api.check_steps(steps), out=out, seed=parse_int("--seed", seed),
                   resume=resume, sweep=sweep, baselines=baselines, input_shapes=shapes or None,
                   progress=not quiet, search_options=search_options,
-                  prepare_options=prepare_options(attention, groups, keep_float, quantize_inputs),
+                  prepare_options=prepare_options,
                   tune_trials=parse_int("--tune-trials", tune_trials), device=device,
                   jobs=jobs)
     if dry_run:

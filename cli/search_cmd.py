@@ -5,9 +5,8 @@ import click
 
 from fliqs_compiler.driver.options import check_data_arg
 
-from fliqs_compiler.cli.common import (OneLineCommand, attention_option, debug_option, group_option,
-                                       keep_float_option, quantize_inputs_option,
-                                       finetune_options, prepare_options, prior_option,
+from fliqs_compiler.cli.common import (OneLineCommand, debug_option, space_options,
+                                       finetune_options, prior_option,
                                        handle_errors, input_shape_option, metric_option,
                                        metric_options, parse_input_shapes, parse_int)
 from fliqs_compiler.cli.ranks import check_nproc, device_option, launch, nproc_option
@@ -27,18 +26,15 @@ from fliqs_compiler.cli.ranks import check_nproc, device_option, launch, nproc_o
 @click.option("--finetune", metavar="N", default="0", show_default=True,
               help="Fine-tune N steps under the found configuration (comparison only).")
 @prior_option
-@attention_option
-@quantize_inputs_option
-@group_option
-@keep_float_option
 @metric_option
 @device_option
 @nproc_option
 @click.option("--quiet", is_flag=True, help="No progress display.")
 @debug_option
 @handle_errors
+@space_options  # innermost: its option errors pass through handle_errors
 def search(model, data, formats, budget, target, steps, out, seed, resume, input_shapes, finetune,
-           prior, attention, quantize_inputs, groups, keep_float, metric, device, nproc, quiet):
+           prior, prepare_options, metric, device, nproc, quiet):
     """Run the FLIQS one-shot search on MODEL and write DIR/config.json (and search.jsonl)."""
     from fliqs_compiler.driver import api
     check_data_arg(data)  # before the model is imported (cheap options first)
@@ -48,7 +44,7 @@ def search(model, data, formats, budget, target, steps, out, seed, resume, input
                   steps=api.check_steps(steps), out=out, seed=parse_int("--seed", seed),
                   resume=resume, input_shapes=parse_input_shapes(input_shapes) or None,
                   progress=not quiet, search_options=search_options,
-                  prepare_options=prepare_options(attention, groups, keep_float, quantize_inputs),
+                  prepare_options=prepare_options,
                   device=device)
     if nproc > 1:
         api.search_request(model, **kwargs)  # every option checked before the ranks start

@@ -35,6 +35,23 @@ def test_search_writes_config_only(tmp_path, demo_model):
     assert not (out / "model.qdq.onnx").exists() and not (out / "report.json").exists()
 
 
+def test_search_with_separate_weight_and_activation_decisions(tmp_path, demo_model):
+    """``--weight-activation separate``: two decisions per layer, and the configuration's BOPs
+    (MACs x bits_w x bits_a, from ``inspect --json``) within the budget."""
+    out = tmp_path / "s"
+    run_cli(["search", str(demo_model), "--data", "digits", "--steps", "6", "--formats", "int2,int4,int8",
+             "--budget", "bops=0.2x", "--weight-activation", "separate", "--out", str(out), "--quiet"])
+    cfg = json.loads((out / "config.json").read_text())
+    first = json.loads((out / "search.jsonl").read_text().splitlines()[0])
+    assert len(first["choice"]) == 2 * len(cfg["formats"])
+    macs = {n["name"]: n["macs"] for n in json.loads(run_cli(["inspect", str(demo_model), "--json"]))["nodes"]}
+    bits = {"int2": 2, "int4": 4, "int8": 8}
+    bops = sum(macs[name] * bits[f["weight"]] * bits[f["activation"]] for name, f in cfg["formats"].items())
+    assert bops <= 0.2 * sum(macs[name] * 64 for name in cfg["formats"]) + 1e-6
+    with pytest.raises(AssertionError, match="exit 2"):
+        run_cli(["search", str(demo_model), "--weight-activation", "per-layer", "--out", str(tmp_path / "x")])
+
+
 def test_profile_json_and_cache(tmp_path, monkeypatch, demo_model):
     monkeypatch.setenv("FLIQS_CACHE_DIR", str(tmp_path / "cache"))
     argv = ["profile", str(demo_model), "--target", "ort", "--formats", "int8,bf16", "--json", "--quiet"]
