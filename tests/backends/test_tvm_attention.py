@@ -196,18 +196,18 @@ class Attention(nn.Module):
     """softmax(Q·Kᵀ)·V on [1, 2, 5, 6] heads: T = 5 and head dim 6 pad to 16 / 8 in both MatMuls.
     Q, K, V int8 codes; the softmax output uint8 (non-negative), as fliqs quantizes it."""
 
-    def __init__(self):
+    def __init__(self, operand=("int8", 0.02), probs=("uint8", 1 / 255)):
         super().__init__()
-        self.q, self.k, self.v = (act_quantizer("int8", 0.02) for _ in range(3))
-        self.p = act_quantizer("uint8", 1 / 255)
+        self.q, self.k, self.v = (act_quantizer(*operand) for _ in range(3))
+        self.p = act_quantizer(*probs)
 
     def forward(self, q, k, v):
         s = torch.matmul(self.q(q), self.k(k.transpose(-2, -1)))
         return torch.matmul(self.p(s.softmax(-1)), self.v(v))
 
 
-def _attention_graph():
-    m = Attention().eval()
+def _attention_graph(**formats):
+    m = Attention(**formats).eval()
     gm = torch.fx.symbolic_trace(m)
     g = Graph(gm, [InputSpec(n, (1, 2, 5, 6)) for n in "qkv"], name="attention")
     nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch.matmul]
@@ -246,6 +246,22 @@ def test_without_vnni_in_the_target_the_rewrite_is_not_applied():
         assert low.executed[name]["kernel"] == "int8"
     x = [t.numpy() for t in _qkv()]
     np.testing.assert_array_equal(low.run(x)[0], TL.lower(g, "llvm", vnni=False).run(x)[0])
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "fp8_e4m3", "fp8_e5m2"])
+def test_float_format_attention_lowers_off_the_int8_kernel_and_matches_torch(fmt):
+    """Q·Kᵀ and A·V with both operands in a float format (the softmax output too) take the float
+    path: no int8 kernel, the grid's values exact, fp32 accumulation; within fp32 summation-order
+    error of the torch graph, saturating inputs included."""
+    m, g = _attention_graph(operand=(fmt, 0.05), probs=(fmt, 1 / 16))
+    low = TL.lower(g, "llvm")
+    for name in ("att.scores", "att.context"):
+        assert low.executed[name]["kernel"] != "vnni", low.executed[name]
+        assert "int8" not in low.executed[name]["dtype"], low.executed[name]
+    for x in (_qkv(), _qkv(40.0)):
+        ref = m(*x).detach().numpy()
+        out = low.run([t.numpy() for t in x])[0]
+        assert np.abs(out - ref).max() <= 1e-5 * max(1.0, np.abs(ref).max())
 
 
 # ---- end to end: a ViT, all int8, lowered, a fresh VM on the .so vs onnxruntime -------------
