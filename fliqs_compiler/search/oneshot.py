@@ -92,6 +92,13 @@ class SearchOptions:
     # (bench/search_throughput.py), spent on 40 % of the steps for a log line.
     monitor_every: int = 10
     warmup_sampling: str = "progressive"  # progressive | uniform (see the module docstring)
+    # What the weights train during the search: "sample" (TuNAS: the configuration the controller
+    # sampled, which is then judged on the held-out batch) or "policy" (the policy's argmax
+    # projected onto the budget — the configuration the final stretch would train — while the
+    # sample is judged forward-only on the held-out batch). Why "policy" exists: at 900 steps the
+    # sampled configurations' weight steps cost the returned one 0.1-0.3 pp against ILP + QAT of
+    # the same configuration (bench/results/README.md), and the policy rarely leaves its prior.
+    weights_follow: str = "sample"
     # Controller prior (``sensitivity.py``): "sensitivity" measures every (decision, candidate)
     # on the shared weights when the search phase begins, solves the budgeted ILP and starts the
     # policy with ``prior_probability`` on each decision's ILP pick; its forward passes over
@@ -124,6 +131,11 @@ class SearchOptions:
         if self.warmup_sampling not in ("progressive", "uniform"):
             raise FliqsError(f"search option warmup_sampling={self.warmup_sampling!r}: use "
                              "'progressive' or 'uniform'")
+        if self.weights_follow not in ("sample", "policy"):
+            raise FliqsError(f"search option weights_follow={self.weights_follow!r}: use 'sample' or 'policy'")
+        if self.weights_follow == "policy" and self.reward_batch != "heldout":
+            raise FliqsError("search option weights_follow='policy' judges the sample forward-only on a "
+                             "held-out batch: use it with reward_batch='heldout'")
         if int(self.monitor_every) < 1:
             raise FliqsError(f"search option monitor_every={self.monitor_every}: use 1 or more")
         if int(self.reward_samples) < 1:
@@ -275,11 +287,18 @@ class OneShotSearch:
     def _final(self) -> list:
         """The argmax projected onto the budget (computed once, when the final stretch begins)."""
         if self.final_choice is None:
-            c = self.controller  # masked candidates (a decision with fewer) are no move
-            log_probs = c.log_probs().detach().masked_fill(~c.mask, float("-inf"))
-            self.final_choice, self.projection_moves = project_to_budget(
-                c.argmax(), log_probs, self.cost_of, self.target)
+            self.final_choice, self.projection_moves = self._projected_argmax()
         return self.final_choice
+
+    def _projected_argmax(self) -> tuple:
+        """(the policy's argmax projected onto the budget, now; the projection's moves)."""
+        c = self.controller  # masked candidates (a decision with fewer) are no move
+        log_probs = c.log_probs().detach().masked_fill(~c.mask, float("-inf"))
+        return project_to_budget(c.argmax(), log_probs, self.cost_of, self.target)
+
+    def _policy_choice(self) -> list:
+        """What the final stretch would train if it began now (``weights_follow='policy'``)."""
+        return list(self._projected_argmax()[0])
 
     def _apply_prior(self) -> None:
         """Measure the sensitivity on the weights as they are now (``prior_at``), solve the ILP at
@@ -318,9 +337,11 @@ class OneShotSearch:
         trainer, gen, opts = self.trainer, self.gen, self.opts
         phase = self.phase(step)
         choice = self._choose(step)
-        run = self.tail[1] + 1 if self.tail[0] == choice else 1
-        self.tail = (list(choice), run)  # the trailing run of identical configurations
-        self.space.apply(self.gm, choice)
+        follow_policy = phase == "search" and opts.weights_follow == "policy"
+        trained = self._policy_choice() if follow_policy else choice
+        run = self.tail[1] + 1 if self.tail[0] == trained else 1
+        self.tail = (list(trained), run)  # the trailing run of identical trained configurations
+        self.space.apply(self.gm, trained)
         # every output: the loss and the reward cover them all
         trainer.at_progress(step, self.steps)
         loss, out, y, t = trainer.train_batch(gen)
@@ -335,6 +356,8 @@ class OneShotSearch:
             batch = trainer.batch("val", opts.reward_batch_size or opts.train.batch_size, gen)
             monitored = (phase == "search" or step % int(opts.monitor_every) == 0
                          or step == self.steps - 1)
+            if follow_policy:  # the sample, judged on the weights trained for the policy
+                self.space.apply(self.gm, choice)
             quality = trainer.quality(self.reward_metric, batch[0], batch[1],
                                       trainer.teacher_out("val", batch[2])) if monitored else None
         cost = self.cost_of(choice)
@@ -355,6 +378,7 @@ class OneShotSearch:
         else:
             info = self.controller.update_many(choices, rewards, step)
         return {"step": step, "phase": phase, "choice": choice, "config_id": config_id(choice),
+                **({"trained": trained} if follow_policy else {}),
                 "reward": reward, "cost": cost,
                 "cost_ratio": None if self.target is None else cost / self.target,
                 "quality": quality, "loss": loss, "entropy": info["entropy"],

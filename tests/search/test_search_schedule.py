@@ -163,6 +163,27 @@ def test_tight_budget_is_met_even_when_the_policy_prefers_more(trained_tiny_cnn,
     assert res.cost <= res.budget_target * 1.02
 
 
+def test_weights_can_follow_the_policy_while_samples_are_judged(trained_tiny_cnn, digits, tmp_path):
+    """``weights_follow='policy'``: each search step trains the policy's budget-projected argmax
+    and judges the controller's sample forward-only; both are logged, the result meets its budget."""
+    from fliqs_compiler.base.errors import FliqsError
+    g = searchable(trained_tiny_cnn, digits)
+    res = run_search(g, digits, "bops=0.3x", opts(steps=40, weights_follow="policy"), out_dir=tmp_path,
+                     progress=False)
+    rows = [json.loads(l) for l in (tmp_path / "search.jsonl").read_text().splitlines()]
+    search = [r for r in rows if r["phase"] == "search"]
+    assert search and all("trained" in r and r["reward"] is not None for r in search)
+    for r in search:
+        assert config_cost(g, g.space.formats_of(r["trained"]), "bops") <= res.budget_target * 1.02
+    assert any(r["trained"] != r["choice"] for r in search)  # the samples explore beyond it
+    assert all("trained" not in r for r in rows if r["phase"] != "search")
+    assert res.cost <= res.budget_target * 1.02
+    with pytest.raises(FliqsError, match="reward_batch='heldout'"):
+        SearchOptions(weights_follow="policy", reward_batch="train")
+    with pytest.raises(FliqsError, match="weights_follow"):
+        SearchOptions(weights_follow="argmax")
+
+
 def test_reward_samples_and_distillation_run(trained_tiny_cnn, digits):
     g = searchable(trained_tiny_cnn, digits)
     res = run_search(g, digits, "bops=0.4x", opts(steps=30, reward_samples=3, train={"distill": 0.5}),
