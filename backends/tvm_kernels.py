@@ -144,14 +144,16 @@ def _tile_shape(rows: int, blocks: int, max_blocks: int = 2) -> tuple:
     return _largest_divisor(rows, _MAX_TILES // ot), ot
 
 
-def _accumulate_in_registers(sch, blk, parallel, reduction_outer, row_tile, block_tile, o16) -> None:
-    """The VNNI reduction into a register tile: C's tile cached in a stack buffer under the
+def _accumulate_in_registers(sch, blk, parallel, reduction_outer, row_tile, block_tile, o16,
+                             intrin: str = VNNI_INTRIN) -> None:
+    """The reduction into a register tile: C's tile cached in a stack buffer under the
     ``parallel`` loop (zeroed, reduced over every reduction loop from ``reduction_outer`` with the
-    16×4 intrinsic, written back once), instead of loading and storing C in memory at every step."""
+    16-lane ``intrin`` — VNNI's 16×4, or ``tvm_bf16``'s 16×2 — written back once), instead of
+    loading and storing C in memory at every step."""
     tile = sch.cache_write(blk, 0, "global")
     sch.reverse_compute_at(tile, parallel)
     init = sch.decompose_reduction(blk, reduction_outer)
-    sch.tensorize(o16, VNNI_INTRIN)
+    sch.tensorize(o16, intrin)
     sch.unroll(row_tile)
     sch.unroll(block_tile)
     _unroll_vectorize_16(sch, sch.get_loops(init)[1:])

