@@ -35,8 +35,9 @@ import numpy as np
 
 from fliqs_compiler.backends.targets import cpu_features
 from fliqs_compiler.backends.tvm_attention import attention_rewrite
+from fliqs_compiler.backends.tvm_bf16 import bf16_rewrite
 
-__all__ = ["Kernel", "KERNELS", "kernels_for", "VNNI_INTRIN", "register_intrinsics", "has_vnni", "pack_dense_weight",
+__all__ = ["Kernel", "KERNELS", "BF16_KERNEL", "kernels_for", "VNNI_INTRIN", "register_intrinsics", "has_vnni", "pack_dense_weight",
            "pack_conv_weight", "dense_vnni_supported", "conv_vnni_supported",
            "conv_vnni_applicable", "dense_vnni", "conv2d_nhwc_vnni", "vnni_rewrite", "fp_round_te"]
 
@@ -478,19 +479,30 @@ def fp_round_te(x, mbits: int, max_finite: float, min_normal: float, min_subnorm
 class Kernel:
     """A scheduled kernel for the layers one compute rule (``tvm_lower.COMPUTE_RULES``) matched,
     available on targets whose capabilities have every feature in ``needs``. ``rewrite(mod,
-    names, weight_consts) -> (mod, {layer name: kernel symbol})`` swaps it in after translation."""
+    names, weight_consts) -> (mod, {layer name: kernel symbol})`` swaps it in after translation.
+    A layer is reported on the kernel only when its compiled function contains ``instruction``;
+    ``storage``: its pre-packed weight dtype; ``fallback``: what a layer of ``compute_rule`` the
+    rewrite could not take runs as."""
 
     name: str
     compute_rule: str
     needs: tuple
     rewrite: object
+    instruction: str = "vpdpbusd"
+    storage: str = "int8"
+    fallback: str = "plain int8 loops"
 
 
 # Attention MatMuls (act x act, tvm_attention) after the weight kernel: each rewrite finds its
 # layers by identity with the operand the translator recorded, so the order does not matter.
 ATTENTION_KERNEL = Kernel("vnni", compute_rule="int8", needs=("avx512vnni",), rewrite=attention_rewrite)
+# bf16-exact codes (fp8 / bf16 / fp6 / fp4, int <= 8 bits; not int8 x int8, which the int8 rule
+# takes first) on vdpbf16ps (tvm_bf16); without avx512bf16 the rule does not match (tvm_lower).
+BF16_KERNEL = Kernel("bf16-dpbf16ps", compute_rule="bf16-dpbf16ps", needs=("avx512bf16",),
+                     rewrite=bf16_rewrite, instruction="vdpbf16ps", storage="bf16",
+                     fallback="fp32 loops on the codes")
 KERNELS = (Kernel("vnni", compute_rule="int8", needs=("avx512vnni",), rewrite=vnni_rewrite),
-           ATTENTION_KERNEL)
+           ATTENTION_KERNEL, BF16_KERNEL)
 
 
 def kernels_for(caps) -> list:

@@ -147,3 +147,97 @@ def test_dense_exact_on_small_integer_codes(lead, k, n):
     got, n_dp = run(x)
     assert n_dp > 0
     np.testing.assert_array_equal(got, (x.astype(np.float64) @ w).astype(np.float32))
+
+
+# ---- in lower(): a small CNN, kernel chosen from the target's capabilities ------------------------
+class _MixedCNN(nn.Module):
+    """stem 7×7/2 3→20 (fp8_e4m3 × fp8_e4m3) → ReLU → depthwise 3×3 (fp8: groups, not the kernel)
+    → conv 3×3 20→24 (bf16 × bf16) → ReLU → conv 1×1 24→16 (int8 × uint8: VNNI, not bf16) →
+    flatten → linear (int4 weight × fp8_e5m2 activation) → fp8_e4m3 output quantizer."""
+
+    LAYERS = {"stem": "fp8_e4m3", "dw": "fp8_e4m3", "conv": "bf16", "pw": "int8", "fc": "int4"}
+
+    def __init__(self, out_scale=1.0):
+        super().__init__()
+        from tvm_models import act_quantizer, weight_quantizer
+        torch.manual_seed(0)
+        self.stem = nn.Conv2d(3, 20, 7, stride=2, padding=3)
+        self.dw = nn.Conv2d(20, 20, 3, padding=1, groups=20)
+        self.conv = nn.Conv2d(20, 24, 3, padding=1)
+        self.pw = nn.Conv2d(24, 16, 1)
+        self.fc = nn.Linear(16 * 10 * 10, 10)
+        self.wq = nn.ModuleList(weight_quantizer(f, getattr(self, n).weight)
+                                for n, f in self.LAYERS.items())
+        self.aq = nn.ModuleList([act_quantizer("fp8_e4m3", 0.01), act_quantizer("fp8_e4m3", 0.01),
+                                 act_quantizer("bf16", 1.0), act_quantizer("uint8", 0.02),
+                                 act_quantizer("fp8_e5m2", 0.001)])
+        self.oq = act_quantizer("fp8_e4m3", out_scale)
+
+    def forward(self, x):
+        w = [q(getattr(self, n).weight) for q, n in zip(self.wq, self.LAYERS)]
+        y = torch.relu(Fn.conv2d(self.aq[0](x), w[0], self.stem.bias, stride=2, padding=3))
+        y = Fn.conv2d(self.aq[1](y), w[1], self.dw.bias, padding=1, groups=20)
+        y = torch.relu(Fn.conv2d(self.aq[2](y), w[2], self.conv.bias, padding=1))
+        y = Fn.conv2d(self.aq[3](y), w[3], self.pw.bias)
+        return self.oq(Fn.linear(self.aq[4](y.flatten(1)), w[4], self.fc.bias))
+
+
+@pytest.fixture(scope="module")
+def mixed():
+    """(module, graph, input, torch reference) — the output quantizer calibrated on the input."""
+    from fliqs_compiler.ir.graph import Graph, InputSpec, LayerInfo
+    x = torch.randn((1, 3, 20, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        absmax = float(_MixedCNN()(x).abs().max())  # the output quantizer at scale 1 saturates at 448
+        m = _MixedCNN(out_scale=absmax / 448).eval()
+        ref = m(x).numpy()
+    gm = torch.fx.symbolic_trace(m)
+    g = Graph(gm, [InputSpec("x", (1, 3, 20, 20))], name="mixed")
+    nodes = [n for n in gm.graph.nodes if n.op == "call_function"
+             and getattr(n.target, "__name__", "") in ("conv2d", "linear")]
+    for public, node in zip(_MixedCNN.LAYERS, nodes):
+        g.layers[public] = LayerInfo(public, node.target.__name__, node.name)
+    return m, g, x, ref
+
+
+def _lsb_error(m, ref, got) -> float:
+    from conformance_matrix import lsb_error
+    return lsb_error(ref, np.asarray(got, np.float32), m.oq)
+
+
+@needs_bf16
+def test_lowered_cnn_runs_fp8_bf16_layers_on_dpbf16ps(mixed):
+    from conformance_matrix import LSB_SLACK
+    from fliqs_compiler.backends.tvm_lower import lower
+    m, g, x, ref = mixed
+    low = lower(g, "llvm")
+    e = low.executed
+    for name in ("stem", "conv", "fc"):  # fp8 x fp8, bf16 x bf16, int4 weight x fp8 activation
+        assert e[name]["kernel"] == "bf16-dpbf16ps" and e[name]["vdpbf16ps"] > 0, (name, e[name])
+        assert e[name]["dtype"] == "bf16xbf16->float32"
+        assert e[name]["weight_storage"] == "bf16 (BF16-DPBF16PS-prepacked)"
+    assert e["dw"]["kernel"] == "fp32" and "fallback" not in e["dw"]  # grouped: the old path
+    assert e["pw"]["kernel"] == "vnni"  # int8 x uint8 stays on VNNI
+    assert low.asm_stats["vdpbf16ps"] > 0
+    got = low.run([x.numpy()])[0]
+    assert _lsb_error(m, ref, got) <= 1.0 + LSB_SLACK
+    assert np.abs(ref).max() > 10 * float(m.oq.scale)  # the output is not all zeros / one step
+
+
+def test_lowered_cnn_without_avx512bf16_keeps_the_old_path(mixed):
+    """The capability override (``mattr: -avx512bf16``): no bf16 kernel, fp8 layers in fp32 on the
+    dequantized values, bf16 x bf16 upcast; same results within the contract."""
+    from conformance_matrix import LSB_SLACK
+    from fliqs_compiler.backends.targets import Target
+    from fliqs_compiler.backends.tvm_lower import lower
+    import json
+    m, g, x, ref = mixed
+    target = parse_target(json.dumps(NO_BF16))
+    assert isinstance(target, Target) and not target.caps.has("avx512bf16")
+    low = lower(g, target)
+    e = low.executed
+    assert e["stem"]["kernel"] == e["fc"]["kernel"] == e["dw"]["kernel"] == "fp32"
+    assert e["conv"]["kernel"] == "bf16-upcast-fp32"
+    assert e["stem"]["weight_storage"] == "float8_e4m3fn"
+    assert not any("vdpbf16ps" in v for v in e.values()) and low.asm_stats["vdpbf16ps"] == 0
+    assert _lsb_error(m, ref, low.run([x.numpy()])[0]) <= 1.0 + LSB_SLACK
