@@ -241,3 +241,40 @@ def test_lowered_cnn_without_avx512bf16_keeps_the_old_path(mixed):
     assert e["stem"]["weight_storage"] == "float8_e4m3fn"
     assert not any("vdpbf16ps" in v for v in e.values()) and low.asm_stats["vdpbf16ps"] == 0
     assert _lsb_error(m, ref, low.run([x.numpy()])[0]) <= 1.0 + LSB_SLACK
+
+
+class _MatMulHead(nn.Module):
+    """``fp8(x) @ fp8(W)`` with a constant [K, N] weight (the MatMul converter, not Linear) on
+    [B, T, K] tokens, per-tensor scales; K and N odd."""
+
+    def __init__(self):
+        super().__init__()
+        from fliqs_compiler.numerics.quantizers import FormatQuantizer
+        torch.manual_seed(0)
+        self.w = nn.Parameter(torch.randn(27, 13))
+        self.wq = FormatQuantizer("fp8_e4m3", torch.tensor([0.01]), role="weight")
+        self.aq = FormatQuantizer("fp8_e5m2", torch.tensor([0.01]))
+
+    def forward(self, x):
+        return self.aq(x) @ self.wq(self.w)
+
+
+@needs_bf16
+def test_lowered_matmul_with_constant_weight_on_dpbf16ps():
+    from fliqs_compiler.backends.tvm_lower import lower
+    from fliqs_compiler.ir.graph import Graph, InputSpec, LayerInfo
+    m = _MatMulHead().eval()
+    gm = torch.fx.symbolic_trace(m)
+    g = Graph(gm, [InputSpec("x", (2, 5, 27))], name="mm")
+    node = next(n for n in gm.graph.nodes if n.op == "call_function" and "matmul" in str(n.target))
+    g.layers["head"] = LayerInfo("head", "matmul", node.name)
+    x = torch.randn((2, 5, 27), generator=torch.Generator().manual_seed(3))
+    low = lower(g, "llvm")
+    e = low.executed["head"]
+    assert e["kernel"] == "bf16-dpbf16ps" and e["vdpbf16ps"] > 0, e
+    with torch.no_grad():
+        ref = m(x).numpy()
+    got = low.run([x.numpy()])[0]
+    # torch multiplies the dequantized values in fp32; the kernel sums exact code products and
+    # scales once: only fp32 rounding order differs (a few ulps of the output's magnitude)
+    assert np.abs(got - ref).max() <= 1e-6 * max(1.0, np.abs(ref).max())
