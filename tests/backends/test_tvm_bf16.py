@@ -157,12 +157,13 @@ class _MixedCNN(nn.Module):
 
     LAYERS = {"stem": "fp8_e4m3", "dw": "fp8_e4m3", "conv": "bf16", "pw": "int8", "fc": "int4"}
 
-    def __init__(self, out_scale=1.0):
+    def __init__(self, out_scale=1.0, depthwise=True):
         super().__init__()
         from tvm_models import act_quantizer, weight_quantizer
         torch.manual_seed(0)
         self.stem = nn.Conv2d(3, 20, 7, stride=2, padding=3)
         self.dw = nn.Conv2d(20, 20, 3, padding=1, groups=20)
+        self.depthwise = depthwise  # without it every conv is on a hand kernel: NHWC throughout
         self.conv = nn.Conv2d(20, 24, 3, padding=1)
         self.pw = nn.Conv2d(24, 16, 1)
         self.fc = nn.Linear(16 * 10 * 10, 10)
@@ -176,28 +177,35 @@ class _MixedCNN(nn.Module):
     def forward(self, x):
         w = [q(getattr(self, n).weight) for q, n in zip(self.wq, self.LAYERS)]
         y = torch.relu(Fn.conv2d(self.aq[0](x), w[0], self.stem.bias, stride=2, padding=3))
-        y = Fn.conv2d(self.aq[1](y), w[1], self.dw.bias, padding=1, groups=20)
+        if self.depthwise:
+            y = Fn.conv2d(self.aq[1](y), w[1], self.dw.bias, padding=1, groups=20)
         y = torch.relu(Fn.conv2d(self.aq[2](y), w[2], self.conv.bias, padding=1))
         y = Fn.conv2d(self.aq[3](y), w[3], self.pw.bias)
         return self.oq(Fn.linear(self.aq[4](y.flatten(1)), w[4], self.fc.bias))
 
 
-@pytest.fixture(scope="module")
-def mixed():
+def _mixed(depthwise=True):
     """(module, graph, input, torch reference) — the output quantizer calibrated on the input."""
     from fliqs_compiler.ir.graph import Graph, InputSpec, LayerInfo
     x = torch.randn((1, 3, 20, 20), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        absmax = float(_MixedCNN()(x).abs().max())  # the output quantizer at scale 1 saturates at 448
-        m = _MixedCNN(out_scale=absmax / 448).eval()
+    with torch.no_grad():  # the output quantizer at scale 1 saturates at 448
+        absmax = float(_MixedCNN(depthwise=depthwise)(x).abs().max())
+        m = _MixedCNN(out_scale=absmax / 448, depthwise=depthwise).eval()
         ref = m(x).numpy()
     gm = torch.fx.symbolic_trace(m)
     g = Graph(gm, [InputSpec("x", (1, 3, 20, 20))], name="mixed")
     nodes = [n for n in gm.graph.nodes if n.op == "call_function"
              and getattr(n.target, "__name__", "") in ("conv2d", "linear")]
-    for public, node in zip(_MixedCNN.LAYERS, nodes):
+    names = [n for n in _MixedCNN.LAYERS if depthwise or n != "dw"]
+    assert len(names) == len(nodes)
+    for public, node in zip(names, nodes):
         g.layers[public] = LayerInfo(public, node.target.__name__, node.name)
     return m, g, x, ref
+
+
+@pytest.fixture(scope="module")
+def mixed():
+    return _mixed()
 
 
 def _lsb_error(m, ref, got) -> float:
@@ -220,6 +228,7 @@ def test_lowered_cnn_runs_fp8_bf16_layers_on_dpbf16ps(mixed, tmp_path):
         assert e[name]["weight_storage"] == "bf16 (BF16-DPBF16PS-prepacked)"
     assert e["dw"]["kernel"] == "fp32" and "fallback" not in e["dw"]  # grouped: the old path
     assert e["pw"]["kernel"] == "vnni"  # int8 x uint8 stays on VNNI
+    assert _transposed_kernel_outputs(low.mod) == 3  # a conv off the kernels: NCHW, per call
     assert low.asm_stats["vdpbf16ps"] > 0
     got = low.run([x.numpy()])[0]
     assert _lsb_error(m, ref, got) <= 1.0 + LSB_SLACK
@@ -284,3 +293,36 @@ def test_lowered_matmul_with_constant_weight_on_dpbf16ps():
     # torch multiplies the dequantized values in fp32; the kernel sums exact code products and
     # scales once: only fp32 rounding order differs (a few ulps of the output's magnitude)
     assert np.abs(got - ref).max() <= 1e-6 * max(1.0, np.abs(ref).max())
+
+
+def _transposed_kernel_outputs(mod) -> int:
+    """permute_dims applied to a hand kernel's output (through a channel slice)."""
+    from tvm import relax
+    value = {b.var: b.value for blk in mod["main"].body.blocks for b in blk.bindings}
+
+    def kernel_output(e):
+        call = value.get(e)
+        if not isinstance(call, relax.Call):
+            return False
+        if getattr(call.op, "name", "") == "relax.strided_slice":
+            return kernel_output(call.args[0])
+        return (getattr(call.op, "name", "") == "relax.call_tir"
+                and call.args[0].name_hint.startswith(("fliqs_vnni_", "fliqs_bf16_")))
+    return sum(1 for v in value.values() if isinstance(v, relax.Call)
+               and getattr(v.op, "name", "") == "relax.permute_dims" and kernel_output(v.args[0]))
+
+
+@needs_bf16
+def test_every_conv_on_a_hand_kernel_runs_in_nhwc():
+    """Without the depthwise conv every conv is on VNNI or the bf16 kernel: the module runs in
+    NHWC between them (``tvm_kernels._nhwc``: one transpose at the input, one at the flatten, none
+    around each kernel call), within the contract."""
+    from conformance_matrix import LSB_SLACK
+    from fliqs_compiler.backends.tvm_lower import lower
+    m, g, x, ref = _mixed(depthwise=False)
+    low = lower(g, "llvm")
+    kernels = {n: e["kernel"] for n, e in low.executed.items()}
+    assert kernels == {"stem": "bf16-dpbf16ps", "conv": "bf16-dpbf16ps", "pw": "vnni",
+                       "fc": "bf16-dpbf16ps"}
+    assert _transposed_kernel_outputs(low.mod) == 0  # per call, each conv output is transposed
+    assert _lsb_error(m, ref, low.run([x.numpy()])[0]) <= 1.0 + LSB_SLACK
