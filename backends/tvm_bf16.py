@@ -33,8 +33,8 @@ Measured here (2 threads, shared 2-core Zen 4, load ~3, noisy), kernel alone, NH
 64→64 at 56×56 1.09 ms (VNNI on the same shape 0.52), stride 2 64→128 0.58 ms (VNNI 0.26), 512→512
 at 7×7 1.66 ms (VNNI 0.54): ``vdpbf16ps`` does half of ``vpdpbusd``'s multiply-adds per
 instruction and reads twice the weight bytes. ResNet-18 mixed int8 / int4 / fp8_e4m3 (7 fp8
-layers), ``bench/latency.py --scheduled --no-bf16-baseline``: 15.5 ms vs 27.0 ms with the fp8
-layers in fp32 (1.74×; ``bench/results/latency_bf16_kernel.json``).
+layers), ``bench/latency.py --scheduled --no-bf16-baseline``, load ~4: 15.9 ms vs 31.5 ms with the
+fp8 layers in fp32 (1.98×, NHWC between convs; ``bench/results/latency_bf16_kernel.json``).
 
 ``bf16_rewrite(mod, names, weight_consts)`` is the Relax side (a ``tvm_kernels.Kernel``'s
 ``rewrite``): ``relax.dpl`` rewrite of float32 matmul / conv2d with the constant f32 code weights
