@@ -852,8 +852,12 @@ def lower(graph, target, out_dir=None, *, tuning: Optional[Tuning] = None, vnni:
     stats = {"vpdpbusd": asm.count("vpdpbusd"), "vdpbf16ps": asm.count("vdpbf16ps"),
              "vpmaddubsw": asm.count("vpmaddubsw")}
     executed = {}
+    kernel_only = {rule.name for rule in COMPUTE_RULES if rule.kernel_only}
     for r, name in zip(records, names):
-        entry = {"dtype": r.dtype, "kernel": r.rule or "fp32", "weight": r.weight_fmt,
+        # a kernel-only rule's layer is on its kernel only once the asm shows it; until then it
+        # runs fp32 loops on the codes
+        label = "fp32" if r.rule in kernel_only else (r.rule or "fp32")
+        entry = {"dtype": r.dtype, "kernel": label, "weight": r.weight_fmt,
                  "activation": r.act_fmt, "weight_storage": r.storage, "op": r.op}
         kernel, sym = kernel_layers.get(name, (None, None))
         if sym is not None:
@@ -864,6 +868,8 @@ def lower(graph, target, out_dir=None, *, tuning: Optional[Tuning] = None, vnni:
                 entry["weight_storage"] = (  # an attention MatMul's operand is packed per call
                     f"{kernel.storage} ({kernel.name.upper()}-prepacked)" if _is_const(r.weight_const)
                     else f"run-time {kernel.storage} (packed per call for {kernel.name.upper()})")
+            else:
+                entry["fallback"] = f"no {kernel.instruction} in the compiled kernel: {kernel.fallback}"
         elif r.rule in prepacked:
             entry["fallback"] = ("scheduled kernel not applicable (shape/groups/layout): "
                                  + by_rule[r.rule].fallback)

@@ -326,3 +326,17 @@ def test_every_conv_on_a_hand_kernel_runs_in_nhwc():
                        "fc": "bf16-dpbf16ps"}
     assert _transposed_kernel_outputs(low.mod) == 0  # per call, each conv output is transposed
     assert _lsb_error(m, ref, low.run([x.numpy()])[0]) <= 1.0 + LSB_SLACK
+
+
+@needs_bf16
+def test_kernel_is_reported_only_when_its_instruction_is_in_the_asm(mixed, monkeypatch):
+    """``executed`` reads the compiled code: a kernel whose asm lacked the instruction (here: the
+    registry entry told to look for another mnemonic) is not reported as on the kernel."""
+    from dataclasses import replace
+    from fliqs_compiler.backends import tvm_kernels as K
+    from fliqs_compiler.backends.tvm_lower import lower
+    blind = replace(K.BF16_KERNEL, instruction="vdpbf16ps_absent")
+    monkeypatch.setattr(K, "KERNELS", tuple(blind if k is K.BF16_KERNEL else k for k in K.KERNELS))
+    m, g, x, ref = mixed
+    e = lower(g, "llvm").executed["stem"]
+    assert e["kernel"] == "fp32" and e["vdpbf16ps_absent"] == 0 and "fallback" in e, e
