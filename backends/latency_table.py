@@ -63,8 +63,9 @@ def _version(dist: str) -> str:
 # The form of the measured micro-graphs; bumped when it changes, so old entries are re-measured
 # (2: every ORT_FORM_FIXES rewrite applied, a rank-2 linear exported as Gemm like export_qdq;
 # 3: shield_weight_only_matmul joined them; 4: a quantized MatMul's bias written as Sub;
-# 5: TVM micro-graphs fused and rule-scheduled by tvm_schedules, like the artifact).
-MICROGRAPH_FORM = "5"
+# 5: TVM micro-graphs fused and rule-scheduled by tvm_schedules, like the artifact;
+# 6: bf16-exact layers (fp8 / bf16 / ...) on the avx512bf16 kernel, tvm_bf16, where the target has it).
+MICROGRAPH_FORM = "6"
 
 
 def library_versions() -> dict:

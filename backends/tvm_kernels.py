@@ -35,8 +35,9 @@ import numpy as np
 
 from fliqs_compiler.backends.targets import cpu_features
 from fliqs_compiler.backends.tvm_attention import attention_rewrite
+from fliqs_compiler.backends.tvm_bf16 import bf16_rewrite
 
-__all__ = ["Kernel", "KERNELS", "kernels_for", "VNNI_INTRIN", "register_intrinsics", "has_vnni", "pack_dense_weight",
+__all__ = ["Kernel", "KERNELS", "BF16_KERNEL", "kernels_for", "VNNI_INTRIN", "register_intrinsics", "has_vnni", "pack_dense_weight",
            "pack_conv_weight", "dense_vnni_supported", "conv_vnni_supported",
            "conv_vnni_applicable", "dense_vnni", "conv2d_nhwc_vnni", "vnni_rewrite", "fp_round_te"]
 
@@ -144,14 +145,16 @@ def _tile_shape(rows: int, blocks: int, max_blocks: int = 2) -> tuple:
     return _largest_divisor(rows, _MAX_TILES // ot), ot
 
 
-def _accumulate_in_registers(sch, blk, parallel, reduction_outer, row_tile, block_tile, o16) -> None:
-    """The VNNI reduction into a register tile: C's tile cached in a stack buffer under the
+def _accumulate_in_registers(sch, blk, parallel, reduction_outer, row_tile, block_tile, o16,
+                             intrin: str = VNNI_INTRIN) -> None:
+    """The reduction into a register tile: C's tile cached in a stack buffer under the
     ``parallel`` loop (zeroed, reduced over every reduction loop from ``reduction_outer`` with the
-    16×4 intrinsic, written back once), instead of loading and storing C in memory at every step."""
+    16-lane ``intrin`` — VNNI's 16×4, or ``tvm_bf16``'s 16×2 — written back once), instead of
+    loading and storing C in memory at every step."""
     tile = sch.cache_write(blk, 0, "global")
     sch.reverse_compute_at(tile, parallel)
     init = sch.decompose_reduction(blk, reduction_outer)
-    sch.tensorize(o16, VNNI_INTRIN)
+    sch.tensorize(o16, intrin)
     sch.unroll(row_tile)
     sch.unroll(block_tile)
     _unroll_vectorize_16(sch, sch.get_loops(init)[1:])
@@ -263,8 +266,10 @@ def vnni_rewrite(mod, names: dict, weight_consts: list):
     (the constant is found by identity with ``same_as``). Signed (s8) activations are shifted to u8
     (+128) and corrected with the per-channel weight sums (conv pads with 128 ≡ 0). Channel counts are zero-padded to
     multiples of 16 (out) / 4 (in) and the output sliced; grouped / dilated convs are left unchanged
-    (plain int8 loops). When every conv2d goes to the kernel, the module is first converted to
-    NHWC (``_nhwc``): the graph then runs in the kernel's layout between convs, with one
+    (plain int8 loops). When every conv2d goes to a hand kernel — this one, or the bf16 kernel
+    (``_conv_takes_bf16``: ``tvm_bf16.bf16_rewrite`` runs after this rewrite and takes NHWC too) —
+    the module is first converted to
+    NHWC (``_nhwc``): the graph then runs in the kernels' layout between convs, with one
     transpose at the input and one where the layout ends (e.g. a flatten); otherwise each kernel
     call transposes NCHW↔NHWC around itself. Returns ``(mod, {name: symbol})``.
     """
@@ -362,8 +367,12 @@ def vnni_rewrite(mod, names: dict, weight_consts: list):
         return layout.from_nhwc(y)
 
     convs = _calls(mod["main"], "relax.nn.conv2d")
-    if convs and all(layer_name(c.args[1]) is not None and _conv_takes_vnni(c) for c in convs):
-        mod = _nhwc(mod)  # only then: TVM's own NHWC fp32 conv (mixed models) measured 3-5x slower
+    if convs and all(layer_name(c.args[1]) is not None and (_conv_takes_vnni(c) or _conv_takes_bf16(c))
+                     for c in convs):
+        # only then: TVM's own NHWC fp32 conv (mixed models) measured 3-5x slower. With the fp8
+        # layers of ResNet-18 mixed on the bf16 kernel: 21.7 ms in NHWC vs 28.0 ms with per-call
+        # transposes (2 threads, load 4.3, medians of 5 interleaved rounds), identical outputs
+        mod = _nhwc(mod)
     main = mod["main"]
     main = rewrite_call(mm, rewrite_matmul, main)
     main = rewrite_call(cv, rewrite_conv, main)
@@ -418,6 +427,19 @@ def _conv_takes_vnni(call) -> bool:
     cin = int(a.ty.shape[_CONV_LAYOUTS[str(at.data_layout)].nhwc[3]])
     return conv_vnni_applicable(cin, int(w.ty.shape[0]), int(at.groups),
                                 [int(d) for d in at.dilation])
+
+
+def _conv_takes_bf16(call) -> bool:
+    """A float32 conv2d with a constant float32 weight the translator recorded: the bf16 kernel's
+    (``tvm_bf16.bf16_rewrite``) — only recorded where the target runs it."""
+    from tvm.ir.expr import Constant
+    from fliqs_compiler.backends.tvm_bf16 import conv_bf16_applicable
+    a, w = call.args[0], call.args[1]
+    at = call.attrs
+    return (isinstance(w, Constant) and str(at.out_dtype) == "float32" and w.ty.dtype == "float32"
+            and a.ty.dtype == "float32" and str(at.data_layout) in _CONV_LAYOUTS
+            and str(at.kernel_layout) == "OIHW" and str(at.out_layout) == str(at.data_layout)
+            and conv_bf16_applicable(int(at.groups), [int(d) for d in at.dilation]))
 
 
 def _nhwc(mod):
@@ -476,19 +498,30 @@ def fp_round_te(x, mbits: int, max_finite: float, min_normal: float, min_subnorm
 class Kernel:
     """A scheduled kernel for the layers one compute rule (``tvm_lower.COMPUTE_RULES``) matched,
     available on targets whose capabilities have every feature in ``needs``. ``rewrite(mod,
-    names, weight_consts) -> (mod, {layer name: kernel symbol})`` swaps it in after translation."""
+    names, weight_consts) -> (mod, {layer name: kernel symbol})`` swaps it in after translation.
+    A layer is reported on the kernel only when its compiled function contains ``instruction``;
+    ``storage``: its pre-packed weight dtype; ``fallback``: what a layer of ``compute_rule`` the
+    rewrite could not take runs as."""
 
     name: str
     compute_rule: str
     needs: tuple
     rewrite: object
+    instruction: str = "vpdpbusd"
+    storage: str = "int8"
+    fallback: str = "plain int8 loops"
 
 
 # Attention MatMuls (act x act, tvm_attention) after the weight kernel: each rewrite finds its
 # layers by identity with the operand the translator recorded, so the order does not matter.
 ATTENTION_KERNEL = Kernel("vnni", compute_rule="int8", needs=("avx512vnni",), rewrite=attention_rewrite)
+# bf16-exact codes (fp8 / bf16 / fp6 / fp4, int <= 8 bits; not int8 x int8, which the int8 rule
+# takes first) on vdpbf16ps (tvm_bf16); without avx512bf16 the rule does not match (tvm_lower).
+BF16_KERNEL = Kernel("bf16-dpbf16ps", compute_rule="bf16-dpbf16ps", needs=("avx512bf16",),
+                     rewrite=bf16_rewrite, instruction="vdpbf16ps", storage="bf16",
+                     fallback="fp32 loops on the codes")
 KERNELS = (Kernel("vnni", compute_rule="int8", needs=("avx512vnni",), rewrite=vnni_rewrite),
-           ATTENTION_KERNEL)
+           ATTENTION_KERNEL, BF16_KERNEL)
 
 
 def kernels_for(caps) -> list:

@@ -2,7 +2,8 @@
 
 Pipeline (``lower``): ``torch.export`` the graph → ``translate`` (TVM's exported-program importer
 with our converters for ``fliqs.fake_quant``, ``conv2d``, ``linear`` and ``matmul``) → ``tvm_kernels.vnni_rewrite``
-(``relax.dpl``: u8×s8→s32 conv/matmul with constant weights → hand VNNI ``call_tir``) → legalize
+(``relax.dpl``: u8×s8→s32 conv/matmul with constant weights → hand VNNI ``call_tir``; then
+``tvm_bf16.bf16_rewrite``: bf16-exact codes → ``vdpbf16ps`` ``call_tir``) → legalize
 and fuse (or MetaSchedule tuning) → ``tvm_schedules`` rule-based schedules for every function
 still unscheduled → ``tvm.compile`` → ``out_dir/tvm/model.so`` (atomic).
 
@@ -21,8 +22,11 @@ Per-format rules live in ONE place, the tables below, keyed by ``Format.kind``:
 - ``COMPUTE_RULES`` (pattern → rewrite): which (weight, activation) code dtypes a conv / linear /
   MatMul (attention MatMuls included: the second operand plays the weight) consumes natively: int8 × (u)int8 → int32 accumulation, then one multiply by s_x·s_w (per
   output channel) and the bias (fused into one loop nest by default (``fuse=True``) and when tuning);
-  bf16 × bf16 / fp16 × fp16 → fp32 accumulation; anything else runs in fp32 on the dequantized
-  values (quantize-dequantize math).
+  bf16-exact codes on both sides (fp8 / bf16 / fp6 / fp4 grids, int ≤ 8-bit levels; not int8 ×
+  int8) with a constant weight → ``vdpbf16ps`` with fp32 accumulation (``tvm_bf16``), the same
+  single rescale and bias — only where the target has avx512bf16 and the layer suits the kernel
+  (conv: groups 1, dilation 1); bf16 × bf16 / fp16 × fp16 otherwise → upcast, fp32 accumulation;
+  anything else runs in fp32 on the dequantized values (quantize-dequantize math).
 
 Numerics (``tests/test_conformance.py``): run-time quantizers equal ``quant.fake_quant`` bit for
 bit, exact ties included (``fdiv`` by the same float32 scale, ``nearbyint`` = round half even;
@@ -34,8 +38,9 @@ ties: 44 / 172 differ; this lowering keeps round-half-even more often than the r
 
 ``Lowered.executed`` reports the REALIZED precision per layer public name (``graph.layers``):
 compute dtype (e.g. ``uint8xint8->int32``), kernel ('vnni' only when that layer's compiled
-function really contains ``vpdpbusd``; 'int8' plain int32-accumulating loops, with a
-``fallback`` reason where VNNI was wanted; 'bf16-upcast-fp32'; 'fp32'), formats and weight storage.
+function really contains ``vpdpbusd``, 'bf16-dpbf16ps' only when it contains ``vdpbf16ps`` (the
+count under that key); 'int8' plain int32-accumulating loops, with a ``fallback`` reason where a
+kernel was wanted; 'bf16-upcast-fp32'; 'fp32'), formats and weight storage.
 """
 from __future__ import annotations
 
@@ -59,6 +64,7 @@ from fliqs_compiler.base.errors import FliqsError  # noqa: E402
 from fliqs_compiler.numerics.qspec import QuantSpec  # noqa: E402
 
 from fliqs_compiler.backends import tvm_kernels as K  # noqa: E402
+from fliqs_compiler.backends.tvm_bf16 import conv_bf16_applicable  # noqa: E402
 from fliqs_compiler.backends.targets import Target, cross_compiler, parse_target  # noqa: E402
 
 __all__ = ["QTensor", "Lowered", "Tuning", "lower", "translate", "compile_module", "WEIGHT_RULES",
@@ -93,6 +99,21 @@ class QTensor:
     storage: str = "fp32"
     np_codes: Optional[np.ndarray] = None  # integer weights: the int8 codes (for pre-packing)
     axis: Optional[int] = None  # channel axis of a per-channel scale
+    # codes exactly representable in bf16 (``_bf16_exact``), as float32 — what the bf16 kernel
+    # (tvm_bf16) consumes: ``grid`` a run-time activation's Relax expr, ``np_grid`` a constant
+    # weight's values (value == grid · scale)
+    grid: object = None
+    np_grid: Optional[np.ndarray] = None
+
+    def labels(self) -> set:
+        """What the codes can be consumed as by ``COMPUTE_RULES``: the ``compute`` dtype (when
+        ``codes`` exist), 'bf16-codes' (run-time ``grid``), 'bf16-codes-const' (``np_grid``)."""
+        out = {self.compute} if self.codes is not None else set()
+        if self.grid is not None:
+            out.add("bf16-codes")
+        if self.np_grid is not None:
+            out.add("bf16-codes-const")
+        return out
 
 
 # ---- helpers ----------------------------------------------------------------------------------
@@ -128,6 +149,19 @@ def _unpack_nibbles(bb, packed, lut: np.ndarray, shape, out_dtype: str):
         idx = bb.emit(op.strided_slice(idx, axes=[0], begin=[0], end=[n]))
     vals = bb.emit(op.take(_const(lut.astype(out_dtype)), idx, axis=0))
     return bb.emit(op.reshape(vals, tuple(int(d) for d in shape)))
+
+
+def _bf16_exact(spec: QuantSpec) -> bool:
+    """True when every code of ``spec`` (value / scale, before the scale) is exact in bf16: fp grids
+    with at most 7 mantissa and 8 exponent bits (fp8, bf16, fp6, fp4), and integer levels within
+    ±256 without a zero point. (bf16 subnormals are flushed by vdpbf16ps: a term below 2^-126.)"""
+    fmt = spec.fmt
+    if fmt.kind == "fp":
+        return fmt.mbits <= 7 and fmt.ebits <= 8
+    if fmt.kind == "int":
+        zp = spec.zero_point
+        return (zp is None or not np.any(zp != 0)) and fmt.qmin >= -256 and fmt.qmax <= 256
+    return False
 
 
 # ---- weight rules (constant tensors) ----------------------------------------------------------
@@ -210,7 +244,8 @@ def _int_act(bb, x, spec: QuantSpec):
     codes = bb.emit(op.astype(v, storage))
     deq = op.subtract(v, _const(np.float32(zpv))) if zpv else v
     value = bb.emit(op.multiply(deq, s))
-    return QTensor(fmt, value, codes if not zpv else None, storage, spec.scale, zpv, storage)
+    return QTensor(fmt, value, codes if not zpv else None, storage, spec.scale, zpv, storage,
+                   grid=v if _bf16_exact(spec) else None)
 
 
 def _fp_act(bb, x, spec: QuantSpec):
@@ -235,7 +270,8 @@ def _fp_act(bb, x, spec: QuantSpec):
     value = bb.emit(op.multiply(r, s))
     compute = _COMPUTE_NAME.get(fmt.np_dtype_name or "", "fp32")
     c = bb.emit(op.astype(r, tvm_dt)) if compute != "fp32" else None  # exact: on the grid
-    return QTensor(fmt, value, c, compute, spec.scale, 0.0, tvm_dt or "fp32")
+    return QTensor(fmt, value, c, compute, spec.scale, 0.0, tvm_dt or "fp32",
+                   grid=r if _bf16_exact(spec) else None)
 
 
 def _mx_act(bb, x, spec: QuantSpec):
@@ -257,34 +293,49 @@ class ComputeRule:
     """Pattern: the code dtypes of weight and activation. Rewrite: run the conv/matmul on the codes
     with ``acc`` accumulation, then multiply by s_x·s_w (per output channel) and add the bias."""
 
-    weight: tuple
+    weight: tuple  # QTensor.labels() it takes
     act: tuple
     acc: str
     name: str  # executed dtype label prefix / kernel name
+    # only where a scheduled kernel of this rule runs on the target (tvm_kernels.kernels_for) and
+    # the layer's shape suits it; elsewhere the next rule (or fp32) takes the layer
+    kernel_only: bool = False
+    operands: Optional[str] = None  # the dtype both operands are fed as, when not their codes'
 
 
 COMPUTE_RULES = [
     ComputeRule(("int8",), ("uint8", "int8"), "int32", "int8"),
-    # TVM 0.27 legalizes every bf16 / fp16 value to f32 before LLVM (BF16ComputeLegalize runs
-    # unconditionally; a vdpbf16ps tensor intrinsic fails LLVM verification with <32 x float>
-    # operands, measured): the loops upcast and run fp32 FMAs — hence the kernel name.
+    # bf16-exact codes on both sides (fp8 / bf16 / fp6 / fp4, int <= 8 bits; int8 x int8 is taken
+    # above) with a constant weight: vdpbf16ps (tvm_bf16) where the target has avx512bf16. The
+    # kernel keeps bf16 as uint16 bits and calls the intrinsic from LLVM IR: the obstacle below.
+    ComputeRule(("bf16-codes-const",), ("bf16-codes",), "float32", "bf16-dpbf16ps",
+                kernel_only=True, operands="bf16"),
+    # Without the kernel above: TVM 0.27 legalizes every bf16 / fp16 value to f32 before LLVM
+    # (BF16ComputeLegalize runs unconditionally; a vdpbf16ps tensor intrinsic in TIR fails LLVM
+    # verification with <32 x float> operands, measured): the loops upcast and run fp32 FMAs —
+    # hence the kernel name.
     ComputeRule(("bf16",), ("bf16",), "float32", "bf16-upcast-fp32"),
     ComputeRule(("fp16",), ("fp16",), "float32", "fp16-upcast-fp32"),
 ]
 
 
-def _match_rule(w: Optional[QTensor], a: Optional[QTensor],
-                channel_axes: tuple = (0,)) -> Optional[ComputeRule]:
+def _match_rule(w: Optional[QTensor], a: Optional[QTensor], channel_axes: tuple = (0,),
+                kernels: frozenset = frozenset(), kernel_ok: bool = False) -> Optional[ComputeRule]:
     """The native rule for (weight, activation), or None (fp32 on dequantized values). Needs a
     per-tensor activation scale and a per-tensor or per-output-channel weight scale (the output
-    channel on one of ``channel_axes``: conv / linear 0, MatMul [.., K, N] the last)."""
-    if w is None or a is None or w.codes is None or a.codes is None:
+    channel on one of ``channel_axes``: conv / linear 0, MatMul [.., K, N] the last). A
+    ``kernel_only`` rule matches only when its name is in ``kernels`` (the target runs its kernel)
+    and ``kernel_ok`` (the layer's shape suits the kernel)."""
+    if w is None or a is None:
         return None
     if a.scale is None or a.scale.size != 1 or w.scale is None or \
             (w.scale.size > 1 and w.axis not in (*channel_axes, None)):
         return None
+    wl, al = w.labels(), a.labels()
     for rule in COMPUTE_RULES:
-        if w.compute in rule.weight and a.compute in rule.act:
+        if rule.kernel_only and not (kernel_ok and rule.name in kernels):
+            continue
+        if wl.intersection(rule.weight) and al.intersection(rule.act):
             return rule
     return None
 
@@ -339,6 +390,8 @@ class _Translator:
         bb = imp.block_builder
         if w is not None:
             q = WEIGHT_RULES[fmt.kind](bb, w, spec)
+            if _bf16_exact(spec):
+                q.np_grid = np.asarray(spec.quantize(w).codes).astype(np.float32)
         else:
             q = ACT_RULES[fmt.kind](bb, imp.env[x_node], spec)
         q.axis = spec.axis
@@ -351,7 +404,9 @@ class _Translator:
         return a, w
 
     def _record(self, node, op_name, rule, a, w, wconst=None):
-        if rule is not None:
+        if rule is not None and rule.operands:
+            dtype = f"{rule.operands}x{rule.operands}->{rule.acc}"
+        elif rule is not None:
             dtype = f"{a.compute}x{w.compute}->{rule.acc}"
         else:
             dtype = "float32"
@@ -369,9 +424,17 @@ class _Translator:
         shape[channel_axis] = s.size
         return bb.emit(op.multiply(y, _const(s.reshape(shape) if s.size > 1 else s.reshape(()))))
 
+    def _kernel_operands(self, a, w):
+        """(activation, weight) of a ``rule.operands`` layer: the bf16-exact float32 codes (the
+        weight a constant, recorded so the kernel's rewrite finds the layer)."""
+        storage = f"fp32 codes (holds {w.fmt.name} values)"
+        return a.grid, QTensor(**{**w.__dict__, "codes": _const(w.np_grid), "storage": storage})
+
     def conv2d(self, node, imp):
         a, w = self._quant_inputs(node)
-        rule = _match_rule(w, a)
+        dilation_arg, groups_arg = (list(node.args) + [None] * 7)[5:7]
+        rule = _match_rule(w, a, kernels=self.prepacked, kernel_ok=conv_bf16_applicable(
+            groups_arg or 1, _pair(dilation_arg or 1)))
         if rule is None:
             self._record(node, "conv2d", None, a, w)
             return imp._conv2d(node)
@@ -379,13 +442,16 @@ class _Translator:
         args = imp.retrieve_args(node)
         bias = args[2] if len(args) > 2 else None
         stride, padding, dilation, groups = ((list(args) + [None] * 7)[3:7])
+        acodes = a.codes
+        if rule.operands:
+            acodes, w = self._kernel_operands(a, w)
         wcodes = w.codes
         if (rule.name in self.prepacked and w.np_codes is not None and not _is_const(wcodes)
                 and K.conv_vnni_applicable(w.np_codes.shape[1], w.np_codes.shape[0], groups or 1,
                                           _pair(dilation or 1))):
             wcodes = _const(w.np_codes)  # VNNI kernels read pre-packed int8 (int4 values)
             w = QTensor(**{**w.__dict__, "storage": f"int8 (holds {w.fmt.name} values)"})
-        conv = relax.op.nn.conv2d(a.codes, wcodes, strides=stride or 1, padding=padding or 0,
+        conv = relax.op.nn.conv2d(acodes, wcodes, strides=stride or 1, padding=padding or 0,
                                   dilation=dilation or 1, groups=groups or 1, out_dtype=rule.acc)
         y = imp.block_builder.emit(conv)
         wconst = wcodes if _is_const(wcodes) else None
@@ -397,7 +463,7 @@ class _Translator:
 
     def linear(self, node, imp):
         a, w = self._quant_inputs(node)
-        rule = _match_rule(w, a)
+        rule = _match_rule(w, a, kernels=self.prepacked, kernel_ok=True)
         if rule is None:
             self._record(node, "linear", None, a, w)
             return imp._linear(node)
@@ -405,6 +471,9 @@ class _Translator:
         args = imp.retrieve_args(node)
         bias = args[2] if len(args) > 2 else None
         bb = imp.block_builder
+        acodes = a.codes
+        if rule.operands:
+            acodes, w = self._kernel_operands(a, w)
         if rule.name in self.prepacked and w.np_codes is not None and not _is_const(w.codes):
             w = QTensor(**{**w.__dict__, "codes": _const(w.np_codes),
                            "storage": f"int8 (holds {w.fmt.name} values)"})
@@ -412,9 +481,9 @@ class _Translator:
             wt = _const(w.codes.value.numpy().T.copy())
         else:
             wt = bb.emit(relax.op.permute_dims(w.codes, [1, 0]))
-        y = bb.emit(relax.op.matmul(a.codes, wt, out_dtype=rule.acc))
+        y = bb.emit(relax.op.matmul(acodes, wt, out_dtype=rule.acc))
         self._record(node, "linear", rule, a, w, wt if _is_const(wt) else None)
-        y = self._rescale(bb, y, a, w, rule, len(a.codes.ty.shape), -1)
+        y = self._rescale(bb, y, a, w, rule, len(acodes.ty.shape), -1)
         if not imp._is_no_bias(bias):
             y = bb.emit(relax.op.add(y, bias))
         return y
@@ -424,15 +493,22 @@ class _Translator:
         axis) or a run-time second operand (an attention MatMul, per tensor) — on the codes with
         the rule's accumulation, then one rescale along N."""
         a, w = self._quant_inputs(node)
-        w_rank = len(w.codes.ty.shape) if w is not None and w.codes is not None else 0
-        rule = _match_rule(w, a, channel_axes=(-1, w_rank - 1))
+        w_rank = len(w.value.ty.shape) if w is not None else 0
+        # the bf16 kernel: a constant 2-D [K, N] weight only
+        rule = _match_rule(w, a, channel_axes=(-1, w_rank - 1), kernels=self.prepacked,
+                           kernel_ok=w is not None and w.np_grid is not None and w_rank == 2)
         if rule is None:
             return self._float_op("matmul.default", "matmul")(node, imp)
         bb = imp.block_builder
-        y = bb.emit(_relax().op.matmul(a.codes, w.codes, out_dtype=rule.acc))
+        acodes = a.codes
+        if rule.operands:
+            acodes, w = self._kernel_operands(a, w)
+        y = bb.emit(_relax().op.matmul(acodes, w.codes, out_dtype=rule.acc))
         # a run-time second operand (attention) is passed on too: the kernel rewrites find their
-        # layers by identity with it (``tvm_attention.attention_rewrite``)
-        self._record(node, "matmul", rule, a, w, None if _is_const(w.codes) else w.codes)
+        # layers by identity with it (``tvm_attention.attention_rewrite``); a constant one only
+        # for a kernel rule with its own operands (the bf16 kernel)
+        wrec = w.codes if not _is_const(w.codes) or rule.operands else None
+        self._record(node, "matmul", rule, a, w, wrec)
         return self._rescale(bb, y, a, w, rule, len(y.ty.shape), -1)
 
     def _float_op(self, key, op_name):
@@ -761,12 +837,13 @@ def lower(graph, target, out_dir=None, *, tuning: Optional[Tuning] = None, vnni:
     mod, records = translate(ep, prepacked)
     times["translate"] = time.perf_counter() - t0
     names = _public_names(graph, records)
-    kernel_layers = {}  # layer name → (kernel name, symbol)
+    kernel_layers = {}  # layer name → (Kernel, symbol)
     for kernel in kernels:
         mod, swapped = kernel.rewrite(mod, {id(r.weight_const): n for r, n in zip(records, names)
                                             if r.weight_const is not None},
                                       [r.weight_const for r in records if r.weight_const is not None])
-        kernel_layers.update({n: (kernel.name, sym) for n, sym in swapped.items()})
+        kernel_layers.update({n: (kernel, sym) for n, sym in swapped.items()})
+    by_rule = {k.compute_rule: k for k in kernels}
     t1 = time.perf_counter()
     ex, schedules = compile_module(mod, target, tuning=tuning, fuse=fuse, schedule=schedule)
     times["compile"] = time.perf_counter() - t1
@@ -775,23 +852,29 @@ def lower(graph, target, out_dir=None, *, tuning: Optional[Tuning] = None, vnni:
     stats = {"vpdpbusd": asm.count("vpdpbusd"), "vdpbf16ps": asm.count("vdpbf16ps"),
              "vpmaddubsw": asm.count("vpmaddubsw")}
     executed = {}
+    kernel_only = {rule.name for rule in COMPUTE_RULES if rule.kernel_only}
     for r, name in zip(records, names):
-        entry = {"dtype": r.dtype, "kernel": r.rule or "fp32", "weight": r.weight_fmt,
+        # a kernel-only rule's layer is on its kernel only once the asm shows it; until then it
+        # runs fp32 loops on the codes
+        label = "fp32" if r.rule in kernel_only else (r.rule or "fp32")
+        entry = {"dtype": r.dtype, "kernel": label, "weight": r.weight_fmt,
                  "activation": r.act_fmt, "weight_storage": r.storage, "op": r.op}
         kernel, sym = kernel_layers.get(name, (None, None))
         if sym is not None:
-            n_dp = _kernel_asm(fns, sym).count("vpdpbusd")
-            entry["vpdpbusd"] = n_dp
-            if n_dp:
-                entry["kernel"] = kernel
+            n_dp = _kernel_asm(fns, sym).count(kernel.instruction)
+            entry[kernel.instruction] = n_dp
+            if n_dp:  # only what the layer's compiled function really contains
+                entry["kernel"] = kernel.name
                 entry["weight_storage"] = (  # an attention MatMul's operand is packed per call
-                    f"int8 ({kernel.upper()}-prepacked)" if _is_const(r.weight_const)
-                    else f"run-time int8 (packed per call for {kernel.upper()})")
+                    f"{kernel.storage} ({kernel.name.upper()}-prepacked)" if _is_const(r.weight_const)
+                    else f"run-time {kernel.storage} (packed per call for {kernel.name.upper()})")
+            else:
+                entry["fallback"] = f"no {kernel.instruction} in the compiled kernel: {kernel.fallback}"
         elif r.rule in prepacked:
-            entry["fallback"] = "scheduled kernel not applicable (shape/groups/layout): plain int8 loops"
-        if r.rule and r.rule.startswith("bf16") and stats["vdpbf16ps"]:
-            entry["kernel"] = "avx512bf16"
-        if tuning is not None and not entry["weight_storage"].startswith(("int8", "fp32")):
+            entry["fallback"] = ("scheduled kernel not applicable (shape/groups/layout): "
+                                 + by_rule[r.rule].fallback)
+        realized = kernel is not None and entry["kernel"] == kernel.name  # packed at lowering
+        if tuning is not None and not realized and not entry["weight_storage"].startswith(("int8", "fp32")):
             entry["weight_storage"] += " (tuning pipeline's FoldConstant pre-decodes it at build time)"
         executed[name] = entry
     path = None

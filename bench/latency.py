@@ -372,6 +372,14 @@ TVM_VARIANTS = (("tvm-default", {"fuse": False, "schedule": False}),  # naive lo
                 ("tvm-scheduled", {}))  # lower()'s default: fused + tvm_schedules rules
 
 
+def _no_bf16_variant():
+    """``--no-bf16-baseline``: the scheduled build for the host target with avx512bf16 removed by
+    the capability override (``mattr``), i.e. without the ``tvm_bf16`` kernel: its A/B baseline."""
+    from fliqs_compiler.backends.targets import parse_target
+    host = dict(parse_target("llvm").tvm_target)
+    return ("tvm-scheduled-no-bf16", {"target": json.dumps({**host, "mattr": ["-avx512bf16"]})})
+
+
 def _ort_int8_static(fp32_onnx: Path, x, out: Path) -> Path:
     """onnxruntime's own ``quantize_static`` of the fp32 ONNX: QDQ, per-channel int8 weights,
     uint8 activations, calibrated on the benchmark input and 7 noisy copies of it."""
@@ -421,13 +429,14 @@ def _openvino_timer(path: Path, feed, repeat):
     return lambda: _median_ms(lambda: request.infer(feed), repeat)
 
 
-def scheduled_rows(names, configs, repeat, rounds=3):
+def scheduled_rows(names, configs, repeat, rounds=3, variants=TVM_VARIANTS):
     """Per model: anchors (torch fp32, onnxruntime fp32, onnxruntime int8 ``quantize_static``,
     onnxruntime on our own QDQ export of each config) and, per config, TVM's default build
     (naive loops outside the hand VNNI kernels) vs the rule-scheduled build, with lowering time
     and the functions each schedule rule took. Everything is built first, then timed in
     ``rounds`` interleaved rounds (every engine once per round; each number is the median over
-    rounds), so load changes on a shared machine hit every engine alike; ratios are per run."""
+    rounds), so load changes on a shared machine hit every engine alike; ratios are per run.
+    ``variants``: the TVM builds, (name, ``lower`` keywords; ``target`` defaults to 'llvm')."""
     from fliqs_compiler import passes
     from fliqs_compiler.backends.onnx_export import export_qdq
     from fliqs_compiler.backends.ort_backend import make_session, time_onnx
@@ -456,9 +465,10 @@ def scheduled_rows(names, configs, repeat, rounds=3):
         for cfg in configs:
             c = row["configs"][cfg] = {}
             timers[f"{cfg}/ort_qdq"] = ort_timer(export_qdq(graphs[cfg], work / f"{name}-{cfg}.onnx"))
-            for variant, kw in TVM_VARIANTS:
+            for variant, kw in variants:
+                kw = dict(kw)
                 t0 = time.perf_counter()
-                low = lower(graphs[cfg], "llvm", None, **kw)
+                low = lower(graphs[cfg], kw.pop("target", "llvm"), None, **kw)
                 c[variant] = {"lower_s": round(time.perf_counter() - t0, 1),
                               "compile_s": round(low.timing_s["compile"], 1),
                               "schedules": low.schedules,
@@ -481,8 +491,10 @@ def scheduled_rows(names, configs, repeat, rounds=3):
                    best={k: min(v) for k, v in samples.items()},
                    **{k: ms.get(k) for k in openvino})
         for cfg, c in row["configs"].items():
-            for variant, _ in TVM_VARIANTS:
+            for variant, _ in variants:
                 c[variant]["ms"] = ms[f"{cfg}/{variant}"]
+            if "tvm-scheduled-no-bf16" in c:  # the tvm_bf16 kernel's A/B, same run
+                c["bf16_kernel_speedup"] = c["tvm-scheduled-no-bf16"]["ms"] / c["tvm-scheduled"]["ms"]
             c["ort_qdq"] = ms[f"{cfg}/ort_qdq"]
             sched = c["tvm-scheduled"]["ms"]
             c["speedup_vs_default"] = c["tvm-default"]["ms"] / sched
@@ -506,6 +518,13 @@ def scheduled_rows(names, configs, repeat, rounds=3):
                   f"{c['ort_qdq']:8.2f} {r['ort_int8_static']:8.2f} {r['ort_fp32']:8.2f} "
                   f"{c['scheduled_vs_ort_int8_static']:8.2f}x {c['tvm-scheduled']['lower_s']:8.1f} "
                   f"{best[cfg + '/tvm-scheduled']:10.2f} / {best['ort_int8_static']:.2f}")
+        for cfg, c in r["configs"].items():
+            if "bf16_kernel_speedup" in c:
+                nb = c["tvm-scheduled-no-bf16"]
+                print(f"{r['model']:9s} {cfg:6s} bf16 kernel A/B: scheduled {c['tvm-scheduled']['ms']:.2f} "
+                      f"ms {json.dumps(c['tvm-scheduled']['kernels'])} vs without avx512bf16 "
+                      f"{nb['ms']:.2f} ms {json.dumps(nb['kernels'])}: {c['bf16_kernel_speedup']:.2f}x "
+                      f"(best {best[cfg + '/tvm-scheduled']:.2f} vs {best[cfg + '/tvm-scheduled-no-bf16']:.2f})")
         print(f"{r['model']:9s} torch fp32 {r['torch_fp32']:.2f} ms; load average over the rounds "
               + " ".join(f"{v:.2f}" for v in r["load_average"]))
         if r["openvino_int8"] is None:
@@ -535,6 +554,9 @@ def main(argv=None):
                     help="TVM default build vs rule-scheduled build, with onnxruntime fp32 / int8 "
                          "anchors (configs fp32,int8,mixed unless --configs)")
     ap.add_argument("--rounds", type=int, default=3, help="--scheduled: interleaved timing rounds")
+    ap.add_argument("--no-bf16-baseline", action="store_true",
+                    help="--scheduled: also the scheduled build without avx512bf16 (capability "
+                         "override), variant tvm-scheduled-no-bf16: the bf16 kernel's A/B")
     ap.add_argument("--out", default=None, help="write the results as JSON here (atomic)")
     ap.add_argument("--model", choices=["vit"], default=None,
                     help="vit: the transformer benchmark (small ViT + 12x384 encoder; configs "
@@ -603,7 +625,8 @@ def _scheduled_main(args):
     names = [n for n in (args.models or ("cnn" if args.quick else "resnet18,cnn")).split(",") if n]
     configs = [c for c in (args.configs if args.configs != "fp32,mixed" else
                            ",".join(SCHEDULED_CONFIGS)).split(",") if c]
-    rows = scheduled_rows(names, configs, 10 if args.quick else 30, args.rounds)
+    variants = TVM_VARIANTS + ((_no_bf16_variant(),) if args.no_bf16_baseline else ())
+    rows = scheduled_rows(names, configs, 10 if args.quick else 30, args.rounds, variants)
     if args.out:
         _write_json(args.out, {"environment": _environment(), "mixed_formats": list(MIX),
                                "rows": rows})

@@ -135,5 +135,12 @@ def test_layer_latency_micro_model_is_scheduled():
     from fliqs_compiler.ir.graph import LayerInfo
     layer = LayerInfo("c", "conv2d", "n", weight_shape=(20, 12, 3, 3), input_shape=(1, 12, 9, 9),
                       attrs={"stride": 2, "padding": 1})
-    ms, low = tvm_layer_ms(layer, "fp8_e4m3", "fp8_e4m3", "llvm", return_lowered=True)
+    # without avx512bf16 (capability override) the fp8 conv runs in fp32: the contraction rule
+    no_bf16 = json.dumps(dict(HOST.tvm_target, mattr=["-avx512bf16"]))
+    ms, low = tvm_layer_ms(layer, "fp8_e4m3", "fp8_e4m3", no_bf16, return_lowered=True)
     assert ms > 0 and low.schedules["contraction"] == 1 and low.schedules["unscheduled"] == 0
+    # with it, the hand bf16 kernel (tvm_bf16), like in the model's artifact
+    ms, low = tvm_layer_ms(layer, "fp8_e4m3", "fp8_e4m3", "llvm", return_lowered=True)
+    on_kernel = [e["kernel"] for e in low.executed.values()] == ["bf16-dpbf16ps"]
+    assert ms > 0 and low.schedules["unscheduled"] == 0
+    assert on_kernel == HOST.caps.has("avx512bf16"), low.executed
