@@ -60,7 +60,8 @@ def worker(method: str, steps: int, warmup: int, batch: int) -> dict:
     graph = make_searchable(fuse_bn(ResNet8()), data.x_train[:1], FORMATS, name="resnet8")
     reward_size = batch // 4 if method == "fliqs_quarter" else batch
     opts = SearchOptions(steps=10 ** 6, train=TrainOptions(batch_size=batch), reward_batch_size=reward_size,
-                         reward_batch="train" if method == "fliqs_trainbatch" else "heldout")
+                         reward_batch="train" if method == "fliqs_trainbatch" else "heldout",
+                         weights_follow="sample" if method == "fliqs_trainbatch" else "policy")
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():  # every candidate's scales initialised before anything is timed
         for fmt in FORMATS:

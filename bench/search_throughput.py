@@ -74,7 +74,8 @@ def worker(method: str, steps: int, warmup: int, batch: int) -> None:
         if method in ("fliqs", "fliqs:train-reward"):
             reward_batch = "train" if method.endswith("train-reward") else "heldout"
             search = OneShotSearch(graph, data, "bops=0.3x",
-                                   SearchOptions(steps=opts.steps, train=opts.train, reward_batch=reward_batch))
+                                   SearchOptions(steps=opts.steps, train=opts.train, reward_batch=reward_batch,
+                                                 weights_follow="sample" if reward_batch == "train" else "policy"))
             step = lambda i: search.step(search.controller.warmup_steps + i)  # noqa: E731
         elif method.startswith("fliqs-run"):  # the recipe's schedule, exactly warmup + steps long
             every = int(method.split(":")[1]) if ":" in method else SearchOptions().monitor_every

@@ -178,7 +178,7 @@ def test_weights_can_follow_the_policy_while_samples_are_judged(trained_tiny_cnn
     assert any(r["trained"] != r["choice"] for r in search)  # the samples explore beyond it
     assert all("trained" not in r for r in rows if r["phase"] != "search")
     assert res.cost <= res.budget_target * 1.02
-    with pytest.raises(FliqsError, match="reward_batch='heldout'"):
+    with pytest.raises(FliqsError, match="weights_follow='sample'"):
         SearchOptions(weights_follow="policy", reward_batch="train")
     with pytest.raises(FliqsError, match="weights_follow"):
         SearchOptions(weights_follow="argmax")
