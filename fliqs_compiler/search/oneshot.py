@@ -96,7 +96,7 @@ class SearchOptions:
     # onto the budget — what the final stretch would train — while the controller's sample is
     # judged forward-only on the held-out batch) or "sample" (TuNAS: the sampled configuration
     # trains, then is judged). Measured (bench/quality.py, ResNet-8, INT space, 900 steps,
-    # hold-cosine, seeds 0-2): 0.14x 91.93 +/- 0.09 % with "policy", 91.84 +/- 0.13 with "sample",
+    # hold-cosine, seeds 0-2): 0.14x 91.93 +/- 0.11 % with "policy", 91.84 +/- 0.13 with "sample",
     # ILP + QAT 92.03 +/- 0.11 (all three the same configuration); 0.25x 92.57 +/- 0.07 / 92.40 +/-
     # 0.09 / ILP 92.33 +/- 0.10 — "policy" above ILP at every seed. The sampled configurations'
     # weight steps were what the returned configuration lost against ILP + QAT.
