@@ -268,7 +268,8 @@ def vnni_rewrite(mod, names: dict, weight_consts: list):
     multiples of 16 (out) / 4 (in) and the output sliced; grouped / dilated convs are left unchanged
     (plain int8 loops). When every conv2d goes to a hand kernel — this one, or the bf16 kernel
     (``_conv_takes_bf16``: ``tvm_bf16.bf16_rewrite`` runs after this rewrite and takes NHWC too) —
-    the module is first converted to
+    or is a float image stem (``_float_stem``: ≤ 4 input channels, cheap in NHWC) — the module is
+    first converted to
     NHWC (``_nhwc``): the graph then runs in the kernels' layout between convs, with one
     transpose at the input and one where the layout ends (e.g. a flatten); otherwise each kernel
     call transposes NCHW↔NHWC around itself. Returns ``(mod, {name: symbol})``.
@@ -367,8 +368,8 @@ def vnni_rewrite(mod, names: dict, weight_consts: list):
         return layout.from_nhwc(y)
 
     convs = _calls(mod["main"], "relax.nn.conv2d")
-    if convs and all(layer_name(c.args[1]) is not None and (_conv_takes_vnni(c) or _conv_takes_bf16(c))
-                     for c in convs):
+    if convs and all((layer_name(c.args[1]) is not None and (_conv_takes_vnni(c) or _conv_takes_bf16(c)))
+                     or _float_stem(c) for c in convs):
         # only then: TVM's own NHWC fp32 conv (mixed models) measured 3-5x slower. With the fp8
         # layers of ResNet-18 mixed on the bf16 kernel: 21.7 ms in NHWC vs 28.0 ms with per-call
         # transposes (2 threads, load 4.3, medians of 5 interleaved rounds), identical outputs
@@ -440,6 +441,25 @@ def _conv_takes_bf16(call) -> bool:
             and a.ty.dtype == "float32" and str(at.data_layout) in _CONV_LAYOUTS
             and str(at.kernel_layout) == "OIHW" and str(at.out_layout) == str(at.data_layout)
             and conv_bf16_applicable(int(at.groups), [int(d) for d in at.dilation]))
+
+
+# A float conv reading at most this many input channels (an image stem) does not keep the model
+# out of NHWC. Measured on ResNet-18, 2 threads, idle 2-core Zen 4, medians of 5 interleaved rounds
+# (``fliqs compile`` keeps the first and last layer float by default): int8 with a float stem and
+# classifier 10.5 ms with per-call transposes around the 19 VNNI convs vs 7.8 ms in NHWC throughout
+# (all-int8: 5.7 ms). Wider float convs stay NCHW: the fp8 layers of a mixed model as fp32 convs
+# (no avx512bf16) 15.8 ms vs 20.8 ms in NHWC; all-fp32 34 ms vs 111 ms.
+_NHWC_FLOAT_CONV_MAX_CIN = 4
+
+
+def _float_stem(call) -> bool:
+    """A float32 conv2d (NCHW / NHWC data, OIHW weight) with at most ``_NHWC_FLOAT_CONV_MAX_CIN``
+    input channels: cheap in NHWC, so it may run in the kernels' layout."""
+    a, at = call.args[0], call.attrs
+    layout = _CONV_LAYOUTS.get(str(at.data_layout))
+    return (layout is not None and a.ty.dtype == "float32" and str(at.out_dtype) in ("float32", "")
+            and str(at.kernel_layout) == "OIHW"
+            and int(a.ty.shape[layout.nhwc[3]]) <= _NHWC_FLOAT_CONV_MAX_CIN)
 
 
 def _nhwc(mod):

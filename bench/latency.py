@@ -446,7 +446,9 @@ def scheduled_rows(names, configs, repeat, rounds=3, variants=TVM_VARIANTS):
     for name, model, shape in _models(names):
         sg, x = _calibrated(model, shape)
         all_int8 = {n: {"weight": "int8", "activation": "int8"} for n in sg.layers}
+        ends = [list(sg.layers)[0], list(sg.layers)[-1]]  # what `fliqs compile` keeps float by default
         graphs = {"fp32": passes.materialize(sg, {}), "int8": passes.materialize(sg, all_int8),
+                  "int8-float-ends": passes.materialize(sg, {n: f for n, f in all_int8.items() if n not in ends}),
                   "mixed": passes.materialize(sg, _mixed_formats(sg))}
         fp32_onnx = export_qdq(graphs["fp32"], work / f"{name}-fp32.onnx")
         ort_int8 = _ort_int8_static(fp32_onnx, x, work / f"{name}-ort-int8.onnx")
@@ -545,7 +547,8 @@ def main(argv=None):
     ap.add_argument("--tune-round", type=int, default=2,
                     help="candidates per scheduler round (every task gets one round first)")
     ap.add_argument("--tune-configs", default="fp32,mixed", help="configs to tune (comma list)")
-    ap.add_argument("--configs", default="fp32,mixed", help="configs to run (comma list)")
+    ap.add_argument("--configs", default="fp32,mixed", help="configs to run (comma list): fp32, int8, "
+                    "int8-float-ends (int8 but the first and last layer float, compile's default), mixed")
     ap.add_argument("--tune-dir", default=str(Path(tempfile.gettempdir()) / "fliqs-tvm-tune-bench"))
     ap.add_argument("--layers", action="store_true", help="also time single ResNet-18 layers")
     ap.add_argument("--layer-tune-trials", type=int, default=0,
