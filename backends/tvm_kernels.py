@@ -444,11 +444,11 @@ def _conv_takes_bf16(call) -> bool:
 
 
 # A float conv reading at most this many input channels (an image stem) does not keep the model
-# out of NHWC. Measured on ResNet-18, 2 threads, idle 2-core Zen 4, medians of 5 interleaved rounds
-# (``fliqs compile`` keeps the first and last layer float by default): int8 with a float stem and
-# classifier 10.5 ms with per-call transposes around the 19 VNNI convs vs 7.8 ms in NHWC throughout
-# (all-int8: 5.7 ms). Wider float convs stay NCHW: the fp8 layers of a mixed model as fp32 convs
-# (no avx512bf16) 15.8 ms vs 20.8 ms in NHWC; all-fp32 34 ms vs 111 ms.
+# out of NHWC. Measured on ResNet-18, 2 threads, idle 2-core Zen 4 (``fliqs compile`` keeps the first
+# and last layer float by default): int8 with a float stem and classifier 8.66 ms with transposes
+# around the 19 VNNI convs vs 6.47 ms in NHWC throughout (bench/latency.py --configs int8-float-ends,
+# before / after). Wider float convs stay NCHW (bench/layout_float_convs.py, NHWC forced): the fp8
+# layers of a mixed model as fp32 convs (no avx512bf16) 16.2 ms vs 22.1 ms; all-fp32 34 vs 104 ms.
 _NHWC_FLOAT_CONV_MAX_CIN = 4
 
 
