@@ -188,24 +188,27 @@ def _quiet_fx_call_errors() -> None:
 def handle_errors(fn):
     """Run a command body: FliqsError → one line on stderr and its exit code; anything else →
     one line and exit 1 (a traceback with --debug or FLIQS_DEBUG=1). A data-parallel rank whose
-    error line another process prints (``ranks.silenced``) exits with the code alone."""
+    error line another process prints (``ranks.silenced``) exits with the code alone; every rank
+    of a torchrun job ends without the interpreter's teardown (``ranks.exit_now``)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         if not os.environ.get(DEBUG_ENV):
             _quiet_fx_call_errors()
         try:
-            return fn(*args, **kwargs)
+            result = fn(*args, **kwargs)
         except (FliqsError, click.exceptions.Exit, click.ClickException, KeyboardInterrupt) as e:
             if isinstance(e, FliqsError):
                 if os.environ.get(DEBUG_ENV):
                     raise
                 _leave_silently(e, e.exit_code)
                 click.echo(f"fliqs: error: {e}", err=True)
+                _end_rank(e.exit_code)
                 sys.exit(e.exit_code)
             if isinstance(e, KeyboardInterrupt):
                 click.echo("fliqs: interrupted (a checkpoint, if any, is kept; rerun with --resume)",
                            err=True)
+                _end_rank(130)
                 sys.exit(130)
             raise
         except Exception as e:  # noqa: BLE001 — the CLI's last line of defence
@@ -215,7 +218,10 @@ def handle_errors(fn):
             msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
             click.echo(f"fliqs: internal error: {type(e).__name__}: {msg} "
                        "(rerun with --debug for a traceback)", err=True)
+            _end_rank(1)
             sys.exit(1)
+        _end_rank(0)
+        return result
 
     return wrapper
 
@@ -223,3 +229,9 @@ def handle_errors(fn):
 def _leave_silently(error: BaseException, code: int) -> None:
     from fliqs_compiler.cli.ranks import leave_silently
     leave_silently(error, code)
+
+
+def _end_rank(code: int) -> None:
+    """A rank of a torchrun job ends here, without the interpreter's teardown (``ranks.exit_now``)."""
+    from fliqs_compiler.cli.ranks import exit_now
+    exit_now(code)
