@@ -46,8 +46,10 @@ import itertools
 
 import numpy as np
 
+from fliqs_compiler.backends.tvm_float_rewrite import FloatKernelOps, float_rewrite
+
 __all__ = ["BF16_INTRIN", "register_intrinsics", "bf16_bits", "pack_dense_weight_bf16",
-           "pack_conv_weight_bf16", "conv_bf16_applicable", "dense_bf16", "conv2d_nhwc_bf16",
+           "pack_conv_weight_bf16", "dense_bf16", "conv2d_nhwc_bf16",
            "bf16_rewrite"]
 
 BF16_INTRIN = "fliqs_dot_16x2_bf16"
@@ -140,11 +142,6 @@ def pack_conv_weight_bf16(w_oihw: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(w.transpose(0, 4, 5, 2, 1, 3))
 
 
-def conv_bf16_applicable(groups: int, dilation=(1, 1)) -> bool:
-    """Convs the kernel computes (channel counts are zero-padded): groups 1, dilation 1."""
-    return int(groups) == 1 and tuple(int(d) for d in dilation) == (1, 1)
-
-
 # ---- scheduled PrimFuncs -------------------------------------------------------------------------
 def _with_import(sch, loop):
     """Import the micro-kernel's LLVM IR into the function (an AttrStmt at ``loop``)."""
@@ -232,110 +229,27 @@ def _bits_func(shape):
 
 
 # ---- Relax wiring --------------------------------------------------------------------------------
-def bf16_rewrite(mod, names: dict, weight_consts: list):
-    """Rewrite ``matmul(f32 [..., M, K], const f32 [K, N], out f32)`` and ``conv2d(f32 NCHW|NHWC,
-    const f32 OIHW, out f32, groups 1, dilation 1)`` whose constant is one of ``weight_consts``
-    (by identity; ``names``: ``{id(const): public name}``) — the bf16-exact codes ``tvm_lower``
-    emits for the ``bf16-dpbf16ps`` rule — into ``call_tir`` of the kernels above with pre-packed
-    bf16 weights. Channel counts are zero-padded (out to 16, in to 2; zero weights make any
-    activation padding inert) and the output sliced. Returns ``(mod, {name: symbol})``."""
-    import tvm
+def _operand(bb):
+    """f32 codes → their bf16 bits (``uint16``), one elementwise function per shape and module."""
     from tvm import relax
-    from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
-    from fliqs_compiler.backends import tvm_kernels as K
-
-    bb = relax.BlockBuilder(mod)
-    done: dict = {}
     bits_fns: dict = {}
-    op = relax.op
-
-    def layer_name(c):
-        for w in weight_consts:
-            if w is not None and w.same_as(c):
-                return names.get(id(w))
-        return None
-
-    def add_kernel(prim, name):
-        sym = f"fliqs_bf16_{K._sanitize(name)}"
-        while sym in done.values():
-            sym += "_"
-        return bb.add_func(prim.with_attr("global_symbol", sym), sym), sym
 
     def to_bits(x, shape):
-        """u16 bits of the f32 codes ``x`` (of static ``shape``: ``x`` is not normalized yet)."""
         if shape not in bits_fns:
             sym = f"fliqs_bf16_bits_{next(_COUNTER)}"
             bits_fns[shape] = bb.add_func(_bits_func(shape).with_attr("global_symbol", sym), sym)
         return relax.call_tir(bits_fns[shape], [x], relax.TensorType(shape, "uint16"))
+    return to_bits
 
-    def static(e):
-        return all(isinstance(d, tvm.tirx.IntImm) for d in list(e.ty.shape))
 
-    data, w_pat = wildcard(), is_const()
-    mm = is_op("relax.matmul")(data, w_pat)
-    cv = is_op("relax.nn.conv2d")(data, w_pat)
+BF16_OPS = FloatKernelOps(prefix="fliqs_bf16", k_step=2, operand=_operand,
+                          pack_dense=pack_dense_weight_bf16, pack_conv=pack_conv_weight_bf16,
+                          dense=dense_bf16, conv=conv2d_nhwc_bf16)
 
-    def rewrite_matmul(call, matches):
-        a, w = matches[data], matches[w_pat]
-        name = layer_name(w)
-        if (name is None or str(call.attrs.out_dtype) != "float32" or w.ty.dtype != "float32"
-                or a.ty.dtype != "float32" or len(a.ty.shape) < 2 or len(w.ty.shape) != 2
-                or not static(a)):
-            return call
-        *lead, k = (int(d) for d in list(a.ty.shape))
-        m = int(np.prod(lead))
-        n = int(w.ty.shape[1])
-        kp, np_ = K._ceil(k, 2), K._ceil(n, 16)
-        wn = np.zeros((np_, kp), np.float32)
-        wn[:n, :k] = w.value.numpy().T
-        gv, sym = add_kernel(dense_bf16(m, kp, np_), name)
-        x = op.reshape(a, [m, k]) if len(lead) > 1 else a
-        if kp != k:
-            x = op.nn.pad(x, [0, 0, 0, kp - k])
-        y = relax.call_tir(gv, [to_bits(x, (m, kp)), relax.const(pack_dense_weight_bf16(wn))],
-                           relax.TensorType((m, np_), "float32"))
-        if np_ != n:
-            y = op.strided_slice(y, axes=[1], begin=[0], end=[n])
-        if len(lead) > 1:
-            y = op.reshape(y, lead + [n])
-        done[name] = sym
-        return y
 
-    def rewrite_conv(call, matches):
-        a, w = matches[data], matches[w_pat]
-        name = layer_name(w)
-        at = call.attrs
-        if (name is None or str(at.out_dtype) != "float32" or w.ty.dtype != "float32"
-                or a.ty.dtype != "float32" or str(at.data_layout) not in K._CONV_LAYOUTS
-                or str(at.kernel_layout) != "OIHW" or str(at.out_layout) != str(at.data_layout)
-                or not conv_bf16_applicable(int(at.groups), [int(d) for d in at.dilation])
-                or not static(a)):
-            return call
-        layout = K._CONV_LAYOUTS[str(at.data_layout)]
-        nb, h, wd, cin = (int(a.ty.shape[i]) for i in layout.nhwc)
-        cout, _, kh, kw = (int(d) for d in w.ty.shape)
-        ci, co = K._ceil(cin, 2), K._ceil(cout, 16)
-        pt, pl, pb, pr = (int(p) for p in at.padding)
-        sh, sw = (int(s) for s in at.strides)
-        hp, wp = h + pt + pb, wd + pl + pr
-        oh, ow = (hp - kh) // sh + 1, (wp - kw) // sw + 1
-        wn = np.zeros((co, ci, kh, kw), np.float32)
-        wn[:cout, :cin] = w.value.numpy()
-        x = layout.to_nhwc(a)
-        if pt or pb or pl or pr or ci != cin:
-            x = op.nn.pad(x, [0, 0, pt, pb, pl, pr, 0, ci - cin], pad_value=0.0)
-        gv, sym = add_kernel(conv2d_nhwc_bf16(nb, hp, wp, ci, co, kh, kw, (sh, sw)), name)
-        y = relax.call_tir(gv, [to_bits(x, (nb, hp, wp, ci)), relax.const(pack_conv_weight_bf16(wn))],
-                           relax.TensorType((nb, oh, ow, co), "float32"))
-        if co != cout:
-            y = op.strided_slice(y, axes=[3], begin=[0], end=[cout])
-        done[name] = sym
-        return layout.from_nhwc(y)
-
-    main = mod["main"]
-    main = rewrite_call(mm, rewrite_matmul, main)
-    main = rewrite_call(cv, rewrite_conv, main)
-    new = bb.get()
-    new[new.get_global_var("main")] = main
-    new = relax.transform.Normalize()(new)
-    return new, done
+def bf16_rewrite(mod, names: dict, weight_consts: list):
+    """``tvm_float_rewrite.float_rewrite`` onto the kernels above: float32 matmul / conv2d whose
+    constant weight is one of ``weight_consts`` — the bf16-exact codes ``tvm_lower`` emits for the
+    ``bf16-dpbf16ps`` rule — as ``call_tir`` with pre-packed bf16 weights and the activation's
+    bf16 bits. Returns ``(mod, {name: symbol})``."""
+    return float_rewrite(mod, names, weight_consts, BF16_OPS)

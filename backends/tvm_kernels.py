@@ -36,8 +36,9 @@ import numpy as np
 from fliqs_compiler.backends.targets import cpu_features
 from fliqs_compiler.backends.tvm_attention import attention_rewrite
 from fliqs_compiler.backends.tvm_bf16 import bf16_rewrite
+from fliqs_compiler.backends.tvm_fp32 import fp32_rewrite
 
-__all__ = ["Kernel", "KERNELS", "BF16_KERNEL", "kernels_for", "VNNI_INTRIN", "register_intrinsics", "has_vnni", "pack_dense_weight",
+__all__ = ["Kernel", "KERNELS", "BF16_KERNEL", "FP32_KERNEL", "kernels_for", "choose_layout", "VNNI_INTRIN", "register_intrinsics", "has_vnni", "pack_dense_weight",
            "pack_conv_weight", "dense_vnni_supported", "conv_vnni_supported",
            "conv_vnni_applicable", "dense_vnni", "conv2d_nhwc_vnni", "vnni_rewrite", "fp_round_te"]
 
@@ -266,13 +267,8 @@ def vnni_rewrite(mod, names: dict, weight_consts: list):
     (the constant is found by identity with ``same_as``). Signed (s8) activations are shifted to u8
     (+128) and corrected with the per-channel weight sums (conv pads with 128 ≡ 0). Channel counts are zero-padded to
     multiples of 16 (out) / 4 (in) and the output sliced; grouped / dilated convs are left unchanged
-    (plain int8 loops). When every conv2d goes to a hand kernel — this one, or the bf16 kernel
-    (``_conv_takes_bf16``: ``tvm_bf16.bf16_rewrite`` runs after this rewrite and takes NHWC too) —
-    or is a float image stem (``_float_stem``: ≤ 4 input channels, cheap in NHWC) — the module is
-    first converted to
-    NHWC (``_nhwc``): the graph then runs in the kernels' layout between convs, with one
-    transpose at the input and one where the layout ends (e.g. a flatten); otherwise each kernel
-    call transposes NCHW↔NHWC around itself. Returns ``(mod, {name: symbol})``.
+    (plain int8 loops). Each kernel call transposes NCHW↔NHWC around itself unless the module is
+    already NHWC (``choose_layout``). Returns ``(mod, {name: symbol})``.
     """
     import tvm
     from tvm import relax
@@ -367,13 +363,6 @@ def vnni_rewrite(mod, names: dict, weight_consts: list):
         done[name] = sym
         return layout.from_nhwc(y)
 
-    convs = _calls(mod["main"], "relax.nn.conv2d")
-    if convs and all((layer_name(c.args[1]) is not None and (_conv_takes_vnni(c) or _conv_takes_bf16(c)))
-                     or _float_stem(c) for c in convs):
-        # only then: TVM's own NHWC fp32 conv (mixed models) measured 3-5x slower. With the fp8
-        # layers of ResNet-18 mixed on the bf16 kernel: 21.7 ms in NHWC vs 28.0 ms with per-call
-        # transposes (2 threads, load 4.3, medians of 5 interleaved rounds), identical outputs
-        mod = _nhwc(mod)
     main = mod["main"]
     main = rewrite_call(mm, rewrite_matmul, main)
     main = rewrite_call(cv, rewrite_conv, main)
@@ -430,17 +419,17 @@ def _conv_takes_vnni(call) -> bool:
                                 [int(d) for d in at.dilation])
 
 
-def _conv_takes_bf16(call) -> bool:
-    """A float32 conv2d with a constant float32 weight the translator recorded: the bf16 kernel's
-    (``tvm_bf16.bf16_rewrite``) — only recorded where the target runs it."""
+def _conv_takes_float(call) -> bool:
+    """A float32 conv2d with a constant float32 OIHW weight, groups 1, dilation 1: what the float
+    kernels (``tvm_bf16``, ``tvm_fp32``, through ``tvm_float_rewrite``) compute."""
     from tvm.ir.expr import Constant
-    from fliqs_compiler.backends.tvm_bf16 import conv_bf16_applicable
+    from fliqs_compiler.backends.tvm_float_rewrite import float_conv_applicable
     a, w = call.args[0], call.args[1]
     at = call.attrs
-    return (isinstance(w, Constant) and str(at.out_dtype) == "float32" and w.ty.dtype == "float32"
+    return (isinstance(w, Constant) and str(at.out_dtype) in ("float32", "") and w.ty.dtype == "float32"
             and a.ty.dtype == "float32" and str(at.data_layout) in _CONV_LAYOUTS
             and str(at.kernel_layout) == "OIHW" and str(at.out_layout) == str(at.data_layout)
-            and conv_bf16_applicable(int(at.groups), [int(d) for d in at.dilation]))
+            and float_conv_applicable(int(at.groups), [int(d) for d in at.dilation]))
 
 
 # A float conv reading at most this many input channels (an image stem) does not keep the model
@@ -468,6 +457,28 @@ def _nhwc(mod):
     consecutive convs meet without NCHW<->NHWC transposes."""
     from tvm import relax
     return relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "OIHW"]})(mod)
+
+
+def choose_layout(mod, kernels_with_weights):
+    """``mod`` in NHWC (``_nhwc``) when every conv2d is one a kernel takes — its weight is one of
+    the kernel's recorded constants and ``takes_conv`` accepts it — or is a float image stem;
+    else unchanged (NCHW, each kernel call transposing around itself).
+    ``kernels_with_weights``: ``[(Kernel, [weight constants of its layers])]``.
+
+    Why only then, measured: TVM's own NHWC fp32 conv (the generic schedule) was 3-5x slower
+    than NCHW; with every conv on a hand kernel, NHWC throughout wins (ResNet-18 mixed with the
+    fp8 layers on the bf16 kernel: 21.7 ms vs 28.0 ms with per-call transposes, 2 threads, load
+    4.3, medians of 5 interleaved rounds, identical outputs)."""
+    takers = [(k.takes_conv, consts) for k, consts in kernels_with_weights if k.takes_conv]
+
+    def on_kernel(call):
+        return any(takes(call) and any(c is not None and c.same_as(call.args[1]) for c in consts)
+                   for takes, consts in takers)
+
+    convs = _calls(mod["main"], "relax.nn.conv2d")
+    if convs and all(on_kernel(c) or _float_stem(c) for c in convs):
+        return _nhwc(mod)
+    return mod
 
 
 def _ceil(v: int, m: int) -> int:
@@ -521,7 +532,8 @@ class Kernel:
     names, weight_consts) -> (mod, {layer name: kernel symbol})`` swaps it in after translation.
     A layer is reported on the kernel only when its compiled function contains ``instruction``;
     ``storage``: its pre-packed weight dtype; ``fallback``: what a layer of ``compute_rule`` the
-    rewrite could not take runs as."""
+    rewrite could not take runs as. The rewrite sees only the weights of its own rule's layers
+    (``compute_rule``; "fp32" for layers without a native rule)."""
 
     name: str
     compute_rule: str
@@ -530,6 +542,7 @@ class Kernel:
     instruction: str = "vpdpbusd"
     storage: str = "int8"
     fallback: str = "plain int8 loops"
+    takes_conv: object = None  # call -> bool: a conv2d the rewrite computes (``choose_layout``)
 
 
 # Attention MatMuls (act x act, tvm_attention) after the weight kernel: each rewrite finds its
@@ -539,9 +552,14 @@ ATTENTION_KERNEL = Kernel("vnni", compute_rule="int8", needs=("avx512vnni",), re
 # takes first) on vdpbf16ps (tvm_bf16); without avx512bf16 the rule does not match (tvm_lower).
 BF16_KERNEL = Kernel("bf16-dpbf16ps", compute_rule="bf16-dpbf16ps", needs=("avx512bf16",),
                      rewrite=bf16_rewrite, instruction="vdpbf16ps", storage="bf16",
-                     fallback="fp32 loops on the codes")
-KERNELS = (Kernel("vnni", compute_rule="int8", needs=("avx512vnni",), rewrite=vnni_rewrite),
-           ATTENTION_KERNEL, BF16_KERNEL)
+                     fallback="fp32 loops on the codes", takes_conv=_conv_takes_float)
+# Float layers (no native rule; their weight a constant fp32 tensor) on fp32 FMA (tvm_fp32).
+FP32_KERNEL = Kernel("fp32-fma", compute_rule="fp32", needs=("avx512f",), rewrite=fp32_rewrite,
+                     instruction="vfmadd", storage="fp32",
+                     fallback="fp32 loops (generic schedule)", takes_conv=_conv_takes_float)
+KERNELS = (Kernel("vnni", compute_rule="int8", needs=("avx512vnni",), rewrite=vnni_rewrite,
+                  takes_conv=_conv_takes_vnni),
+           ATTENTION_KERNEL, BF16_KERNEL, FP32_KERNEL)
 
 
 def kernels_for(caps) -> list:

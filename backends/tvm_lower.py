@@ -64,7 +64,7 @@ from fliqs_compiler.base.errors import FliqsError  # noqa: E402
 from fliqs_compiler.numerics.qspec import QuantSpec  # noqa: E402
 
 from fliqs_compiler.backends import tvm_kernels as K  # noqa: E402
-from fliqs_compiler.backends.tvm_bf16 import conv_bf16_applicable  # noqa: E402
+from fliqs_compiler.backends.tvm_float_rewrite import float_conv_applicable  # noqa: E402
 from fliqs_compiler.backends.targets import Target, cross_compiler, parse_target  # noqa: E402
 
 __all__ = ["QTensor", "Lowered", "Tuning", "lower", "translate", "compile_module", "WEIGHT_RULES",
@@ -350,7 +350,7 @@ class _Layer:
     weight_fmt: str = "float"
     act_fmt: str = "float"
     storage: str = "fp32"
-    weight_const: object = None  # the integer weight constant (VNNI candidates)
+    weight_const: object = None  # the weight constant a kernel rewrite finds the layer by
 
 
 class _Translator:
@@ -414,6 +414,33 @@ class _Translator:
                                   w.fmt.name if w else "float", a.fmt.name if a else "float",
                                   w.storage if w else "fp32", wconst))
 
+    def _float_weight_const(self, node, imp):
+        """The constant fp32 weight of a layer without a native rule, when the target has the
+        fp32 kernel (``tvm_fp32``; its rule "fp32" is prepacked): a parameter (bound only after
+        the import, so made a constant here) or a weight dequantized at lowering. The kernel's
+        rewrite finds the layer by identity with it. None for a weight decoded at run time
+        (low-bit codes: their storage stays low-bit) and on other targets."""
+        arg = node.args[1] if len(node.args) > 1 else None
+        if "fp32" not in self.prepacked or not isinstance(arg, torch.fx.Node):
+            return None
+        value = imp.env.get(arg)
+        if _is_const(value):
+            return value if value.ty.dtype == "float32" else None
+        param = self.const_of(arg)
+        return None if param is None else _const(param)
+
+    @contextlib.contextmanager
+    def _weight_as(self, imp, node, const):
+        """The importer's converter reads ``const`` as the layer's weight (when not None)."""
+        arg = node.args[1]
+        saved = imp.env.get(arg)
+        if const is not None:
+            imp.env[arg] = const
+        try:
+            yield
+        finally:
+            imp.env[arg] = saved
+
     def _rescale(self, bb, y, a, w, rule, ndim, channel_axis):
         """acc → float32 × s_x·s_w, the per-output-channel scales on ``channel_axis`` (conv NCHW:
         1; linear: -1, whatever the rank — a [B, T, C] input keeps its channels last)."""
@@ -433,11 +460,13 @@ class _Translator:
     def conv2d(self, node, imp):
         a, w = self._quant_inputs(node)
         dilation_arg, groups_arg = (list(node.args) + [None] * 7)[5:7]
-        rule = _match_rule(w, a, kernels=self.prepacked, kernel_ok=conv_bf16_applicable(
+        rule = _match_rule(w, a, kernels=self.prepacked, kernel_ok=float_conv_applicable(
             groups_arg or 1, _pair(dilation_arg or 1)))
         if rule is None:
-            self._record(node, "conv2d", None, a, w)
-            return imp._conv2d(node)
+            wconst = self._float_weight_const(node, imp)
+            self._record(node, "conv2d", None, a, w, wconst)
+            with self._weight_as(imp, node, wconst):
+                return imp._conv2d(node)
         relax = _relax()
         args = imp.retrieve_args(node)
         bias = args[2] if len(args) > 2 else None
@@ -464,10 +493,20 @@ class _Translator:
     def linear(self, node, imp):
         a, w = self._quant_inputs(node)
         rule = _match_rule(w, a, kernels=self.prepacked, kernel_ok=True)
-        if rule is None:
-            self._record(node, "linear", None, a, w)
-            return imp._linear(node)
         relax = _relax()
+        if rule is None:
+            wconst = self._float_weight_const(node, imp)
+            if wconst is None:
+                self._record(node, "linear", None, a, w)
+                return imp._linear(node)
+            # matmul(x, const [K, N]): what the fp32 kernel's rewrite matches
+            bb = imp.block_builder
+            args = imp.retrieve_args(node)
+            wt = _const(wconst.value.numpy().T.copy())
+            y = bb.emit(relax.op.matmul(args[0], wt, out_dtype="float32"))
+            self._record(node, "linear", None, a, w, wt)
+            bias = args[2] if len(args) > 2 else None
+            return y if imp._is_no_bias(bias) else bb.emit(relax.op.add(y, bias))
         args = imp.retrieve_args(node)
         bias = args[2] if len(args) > 2 else None
         bb = imp.block_builder
@@ -837,11 +876,14 @@ def lower(graph, target, out_dir=None, *, tuning: Optional[Tuning] = None, vnni:
     mod, records = translate(ep, prepacked)
     times["translate"] = time.perf_counter() - t0
     names = _public_names(graph, records)
+    by_name = {id(r.weight_const): n for r, n in zip(records, names) if r.weight_const is not None}
+    # each kernel rewrites only its own rule's layers ("fp32": no native rule)
+    weights = [(k, [r.weight_const for r in records if r.weight_const is not None
+                    and (r.rule or "fp32") == k.compute_rule]) for k in kernels]
+    mod = K.choose_layout(mod, weights)
     kernel_layers = {}  # layer name → (Kernel, symbol)
-    for kernel in kernels:
-        mod, swapped = kernel.rewrite(mod, {id(r.weight_const): n for r, n in zip(records, names)
-                                            if r.weight_const is not None},
-                                      [r.weight_const for r in records if r.weight_const is not None])
+    for kernel, consts in weights:
+        mod, swapped = kernel.rewrite(mod, by_name, consts)
         kernel_layers.update({n: (kernel, sym) for n, sym in swapped.items()})
     by_rule = {k.compute_rule: k for k in kernels}
     t1 = time.perf_counter()
@@ -870,9 +912,9 @@ def lower(graph, target, out_dir=None, *, tuning: Optional[Tuning] = None, vnni:
                     else f"run-time {kernel.storage} (packed per call for {kernel.name.upper()})")
             else:
                 entry["fallback"] = f"no {kernel.instruction} in the compiled kernel: {kernel.fallback}"
-        elif r.rule in prepacked:
+        elif (r.rule or "fp32") in prepacked and (r.rule or r.weight_const is not None):
             entry["fallback"] = ("scheduled kernel not applicable (shape/groups/layout): "
-                                 + by_rule[r.rule].fallback)
+                                 + by_rule[r.rule or "fp32"].fallback)
         realized = kernel is not None and entry["kernel"] == kernel.name  # packed at lowering
         if tuning is not None and not realized and not entry["weight_storage"].startswith(("int8", "fp32")):
             entry["weight_storage"] += " (tuning pipeline's FoldConstant pre-decodes it at build time)"

@@ -13,6 +13,7 @@ import torch.nn.functional as Fn
 from torch import nn
 
 from fliqs_compiler.backends import tvm_bf16 as B
+from float_kernels import CONV_CASES, compiled_op, conv_ref
 from fliqs_compiler.backends.targets import parse_target
 
 pytestmark = pytest.mark.tvm
@@ -49,51 +50,8 @@ def test_pack_layouts_and_bits():
 
 
 # ---- the kernels through the Relax rewrite (padding, slicing, layouts) ------------------------------
-def _compiled(build, weight, *, layout="NCHW"):
-    """A one-op Relax module (``build(x, w_const)`` → the op) rewritten by ``bf16_rewrite`` and
-    compiled like ``lower`` does: (run(x) -> numpy, number of vdpbf16ps in the kernel)."""
-    import tvm
-    from tvm import relax
-    from fliqs_compiler.backends.tvm_lower import asm_functions, compile_module
-
-    def run(x):
-        bb = relax.BlockBuilder()
-        xv = relax.Var("x", relax.TensorType(x.shape, "float32"))
-        wc = relax.const(weight)
-        with bb.function("main", [xv]):
-            with bb.dataflow():
-                out = bb.emit_output(build(xv, wc))
-            bb.emit_func_output(out)
-        mod, done = B.bf16_rewrite(bb.get(), {id(wc): "layer"}, [wc])
-        assert list(done) == ["layer"]
-        ex, _ = compile_module(mod, TARGET)
-        fns = asm_functions(ex.mod.imports[0].inspect_source("asm"))
-        n_dp = sum(body.count("vdpbf16ps") for sym, body in fns.items() if done["layer"] in sym)
-        vm = relax.VirtualMachine(ex, tvm.cpu())
-        return vm["main"](tvm.runtime.tensor(x)).numpy(), n_dp
-    return run
-
-
-def _conv_ref(x_nchw, w, stride, pad):
-    """float64 conv (exact for the small-integer cases)."""
-    x = np.pad(x_nchw.astype(np.float64), [(0, 0), (0, 0), (pad, pad), (pad, pad)])
-    o, _, kh, kw = w.shape
-    oh, ow = (x.shape[2] - kh) // stride + 1, (x.shape[3] - kw) // stride + 1
-    out = np.zeros((x.shape[0], o, oh, ow))
-    for i in range(kh):
-        for j in range(kw):
-            patch = x[:, :, i:i + stride * oh:stride, j:j + stride * ow:stride]
-            out += np.einsum("nchw,oc->nohw", patch, w[:, :, i, j].astype(np.float64))
-    return out
-
-
-CONV_CASES = [  # (cin, cout, k, stride, pad, hw): odd channel counts, stride 2, 1x1, the stem
-    (3, 20, 7, 2, 3, 19),
-    (5, 17, 3, 1, 1, 9),
-    (6, 33, 3, 2, 1, 11),
-    (8, 16, 1, 1, 0, 7),
-    (7, 24, 1, 2, 0, 9),
-]
+def _compiled(build, weight):
+    return compiled_op(build, weight, B.bf16_rewrite, "vdpbf16ps")
 
 
 @needs_bf16
@@ -109,7 +67,7 @@ def test_conv_exact_on_small_integer_codes(cin, cout, k, stride, pad, hw):
                                                       out_dtype="float32"), w)
     got, n_dp = run(x)
     assert n_dp > 0
-    np.testing.assert_array_equal(got, _conv_ref(x, w, stride, pad).astype(np.float32))
+    np.testing.assert_array_equal(got, conv_ref(x, w, stride, pad).astype(np.float32))
 
 
 @needs_bf16
@@ -128,7 +86,7 @@ def test_conv_nhwc_and_bf16_values_within_fp32_order_tolerance():
     run = _compiled(lambda xv, wc: relax.op.nn.conv2d(
         xv, wc, strides=2, padding=1, data_layout="NHWC", out_layout="NHWC", out_dtype="float32"), w)
     got, n_dp = run(x)
-    ref = _conv_ref(x.transpose(0, 3, 1, 2), w, 2, 1).transpose(0, 2, 3, 1)
+    ref = conv_ref(x.transpose(0, 3, 1, 2), w, 2, 1).transpose(0, 2, 3, 1)
     bound = 9 * cin * np.abs(x).max() * np.abs(w).max() * 2.0 ** -23  # terms · max term · ulp
     assert n_dp > 0
     assert np.abs(got - ref).max() <= bound
@@ -307,7 +265,7 @@ def _transposed_kernel_outputs(mod) -> int:
         if getattr(call.op, "name", "") == "relax.strided_slice":
             return kernel_output(call.args[0])
         return (getattr(call.op, "name", "") == "relax.call_tir"
-                and call.args[0].name_hint.startswith(("fliqs_vnni_", "fliqs_bf16_")))
+                and call.args[0].name_hint.startswith(("fliqs_vnni_", "fliqs_bf16_", "fliqs_fp32_")))
     return sum(1 for v in value.values() if isinstance(v, relax.Call)
                and getattr(v.op, "name", "") == "relax.permute_dims" and kernel_output(v.args[0]))
 

@@ -281,16 +281,22 @@ def test_vnni_convs_run_in_one_nhwc_layout_bit_exact():
 
 
 @pytest.mark.skipif(not HOST_VNNI, reason="host CPU has no AVX512-VNNI")
-def test_a_float_image_stem_does_not_keep_the_graph_out_of_nhwc():
+@pytest.mark.parametrize("fp32_kernel", [True, False])
+def test_a_float_image_stem_does_not_keep_the_graph_out_of_nhwc(fp32_kernel, monkeypatch):
     """A float stem (3 input channels) before VNNI convs — ``fliqs compile``'s default keeps the
     first layer float — runs in NHWC too (ResNet-18: 7.8 ms vs 10.5 ms with transposes around
-    every VNNI conv): one transpose at each end, the result equal to the torch graph to a float
-    rounding of the stem (which may move one code of the next quantizer)."""
+    every VNNI conv): on the fp32 kernel, or without it (``tvm_kernels._float_stem``) as TVM's
+    own conv; one transpose at each end, the result equal to the torch graph to a float rounding
+    of the stem (which may move one code of the next quantizer)."""
+    if not fp32_kernel:
+        monkeypatch.setattr(K, "KERNELS", tuple(k for k in K.KERNELS if k is not K.FP32_KERNEL))
     g = _residual_graph(1, stem="float")
     low = lower(g, "llvm", None)
-    assert low.executed["c1"]["kernel"] == "fp32" and low.executed["c2"]["kernel"] == "vnni"
-    (conv,) = K._calls(low.mod["main"], "relax.nn.conv2d")
-    assert str(conv.attrs.data_layout) == "NHWC"
+    assert low.executed["c2"]["kernel"] == "vnni"
+    assert low.executed["c1"]["kernel"] == ("fp32-fma" if fp32_kernel else "fp32")
+    convs = K._calls(low.mod["main"], "relax.nn.conv2d")
+    assert len(convs) == (0 if fp32_kernel else 1)
+    assert all(str(conv.attrs.data_layout) == "NHWC" for conv in convs)
     assert _activation_transposes(low.mod) == 2
     m = ResidualInt8(1, "float").eval()
     for x in (example_input((1, 3, 17, 17)), 20 * example_input((1, 3, 17, 17), seed=2)):

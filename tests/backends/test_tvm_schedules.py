@@ -71,7 +71,10 @@ def test_scheduled_build_matches_default_build(fmt, target):
         np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-7)
     vnni = [e for e in low.executed.values() if e["kernel"] == "vnni"]
     assert bool(vnni) == (fmt == "int8" and K.has_vnni(parse_target(target).tvm_target))
-    assert (low.schedules["kept"] > 0) == bool(vnni)  # hand kernels are left as scheduled
+    # the float layers (all of them, or the int8 model's float ones) on the fp32 kernel
+    fma = [e for e in low.executed.values() if e["kernel"] == "fp32-fma"]
+    assert bool(fma) == (fmt == "float" and parse_target(target).caps.has("avx512f"))
+    assert (low.schedules["kept"] > 0) == bool(vnni or fma)  # hand kernels are left as scheduled
 
 
 class Attention(nn.Module):

@@ -1,0 +1,95 @@
+"""The fp32 FMA kernel (``backends/tvm_fp32.py``) A/B, in one process: the same model lowered with
+the kernel registry as shipped and without ``FP32_KERNEL`` (the float layers then on the generic
+rule schedules, NCHW around the other kernels: the previous behaviour), with onnxruntime fp32 on
+the same model as the anchor.
+
+ResNet-18 @224 (random weights, non-trivial BN statistics, as ``bench/latency.py``), batch 1:
+
+- ``fp32``: every layer float;
+- ``int8-float-ends``: int8 but the first and last layer float (``fliqs compile``'s default).
+
+Prints medians of interleaved rounds (ms), the speedup of the kernel, onnxruntime fp32 / TVM, the
+layers per kernel, and the largest output difference between the two builds; ``--json`` writes
+them.
+
+    python bench/fp32_kernel.py [--rounds 5] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("TVM_NUM_THREADS", "2")
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
+
+import numpy as np  # noqa: E402
+
+import latency as L  # noqa: E402
+from fliqs_compiler import passes  # noqa: E402
+from fliqs_compiler.backends import tvm_kernels as K  # noqa: E402
+from fliqs_compiler.backends.tvm_lower import lower  # noqa: E402
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    _, model, shape = next(L._models(["resnet18"]))
+    sg, x = L._calibrated(model, shape)
+    names = list(sg.layers)
+    int8 = {n: {"weight": "int8", "activation": "int8"} for n in names}
+    configs = {"fp32": {}, "int8-float-ends": {n: f for n, f in int8.items()
+                                               if n not in (names[0], names[-1])}}
+    shipped = K.KERNELS
+    variants = {"fp32-kernel": shipped, "generic": tuple(k for k in shipped if k is not K.FP32_KERNEL)}
+    lows, builds = {}, {}
+    for cfg, formats in configs.items():
+        graph = passes.materialize(sg, formats)
+        for how, kernels in variants.items():
+            K.KERNELS = kernels
+            try:
+                lows[(cfg, how)] = lower(graph, "llvm", None)
+            finally:
+                K.KERNELS = shipped
+            builds[(cfg, how)] = lows[(cfg, how)].timing_s.get("total")
+    fp32_graph = passes.materialize(sg, {})
+    times = {k: [] for k in lows}
+    ort = []
+    with tempfile.TemporaryDirectory() as work:
+        for _ in range(args.rounds):
+            for k, low in lows.items():
+                times[k].append(low.time_ms([x.numpy()], repeat=10, min_repeat_ms=100))
+            ort.append(L._ort_ms(fp32_graph, x, 30, work, "fp32"))
+    ort_ms = statistics.median(ort)
+    rows = []
+    for cfg in configs:
+        a, b = (lows[(cfg, h)].run([x.numpy()])[0] for h in variants)
+        with_k, generic = (statistics.median(times[(cfg, h)]) for h in variants)
+        row = {"config": cfg, "fp32_kernel_ms": with_k, "generic_ms": generic,
+               "speedup": generic / with_k, "onnxruntime_fp32_ms": ort_ms,
+               "onnxruntime_fp32_over_tvm": ort_ms / with_k,
+               "kernels": {h: L._kernel_counts(lows[(cfg, h)]) for h in variants},
+               "build_s": {h: builds[(cfg, h)] for h in variants},
+               "max_abs_diff": float(np.abs(a - b).max()), "max_abs_out": float(np.abs(a).max()),
+               "samples": {h: times[(cfg, h)] for h in variants}}
+        rows.append(row)
+        print(f"{cfg:16s} fp32 kernel {with_k:7.2f} ms  generic {generic:7.2f} ms  "
+              f"({row['speedup']:.2f}x)  onnxruntime fp32 {ort_ms:.2f} ms "
+              f"(ORT/TVM {row['onnxruntime_fp32_over_tvm']:.2f})  kernels {json.dumps(row['kernels']['fp32-kernel'])}  "
+              f"max |diff| {row['max_abs_diff']:.2g} (|out| ≤ {row['max_abs_out']:.2g})", flush=True)
+    load = os.getloadavg()
+    print(f"threads {os.environ['TVM_NUM_THREADS']}, load average {load[0]:.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"threads": int(os.environ["TVM_NUM_THREADS"]),
+                                               "load": load, "rounds": args.rounds,
+                                               "onnxruntime_fp32_samples": ort, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
