@@ -37,8 +37,8 @@ layers), ``bench/latency.py --scheduled --no-bf16-baseline``, load ~4: 15.9 ms v
 fp8 layers in fp32 (1.98×, NHWC between convs; ``bench/results/latency_bf16_kernel.json``).
 
 ``bf16_rewrite(mod, names, weight_consts)`` is the Relax side (a ``tvm_kernels.Kernel``'s
-``rewrite``): ``relax.dpl`` rewrite of float32 matmul / conv2d with the constant f32 code weights
-``tvm_lower`` records for the ``bf16-dpbf16ps`` compute rule.
+``rewrite``): ``tvm_float_rewrite.float_rewrite`` (shared with the fp32 kernel) with ``BF16_OPS``,
+for the constant f32 code weights ``tvm_lower`` records for the ``bf16-dpbf16ps`` compute rule.
 """
 from __future__ import annotations
 

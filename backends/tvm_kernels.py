@@ -19,7 +19,9 @@ vectorization aborts ``StorageRewrite``, and tensorize cannot match Relax's ``[K
 ``relax.dpl`` rewrite of integer conv2d / matmul with constant int8 weights into ``call_tir`` of
 these kernels (added with ``BlockBuilder(mod).add_func``), zero-padding channel counts, shifting
 signed activations to u8; anything it cannot handle (groups, dilation) stays plain int8.
-``has_vnni(target_dict)`` says whether a target CPU has AVX512-VNNI. ``fp_round_te`` is the exact
+``has_vnni(target_dict)`` says whether a target CPU has AVX512-VNNI. ``KERNELS`` is the registry
+of every hand kernel (VNNI, attention VNNI, ``tvm_bf16``, ``tvm_fp32``) with the features it needs;
+``choose_layout`` runs a model NHWC when every conv is on one of them. ``fp_round_te`` is the exact
 fp8 / bf16 / fp6 / fp4 rounding used for run-time activations (no casts; safe under fusion).
 
 Measured here (2 threads, shared 2-core Zen 4, noisy): u8×s8 dense 128×1024×1024 0.64 ms,
@@ -38,7 +40,7 @@ from fliqs_compiler.backends.tvm_attention import attention_rewrite
 from fliqs_compiler.backends.tvm_bf16 import bf16_rewrite
 from fliqs_compiler.backends.tvm_fp32 import fp32_rewrite
 
-__all__ = ["Kernel", "KERNELS", "BF16_KERNEL", "FP32_KERNEL", "kernels_for", "choose_layout", "VNNI_INTRIN", "register_intrinsics", "has_vnni", "pack_dense_weight",
+__all__ = ["Kernel", "KERNELS", "BF16_KERNEL", "FP32_KERNEL", "kernels_for", "choose_layout", "nhwc_ready", "VNNI_INTRIN", "register_intrinsics", "has_vnni", "pack_dense_weight",
            "pack_conv_weight", "dense_vnni_supported", "conv_vnni_supported",
            "conv_vnni_applicable", "dense_vnni", "conv2d_nhwc_vnni", "vnni_rewrite", "fp_round_te"]
 
@@ -459,26 +461,30 @@ def _nhwc(mod):
     return relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "OIHW"]})(mod)
 
 
+def nhwc_ready(kernels_with_weights):
+    """``call -> bool``: a conv2d that does not keep a model out of NHWC — one a kernel takes (its
+    weight is one of the kernel's recorded constants and ``takes_conv`` accepts it) or a float
+    image stem. ``kernels_with_weights``: ``[(Kernel, [weight constants of its layers])]``."""
+    takers = [(k.takes_conv, consts) for k, consts in kernels_with_weights if k.takes_conv]
+
+    def ready(call) -> bool:
+        return _float_stem(call) or any(
+            takes(call) and any(c is not None and c.same_as(call.args[1]) for c in consts)
+            for takes, consts in takers)
+    return ready
+
+
 def choose_layout(mod, kernels_with_weights):
-    """``mod`` in NHWC (``_nhwc``) when every conv2d is one a kernel takes — its weight is one of
-    the kernel's recorded constants and ``takes_conv`` accepts it — or is a float image stem;
-    else unchanged (NCHW, each kernel call transposing around itself).
-    ``kernels_with_weights``: ``[(Kernel, [weight constants of its layers])]``.
+    """``mod`` in NHWC (``_nhwc``) when every conv2d is ``nhwc_ready``; else unchanged (NCHW, each
+    kernel call transposing around itself).
 
     Why only then, measured: TVM's own NHWC fp32 conv (the generic schedule) was 3-5x slower
     than NCHW; with every conv on a hand kernel, NHWC throughout wins (ResNet-18 mixed with the
     fp8 layers on the bf16 kernel: 21.7 ms vs 28.0 ms with per-call transposes, 2 threads, load
     4.3, medians of 5 interleaved rounds, identical outputs)."""
-    takers = [(k.takes_conv, consts) for k, consts in kernels_with_weights if k.takes_conv]
-
-    def on_kernel(call):
-        return any(takes(call) and any(c is not None and c.same_as(call.args[1]) for c in consts)
-                   for takes, consts in takers)
-
+    ready = nhwc_ready(kernels_with_weights)
     convs = _calls(mod["main"], "relax.nn.conv2d")
-    if convs and all(on_kernel(c) or _float_stem(c) for c in convs):
-        return _nhwc(mod)
-    return mod
+    return _nhwc(mod) if convs and all(ready(c) for c in convs) else mod
 
 
 def _ceil(v: int, m: int) -> int:

@@ -839,6 +839,13 @@ def _public_names(graph, records: list) -> list:
     return [by_node.get(r.fx_name, r.fx_name) for r in records]
 
 
+def kernel_weights(kernels, records) -> list:
+    """``[(Kernel, [weight constants of the layers of its compute rule])]``: each kernel rewrites
+    only its own rule's layers ("fp32": a layer without a native rule)."""
+    return [(k, [r.weight_const for r in records if r.weight_const is not None
+                 and (r.rule or "fp32") == k.compute_rule]) for k in kernels]
+
+
 def lower(graph, target, out_dir=None, *, tuning: Optional[Tuning] = None, vnni: bool = True,
           fuse: bool = True, schedule: bool = True, example_inputs=None) -> Lowered:
     """Lower a materialized ``Graph`` for a TVM ``target`` and compile it.
@@ -877,9 +884,7 @@ def lower(graph, target, out_dir=None, *, tuning: Optional[Tuning] = None, vnni:
     times["translate"] = time.perf_counter() - t0
     names = _public_names(graph, records)
     by_name = {id(r.weight_const): n for r, n in zip(records, names) if r.weight_const is not None}
-    # each kernel rewrites only its own rule's layers ("fp32": no native rule)
-    weights = [(k, [r.weight_const for r in records if r.weight_const is not None
-                    and (r.rule or "fp32") == k.compute_rule]) for k in kernels]
+    weights = kernel_weights(kernels, records)
     mod = K.choose_layout(mod, weights)
     kernel_layers = {}  # layer name → (Kernel, symbol)
     for kernel, consts in weights:

@@ -7,8 +7,9 @@ in ``fmt_a`` (``FormatQuantizer``s, exactly what ``materialize`` leaves), lowers
 ``tvm_lower.lower`` (the same rules as whole models, VNNI included) and returns the median time in
 ms. It plugs into ``latency_table.build(graph, pairs, measure_fn)`` as ``measure_fn``.
 
-Layout: a model whose convs all run on the VNNI conv kernel runs NHWC end to end (``tvm_kernels``:
-ConvertLayout), every other model NCHW (each VNNI conv then transposes around itself). A conv's
+Layout: a model whose convs all run on hand kernels (VNNI, bf16, fp32 FMA; or are a float image
+stem) runs NHWC end to end (``tvm_kernels.choose_layout``: ConvertLayout), every other model NCHW
+(each kernel call then transposes around itself). A conv's
 micro-model runs in the layout of the model it is measured for (``layout``; ``model_layout``
 decides it for a graph and its formats): ``"NHWC"`` takes and returns NHWC tensors, so the lowered
 micro-model has no NCHW↔NHWC transposes around the kernel, like the artifact.
@@ -31,7 +32,7 @@ from fliqs_compiler.numerics.qspec import QuantSpec  # noqa: E402
 from fliqs_compiler.numerics.quantizers import FormatQuantizer  # noqa: E402
 
 __all__ = ["tvm_layer_ms", "measure_fn", "layer_module", "layer_graph", "layer_inputs",
-           "model_layout", "conv_takes_vnni", "LAYOUTS"]
+           "model_layout", "conv_nhwc_ready", "LAYOUTS"]
 
 _CACHE: dict = {}
 LAYOUTS = ("NCHW", "NHWC")
@@ -193,35 +194,36 @@ def measure_fn(target="llvm", tuning=None, layout: str = "NCHW"):
     return measure
 
 
-_VNNI_CACHE: dict = {}
+_ON_KERNEL_CACHE: dict = {}
 
 
-def conv_takes_vnni(layer: LayerInfo, fmt_w: str, fmt_a: str, target="llvm") -> bool:
-    """Whether the conv2d ``layer`` in (``fmt_w``, ``fmt_a``) runs on the target's VNNI conv
-    kernel: its micro-model translated by ``tvm_lower.translate`` and its conv call checked by
-    the kernel's own test (``tvm_kernels._conv_takes_vnni``), nothing compiled. Cached per
-    process."""
+def conv_nhwc_ready(layer: LayerInfo, fmt_w: str, fmt_a: str, target="llvm") -> bool:
+    """Whether the conv2d ``layer`` in (``fmt_w``, ``fmt_a``) lets a model run NHWC on ``target``
+    — it runs on one of the target's hand kernels, or is a float image stem: its micro-model
+    translated by ``tvm_lower.translate`` and its conv call checked by the test ``lower`` applies
+    (``tvm_kernels.nhwc_ready``), nothing compiled. Cached per process."""
     from fliqs_compiler.backends import tvm_kernels as K
     from fliqs_compiler.backends.targets import parse_target
-    from fliqs_compiler.backends.tvm_lower import translate
+    from fliqs_compiler.backends.tvm_lower import kernel_weights, translate
     target = parse_target(target)
-    kernels = K.kernels_for(target.caps)
-    if layer.op != "conv2d" or not any(k.rewrite is K.vnni_rewrite for k in kernels):
+    if layer.op != "conv2d":
         return False
     key = (layer.signature(), F.get(fmt_w).name, F.get(fmt_a).name, target.key)
-    if key not in _VNNI_CACHE:
+    if key not in _ON_KERNEL_CACHE:
+        kernels = K.kernels_for(target.caps)
         g = layer_graph(layer, fmt_w, fmt_a)
         ep = torch.export.export(g.gm.eval(), tuple(g.example_inputs()))
-        mod, _ = translate(ep, frozenset(k.compute_rule for k in kernels))  # as lower() does
+        mod, records = translate(ep, frozenset(k.compute_rule for k in kernels))  # as lower() does
         convs = K._calls(mod["main"], "relax.nn.conv2d")
-        _VNNI_CACHE[key] = len(convs) == 1 and K._conv_takes_vnni(convs[0])
-    return _VNNI_CACHE[key]
+        ready = K.nhwc_ready(kernel_weights(kernels, records))
+        _ON_KERNEL_CACHE[key] = len(convs) == 1 and ready(convs[0])
+    return _ON_KERNEL_CACHE[key]
 
 
 def model_layout(graph: Graph, formats: dict, target="llvm") -> str:
     """The layout the lowered model runs in: ``"NHWC"`` when it has a conv2d and every one of
-    them (layers kept float included: they are float) runs on the VNNI conv kernel — then
-    ``tvm_kernels.vnni_rewrite`` converts the whole graph to NHWC — else ``"NCHW"``.
+    them (layers kept float included: they are float) is ``conv_nhwc_ready`` — then ``lower``
+    (``tvm_kernels.choose_layout``) converts the whole graph to NHWC — else ``"NCHW"``.
     ``formats``: ``{layer: {"weight", "activation"}}``; a layer it lacks is float."""
     convs = [la for la in graph.layers.values() if la.op == "conv2d"]
     if not convs:
@@ -229,6 +231,6 @@ def model_layout(graph: Graph, formats: dict, target="llvm") -> str:
     for la in convs:
         e = {} if la.keep_float else (formats.get(la.name) or {})
         fw = e.get("weight", "float")
-        if not conv_takes_vnni(la, fw, e.get("activation", fw), target):
+        if not conv_nhwc_ready(la, fw, e.get("activation", fw), target):
             return "NCHW"
     return "NHWC"

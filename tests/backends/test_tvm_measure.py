@@ -1,5 +1,6 @@
 """Per-layer TVM latency measurement (the latency table's measure_fn)."""
 
+import json
 import pytest
 
 from fliqs_compiler.backends import tvm_kernels as K
@@ -176,13 +177,13 @@ def test_conv_micro_model_in_nhwc_runs_the_kernel_without_transposes():
     assert layer_inputs(fc, layout="NHWC")[0].shape == (1, 16)
 
 
-def _layers(fmt_c2="int8", keep_float_c2=False):
+def _layers(fmt_c2="int8", keep_float_c2=False, groups_c2=1):
     """Graph stand-in (``model_layout`` reads ``graph.layers``): two convs and a linear."""
     from types import SimpleNamespace
     c1 = LayerInfo("c1", "conv2d", "n1", weight_shape=(16, 3, 3, 3), input_shape=(1, 3, 8, 8),
                    attrs={"stride": 1, "padding": 1})
-    c2 = LayerInfo("c2", "conv2d", "n2", weight_shape=(16, 16, 3, 3), input_shape=(1, 16, 8, 8),
-                   attrs={"stride": 1, "padding": 1})
+    c2 = LayerInfo("c2", "conv2d", "n2", weight_shape=(16, 16 // groups_c2, 3, 3),
+                   input_shape=(1, 16, 8, 8), attrs={"stride": 1, "padding": 1, "groups": groups_c2})
     c2.keep_float = keep_float_c2
     fc = LayerInfo("fc", "linear", "n3", weight_shape=(10, 64), input_shape=(1, 64))
     formats = {"c1": {"weight": "int8", "activation": "int8"},
@@ -193,24 +194,33 @@ def _layers(fmt_c2="int8", keep_float_c2=False):
     return SimpleNamespace(layers={"c1": c1, "c2": c2, "fc": fc}), formats
 
 
-def test_model_layout_is_nhwc_only_when_every_conv_takes_vnni():
-    """The rule of ``tvm_kernels.vnni_rewrite``: NHWC iff every conv runs on the VNNI kernel (a
-    float-kept or fp8 conv keeps the model NCHW; linears do not matter); the chosen-formats table
-    of a TVM backend is then a table of its own (``tvm-nhwc``: the layout is in every cache key)."""
+def test_model_layout_is_nhwc_only_when_every_conv_is_on_a_hand_kernel():
+    """The rule ``lower`` applies (``tvm_kernels.choose_layout``): NHWC iff every conv runs on a
+    hand kernel of the target — VNNI, the bf16 kernel for fp8, the fp32 kernel for a float-kept
+    conv — or is a float stem; a grouped conv, or an fp8 conv on a target without avx512bf16
+    (decoded per call, not on a kernel), keeps the model NCHW; linears do not matter. The
+    chosen-formats table of a TVM backend is then a table of its own (``tvm-nhwc``: the layout is
+    in every cache key)."""
     from fliqs_compiler.backends.builtin import TvmBackend
     from fliqs_compiler.backends.latency_table import LatencyTable
-    from fliqs_compiler.backends.registry import TuningOptions
     from fliqs_compiler.backends.tvm_measure import model_layout
+    from fliqs_compiler.backends.registry import TuningOptions
     target = parse_target("llvm")
+    caps = target.caps
     vnni = K.has_vnni(target.tvm_target)
     g, formats = _layers()
     assert model_layout(g, formats, target) == ("NHWC" if vnni else "NCHW")
-    for g2, f2 in (_layers("fp8_e4m3"), _layers(keep_float_c2=True)):
-        assert model_layout(g2, f2, target) == "NCHW"
+    assert model_layout(*_layers("fp8_e4m3"), target) == (
+        "NHWC" if vnni and caps.has("avx512bf16") else "NCHW")
+    assert model_layout(*_layers(keep_float_c2=True), target) == (
+        "NHWC" if vnni and caps.has("avx512f") else "NCHW")
+    assert model_layout(*_layers("int8", groups_c2=4), target) == "NCHW"
+    no_bf16 = parse_target(json.dumps({**target.tvm_target, "mattr": ["-avx512bf16"]}))
+    assert model_layout(*_layers("fp8_e4m3"), no_bf16) == "NCHW"
     backend = TvmBackend()
     m = backend.measure_layer_in(target, TuningOptions(), None, g, formats)
     assert m.table == ("tvm-nhwc" if vnni else "tvm")
-    assert backend.measure_layer_in(target, TuningOptions(), None, *_layers("fp8_e4m3")).table == "tvm"
+    assert backend.measure_layer_in(target, TuningOptions(), None, *_layers("int8", groups_c2=4)).table == "tvm"
     assert backend.measure_layer(target, TuningOptions(), None).table == "tvm"
     keys = {LatencyTable(target.key, name).key(g.layers["c1"], "int8", "int8")
             for name in ("tvm", "tvm-nhwc")}
