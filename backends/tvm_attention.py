@@ -151,7 +151,7 @@ def attention_rewrite(mod, names: dict, weight_consts: list):
     """
     from tvm import relax
     from tvm.ir.expr import Constant
-    from tvm.relax.dpl import is_op, rewrite_call, wildcard
+    from tvm.relax.dpl import is_op, wildcard
     from fliqs_compiler.backends import tvm_kernels as K
 
     bb = relax.BlockBuilder(mod)
@@ -191,10 +191,8 @@ def attention_rewrite(mod, names: dict, weight_consts: list):
         done[name] = sym
         return y
 
-    main = rewrite_call(mm, rewrite, mod["main"])
-    new = bb.get()
-    new[new.get_global_var("main")] = main
-    return relax.transform.Normalize()(new), done
+    from fliqs_compiler.backends.tvm_kernels import rewrite_main
+    return rewrite_main(bb, mod, [(mm, rewrite)]), done
 
 
 def _emit(bb, op, relax, a, b, batch, m, k, n, sym):

@@ -50,7 +50,7 @@ def float_rewrite(mod, names: dict, weight_consts: list, ops: FloatKernelOps):
     Returns ``(mod, {name: symbol})``."""
     import tvm
     from tvm import relax
-    from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
+    from tvm.relax.dpl import is_const, is_op, wildcard
     from fliqs_compiler.backends import tvm_kernels as K
 
     bb = relax.BlockBuilder(mod)
@@ -134,10 +134,4 @@ def float_rewrite(mod, names: dict, weight_consts: list, ops: FloatKernelOps):
         done[name] = sym
         return layout.from_nhwc(y)
 
-    main = mod["main"]
-    main = rewrite_call(mm, rewrite_matmul, main)
-    main = rewrite_call(cv, rewrite_conv, main)
-    new = bb.get()
-    new[new.get_global_var("main")] = main
-    new = relax.transform.Normalize()(new)
-    return new, done
+    return K.rewrite_main(bb, mod, [(mm, rewrite_matmul), (cv, rewrite_conv)]), done

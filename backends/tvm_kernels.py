@@ -274,7 +274,7 @@ def vnni_rewrite(mod, names: dict, weight_consts: list):
     """
     import tvm
     from tvm import relax
-    from tvm.relax.dpl import is_const, is_op, rewrite_call, wildcard
+    from tvm.relax.dpl import is_const, is_op, wildcard
 
     bb = relax.BlockBuilder(mod)
     done: dict = {}
@@ -365,13 +365,21 @@ def vnni_rewrite(mod, names: dict, weight_consts: list):
         done[name] = sym
         return layout.from_nhwc(y)
 
+    return rewrite_main(bb, mod, [(mm, rewrite_matmul), (cv, rewrite_conv)]), done
+
+
+def rewrite_main(bb, mod, rules):
+    """``mod`` with ``main`` rewritten by each ``(pattern, rewrite)`` of ``rules`` in turn
+    (``relax.dpl.rewrite_call``) and the functions the rewrites added to ``bb`` (a
+    ``BlockBuilder(mod)``), normalized."""
+    from tvm import relax
+    from tvm.relax.dpl import rewrite_call
     main = mod["main"]
-    main = rewrite_call(mm, rewrite_matmul, main)
-    main = rewrite_call(cv, rewrite_conv, main)
+    for pattern, rewrite in rules:
+        main = rewrite_call(pattern, rewrite, main)
     new = bb.get()
     new[new.get_global_var("main")] = main
-    new = relax.transform.Normalize()(new)
-    return new, done
+    return relax.transform.Normalize()(new)
 
 
 @dataclass(frozen=True)

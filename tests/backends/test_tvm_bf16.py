@@ -13,25 +13,14 @@ import torch.nn.functional as Fn
 from torch import nn
 
 from fliqs_compiler.backends import tvm_bf16 as B
-from float_kernels import CONV_CASES, compiled_op, conv_ref
+from float_kernels import CONV_CASES, compiled_op, conv_ref, host_has
 from fliqs_compiler.backends.targets import parse_target
 
 pytestmark = pytest.mark.tvm
 TARGET = parse_target("llvm")
 
 
-def _host_has_avx512bf16() -> bool:
-    """The host CPU, not the target table: /proc/cpuinfo's flag where it exists, and the target's
-    capabilities (``mcpu`` → ``targets.CPU_FEATURES``) that lowering chooses the kernel by."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flag = " avx512_bf16" in f.read()
-    except OSError:
-        flag = True
-    return flag and TARGET.caps.has("avx512bf16")
-
-
-needs_bf16 = pytest.mark.skipif(not _host_has_avx512bf16(), reason="host CPU has no AVX512-BF16")
+needs_bf16 = pytest.mark.skipif(not host_has("avx512_bf16", "avx512bf16"), reason="host CPU has no AVX512-BF16")
 NO_BF16 = {**(TARGET.tvm_target or {}), "mattr": ["-avx512bf16"]}  # the capability override
 
 

@@ -16,22 +16,13 @@ from torch import nn
 
 from fliqs_compiler.backends import tvm_fp32 as F32
 from fliqs_compiler.backends.targets import parse_target
-from float_kernels import CONV_CASES, compiled_op, conv_ref
+from float_kernels import CONV_CASES, compiled_op, conv_ref, host_has
 
 pytestmark = pytest.mark.tvm
 TARGET = parse_target("llvm")
 
 
-def _host_has_avx512f() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            flag = " avx512f" in f.read()
-    except OSError:
-        flag = True
-    return flag and TARGET.caps.has("avx512f")
-
-
-needs_avx512 = pytest.mark.skipif(not _host_has_avx512f(), reason="host CPU has no AVX-512")
+needs_avx512 = pytest.mark.skipif(not host_has("avx512f", "avx512f"), reason="host CPU has no AVX-512")
 
 
 def test_pack_layouts():

@@ -13,6 +13,18 @@ CONV_CASES = [  # (cin, cout, k, stride, pad, hw): odd channel counts, stride 2,
 ]
 
 
+def host_has(cpuinfo_flag: str, feature: str) -> bool:
+    """The host CPU has ``feature``: /proc/cpuinfo's flag where it exists, and the host target's
+    capabilities (``mcpu`` → ``targets.CPU_FEATURES``) that lowering chooses kernels by."""
+    from fliqs_compiler.backends.targets import parse_target
+    try:
+        with open("/proc/cpuinfo") as f:
+            flag = f" {cpuinfo_flag}" in f.read()
+    except OSError:
+        flag = True
+    return flag and parse_target("llvm").caps.has(feature)
+
+
 def compiled_op(build, weight, rewrite, instruction: str, target=None):
     """A one-op Relax module (``build(x, w_const)`` → the op) rewritten by ``rewrite`` (a kernel's
     ``(mod, names, consts) -> (mod, done)``) and compiled like ``lower`` does: ``run(x) -> (numpy
