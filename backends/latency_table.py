@@ -64,8 +64,10 @@ def _version(dist: str) -> str:
 # (2: every ORT_FORM_FIXES rewrite applied, a rank-2 linear exported as Gemm like export_qdq;
 # 3: shield_weight_only_matmul joined them; 4: a quantized MatMul's bias written as Sub;
 # 5: TVM micro-graphs fused and rule-scheduled by tvm_schedules, like the artifact;
-# 6: bf16-exact layers (fp8 / bf16 / ...) on the avx512bf16 kernel, tvm_bf16, where the target has it).
-MICROGRAPH_FORM = "6"
+# 6: bf16-exact layers (fp8 / bf16 / ...) on the avx512bf16 kernel, tvm_bf16, where the target has it;
+# 7: float layers on the fp32 FMA kernel, tvm_fp32, and convs in the layout lower() runs the model
+# in with any hand kernel, not only VNNI: tvm_measure.model_layout).
+MICROGRAPH_FORM = "7"
 
 
 def library_versions() -> dict:
