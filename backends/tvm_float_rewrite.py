@@ -84,54 +84,26 @@ def float_rewrite(mod, names: dict, weight_consts: list, ops: FloatKernelOps):
                 or a.ty.dtype != "float32" or len(a.ty.shape) < 2 or len(w.ty.shape) != 2
                 or not static(a)):
             return call
-        *lead, k = (int(d) for d in list(a.ty.shape))
-        m = int(np.prod(lead))
-        n = int(w.ty.shape[1])
-        kp, np_ = K._ceil(k, ops.k_step), K._ceil(n, 16)
-        wn = np.zeros((np_, kp), np.float32)
-        wn[:n, :k] = w.value.numpy().T
-        gv, sym = add_kernel(ops.dense(m, kp, np_), name)
-        x = op.reshape(a, [m, k]) if len(lead) > 1 else a
-        if kp != k:
-            x = op.nn.pad(x, [0, 0, 0, kp - k])
-        y = relax.call_tir(gv, [operand(x, (m, kp)), relax.const(ops.pack_dense(wn))],
-                           relax.TensorType((m, np_), "float32"))
-        if np_ != n:
-            y = op.strided_slice(y, axes=[1], begin=[0], end=[n])
-        if len(lead) > 1:
-            y = op.reshape(y, lead + [n])
+        g = K.DenseGeometry.of(a, w, in_step=ops.k_step)
+        gv, sym = add_kernel(ops.dense(g.m, g.kp, g.np_), name)
+        y = relax.call_tir(gv, [operand(g.kernel_input(a), (g.m, g.kp)),
+                                relax.const(ops.pack_dense(g.padded_weight(w, np.float32)))],
+                           relax.TensorType((g.m, g.np_), "float32"))
         done[name] = sym
-        return y
+        return g.layer_output(y)
 
     def rewrite_conv(call, matches):
         a, w = matches[data], matches[w_pat]
         name = layer_name(w)
-        at = call.attrs
-        if (name is None or str(at.out_dtype) not in ("float32", "") or w.ty.dtype != "float32"
-                or a.ty.dtype != "float32" or str(at.data_layout) not in K._CONV_LAYOUTS
-                or str(at.kernel_layout) != "OIHW" or str(at.out_layout) != str(at.data_layout)
-                or not float_conv_applicable(int(at.groups), [int(d) for d in at.dilation])
-                or not static(a)):
+        if name is None or not K._conv_takes_float(call) or not static(a):
             return call
-        layout = K._CONV_LAYOUTS[str(at.data_layout)]
-        nb, h, wd, cin = (int(a.ty.shape[i]) for i in layout.nhwc)
-        cout, _, kh, kw = (int(d) for d in w.ty.shape)
-        ci, co = K._ceil(cin, ops.k_step), K._ceil(cout, 16)
-        pt, pl, pb, pr = (int(p) for p in at.padding)
-        sh, sw = (int(s) for s in at.strides)
-        hp, wp = h + pt + pb, wd + pl + pr
-        oh, ow = (hp - kh) // sh + 1, (wp - kw) // sw + 1
-        wn = np.zeros((co, ci, kh, kw), np.float32)
-        wn[:cout, :cin] = w.value.numpy()
-        x = layout.to_nhwc(a)
-        if pt or pb or pl or pr or ci != cin:
-            x = op.nn.pad(x, [0, 0, pt, pb, pl, pr, 0, ci - cin], pad_value=0.0)
-        gv, sym = add_kernel(ops.conv(nb, hp, wp, ci, co, kh, kw, (sh, sw)), name)
-        y = relax.call_tir(gv, [operand(x, (nb, hp, wp, ci)), relax.const(ops.pack_conv(wn))],
-                           relax.TensorType((nb, oh, ow, co), "float32"))
-        if co != cout:
-            y = op.strided_slice(y, axes=[3], begin=[0], end=[cout])
+        g = K.ConvGeometry.of(call, in_step=ops.k_step)
+        wn = g.padded_weight(w, np.float32)
+        x = g.kernel_input(a, pad_value=0.0)
+        gv, sym = add_kernel(ops.conv(g.nb, g.hp, g.wp, g.ci, g.co, g.kh, g.kw, g.stride), name)
+        y = relax.call_tir(gv, [operand(x, (g.nb, g.hp, g.wp, g.ci)), relax.const(ops.pack_conv(wn))],
+                           relax.TensorType(g.kernel_output_shape, "float32"))
         done[name] = sym
-        return layout.from_nhwc(y)
+        return g.layer_output(y)
 
     return K.rewrite_main(bb, mod, [(mm, rewrite_matmul), (cv, rewrite_conv)]), done

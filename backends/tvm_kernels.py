@@ -40,7 +40,7 @@ from fliqs_compiler.backends.tvm_attention import attention_rewrite
 from fliqs_compiler.backends.tvm_bf16 import bf16_rewrite
 from fliqs_compiler.backends.tvm_fp32 import fp32_rewrite
 
-__all__ = ["Kernel", "KERNELS", "BF16_KERNEL", "FP32_KERNEL", "kernels_for", "choose_layout", "nhwc_ready", "VNNI_INTRIN", "register_intrinsics", "has_vnni", "pack_dense_weight",
+__all__ = ["Kernel", "KERNELS", "BF16_KERNEL", "FP32_KERNEL", "kernels_for", "choose_layout", "nhwc_ready", "ConvGeometry", "DenseGeometry", "VNNI_INTRIN", "register_intrinsics", "has_vnni", "pack_dense_weight",
            "pack_conv_weight", "dense_vnni_supported", "conv_vnni_supported",
            "conv_vnni_applicable", "dense_vnni", "conv2d_nhwc_vnni", "vnni_rewrite", "fp_round_te"]
 
@@ -310,60 +310,33 @@ def vnni_rewrite(mod, names: dict, weight_consts: list):
                 or a.ty.dtype not in ("uint8", "int8") or len(a.ty.shape) < 2
                 or not all(isinstance(d, tvm.tirx.IntImm) for d in list(a.ty.shape))):
             return call
-        # a transformer's Linear reads [B, T, C] tokens: its rows are all leading dims, one GEMM
-        *lead, k = (int(d) for d in list(a.ty.shape))
-        m = int(np.prod(lead))
-        n = int(w.ty.shape[1])
-        kp, np_ = _ceil(k, 4), _ceil(n, 16)  # zero weight rows/cols: any activation pad works
-        wn = np.zeros((np_, kp), np.int8)
-        wn[:n, :k] = w.value.numpy().T
-        gv, sym = add_kernel(dense_vnni(m, kp, np_), name)
+        g = DenseGeometry.of(a, w, in_step=4)
+        wn = g.padded_weight(w, np.int8)
+        gv, sym = add_kernel(dense_vnni(g.m, g.kp, g.np_), name)
         au8, unsigned = to_u8(a)
-        if len(lead) > 1:
-            au8 = op.reshape(au8, [m, k])
-        if kp != k:
-            au8 = op.nn.pad(au8, [0, 0, 0, kp - k])
-        y = relax.call_tir(gv, [au8, relax.const(pack_dense_weight(wn))],
-                           relax.TensorType((m, np_), "int32"))
+        y = relax.call_tir(gv, [g.kernel_input(au8), relax.const(pack_dense_weight(wn))],
+                           relax.TensorType((g.m, g.np_), "int32"))
         if not unsigned:
             y = op.subtract(y, relax.const((128 * wn.astype(np.int32).sum(1)).astype(np.int32)))
-        if np_ != n:
-            y = op.strided_slice(y, axes=[1], begin=[0], end=[n])
-        if len(lead) > 1:
-            y = op.reshape(y, lead + [n])
         done[name] = sym
-        return y
+        return g.layer_output(y)
 
     def rewrite_conv(call, matches):
         a, w = matches[data], matches[w_pat]
         name = layer_name(w)
         if name is None or not _conv_takes_vnni(call):
             return call
-        at = call.attrs
-        layout = _CONV_LAYOUTS[str(at.data_layout)]
-        nb, h, wd, cin = (int(a.ty.shape[i]) for i in layout.nhwc)
-        cout, _, kh, kw = (int(d) for d in w.ty.shape)
-        ci, co = _ceil(cin, 4), _ceil(cout, 16)
-        pt, pl, pb, pr = (int(p) for p in at.padding)
-        sh, sw = (int(s) for s in at.strides)
-        hp, wp = h + pt + pb, wd + pl + pr
-        oh, ow = (hp - kh) // sh + 1, (wp - kw) // sw + 1
-        wn = np.zeros((co, ci, kh, kw), np.int8)
-        wn[:cout, :cin] = w.value.numpy()
+        g = ConvGeometry.of(call, in_step=4)
+        wn = g.padded_weight(w, np.int8)
         au8, unsigned = to_u8(a)
-        x = layout.to_nhwc(au8)
-        if pt or pb or pl or pr or ci != cin:
-            x = op.nn.pad(x, [0, 0, pt, pb, pl, pr, 0, ci - cin],
-                          pad_value=0.0 if unsigned else 128.0)
-        gv, sym = add_kernel(conv2d_nhwc_vnni(nb, hp, wp, ci, co, kh, kw, (sh, sw)), name)
+        x = g.kernel_input(au8, pad_value=0.0 if unsigned else 128.0)
+        gv, sym = add_kernel(conv2d_nhwc_vnni(g.nb, g.hp, g.wp, g.ci, g.co, g.kh, g.kw, g.stride), name)
         y = relax.call_tir(gv, [x, relax.const(pack_conv_weight(wn))],
-                           relax.TensorType((nb, oh, ow, co), "int32"))
+                           relax.TensorType(g.kernel_output_shape, "int32"))
         if not unsigned:
             y = op.subtract(y, relax.const((128 * wn.astype(np.int32).sum((1, 2, 3))).astype(np.int32)))
-        if co != cout:
-            y = op.strided_slice(y, axes=[3], begin=[0], end=[cout])
         done[name] = sym
-        return layout.from_nhwc(y)
+        return g.layer_output(y)
 
     return rewrite_main(bb, mod, [(mm, rewrite_matmul), (cv, rewrite_conv)]), done
 
@@ -400,6 +373,101 @@ class _ConvLayout:
 
 
 _CONV_LAYOUTS = {"NCHW": _ConvLayout((0, 2, 3, 1), (0, 2, 3, 1)), "NHWC": _ConvLayout((0, 1, 2, 3))}
+
+
+@dataclass(frozen=True)
+class DenseGeometry:
+    """``matmul(a [..., K], const w [K, N])`` as the hand dense kernels compute it: one GEMM over
+    all leading dims (a transformer's Linear reads [B, T, C] tokens), K zero-padded to a multiple
+    of ``in_step`` (``kp``), N to 16 (``np_``); zero weight rows / columns make any pad inert."""
+
+    lead: tuple
+    m: int
+    k: int
+    n: int
+    kp: int
+    np_: int
+
+    @classmethod
+    def of(cls, a, w, in_step: int) -> "DenseGeometry":
+        *lead, k = (int(d) for d in list(a.ty.shape))
+        n = int(w.ty.shape[1])
+        return cls(tuple(lead), int(np.prod(lead)), k, n, _ceil(k, in_step), _ceil(n, 16))
+
+    def padded_weight(self, w, dtype) -> np.ndarray:
+        """The constant ``w`` [K, N] as ``[np_, kp]`` (out, in), zero-padded."""
+        wn = np.zeros((self.np_, self.kp), dtype)
+        wn[:self.n, :self.k] = w.value.numpy().T
+        return wn
+
+    def kernel_input(self, x):
+        from tvm.relax import op
+        if len(self.lead) > 1:
+            x = op.reshape(x, [self.m, self.k])
+        return op.nn.pad(x, [0, 0, 0, self.kp - self.k]) if self.kp != self.k else x
+
+    def layer_output(self, y):
+        from tvm.relax import op
+        if self.np_ != self.n:
+            y = op.strided_slice(y, axes=[1], begin=[0], end=[self.n])
+        return op.reshape(y, list(self.lead) + [self.n]) if len(self.lead) > 1 else y
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """A conv2d call (NCHW / NHWC data, OIHW weight) as the hand NHWC kernels compute it: input
+    channels zero-padded to a multiple of ``in_step`` (``ci``), output channels to 16 (``co``),
+    the spatial padding applied before the kernel (``hp``, ``wp``: padded extents)."""
+
+    layout: _ConvLayout
+    nb: int
+    cin: int
+    cout: int
+    ci: int
+    co: int
+    kh: int
+    kw: int
+    pads: tuple  # (top, left, bottom, right)
+    stride: tuple
+    hp: int
+    wp: int
+
+    @classmethod
+    def of(cls, call, in_step: int) -> "ConvGeometry":
+        a, w, at = call.args[0], call.args[1], call.attrs
+        layout = _CONV_LAYOUTS[str(at.data_layout)]
+        nb, h, wd, cin = (int(a.ty.shape[i]) for i in layout.nhwc)
+        cout, _, kh, kw = (int(d) for d in w.ty.shape)
+        pt, pl, pb, pr = (int(p) for p in at.padding)
+        return cls(layout, nb, cin, cout, _ceil(cin, in_step), _ceil(cout, 16), kh, kw,
+                   (pt, pl, pb, pr), tuple(int(s) for s in at.strides), h + pt + pb, wd + pl + pr)
+
+    @property
+    def kernel_output_shape(self) -> tuple:
+        sh, sw = self.stride
+        return self.nb, (self.hp - self.kh) // sh + 1, (self.wp - self.kw) // sw + 1, self.co
+
+    def padded_weight(self, w, dtype) -> np.ndarray:
+        """The constant weight ``w`` (OIHW) zero-padded to ``[co, ci, kh, kw]``."""
+        wn = np.zeros((self.co, self.ci, self.kh, self.kw), dtype)
+        wn[:self.cout, :self.cin] = w.value.numpy()
+        return wn
+
+    def kernel_input(self, x, pad_value: float):
+        """The activation ``x`` as the kernel reads it: NHWC, spatially padded, channels padded."""
+        from tvm.relax import op
+        x = self.layout.to_nhwc(x)
+        pt, pl, pb, pr = self.pads
+        if pt or pb or pl or pr or self.ci != self.cin:
+            x = op.nn.pad(x, [0, 0, pt, pb, pl, pr, 0, self.ci - self.cin], pad_value=pad_value)
+        return x
+
+    def layer_output(self, y):
+        """The kernel's NHWC output ``y`` back as the layer's: padded channels cut, layout restored."""
+        from tvm.relax import op
+        if self.co != self.cout:
+            y = op.strided_slice(y, axes=[3], begin=[0], end=[self.cout])
+        return self.layout.from_nhwc(y)
 
 
 def _calls(func, op_name: str) -> list:
