@@ -839,6 +839,14 @@ def _public_names(graph, records: list) -> list:
     return [by_node.get(r.fx_name, r.fx_name) for r in records]
 
 
+def offered_to_kernel(record, prepacked: frozenset) -> bool:
+    """Whether a kernel of the target was offered this layer: its rule has one, or (no native
+    rule) its fp32 weight was recorded for the fp32 kernel."""
+    if record.rule is not None:
+        return record.rule in prepacked
+    return record.weight_const is not None and "fp32" in prepacked
+
+
 def kernel_weights(kernels, records) -> list:
     """``[(Kernel, [weight constants of the layers of its compute rule])]``: each kernel rewrites
     only its own rule's layers ("fp32": a layer without a native rule)."""
@@ -917,7 +925,7 @@ def lower(graph, target, out_dir=None, *, tuning: Optional[Tuning] = None, vnni:
                     else f"run-time {kernel.storage} (packed per call for {kernel.name.upper()})")
             else:
                 entry["fallback"] = f"no {kernel.instruction} in the compiled kernel: {kernel.fallback}"
-        elif (r.rule or "fp32") in prepacked and (r.rule or r.weight_const is not None):
+        elif offered_to_kernel(r, prepacked):
             entry["fallback"] = ("scheduled kernel not applicable (shape/groups/layout): "
                                  + by_rule[r.rule or "fp32"].fallback)
         realized = kernel is not None and entry["kernel"] == kernel.name  # packed at lowering

@@ -42,10 +42,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     _, model, shape = next(L._models(["resnet18"]))
     sg, x = L._calibrated(model, shape)
-    names = list(sg.layers)
-    int8 = {n: {"weight": "int8", "activation": "int8"} for n in names}
-    configs = {"fp32": {}, "int8-float-ends": {n: f for n, f in int8.items()
-                                               if n not in (names[0], names[-1])}}
+    configs = {"fp32": {}, "int8-float-ends": L._int8_formats(sg, float_ends=True)}
     shipped = K.KERNELS
     variants = {"fp32-kernel": shipped, "generic": tuple(k for k in shipped if k is not K.FP32_KERNEL)}
     lows, builds = {}, {}

@@ -116,6 +116,14 @@ def _graphs(model, shape):
     return passes.materialize(sg, {}), passes.materialize(sg, formats), formats, x
 
 
+def _int8_formats(sg, float_ends: bool = False):
+    """Every searched layer int8 × int8; ``float_ends``: but the first and last float (what
+    ``fliqs compile`` keeps float by default)."""
+    names = list(sg.layers)
+    ends = (names[0], names[-1]) if float_ends else ()
+    return {n: {"weight": "int8", "activation": "int8"} for n in names if n not in ends}
+
+
 def _mixed_formats(sg):
     """Every searched layer in turn int8 / int4 / fp8_e4m3 (weight = activation format)."""
     return {name: {"weight": MIX[i % 3], "activation": MIX[i % 3]}
@@ -244,10 +252,7 @@ def _transformer_graphs(model, calib):
     g = fq.load(model, (calib[:1],))
     sg = passes.prepare(g, passes.PrepareOptions(formats=list(MIX), keep_float_first=False,
                                                  keep_float_last=False, scale_mode="calibrated"))
-    names = list(sg.layers)
-    configs = {"int8": {n: {"weight": "int8", "activation": "int8"} for n in names},
-               "mixed": {n: {"weight": MIX[i % 3], "activation": MIX[i % 3]}
-                         for i, n in enumerate(names)}}
+    configs = {"int8": _int8_formats(sg), "mixed": _mixed_formats(sg)}
     graphs = {"fp32": passes.materialize(sg, {})}
     for cfg, formats in configs.items():
         choice = sg.space.choice_of(formats)
@@ -445,10 +450,8 @@ def scheduled_rows(names, configs, repeat, rounds=3, variants=TVM_VARIANTS):
     out = []
     for name, model, shape in _models(names):
         sg, x = _calibrated(model, shape)
-        all_int8 = {n: {"weight": "int8", "activation": "int8"} for n in sg.layers}
-        ends = [list(sg.layers)[0], list(sg.layers)[-1]]  # what `fliqs compile` keeps float by default
-        graphs = {"fp32": passes.materialize(sg, {}), "int8": passes.materialize(sg, all_int8),
-                  "int8-float-ends": passes.materialize(sg, {n: f for n, f in all_int8.items() if n not in ends}),
+        graphs = {"fp32": passes.materialize(sg, {}), "int8": passes.materialize(sg, _int8_formats(sg)),
+                  "int8-float-ends": passes.materialize(sg, _int8_formats(sg, float_ends=True)),
                   "mixed": passes.materialize(sg, _mixed_formats(sg))}
         fp32_onnx = export_qdq(graphs["fp32"], work / f"{name}-fp32.onnx")
         ort_int8 = _ort_int8_static(fp32_onnx, x, work / f"{name}-ort-int8.onnx")

@@ -43,9 +43,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     _, model, shape = next(L._models(["resnet18"]))
     sg, x = L._calibrated(model, shape)
-    names = list(sg.layers)
-    int8 = {n: {"weight": "int8", "activation": "int8"} for n in names}
-    configs = {"int8-float-ends": ({n: f for n, f in int8.items() if n not in (names[0], names[-1])}, "llvm"),
+    configs = {"int8-float-ends": (L._int8_formats(sg, float_ends=True), "llvm"),
                "mixed-no-bf16": (L._mixed_formats(sg), NO_BF16), "fp32": ({}, "llvm")}
     rule = K.KERNELS
     forced = (dataclasses.replace(rule[0], rewrite=lambda mod, *a: rule[0].rewrite(K._nhwc(mod), *a)),) + rule[1:]
