@@ -11,7 +11,9 @@ vectorization aborts ``StorageRewrite``, and tensorize cannot match Relax's ``[K
 - schedules never vectorize a loop around the tensorized block; only the init block's innermost
   loop is vectorized; the parallel loop is fused before ``decompose_reduction``;
 - the conv kernel reduces into a register tile (7 output pixels × 2 channel blocks of 16 int32)
-  and writes it back once (``_accumulate_in_registers``).
+  and writes it back once (``_accumulate_in_registers``);
+- int4 / int2 weights stay packed 2 / 4 per byte and are unpacked inside the kernel
+  (``tvm_packed_weights``; ``bits`` of the kernel builders, ``vnni_weight_bits`` of a layer).
 
 ``dense_vnni(M, K, N)`` / ``conv2d_nhwc_vnni(...)`` return scheduled PrimFuncs (attrs
 ``tirx.is_scheduled`` and a unique ``global_symbol``) ready for ``relax.call_tir``;
@@ -39,10 +41,12 @@ from fliqs_compiler.backends.targets import cpu_features
 from fliqs_compiler.backends.tvm_attention import attention_rewrite
 from fliqs_compiler.backends.tvm_bf16 import bf16_rewrite
 from fliqs_compiler.backends.tvm_fp32 import fp32_rewrite
+from fliqs_compiler.backends import tvm_packed_weights as packed
 
 __all__ = ["Kernel", "KERNELS", "BF16_KERNEL", "FP32_KERNEL", "kernels_for", "choose_layout", "nhwc_ready", "ConvGeometry", "DenseGeometry", "VNNI_INTRIN", "register_intrinsics", "has_vnni", "pack_dense_weight",
            "pack_conv_weight", "dense_vnni_supported", "conv_vnni_supported",
-           "conv_vnni_applicable", "dense_vnni", "conv2d_nhwc_vnni", "vnni_rewrite", "fp_round_te"]
+           "conv_vnni_applicable", "dense_vnni", "conv2d_nhwc_vnni", "vnni_rewrite", "vnni_weight_bits",
+           "vnni_storage", "fp_round_te"]
 
 VNNI_INTRIN = "fliqs_dot_16x4_vnni"
 _REGISTERED = False
@@ -94,6 +98,7 @@ def register_intrinsics() -> None:
 
     # override: a second import of this module (tests reload it) registers the same intrinsic
     TensorIntrin.register(VNNI_INTRIN, desc, impl, override=True)
+    packed.register_packed_intrinsics()
     _REGISTERED = True
 
 
@@ -138,14 +143,15 @@ def _largest_divisor(n: int, cap: int) -> int:
     return max(d for d in range(1, min(n, cap) + 1) if n % d == 0)
 
 
-def _tile_shape(rows: int, blocks: int, max_blocks: int = 2) -> tuple:
-    """(row tile, 16-channel-block tile) of the register accumulator: up to ``max_blocks`` output
-    channel blocks, then as many rows (output pixels) as fit in ``_MAX_TILES`` zmm accumulators.
-    Why, measured (1 thread, ResNet-18's conv shapes, best of 7 interleaved rounds): 7 pixels ×
-    2 blocks 11.0 ms for all convs vs 7 × 1 12.7, 14 × 1 12.2, C in memory (before) 12.2; 4 × 2
-    was slower on every shape it applies to."""
-    ot = _largest_divisor(blocks, max_blocks)
-    return _largest_divisor(rows, _MAX_TILES // ot), ot
+def _tile_shape(rows: int, blocks: int, max_blocks: int = 2, width: int = 1) -> tuple:
+    """(row tile, channel-block tile) of the register accumulator: up to ``max_blocks`` 16-lane
+    output channel blocks, then as many rows (output pixels) as fit in ``_MAX_TILES`` zmm
+    accumulators. ``blocks`` counts blocks of ``width`` × 16 lanes (a packed low-bit weight's
+    group, ``tvm_packed_weights``). Why, measured (1 thread, ResNet-18's conv shapes, best of 7
+    interleaved rounds): 7 pixels × 2 blocks 11.0 ms for all convs vs 7 × 1 12.7, 14 × 1 12.2, C in
+    memory (before) 12.2; 4 × 2 was slower on every shape it applies to."""
+    ot = _largest_divisor(blocks, max(1, max_blocks // width))
+    return _largest_divisor(rows, _MAX_TILES // (ot * width)), ot
 
 
 def _accumulate_in_registers(sch, blk, parallel, reduction_outer, row_tile, block_tile, o16,
@@ -188,8 +194,28 @@ def _finish(sch, name: str):
             .with_attr("op_pattern", _OPAQUE))
 
 
-def dense_vnni(m: int, k: int, n: int, name: str | None = None):
+def _block_weight(blocks: int, inner: tuple, k: int, bits: int, name: str):
+    """The pre-packed weight placeholder ``[blocks, *inner, K/4, 16, 4]`` int8 (``bits`` 8) or the
+    ``tvm_packed_weights`` uint8 vectors ``[blocks/B, *inner, K/(4S), 16, 4]``, and
+    ``value(out channel, *inner, in channel) -> int32`` reading one code."""
+    from tvm import te
+    p = packed.PACKINGS[bits]
+    shape = (blocks // p.blocks, *inner, k // p.kwidth, 16, 4)
+    if bits == 8:
+        w = te.placeholder(shape, "int8", name=name)
+        return w, lambda o, *i: w[(o // 16, *i[:-1], i[-1] // 4, o % 16, i[-1] % 4)].astype("int32")
+    w = te.placeholder(shape, "uint8", name=name)
+
+    def value(o, *i):
+        c = i[-1]
+        byte = w[(o // p.lanes, *i[:-1], c // p.kwidth, o % 16, c % 4)]
+        return packed.decode_te(byte, p.field(o % p.lanes, c % p.kwidth), bits)
+    return w, value
+
+
+def dense_vnni(m: int, k: int, n: int, name: str | None = None, bits: int = 8):
     """Scheduled PrimFunc ``(A u8 [M, K], Bp i8 [N/16, K/4, 16, 4]) -> C i32 [M, N]`` with VNNI.
+    ``bits`` 4 / 2: ``Bp`` is ``[N/16, K/4, L, 4]`` uint8 packed codes (``tvm_packed_weights``).
 
     Requires ``dense_vnni_supported(m, k, n)``. Builds in well under a second (no tuning).
     """
@@ -197,11 +223,10 @@ def dense_vnni(m: int, k: int, n: int, name: str | None = None):
     from tvm import te
     register_intrinsics()
     a = te.placeholder((m, k), "uint8", name="A")
-    b = te.placeholder((n // 16, k // 4, 16, 4), "int8", name="B")
+    b, b_value = _block_weight(n // 16, (), k, bits, "B")
     r = te.reduce_axis((0, k), name="k")
     c = te.compute((m, n), lambda i, j: te.sum(
-        a[i, r].astype("int32") * b[j // 16, r // 4, j % 16, r % 4].astype("int32"), axis=r),
-        name="C")
+        a[i, r].astype("int32") * b_value(j, r), axis=r), name="C")
     sch = tvm.s_tir.Schedule(te.create_prim_func([a, b, c]))
     blk = sch.get_sblock("C")
     i, j, kk = sch.get_loops(blk)
@@ -209,14 +234,15 @@ def dense_vnni(m: int, k: int, n: int, name: str | None = None):
     # kernel, at most 15 accumulators (2 × 4, 4 × 2, 8 × 1), measured 5-25 % slower on 128-row
     # GEMMs (128×384×1536: 0.40 ms vs 0.44-0.47; 128×1024×1024: 0.64 vs 0.67-0.80; 2 threads).
     it_f = _largest_divisor(m, 4)
-    jt_f = _largest_divisor(n // 16, 4)
+    p = packed.PACKINGS[bits]
+    jt_f = _largest_divisor(n // p.lanes, max(1, 4 // p.blocks))
     io, it = sch.split(i, [None, it_f])
-    jo, jt, j16 = sch.split(j, [None, jt_f, 16])
-    ko, k4 = sch.split(kk, [None, 4])
+    jo, jt, j16 = sch.split(j, [None, jt_f, p.lanes])
+    ko, k4 = sch.split(kk, [None, p.kwidth])
     sch.reorder(io, jo, ko, it, jt, j16, k4)
     sch.parallel(sch.fuse(io, jo))
     init = sch.decompose_reduction(blk, ko)
-    sch.tensorize(j16, VNNI_INTRIN)
+    sch.tensorize(j16, p.intrin)
     sch.unroll(it)
     sch.unroll(jt)
     sch.vectorize(sch.get_loops(init)[-1])
@@ -224,10 +250,11 @@ def dense_vnni(m: int, k: int, n: int, name: str | None = None):
 
 
 def conv2d_nhwc_vnni(n: int, hp: int, wp: int, cin: int, cout: int, kh: int, kw: int,
-                     stride=(1, 1), name: str | None = None):
+                     stride=(1, 1), name: str | None = None, bits: int = 8):
     """Scheduled PrimFunc: ``(A u8 [N, Hp, Wp, I] (already padded), Wp i8 [O/16, KH, KW, I/4, 16, 4])
     -> C i32 [N, OH, OW, O]`` (implicit GEMM, VNNI on the 16 output channels × 4 input channels;
     a tile of output pixels × channel blocks accumulated in registers over KH, KW and I).
+    ``bits`` 4 / 2: ``Wp`` is ``[O/16, KH, KW, I/4, L, 4]`` uint8 packed codes, unpacked per block.
 
     Requires ``conv_vnni_supported``; any stride. The caller pads and transposes to NHWC.
     """
@@ -237,26 +264,39 @@ def conv2d_nhwc_vnni(n: int, hp: int, wp: int, cin: int, cout: int, kh: int, kw:
     sh, sw = stride
     oh, ow = (hp - kh) // sh + 1, (wp - kw) // sw + 1
     a = te.placeholder((n, hp, wp, cin), "uint8", name="A")
-    w = te.placeholder((cout // 16, kh, kw, cin // 4, 16, 4), "int8", name="W")
+    w, w_value = _block_weight(cout // 16, (kh, kw), cin, bits, "W")
     rh = te.reduce_axis((0, kh), name="rh")
     rw = te.reduce_axis((0, kw), name="rw")
     rc = te.reduce_axis((0, cin), name="rc")
     c = te.compute((n, oh, ow, cout), lambda b, y, x, o: te.sum(
         a[b, y * sh + rh, x * sw + rw, rc].astype("int32")
-        * w[o // 16, rh, rw, rc // 4, o % 16, rc % 4].astype("int32"), axis=[rh, rw, rc]),
-        name="C")
+        * w_value(o, rh, rw, rc), axis=[rh, rw, rc]), name="C")
     sch = tvm.s_tir.Schedule(te.create_prim_func([a, w, c]))
     blk = sch.get_sblock("C")
     b, y, x, o, lh, lw, lc = sch.get_loops(blk)
-    xt_f, ot_f = _tile_shape(ow, cout // 16)
+    p = packed.PACKINGS[bits]
+    xt_f, ot_f = _tile_shape(ow, cout // p.lanes, width=p.blocks)
     xo, xt = sch.split(x, [None, xt_f])
-    oo, ot, o16 = sch.split(o, [None, ot_f, 16])
-    co, c4 = sch.split(lc, [None, 4])
+    oo, ot, o16 = sch.split(o, [None, ot_f, p.lanes])
+    co, c4 = sch.split(lc, [None, p.kwidth])
     sch.reorder(b, y, xo, oo, lh, lw, co, xt, ot, o16, c4)
     fused = sch.fuse(b, y, xo, oo)
     sch.parallel(fused)
-    _accumulate_in_registers(sch, blk, fused, lh, xt, ot, o16)
+    _accumulate_in_registers(sch, blk, fused, lh, xt, ot, o16, p.intrin)
     return _finish(sch, name or f"fliqs_conv2d_vnni_{next(_COUNTER)}")
+
+
+def vnni_weight_bits(weight_const, op: str) -> int:
+    """The bits a VNNI layer's constant integer weight is stored in (``tvm_packed_weights``):
+    ``op`` "conv2d" (OIHW) or a dense layer's ``[K, N]``."""
+    codes = weight_const.value.numpy()
+    out_ch, in_ch = codes.shape[:2] if op == "conv2d" else codes.shape[::-1]
+    return packed.storage_bits(codes, out_ch, in_ch)
+
+
+def vnni_storage(weight_const, op: str) -> str:
+    """The report's words for a VNNI layer's weight storage."""
+    return packed.storage_text(vnni_weight_bits(weight_const, op))
 
 
 # ---- Relax wiring: relax.dpl rewrite of integer conv/matmul with constant weights -------------
@@ -310,12 +350,14 @@ def vnni_rewrite(mod, names: dict, weight_consts: list):
                 or a.ty.dtype not in ("uint8", "int8") or len(a.ty.shape) < 2
                 or not all(isinstance(d, tvm.tirx.IntImm) for d in list(a.ty.shape))):
             return call
-        g = DenseGeometry.of(a, w, in_step=4)
+        bits = vnni_weight_bits(w, "linear")
+        p = packed.PACKINGS[bits]
+        g = DenseGeometry.of(a, w, in_step=p.kwidth, out_step=p.lanes)
         wn = g.padded_weight(w, np.int8)
-        gv, sym = add_kernel(dense_vnni(g.m, g.kp, g.np_), name)
+        gv, sym = add_kernel(dense_vnni(g.m, g.kp, g.np_, bits=bits), name)
         au8, unsigned = to_u8(a)
-        y = relax.call_tir(gv, [g.kernel_input(au8), relax.const(pack_dense_weight(wn))],
-                           relax.TensorType((g.m, g.np_), "int32"))
+        wp = relax.const(packed.pack_blocks(pack_dense_weight(wn), bits))
+        y = relax.call_tir(gv, [g.kernel_input(au8), wp], relax.TensorType((g.m, g.np_), "int32"))
         if not unsigned:
             y = op.subtract(y, relax.const((128 * wn.astype(np.int32).sum(1)).astype(np.int32)))
         done[name] = sym
@@ -326,12 +368,15 @@ def vnni_rewrite(mod, names: dict, weight_consts: list):
         name = layer_name(w)
         if name is None or not _conv_takes_vnni(call):
             return call
-        g = ConvGeometry.of(call, in_step=4)
+        bits = vnni_weight_bits(w, "conv2d")
+        p = packed.PACKINGS[bits]
+        g = ConvGeometry.of(call, in_step=p.kwidth, out_step=p.lanes)
         wn = g.padded_weight(w, np.int8)
         au8, unsigned = to_u8(a)
         x = g.kernel_input(au8, pad_value=0.0 if unsigned else 128.0)
-        gv, sym = add_kernel(conv2d_nhwc_vnni(g.nb, g.hp, g.wp, g.ci, g.co, g.kh, g.kw, g.stride), name)
-        y = relax.call_tir(gv, [x, relax.const(pack_conv_weight(wn))],
+        gv, sym = add_kernel(conv2d_nhwc_vnni(g.nb, g.hp, g.wp, g.ci, g.co, g.kh, g.kw, g.stride,
+                                              bits=bits), name)
+        y = relax.call_tir(gv, [x, relax.const(packed.pack_blocks(pack_conv_weight(wn), bits))],
                            relax.TensorType(g.kernel_output_shape, "int32"))
         if not unsigned:
             y = op.subtract(y, relax.const((128 * wn.astype(np.int32).sum((1, 2, 3))).astype(np.int32)))
@@ -389,10 +434,10 @@ class DenseGeometry:
     np_: int
 
     @classmethod
-    def of(cls, a, w, in_step: int) -> "DenseGeometry":
+    def of(cls, a, w, in_step: int, out_step: int = 16) -> "DenseGeometry":
         *lead, k = (int(d) for d in list(a.ty.shape))
         n = int(w.ty.shape[1])
-        return cls(tuple(lead), int(np.prod(lead)), k, n, _ceil(k, in_step), _ceil(n, 16))
+        return cls(tuple(lead), int(np.prod(lead)), k, n, _ceil(k, in_step), _ceil(n, out_step))
 
     def padded_weight(self, w, dtype) -> np.ndarray:
         """The constant ``w`` [K, N] as ``[np_, kp]`` (out, in), zero-padded."""
@@ -433,13 +478,13 @@ class ConvGeometry:
     wp: int
 
     @classmethod
-    def of(cls, call, in_step: int) -> "ConvGeometry":
+    def of(cls, call, in_step: int, out_step: int = 16) -> "ConvGeometry":
         a, w, at = call.args[0], call.args[1], call.attrs
         layout = _CONV_LAYOUTS[str(at.data_layout)]
         nb, h, wd, cin = (int(a.ty.shape[i]) for i in layout.nhwc)
         cout, _, kh, kw = (int(d) for d in w.ty.shape)
         pt, pl, pb, pr = (int(p) for p in at.padding)
-        return cls(layout, nb, cin, cout, _ceil(cin, in_step), _ceil(cout, 16), kh, kw,
+        return cls(layout, nb, cin, cout, _ceil(cin, in_step), _ceil(cout, out_step), kh, kw,
                    (pt, pl, pb, pr), tuple(int(s) for s in at.strides), h + pt + pb, wd + pl + pr)
 
     @property
@@ -623,6 +668,7 @@ class Kernel:
     rewrite: object
     instruction: str = "vpdpbusd"
     storage: str = "int8"
+    storage_of: object = None  # (weight constant, op) -> the report's storage words (else ``storage``)
     fallback: str = "plain int8 loops"
     takes_conv: object = None  # call -> bool: a conv2d the rewrite computes (``choose_layout``)
 
@@ -640,7 +686,7 @@ FP32_KERNEL = Kernel("fp32-fma", compute_rule="fp32", needs=("avx512f",), rewrit
                      instruction="vfmadd", storage="fp32",
                      fallback="fp32 loops (generic schedule)", takes_conv=_conv_takes_float)
 KERNELS = (Kernel("vnni", compute_rule="int8", needs=("avx512vnni",), rewrite=vnni_rewrite,
-                  takes_conv=_conv_takes_vnni),
+                  takes_conv=_conv_takes_vnni, storage_of=vnni_storage),
            ATTENTION_KERNEL, BF16_KERNEL, FP32_KERNEL)
 
 

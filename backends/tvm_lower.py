@@ -847,6 +847,16 @@ def offered_to_kernel(record, prepacked: frozenset) -> bool:
     return record.weight_const is not None and "fp32" in prepacked
 
 
+def _kernel_storage(kernel, record) -> str:
+    """A kernel layer's weight storage as the report states it (an attention MatMul's operand is
+    packed per call)."""
+    if not _is_const(record.weight_const):
+        return f"run-time {kernel.storage} (packed per call for {kernel.name.upper()})"
+    if kernel.storage_of is not None:
+        return kernel.storage_of(record.weight_const, record.op)
+    return f"{kernel.storage} ({kernel.name.upper()}-prepacked)"
+
+
 def kernel_weights(kernels, records) -> list:
     """``[(Kernel, [weight constants of the layers of its compute rule])]``: each kernel rewrites
     only its own rule's layers ("fp32": a layer without a native rule)."""
@@ -920,9 +930,7 @@ def lower(graph, target, out_dir=None, *, tuning: Optional[Tuning] = None, vnni:
             entry[kernel.instruction] = n_dp
             if n_dp:  # only what the layer's compiled function really contains
                 entry["kernel"] = kernel.name
-                entry["weight_storage"] = (  # an attention MatMul's operand is packed per call
-                    f"{kernel.storage} ({kernel.name.upper()}-prepacked)" if _is_const(r.weight_const)
-                    else f"run-time {kernel.storage} (packed per call for {kernel.name.upper()})")
+                entry["weight_storage"] = _kernel_storage(kernel, r)
             else:
                 entry["fallback"] = f"no {kernel.instruction} in the compiled kernel: {kernel.fallback}"
         elif offered_to_kernel(r, prepacked):

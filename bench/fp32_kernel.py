@@ -17,6 +17,7 @@ them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -32,7 +33,17 @@ import numpy as np  # noqa: E402
 import latency as L  # noqa: E402
 from fliqs_compiler import passes  # noqa: E402
 from fliqs_compiler.backends import tvm_kernels as K  # noqa: E402
-from fliqs_compiler.backends.tvm_lower import lower  # noqa: E402
+from ab import interleaved_ms, lower_variants  # noqa: E402
+
+
+@contextlib.contextmanager
+def _registry(kernels):
+    """``tvm_kernels.KERNELS`` replaced by ``kernels`` for the lowering inside."""
+    shipped, K.KERNELS = K.KERNELS, kernels
+    try:
+        yield
+    finally:
+        K.KERNELS = shipped
 
 
 def main(argv=None):
@@ -44,25 +55,14 @@ def main(argv=None):
     sg, x = L._calibrated(model, shape)
     configs = {"fp32": {}, "int8-float-ends": L._int8_formats(sg, float_ends=True)}
     shipped = K.KERNELS
-    variants = {"fp32-kernel": shipped, "generic": tuple(k for k in shipped if k is not K.FP32_KERNEL)}
-    lows, builds = {}, {}
-    for cfg, formats in configs.items():
-        graph = passes.materialize(sg, formats)
-        for how, kernels in variants.items():
-            K.KERNELS = kernels
-            try:
-                lows[(cfg, how)] = lower(graph, "llvm", None)
-            finally:
-                K.KERNELS = shipped
-            builds[(cfg, how)] = lows[(cfg, how)].timing_s.get("total")
+    variants = {"fp32-kernel": lambda: _registry(shipped),
+                "generic": lambda: _registry(tuple(k for k in shipped if k is not K.FP32_KERNEL))}
+    lows = lower_variants({cfg: passes.materialize(sg, f) for cfg, f in configs.items()}, variants)
+    builds = {k: low.timing_s.get("total") for k, low in lows.items()}
     fp32_graph = passes.materialize(sg, {})
-    times = {k: [] for k in lows}
-    ort = []
     with tempfile.TemporaryDirectory() as work:
-        for _ in range(args.rounds):
-            for k, low in lows.items():
-                times[k].append(low.time_ms([x.numpy()], repeat=10, min_repeat_ms=100))
-            ort.append(L._ort_ms(fp32_graph, x, 30, work, "fp32"))
+        times, ort = interleaved_ms(lows, x, args.rounds,
+                                    extra=lambda: L._ort_ms(fp32_graph, x, 30, work, "fp32"))
     ort_ms = statistics.median(ort)
     rows = []
     for cfg in configs:

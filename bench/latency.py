@@ -91,17 +91,17 @@ def _models(names):
 
 
 # ---- configs -----------------------------------------------------------------------------------
-def _calibrated(model, shape):
-    """(searchable graph with every MIX format's scales calibrated, input)."""
+def _calibrated(model, shape, formats=MIX):
+    """(searchable graph with every one of ``formats``' scales calibrated, input)."""
     import fliqs_compiler as fq
     from fliqs_compiler import passes
     x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
     g = fq.load(model, (x,))
-    opts = passes.PrepareOptions(formats=list(MIX), keep_float_first=False, keep_float_last=False,
+    opts = passes.PrepareOptions(formats=list(formats), keep_float_first=False, keep_float_last=False,
                                  scale_mode="calibrated")
     sg = passes.prepare(g, opts)
     with torch.no_grad():  # calibrate every candidate's scale once, then fix formats
-        for fmt in MIX:
+        for fmt in formats:
             sg.space.apply(sg.gm, sg.space.choice_of({n: {"weight": fmt, "activation": fmt}
                                                       for n in sg.layers}))
             sg(x)
