@@ -374,6 +374,7 @@ class Report:
         from fliqs_compiler.backends.registry import backend_for
         from fliqs_compiler.ir.config import save_config
         from fliqs_compiler.report import build_report, write_report
+        from fliqs_compiler.report.build import artifact_bytes
         r, p = run.request, run.point
         v, target, graph = p.values, r.target, (p.graph if p.graph is not None else run.graph)
         formats = v["formats"]
@@ -423,6 +424,8 @@ class Report:
                if target.rpc else {})}
         if "search" not in v:
             report["budget"]["text"] = "given config (no search)"
+        report["artifact_bytes"] = artifact_bytes(stage, {k: f for k, f in files.items()
+                                                          if k in ("onnx", "tvm")})
         write_report(stage, report)
         v["report"] = report
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from fliqs_compiler.report.environment import environment
 
-__all__ = ["build_report", "layer_rows"]
+__all__ = ["build_report", "layer_rows", "artifact_bytes"]
 
 # timing_s: the contract's stages first (0.0 when a stage did not run), then any others
 CONTRACT_STAGES = ("import", "passes", "search", "export", "lower")
@@ -40,6 +40,7 @@ def layer_rows(graph, formats: dict, latency, executed: dict) -> list:
                      "latency_ms": _layer_ms(latency, layer, fw, fa),
                      "executed_dtype": ex.get("dtype") if isinstance(ex, dict) else str(ex),
                      "kernel": ex.get("kernel") if isinstance(ex, dict) else None,
+                     "weight_storage": ex.get("weight_storage") if isinstance(ex, dict) else None,
                      "keep_float": bool(layer.keep_float), "group": layer.group})
     return rows
 
@@ -88,6 +89,18 @@ def _data(dataset) -> dict:
             "holdout_fraction": round(n_val / max(1, n_train + n_val), 4),
             "quality_examples": len(dataset.x_test),
             "quality_split": "validation" if dataset.x_test is dataset.x_val else "test"}
+
+
+def artifact_bytes(out_dir, files: dict) -> dict:
+    """``{file key: bytes}`` of the report's artifact files that exist as plain files under
+    ``out_dir`` (``tvm``: the TVM library, ``onnx``: the QDQ model; folders are skipped)."""
+    from pathlib import Path
+    sizes = {}
+    for key, rel in files.items():
+        path = Path(out_dir) / rel
+        if path.is_file():
+            sizes[key] = path.stat().st_size
+    return sizes
 
 
 def build_report(*, graph, model_name: str, target, formats_searched: list, budget, budget_value,

@@ -25,6 +25,8 @@ def _summary(r: dict) -> list:
             f"| BOPs (searched layers) | {si(r['totals']['bops'])} |",
             f"| BOPs (layers kept in float) | {si(r['totals']['float_bops'])} |",
             f"| weight size (searched layers) | {size_bytes(r['totals']['size_bytes'])} |",
+            *[f"| artifact `{r['files'][key]}` | {size_bytes(n)} |"
+              for key, n in (r.get("artifact_bytes") or {}).items() if key in r.get("files", {})],
             f"| measured latency (whole model) | {ms(r['totals']['latency_ms'])} |"]
 
 

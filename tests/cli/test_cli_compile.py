@@ -63,6 +63,7 @@ def test_report_contract_and_consistency(run, threads):
     assert report["numerics"]["onnxruntime_exact_max_abs_err"] < 1e-2
     assert report["numerics"]["onnxruntime_default_lsb"] <= 2.0
     assert report["numerics"]["tvm_max_abs_err"] is None
+    assert set(report["artifact_bytes"]) == {"onnx"} and report["artifact_bytes"]["onnx"] > 0
     assert report["totals"]["latency_ms"] > 0
     assert report["environment"]["threads"] == threads
     assert report["data"]["holdout"] > 0 and 0 < report["data"]["holdout_fraction"] < 1
@@ -182,7 +183,11 @@ def test_compile_llvm_builds_loadable_model_so(tmp_path, demo_model):
     assert report["numerics"]["tvm_lsb"] <= 2  # compile's own gate (ort_backend.check_artifact)
     assert report["totals"]["latency_ms"] > 0
     searched = [la for la in report["layers"] if not la["keep_float"]]
-    assert all(la["executed_dtype"] for la in searched)
+    assert all(la["executed_dtype"] and la["weight_storage"] for la in searched)
+    # what the artifacts weigh on disk, as written
+    assert report["artifact_bytes"] == {k: (out / report["files"][k]).stat().st_size
+                                        for k in ("onnx", "tvm")}
+    assert "artifact `tvm/model.so`" in (out / "report.md").read_text()
     import tvm
     from tvm import relax
     vm = relax.VirtualMachine(tvm.runtime.load_module(str(out / "tvm" / "model.so")), tvm.cpu())
