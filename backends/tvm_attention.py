@@ -206,9 +206,9 @@ def _emit(bb, op, relax, a, b, batch, m, k, n, sym):
     N..15 read the next batch's corrections (measured: 21-31 LSB at int5-7). The kernel adds them
     per tile in its own 16-column vectors; its consumers read only the product."""
     from fliqs_compiler.backends import tvm_kernels as K
-    kp, np_ = K._ceil(k, 4), K._ceil(n, 16)
+    kp, np_ = K.ceil_to(k, 4), K.ceil_to(n, 16)
     tile = _row_tile(m)
-    mp = K._ceil(m, tile)
+    mp = K.ceil_to(m, tile)
     a3 = op.reshape(a, [batch, m, k])
     b3 = op.reshape(b, [batch, k, n])
     au8, fix_cols = _left_u8(op, relax, a3, a.ty.dtype)

@@ -7,7 +7,7 @@ consumes (2 bf16 values per ``vdpbf16ps`` lane, 1 per FMA), how the activation r
 kernel's operand dtype, how the weight is packed, and the PrimFunc builders. Channel counts are
 zero-padded (out to 16, in to the step; zero weights make any activation padding inert) and the
 output sliced; convs run NHWC inside the kernel, with a transpose around it only when the module
-is still NCHW (``tvm_kernels.choose_layout`` decides).
+is still NCHW (``tvm_layout.choose_layout`` decides).
 """
 from __future__ import annotations
 

@@ -23,7 +23,7 @@ these kernels (added with ``BlockBuilder(mod).add_func``), zero-padding channel 
 signed activations to u8; anything it cannot handle (groups, dilation) stays plain int8.
 ``has_vnni(target_dict)`` says whether a target CPU has AVX512-VNNI. ``KERNELS`` is the registry
 of every hand kernel (VNNI, attention VNNI, ``tvm_bf16``, ``tvm_fp32``) with the features it needs;
-``choose_layout`` runs a model NHWC when every conv is on one of them. ``fp_round_te`` is the exact
+``tvm_layout.choose_layout`` runs a model NHWC when every conv is on one of them. ``fp_round_te`` is the exact
 fp8 / bf16 / fp6 / fp4 rounding used for run-time activations (no casts; safe under fusion).
 
 Measured here (2 threads, shared 2-core Zen 4, noisy): u8×s8 dense 128×1024×1024 0.64 ms,
@@ -42,6 +42,8 @@ from fliqs_compiler.backends.tvm_attention import attention_rewrite
 from fliqs_compiler.backends.tvm_bf16 import bf16_rewrite
 from fliqs_compiler.backends.tvm_fp32 import fp32_rewrite
 from fliqs_compiler.backends import tvm_packed_weights as packed
+from fliqs_compiler.backends.tvm_layout import (CONV_LAYOUTS, ConvGeometry, DenseGeometry,  # noqa: F401
+                                                calls, ceil_to, choose_layout, nhwc_ready)
 
 __all__ = ["Kernel", "KERNELS", "BF16_KERNEL", "FP32_KERNEL", "kernels_for", "choose_layout", "nhwc_ready", "ConvGeometry", "DenseGeometry", "VNNI_INTRIN", "register_intrinsics", "has_vnni", "pack_dense_weight",
            "pack_conv_weight", "dense_vnni_supported", "conv_vnni_supported",
@@ -128,7 +130,7 @@ def conv_vnni_supported(in_ch: int, out_ch: int, groups: int, dilation=(1, 1)) -
 
 def conv_vnni_applicable(in_ch: int, out_ch: int, groups: int, dilation=(1, 1)) -> bool:
     """Convs ``vnni_rewrite`` sends to the VNNI kernel (channels are zero-padded to fit)."""
-    return conv_vnni_supported(_ceil(in_ch, 4), _ceil(out_ch, 16), groups, dilation)
+    return conv_vnni_supported(ceil_to(in_ch, 4), ceil_to(out_ch, 16), groups, dilation)
 
 
 # The accumulator tile lives in a "global"-scope buffer allocated under the parallel loop: TVM 0.27
@@ -400,133 +402,6 @@ def rewrite_main(bb, mod, rules):
     return relax.transform.Normalize()(new)
 
 
-@dataclass(frozen=True)
-class _ConvLayout:
-    """How an activation layout reaches the kernel's NHWC: the axes of N, H, W, C, and the
-    conversion to / from NHWC (none for NHWC itself)."""
-
-    nhwc: tuple
-    to: tuple = ()
-
-    def to_nhwc(self, x):
-        from tvm.relax import op
-        return op.permute_dims(x, list(self.to)) if self.to else x
-
-    def from_nhwc(self, y):
-        from tvm.relax import op
-        return op.permute_dims(y, [self.to.index(i) for i in range(4)]) if self.to else y
-
-
-_CONV_LAYOUTS = {"NCHW": _ConvLayout((0, 2, 3, 1), (0, 2, 3, 1)), "NHWC": _ConvLayout((0, 1, 2, 3))}
-
-
-@dataclass(frozen=True)
-class DenseGeometry:
-    """``matmul(a [..., K], const w [K, N])`` as the hand dense kernels compute it: one GEMM over
-    all leading dims (a transformer's Linear reads [B, T, C] tokens), K zero-padded to a multiple
-    of ``in_step`` (``kp``), N to 16 (``np_``); zero weight rows / columns make any pad inert."""
-
-    lead: tuple
-    m: int
-    k: int
-    n: int
-    kp: int
-    np_: int
-
-    @classmethod
-    def of(cls, a, w, in_step: int, out_step: int = 16) -> "DenseGeometry":
-        *lead, k = (int(d) for d in list(a.ty.shape))
-        n = int(w.ty.shape[1])
-        return cls(tuple(lead), int(np.prod(lead)), k, n, _ceil(k, in_step), _ceil(n, out_step))
-
-    def padded_weight(self, w, dtype) -> np.ndarray:
-        """The constant ``w`` [K, N] as ``[np_, kp]`` (out, in), zero-padded."""
-        wn = np.zeros((self.np_, self.kp), dtype)
-        wn[:self.n, :self.k] = w.value.numpy().T
-        return wn
-
-    def kernel_input(self, x):
-        from tvm.relax import op
-        if len(self.lead) > 1:
-            x = op.reshape(x, [self.m, self.k])
-        return op.nn.pad(x, [0, 0, 0, self.kp - self.k]) if self.kp != self.k else x
-
-    def layer_output(self, y):
-        from tvm.relax import op
-        if self.np_ != self.n:
-            y = op.strided_slice(y, axes=[1], begin=[0], end=[self.n])
-        return op.reshape(y, list(self.lead) + [self.n]) if len(self.lead) > 1 else y
-
-
-@dataclass(frozen=True)
-class ConvGeometry:
-    """A conv2d call (NCHW / NHWC data, OIHW weight) as the hand NHWC kernels compute it: input
-    channels zero-padded to a multiple of ``in_step`` (``ci``), output channels to 16 (``co``),
-    the spatial padding applied before the kernel (``hp``, ``wp``: padded extents)."""
-
-    layout: _ConvLayout
-    nb: int
-    cin: int
-    cout: int
-    ci: int
-    co: int
-    kh: int
-    kw: int
-    pads: tuple  # (top, left, bottom, right)
-    stride: tuple
-    hp: int
-    wp: int
-
-    @classmethod
-    def of(cls, call, in_step: int, out_step: int = 16) -> "ConvGeometry":
-        a, w, at = call.args[0], call.args[1], call.attrs
-        layout = _CONV_LAYOUTS[str(at.data_layout)]
-        nb, h, wd, cin = (int(a.ty.shape[i]) for i in layout.nhwc)
-        cout, _, kh, kw = (int(d) for d in w.ty.shape)
-        pt, pl, pb, pr = (int(p) for p in at.padding)
-        return cls(layout, nb, cin, cout, _ceil(cin, in_step), _ceil(cout, out_step), kh, kw,
-                   (pt, pl, pb, pr), tuple(int(s) for s in at.strides), h + pt + pb, wd + pl + pr)
-
-    @property
-    def kernel_output_shape(self) -> tuple:
-        sh, sw = self.stride
-        return self.nb, (self.hp - self.kh) // sh + 1, (self.wp - self.kw) // sw + 1, self.co
-
-    def padded_weight(self, w, dtype) -> np.ndarray:
-        """The constant weight ``w`` (OIHW) zero-padded to ``[co, ci, kh, kw]``."""
-        wn = np.zeros((self.co, self.ci, self.kh, self.kw), dtype)
-        wn[:self.cout, :self.cin] = w.value.numpy()
-        return wn
-
-    def kernel_input(self, x, pad_value: float):
-        """The activation ``x`` as the kernel reads it: NHWC, spatially padded, channels padded."""
-        from tvm.relax import op
-        x = self.layout.to_nhwc(x)
-        pt, pl, pb, pr = self.pads
-        if pt or pb or pl or pr or self.ci != self.cin:
-            x = op.nn.pad(x, [0, 0, pt, pb, pl, pr, 0, self.ci - self.cin], pad_value=pad_value)
-        return x
-
-    def layer_output(self, y):
-        """The kernel's NHWC output ``y`` back as the layer's: padded channels cut, layout restored."""
-        from tvm.relax import op
-        if self.co != self.cout:
-            y = op.strided_slice(y, axes=[3], begin=[0], end=[self.cout])
-        return self.layout.from_nhwc(y)
-
-
-def _calls(func, op_name: str) -> list:
-    """The calls of the Relax operator ``op_name`` in ``func``."""
-    from tvm import relax
-    found = []
-
-    def visit(e):
-        if isinstance(e, relax.Call) and getattr(e.op, "name", None) == op_name:
-            found.append(e)
-    relax.analysis.post_order_visit(func.body, visit)
-    return found
-
-
 def _conv_takes_vnni(call) -> bool:
     """An integer conv2d the VNNI kernel computes: u8/s8 data (NCHW or NHWC), constant s8 OIHW
     weight, int32 out, groups 1, dilation 1 (channel counts are padded)."""
@@ -534,10 +409,10 @@ def _conv_takes_vnni(call) -> bool:
     a, w = call.args[0], call.args[1]
     at = call.attrs
     if (not isinstance(w, Constant) or str(at.out_dtype) != "int32" or w.ty.dtype != "int8"
-            or a.ty.dtype not in ("uint8", "int8") or str(at.data_layout) not in _CONV_LAYOUTS
+            or a.ty.dtype not in ("uint8", "int8") or str(at.data_layout) not in CONV_LAYOUTS
             or str(at.kernel_layout) != "OIHW" or str(at.out_layout) != str(at.data_layout)):
         return False
-    cin = int(a.ty.shape[_CONV_LAYOUTS[str(at.data_layout)].nhwc[3]])
+    cin = int(a.ty.shape[CONV_LAYOUTS[str(at.data_layout)].nhwc[3]])
     return conv_vnni_applicable(cin, int(w.ty.shape[0]), int(at.groups),
                                 [int(d) for d in at.dilation])
 
@@ -550,66 +425,10 @@ def _conv_takes_float(call) -> bool:
     a, w = call.args[0], call.args[1]
     at = call.attrs
     return (isinstance(w, Constant) and str(at.out_dtype) in ("float32", "") and w.ty.dtype == "float32"
-            and a.ty.dtype == "float32" and str(at.data_layout) in _CONV_LAYOUTS
+            and a.ty.dtype == "float32" and str(at.data_layout) in CONV_LAYOUTS
             and str(at.kernel_layout) == "OIHW" and str(at.out_layout) == str(at.data_layout)
             and float_conv_applicable(int(at.groups), [int(d) for d in at.dilation]))
 
-
-# A float conv reading at most this many input channels (an image stem) does not keep the model
-# out of NHWC. Measured on ResNet-18, 2 threads, idle 2-core Zen 4 (``fliqs compile`` keeps the first
-# and last layer float by default): int8 with a float stem and classifier 8.66 ms with transposes
-# around the 19 VNNI convs vs 6.47 ms in NHWC throughout (bench/latency.py --configs int8-float-ends,
-# before / after). Wider float convs stay NCHW (bench/layout_float_convs.py, NHWC forced): the fp8
-# layers of a mixed model as fp32 convs (no avx512bf16) 16.2 ms vs 22.1 ms; all-fp32 34 vs 104 ms.
-_NHWC_FLOAT_CONV_MAX_CIN = 4
-
-
-def _float_stem(call) -> bool:
-    """A float32 conv2d (NCHW / NHWC data, OIHW weight) with at most ``_NHWC_FLOAT_CONV_MAX_CIN``
-    input channels: cheap in NHWC, so it may run in the kernels' layout."""
-    a, at = call.args[0], call.attrs
-    layout = _CONV_LAYOUTS.get(str(at.data_layout))
-    return (layout is not None and a.ty.dtype == "float32" and str(at.out_dtype) in ("float32", "")
-            and str(at.kernel_layout) == "OIHW"
-            and int(a.ty.shape[layout.nhwc[3]]) <= _NHWC_FLOAT_CONV_MAX_CIN)
-
-
-def _nhwc(mod):
-    """Every conv2d in NHWC (weights stay OIHW: the rewrite packs them), the layout carried through
-    the ops between convs (requantize, ReLU, residual add, pooling) by TVM's ConvertLayout, so
-    consecutive convs meet without NCHW<->NHWC transposes."""
-    from tvm import relax
-    return relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "OIHW"]})(mod)
-
-
-def nhwc_ready(kernels_with_weights):
-    """``call -> bool``: a conv2d that does not keep a model out of NHWC — one a kernel takes (its
-    weight is one of the kernel's recorded constants and ``takes_conv`` accepts it) or a float
-    image stem. ``kernels_with_weights``: ``[(Kernel, [weight constants of its layers])]``."""
-    takers = [(k.takes_conv, consts) for k, consts in kernels_with_weights if k.takes_conv]
-
-    def ready(call) -> bool:
-        return _float_stem(call) or any(
-            takes(call) and any(c is not None and c.same_as(call.args[1]) for c in consts)
-            for takes, consts in takers)
-    return ready
-
-
-def choose_layout(mod, kernels_with_weights):
-    """``mod`` in NHWC (``_nhwc``) when every conv2d is ``nhwc_ready``; else unchanged (NCHW, each
-    kernel call transposing around itself).
-
-    Why only then, measured: TVM's own NHWC fp32 conv (the generic schedule) was 3-5x slower
-    than NCHW; with every conv on a hand kernel, NHWC throughout wins (ResNet-18 mixed with the
-    fp8 layers on the bf16 kernel: 21.7 ms vs 28.0 ms with per-call transposes, 2 threads, load
-    4.3, medians of 5 interleaved rounds, identical outputs)."""
-    ready = nhwc_ready(kernels_with_weights)
-    convs = _calls(mod["main"], "relax.nn.conv2d")
-    return _nhwc(mod) if convs and all(ready(c) for c in convs) else mod
-
-
-def _ceil(v: int, m: int) -> int:
-    return (v + m - 1) // m * m
 
 
 def _sanitize(name: str) -> str:

@@ -8,7 +8,7 @@ in ``fmt_a`` (``FormatQuantizer``s, exactly what ``materialize`` leaves), lowers
 ms. It plugs into ``latency_table.build(graph, pairs, measure_fn)`` as ``measure_fn``.
 
 Layout: a model whose convs all run on hand kernels (VNNI, bf16, fp32 FMA; or are a float image
-stem) runs NHWC end to end (``tvm_kernels.choose_layout``: ConvertLayout), every other model NCHW
+stem) runs NHWC end to end (``tvm_layout.choose_layout``: ConvertLayout), every other model NCHW
 (each kernel call then transposes around itself). A conv's
 micro-model runs in the layout of the model it is measured for (``layout``; ``model_layout``
 decides it for a graph and its formats): ``"NHWC"`` takes and returns NHWC tensors, so the lowered
@@ -201,7 +201,7 @@ def conv_nhwc_ready(layer: LayerInfo, fmt_w: str, fmt_a: str, target="llvm") -> 
     """Whether the conv2d ``layer`` in (``fmt_w``, ``fmt_a``) lets a model run NHWC on ``target``
     — it runs on one of the target's hand kernels, or is a float image stem: its micro-model
     translated by ``tvm_lower.translate`` and its conv call checked by the test ``lower`` applies
-    (``tvm_kernels.nhwc_ready``), nothing compiled. Cached per process."""
+    (``tvm_layout.nhwc_ready``), nothing compiled. Cached per process."""
     from fliqs_compiler.backends import tvm_kernels as K
     from fliqs_compiler.backends.targets import parse_target
     from fliqs_compiler.backends.tvm_lower import kernel_weights, translate
@@ -214,7 +214,7 @@ def conv_nhwc_ready(layer: LayerInfo, fmt_w: str, fmt_a: str, target="llvm") -> 
         g = layer_graph(layer, fmt_w, fmt_a)
         ep = torch.export.export(g.gm.eval(), tuple(g.example_inputs()))
         mod, records = translate(ep, frozenset(k.compute_rule for k in kernels))  # as lower() does
-        convs = K._calls(mod["main"], "relax.nn.conv2d")
+        convs = K.calls(mod["main"], "relax.nn.conv2d")
         ready = K.nhwc_ready(kernel_weights(kernels, records))
         _ON_KERNEL_CACHE[key] = len(convs) == 1 and ready(convs[0])
     return _ON_KERNEL_CACHE[key]
@@ -223,7 +223,7 @@ def conv_nhwc_ready(layer: LayerInfo, fmt_w: str, fmt_a: str, target="llvm") -> 
 def model_layout(graph: Graph, formats: dict, target="llvm") -> str:
     """The layout the lowered model runs in: ``"NHWC"`` when it has a conv2d and every one of
     them (layers kept float included: they are float) is ``conv_nhwc_ready`` — then ``lower``
-    (``tvm_kernels.choose_layout``) converts the whole graph to NHWC — else ``"NCHW"``.
+    (``tvm_layout.choose_layout``) converts the whole graph to NHWC — else ``"NCHW"``.
     ``formats``: ``{layer: {"weight", "activation"}}``; a layer it lacks is float."""
     convs = [la for la in graph.layers.values() if la.op == "conv2d"]
     if not convs:

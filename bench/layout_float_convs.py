@@ -46,7 +46,7 @@ def main(argv=None):
     configs = {"int8-float-ends": (L._int8_formats(sg, float_ends=True), "llvm"),
                "mixed-no-bf16": (L._mixed_formats(sg), NO_BF16), "fp32": ({}, "llvm")}
     rule = K.KERNELS
-    forced = (dataclasses.replace(rule[0], rewrite=lambda mod, *a: rule[0].rewrite(K._nhwc(mod), *a)),) + rule[1:]
+    forced = (dataclasses.replace(rule[0], rewrite=lambda mod, *a: rule[0].rewrite(K.to_nhwc(mod), *a)),) + rule[1:]
     lows = {}
     for cfg, (formats, target) in configs.items():
         for how, kernels in (("rule", rule), ("nhwc-forced", forced)):

@@ -260,7 +260,7 @@ def _residual_graph(groups, stem="int8"):
 
 def _activation_transposes(mod) -> int:
     """permute_dims of activations (more than one non-unit axis; a [1, C, 1, 1] scale is not)."""
-    return sum(sum(int(d) > 1 for d in c.ty.shape) > 1 for c in K._calls(mod["main"], "relax.permute_dims"))
+    return sum(sum(int(d) > 1 for d in c.ty.shape) > 1 for c in K.calls(mod["main"], "relax.permute_dims"))
 
 
 @pytest.mark.skipif(not HOST_VNNI, reason="host CPU has no AVX512-VNNI")
@@ -272,7 +272,7 @@ def test_vnni_convs_run_in_one_nhwc_layout_bit_exact():
     fast, plain = lower(g, "llvm", None), lower(g, "llvm", None, vnni=False)
     assert all(fast.executed[n]["kernel"] == "vnni" for n in ("c1", "c2", "c3"))
     assert _activation_transposes(fast.mod) == 2
-    assert _activation_transposes(plain.mod) == 0 and K._calls(plain.mod["main"], "relax.nn.conv2d")
+    assert _activation_transposes(plain.mod) == 0 and K.calls(plain.mod["main"], "relax.nn.conv2d")
     for x in (example_input((1, 3, 17, 17)), 20 * example_input((1, 3, 17, 17), seed=2)):
         out = fast.run([x.numpy()])[0]
         np.testing.assert_array_equal(out, plain.run([x.numpy()])[0])
@@ -285,7 +285,7 @@ def test_vnni_convs_run_in_one_nhwc_layout_bit_exact():
 def test_a_float_image_stem_does_not_keep_the_graph_out_of_nhwc(fp32_kernel, monkeypatch):
     """A float stem (3 input channels) before VNNI convs — ``fliqs compile``'s default keeps the
     first layer float — runs in NHWC too (ResNet-18: 7.8 ms vs 10.5 ms with transposes around
-    every VNNI conv): on the fp32 kernel, or without it (``tvm_kernels._float_stem``) as TVM's
+    every VNNI conv): on the fp32 kernel, or without it (``tvm_layout.float_stem``) as TVM's
     own conv; one transpose at each end, the result equal to the torch graph to a float rounding
     of the stem (which may move one code of the next quantizer)."""
     if not fp32_kernel:
@@ -294,7 +294,7 @@ def test_a_float_image_stem_does_not_keep_the_graph_out_of_nhwc(fp32_kernel, mon
     low = lower(g, "llvm", None)
     assert low.executed["c2"]["kernel"] == "vnni"
     assert low.executed["c1"]["kernel"] == ("fp32-fma" if fp32_kernel else "fp32")
-    convs = K._calls(low.mod["main"], "relax.nn.conv2d")
+    convs = K.calls(low.mod["main"], "relax.nn.conv2d")
     assert len(convs) == (0 if fp32_kernel else 1)
     assert all(str(conv.attrs.data_layout) == "NHWC" for conv in convs)
     assert _activation_transposes(low.mod) == 2
@@ -312,7 +312,7 @@ def test_a_conv_vnni_does_not_take_keeps_the_graph_in_nchw():
     g = _residual_graph(2)
     low = lower(g, "llvm", None)
     assert low.executed["c2"]["kernel"] == "int8" and low.executed["c1"]["kernel"] == "vnni"
-    (conv,) = K._calls(low.mod["main"], "relax.nn.conv2d")
+    (conv,) = K.calls(low.mod["main"], "relax.nn.conv2d")
     assert str(conv.attrs.data_layout) == "NCHW"
     assert _activation_transposes(low.mod) == 4
     x = example_input((1, 3, 17, 17))

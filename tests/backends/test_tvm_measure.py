@@ -195,7 +195,7 @@ def _layers(fmt_c2="int8", keep_float_c2=False, groups_c2=1):
 
 
 def test_model_layout_is_nhwc_only_when_every_conv_is_on_a_hand_kernel():
-    """The rule ``lower`` applies (``tvm_kernels.choose_layout``): NHWC iff every conv runs on a
+    """The rule ``lower`` applies (``tvm_layout.choose_layout``): NHWC iff every conv runs on a
     hand kernel of the target — VNNI, the bf16 kernel for fp8, the fp32 kernel for a float-kept
     conv — or is a float stem; a grouped conv, or an fp8 conv on a target without avx512bf16
     (decoded per call, not on a kernel), keeps the model NCHW; linears do not matter. The
