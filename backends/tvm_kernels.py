@@ -42,6 +42,7 @@ from fliqs_compiler.backends.tvm_attention import attention_rewrite
 from fliqs_compiler.backends.tvm_bf16 import bf16_rewrite
 from fliqs_compiler.backends.tvm_fp32 import fp32_rewrite
 from fliqs_compiler.backends import tvm_packed_weights as packed
+from fliqs_compiler.backends.tvm_epilogue import EPILOGUE_SITE, mark_kernel_blocks
 from fliqs_compiler.backends.tvm_layout import (CONV_LAYOUTS, ConvGeometry, DenseGeometry,  # noqa: F401
                                                 calls, ceil_to, choose_layout, nhwc_ready)
 
@@ -163,6 +164,7 @@ def _accumulate_in_registers(sch, blk, parallel, reduction_outer, row_tile, bloc
     16-lane ``intrin`` — VNNI's 16×4, or ``tvm_bf16``'s 16×2 — written back once), instead of
     loading and storing C in memory at every step."""
     tile = sch.cache_write(blk, 0, "global")
+    sch.annotate(tile, EPILOGUE_SITE, "")  # the write-back: where tvm_epilogue fuses the consumers
     sch.reverse_compute_at(tile, parallel)
     init = sch.decompose_reduction(blk, reduction_outer)
     sch.tensorize(o16, intrin)
@@ -191,6 +193,7 @@ _OPAQUE = 8  # relax OpPatternKind kOpaque
 def _finish(sch, name: str):
     """Scheduled and opaque to FuseOps: AnnotateTIROpPattern would call a kernel whose last block
     is the tile's write-back "elementwise", and FuseTIR then fails to merge its buffers."""
+    mark_kernel_blocks(sch, name)
     func = sch.mod["main"]
     return (func.with_attr("global_symbol", name).with_attr("tirx.is_scheduled", True)
             .with_attr("op_pattern", _OPAQUE))

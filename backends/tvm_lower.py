@@ -600,11 +600,10 @@ def translate(ep, prepacked: frozenset = frozenset()):
 def fuse_pipeline():
     """Legalize + operator fusion WITHOUT FoldConstant: packed / low-precision weights stay as
     stored and are decoded at run time; epilogues (rescale, bias, ReLU, next quantize) fuse into
-    one loop nest. No scheduling (that is MetaSchedule's job)."""
-    from tvm import relax, transform
-    return transform.Sequential([relax.transform.LegalizeOps(),
-                                 relax.transform.AnnotateTIROpPattern(),
-                                 relax.transform.FuseOps(), relax.transform.FuseTIR()])
+    one loop nest — a hand conv kernel's into its tile write-back (``tvm_epilogue``). No
+    scheduling of the other functions (that is ``tvm_schedules``' or MetaSchedule's job)."""
+    from fliqs_compiler.backends.tvm_epilogue import fuse_with_kernels
+    return fuse_with_kernels
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,94 @@
+"""Epilogues fused into the hand conv kernels' tile write-back (``tvm_epilogue``): the int32
+accumulators never become a tensor, the results are identical to the unfused build, and a kernel
+whose group cannot be inlined keeps its epilogue separate."""
+import numpy as np
+import pytest
+
+from fliqs_compiler.backends import tvm_epilogue as E
+from fliqs_compiler.backends import tvm_kernels as K
+from fliqs_compiler.backends import tvm_lower as TL
+from fliqs_compiler.backends.targets import parse_target
+from test_tvm_lower import _residual_graph
+from tvm_models import example_input
+
+pytestmark = pytest.mark.tvm
+needs_vnni = pytest.mark.skipif(not K.has_vnni(parse_target("llvm").tvm_target), reason="no AVX512-VNNI")
+
+
+def _plain(mod):
+    from tvm import relax, transform
+    return transform.Sequential([relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+                                 relax.transform.FuseOps(), relax.transform.FuseTIR()])(mod)
+
+
+def _kernel_calls(mod) -> list:
+    """(callee name, output dtype, callee has every block a kernel block) of each call_tir in
+    ``main`` whose callee holds a hand conv kernel's write-back."""
+    import tvm
+    from tvm import relax, s_tir
+    out = []
+
+    def visit(e):
+        if isinstance(e, relax.Call) and getattr(e.op, "name", None) == "relax.call_tir":
+            func = mod[e.args[0]]
+            if isinstance(func, tvm.tirx.PrimFunc) and E._kernel_ids(func):
+                sch = s_tir.Schedule(func)
+                only_kernel = all(E._annotation(sch, b, E.KERNEL_BLOCK) for b in E._blocks(sch))
+                out.append((e.args[0].name_hint, str(e.ty.dtype), only_kernel))
+    relax.analysis.post_order_visit(mod["main"].body, visit)
+    return out
+
+
+@needs_vnni
+@pytest.mark.parametrize("groups", [1, 2])
+def test_conv_epilogues_run_in_the_kernel_write_back_and_match_the_unfused_build(tmp_path, groups):
+    """The miniature ResNet block: padded channels (a slice), the residual add, ReLU and the next
+    quantizer all computed in the write-back — no int32 accumulator tensor between functions —
+    in NHWC (groups 1); in NCHW around a grouped conv (groups 2) the part before the transpose.
+    Bit-identical to the unfused build on inputs far outside the quantizers' range."""
+    import tvm
+    from tvm import relax
+    low = TL.lower(_residual_graph(groups), "llvm", tmp_path)
+    fused = TL.fuse_pipeline()(low.mod)
+    calls = _kernel_calls(fused)
+    merged = [c for c in calls if c[0].startswith("fused_")]
+    assert all(only_kernel for _, _, only_kernel in calls), calls
+    if groups == 1:  # NHWC: every kernel with its whole epilogue, up to the next quantizer
+        assert len(merged) == 3 and all(dt != "int32" for _, dt, _ in merged), calls
+    else:  # NCHW: FuseOps ends a group at a layout transpose; the grouped conv is plain int8
+        assert len(calls) == 2 and merged, calls
+    x = example_input((1, 3, 17, 17)) * 8
+    vm = relax.VirtualMachine(tvm.runtime.load_module(str(tmp_path / "tvm" / "model.so")), tvm.cpu())
+    out = vm["main"](tvm.runtime.tensor(x.numpy(), tvm.cpu())).numpy()
+    # the reference: the same module with the plain pipeline (kernels opaque), scheduled alike
+    plain = relax.VirtualMachine(_compile_plain(low.mod), tvm.cpu())
+    np.testing.assert_array_equal(out, plain["main"](tvm.runtime.tensor(x.numpy(), tvm.cpu())).numpy())
+
+
+def _compile_plain(mod):
+    from fliqs_compiler.backends import tvm_schedules
+    tgt = parse_target("llvm").tvm()
+    with tgt:
+        plain = _plain(mod)
+    scheduled, _ = tvm_schedules.schedule(plain, tgt)
+    ex, _ = tvm_schedules.build(scheduled, plain, tgt)
+    return ex
+
+
+@needs_vnni
+def test_fp32_kernel_takes_its_epilogue_too():
+    """A float stem on the fp32 FMA kernel (``tvm_fp32``): bias, ReLU and the quantizer fuse in."""
+    low = TL.lower(_residual_graph(1, stem="float"), "llvm", None)
+    calls = _kernel_calls(TL.fuse_pipeline()(low.mod))
+    assert len(calls) == 3 and all(only for _, _, only in calls), calls
+    assert any(dt == "uint8" for _, dt, _ in calls)  # a conv whose epilogue ends in the u8 quantizer
+
+
+@needs_vnni
+def test_a_group_that_cannot_be_inlined_keeps_its_kernel_opaque(monkeypatch):
+    """When a merged group cannot be inlined, its kernel is made opaque and the fusion redone: the
+    module then equals the plain pipeline's (each kernel called on its own, int32 out)."""
+    low = TL.lower(_residual_graph(1), "llvm", None)
+    monkeypatch.setattr(E, "inline_epilogue", lambda func: None)
+    calls = _kernel_calls(E.fuse_with_kernels(low.mod))
+    assert len(calls) == 3 and all(n.startswith("fliqs_vnni") and dt == "int32" for n, dt, _ in calls), calls
