@@ -67,8 +67,9 @@ def _version(dist: str) -> str:
 # 6: bf16-exact layers (fp8 / bf16 / ...) on the avx512bf16 kernel, tvm_bf16, where the target has it;
 # 7: float layers on the fp32 FMA kernel, tvm_fp32, and convs in the layout lower() runs the model
 # in with any hand kernel, not only VNNI: tvm_measure.model_layout;
-# 8: int4 / int2 weights packed inside the VNNI kernels, tvm_packed_weights).
-MICROGRAPH_FORM = "8"
+# 8: int4 / int2 weights packed inside the VNNI kernels, tvm_packed_weights;
+# 9: conv epilogues fused into the kernels' write-back, tvm_epilogue).
+MICROGRAPH_FORM = "9"
 
 
 def library_versions() -> dict:

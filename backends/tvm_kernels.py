@@ -191,8 +191,10 @@ _OPAQUE = 8  # relax OpPatternKind kOpaque
 
 
 def _finish(sch, name: str):
-    """Scheduled and opaque to FuseOps: AnnotateTIROpPattern would call a kernel whose last block
-    is the tile's write-back "elementwise", and FuseTIR then fails to merge its buffers."""
+    """Scheduled, its blocks marked for ``tvm_epilogue``, and opaque to FuseOps: AnnotateTIROpPattern
+    would call a kernel whose last block is the tile's write-back "elementwise" (a pattern that
+    lets FuseOps fuse it as a consumer too); ``tvm_epilogue.fuse_with_kernels`` declares the conv
+    kernels fusable with their consumers where it can inline them."""
     mark_kernel_blocks(sch, name)
     func = sch.mod["main"]
     return (func.with_attr("global_symbol", name).with_attr("tirx.is_scheduled", True)
