@@ -4,7 +4,31 @@ interleaved rounds so the box's drift hits every variant alike. Shared by ``fp32
 ``packed_weights.py``."""
 from __future__ import annotations
 
+import argparse
+import json
+import os
+from pathlib import Path
+
 from fliqs_compiler.backends.tvm_lower import lower
+
+
+def parse_args(doc: str, argv=None):
+    """``--rounds`` (default 5) and ``--json``, the A/B benches' options."""
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--json", default=None)
+    return ap.parse_args(argv)
+
+
+def finish(args, rows: list, **extra) -> None:
+    """Print the threads and load average; with ``--json``, write them, the rounds, ``rows`` and
+    ``extra`` (an anchor's per-round samples)."""
+    load = os.getloadavg()
+    threads = int(os.environ["TVM_NUM_THREADS"])
+    print(f"threads {threads}, load average {load[0]:.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"threads": threads, "load": load, "rounds": args.rounds,
+                                               **extra, "rows": rows}, indent=1))
 
 
 def lower_variants(graphs: dict, variants: dict, out_root=None) -> dict:

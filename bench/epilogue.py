@@ -17,7 +17,6 @@ the same ops on the same values); ``--json`` writes them.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
@@ -32,7 +31,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).res
 import numpy as np  # noqa: E402
 
 import latency as L  # noqa: E402
-from ab import interleaved_ms, lower_variants  # noqa: E402
+from ab import finish, interleaved_ms, lower_variants, parse_args  # noqa: E402
 from fliqs_compiler import passes  # noqa: E402
 from fliqs_compiler.backends import tvm_lower as TL  # noqa: E402
 from fliqs_compiler.backends.onnx_export import export_qdq  # noqa: E402
@@ -55,10 +54,7 @@ def _plain_fusion():
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--json", default=None)
-    args = ap.parse_args(argv)
+    args = parse_args(__doc__, argv)
     _, model, shape = next(L._models(["resnet18"]))
     sg, x = L._calibrated(model, shape)
     configs = {"int8": L._int8_formats(sg), "int8-float-ends": L._int8_formats(sg, float_ends=True),
@@ -92,12 +88,7 @@ def main(argv=None):
         print(f"{cfg:16s} fused {fused:6.2f} ms  unfused {plain:6.2f} ms ({fused / plain:.2f}x)  "
               f"{ratios}  kernels {json.dumps(row['kernels'])}  max |diff| {row['max_abs_diff']:.2g}",
               flush=True)
-    load = os.getloadavg()
-    print(f"threads {os.environ['TVM_NUM_THREADS']}, load average {load[0]:.2f}")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"threads": int(os.environ["TVM_NUM_THREADS"]),
-                                               "load": load, "rounds": args.rounds,
-                                               "anchor_samples": anchor_rounds, "rows": rows}, indent=1))
+    finish(args, rows, anchor_samples=anchor_rounds)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ them.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
@@ -33,7 +32,7 @@ import numpy as np  # noqa: E402
 import latency as L  # noqa: E402
 from fliqs_compiler import passes  # noqa: E402
 from fliqs_compiler.backends import tvm_kernels as K  # noqa: E402
-from ab import interleaved_ms, lower_variants  # noqa: E402
+from ab import finish, interleaved_ms, lower_variants, parse_args  # noqa: E402
 
 
 @contextlib.contextmanager
@@ -47,10 +46,7 @@ def _registry(kernels):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--json", default=None)
-    args = ap.parse_args(argv)
+    args = parse_args(__doc__, argv)
     _, model, shape = next(L._models(["resnet18"]))
     sg, x = L._calibrated(model, shape)
     configs = {"fp32": {}, "int8-float-ends": L._int8_formats(sg, float_ends=True)}
@@ -80,12 +76,7 @@ def main(argv=None):
               f"({row['speedup']:.2f}x)  onnxruntime fp32 {ort_ms:.2f} ms "
               f"(ORT/TVM {row['onnxruntime_fp32_over_tvm']:.2f})  kernels {json.dumps(row['kernels']['fp32-kernel'])}  "
               f"max |diff| {row['max_abs_diff']:.2g} (|out| ≤ {row['max_abs_out']:.2g})", flush=True)
-    load = os.getloadavg()
-    print(f"threads {os.environ['TVM_NUM_THREADS']}, load average {load[0]:.2f}")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"threads": int(os.environ["TVM_NUM_THREADS"]),
-                                               "load": load, "rounds": args.rounds,
-                                               "onnxruntime_fp32_samples": ort, "rows": rows}, indent=1))
+    finish(args, rows, onnxruntime_fp32_samples=ort)
 
 
 if __name__ == "__main__":

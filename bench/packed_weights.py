@@ -19,9 +19,7 @@ writes them.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 import os
 import statistics
 import sys
@@ -34,7 +32,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).res
 import numpy as np  # noqa: E402
 
 import latency as L  # noqa: E402
-from ab import interleaved_ms, lower_variants  # noqa: E402
+from ab import finish, interleaved_ms, lower_variants, parse_args  # noqa: E402
 from fliqs_compiler import passes  # noqa: E402
 from fliqs_compiler.backends import tvm_kernels as K  # noqa: E402
 from fliqs_compiler.backends.onnx_export import export_qdq  # noqa: E402
@@ -56,10 +54,7 @@ def _weights(sg, fmt):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--json", default=None)
-    args = ap.parse_args(argv)
+    args = parse_args(__doc__, argv)
     _, model, shape = next(L._models(["resnet18"]))
     sg, x = L._calibrated(model, shape, formats=("int8", "int4", "int2", "fp8_e4m3"))
     configs = {"w4a8": _weights(sg, "int4"), "w2a8": _weights(sg, "int2"),
@@ -91,12 +86,7 @@ def main(argv=None):
               f"({row['packed_over_int8_stored']:.2f}x)  size {row['size_mb']['packed']:.1f} vs "
               f"{row['size_mb']['int8-stored']:.1f} MB  onnxruntime int8 {ort_ms:.2f} ms  "
               f"max |diff| {row['max_abs_diff']:.2g}  {row['storage']}", flush=True)
-    load = os.getloadavg()
-    print(f"threads {os.environ['TVM_NUM_THREADS']}, load average {load[0]:.2f}")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"threads": int(os.environ["TVM_NUM_THREADS"]),
-                                               "load": load, "rounds": args.rounds,
-                                               "onnxruntime_int8_samples": ort, "rows": rows}, indent=1))
+    finish(args, rows, onnxruntime_int8_samples=ort)
 
 
 if __name__ == "__main__":

@@ -5,24 +5,11 @@ import pytest
 
 from fliqs_compiler.backends import tvm_kernels as K
 from fliqs_compiler.backends.targets import parse_target
+from kernel_runs import build, conv_ref_nhwc, run
 
 pytestmark = pytest.mark.tvm
 TARGET = parse_target("llvm")
 needs_vnni = pytest.mark.skipif(not K.has_vnni(TARGET.tvm_target), reason="no AVX512-VNNI")
-
-
-def _build(prim):
-    import tvm
-    return tvm.compile(tvm.IRModule({"main": prim.with_attr("global_symbol", "main")}),
-                       target=TARGET.tvm())
-
-
-def _run(ex, *arrays, out_shape):
-    import tvm
-    dev = tvm.cpu()
-    out = tvm.runtime.tensor(np.zeros(out_shape, np.int32), dev)
-    ex["main"](*[tvm.runtime.tensor(a, dev) for a in arrays], out)
-    return out.numpy()
 
 
 def test_pack_layouts():
@@ -49,20 +36,10 @@ def test_dense_vnni_exact_and_uses_vpdpbusd():
     rng = np.random.default_rng(0)
     a = rng.integers(0, 256, (m, k)).astype(np.uint8)
     w = rng.integers(-128, 128, (n, k)).astype(np.int8)
-    ex = _build(K.dense_vnni(m, k, n))
-    out = _run(ex, a, K.pack_dense_weight(w), out_shape=(m, n))
+    ex = build(K.dense_vnni(m, k, n))
+    out = run(ex, a, K.pack_dense_weight(w), out_shape=(m, n))
     np.testing.assert_array_equal(out, a.astype(np.int32) @ w.astype(np.int32).T)
     assert "vpdpbusd" in ex.mod.inspect_source("asm")
-
-
-def _conv_ref(x, wt, stride, oh, ow):
-    kh, kw = wt.shape[2:]
-    ref = np.zeros((x.shape[0], oh, ow, wt.shape[0]), np.int64)
-    for dy in range(kh):
-        for dx in range(kw):
-            patch = x[:, dy:dy + stride[0] * oh:stride[0], dx:dx + stride[1] * ow:stride[1], :]
-            ref += patch.astype(np.int64) @ wt[:, :, dy, dx].astype(np.int64).T
-    return ref
 
 
 # (H, W, I, O, KH, KW, stride) of the padded NHWC input: 3×3 stride 1 / 2, the 7×7 stride-2 stem
@@ -79,10 +56,10 @@ def test_conv_vnni_exact(h, w_, cin, cout, kh, kw, stride):
     rng = np.random.default_rng(1)
     x = rng.integers(0, 256, (1, h, w_, cin)).astype(np.uint8)  # already padded NHWC
     wt = rng.integers(-128, 128, (cout, cin, kh, kw)).astype(np.int8)
-    ex = _build(K.conv2d_nhwc_vnni(1, h, w_, cin, cout, kh, kw, stride))
+    ex = build(K.conv2d_nhwc_vnni(1, h, w_, cin, cout, kh, kw, stride))
     oh, ow = (h - kh) // stride[0] + 1, (w_ - kw) // stride[1] + 1
-    out = _run(ex, x, K.pack_conv_weight(wt), out_shape=(1, oh, ow, cout))
-    np.testing.assert_array_equal(out, _conv_ref(x, wt, stride, oh, ow))
+    out = run(ex, x, K.pack_conv_weight(wt), out_shape=(1, oh, ow, cout))
+    np.testing.assert_array_equal(out, conv_ref_nhwc(x, wt, stride, oh, ow))
     assert "vpdpbusd" in ex.mod.inspect_source("asm")
 
 
@@ -90,7 +67,7 @@ def test_conv_vnni_exact(h, w_, cin, cout, kh, kw, stride):
 def test_conv_vnni_accumulates_in_registers():
     """The accumulator tile is a small stack buffer (no TVMBackendAllocWorkspace per parallel
     task) and the reduction loop runs on zmm registers: no zmm spill/reload to the stack."""
-    ex = _build(K.conv2d_nhwc_vnni(1, 30, 30, 128, 128, 3, 3))
+    ex = build(K.conv2d_nhwc_vnni(1, 30, 30, 128, 128, 3, 3))
     assert "TVMBackendAllocWorkspace" not in ex.mod.inspect_source("ll")
     asm = ex.mod.inspect_source("asm")
     assert asm.count("vpdpbusd") >= 14

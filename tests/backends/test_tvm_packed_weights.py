@@ -11,6 +11,7 @@ from fliqs_compiler.backends import tvm_packed_weights as P
 from fliqs_compiler.backends.targets import parse_target
 from fliqs_compiler.backends.tvm_lower import lower
 from fliqs_compiler.ir.graph import Graph, InputSpec, LayerInfo
+from kernel_runs import build, conv_ref_nhwc, run
 from tvm_models import act_quantizer, example_input, weight_quantizer
 
 pytestmark = pytest.mark.tvm
@@ -56,20 +57,6 @@ def test_storage_bits_is_the_narrowest_that_holds_the_codes_without_much_extra_p
     assert P.storage_bits(_codes(rng, 4, (1000, 512)), 1000, 512) == 4
 
 
-def _build(prim):
-    import tvm
-    return tvm.compile(tvm.IRModule({"main": prim.with_attr("global_symbol", "main")}),
-                       target=TARGET.tvm())
-
-
-def _run(ex, *arrays, out_shape):
-    import tvm
-    dev = tvm.cpu()
-    out = tvm.runtime.tensor(np.zeros(out_shape, np.int32), dev)
-    ex["main"](*[tvm.runtime.tensor(a, dev) for a in arrays], out)
-    return out.numpy()
-
-
 @needs_vnni
 @pytest.mark.parametrize("bits", [4, 2])
 def test_dense_packed_exact(bits):
@@ -77,20 +64,10 @@ def test_dense_packed_exact(bits):
     rng = np.random.default_rng(bits)
     a = rng.integers(0, 256, (m, k)).astype(np.uint8)
     w = _codes(rng, bits, (n, k))
-    ex = _build(K.dense_vnni(m, k, n, bits=bits))
-    out = _run(ex, a, P.pack_blocks(K.pack_dense_weight(w), bits), out_shape=(m, n))
+    ex = build(K.dense_vnni(m, k, n, bits=bits))
+    out = run(ex, a, P.pack_blocks(K.pack_dense_weight(w), bits), out_shape=(m, n))
     np.testing.assert_array_equal(out, a.astype(np.int32) @ w.astype(np.int32).T)
     assert "vpdpbusd" in ex.mod.inspect_source("asm")
-
-
-def _conv_ref(x, wt, stride, oh, ow):
-    kh, kw = wt.shape[2:]
-    ref = np.zeros((x.shape[0], oh, ow, wt.shape[0]), np.int64)
-    for dy in range(kh):
-        for dx in range(kw):
-            patch = x[:, dy:dy + stride[0] * oh:stride[0], dx:dx + stride[1] * ow:stride[1], :]
-            ref += patch.astype(np.int64) @ wt[:, :, dy, dx].astype(np.int64).T
-    return ref
 
 
 # (H, W, I, O, KH, KW, stride) of the padded NHWC input: 3×3 stride 1 / 2, the 7×7 stride-2 stem
@@ -108,10 +85,10 @@ def test_conv_packed_exact(bits, h, w_, cin, cout, kh, kw, stride):
     rng = np.random.default_rng(1)
     x = rng.integers(0, 256, (1, h, w_, cin)).astype(np.uint8)
     wt = _codes(rng, bits, (cout, cin, kh, kw))
-    ex = _build(K.conv2d_nhwc_vnni(1, h, w_, cin, cout, kh, kw, stride, bits=bits))
+    ex = build(K.conv2d_nhwc_vnni(1, h, w_, cin, cout, kh, kw, stride, bits=bits))
     oh, ow = (h - kh) // stride[0] + 1, (w_ - kw) // stride[1] + 1
-    out = _run(ex, x, P.pack_blocks(K.pack_conv_weight(wt), bits), out_shape=(1, oh, ow, cout))
-    np.testing.assert_array_equal(out, _conv_ref(x, wt, stride, oh, ow))
+    out = run(ex, x, P.pack_blocks(K.pack_conv_weight(wt), bits), out_shape=(1, oh, ow, cout))
+    np.testing.assert_array_equal(out, conv_ref_nhwc(x, wt, stride, oh, ow))
 
 
 @needs_vnni
@@ -121,7 +98,7 @@ def test_packed_conv_keeps_the_int8_register_tile_and_unpacks_once_per_load(bits
     packed 64-byte load is unpacked once per k-step for the whole tile, not once per pixel."""
     p = P.PACKINGS[bits]
     assert K._tile_shape(28, 128 // p.lanes, width=p.blocks) == (7, 1)
-    ex = _build(K.conv2d_nhwc_vnni(1, 30, 30, 128, 128, 3, 3, bits=bits))
+    ex = build(K.conv2d_nhwc_vnni(1, 30, 30, 128, 128, 3, 3, bits=bits))
     asm = ex.mod.inspect_source("asm")
     assert not [ln for ln in asm.splitlines() if "zmm" in ln and "(%rsp)" in ln]
     dots, unpacks = asm.count("vpdpbusd"), asm.count("vgf2p8affineqb")
