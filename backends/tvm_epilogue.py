@@ -88,18 +88,30 @@ def _kernel_ids(func) -> set:
 
 def _narrowed(mod):
     """A copy of ``mod`` with every legalized (not yet scheduled) PrimFunc's indices int32, like
-    the kernels'; None when one cannot be narrowed (int64 data: a ``take``'s indices) — fused with
-    int32 neighbours, FuseTIR would reject the mix."""
+    the kernels'; None when one cannot be narrowed (int64 data: a ``take``'s indices — fused with
+    int32 neighbours, FuseTIR would reject the mix; a tensor of 2^31 elements or more)."""
     import tvm
     narrow = tvm.tirx.transform.ForceNarrowIndexToInt32()
     out = mod.clone()
     for gv, func in list(mod.functions.items()):
         if isinstance(func, tvm.tirx.PrimFunc) and _SCHEDULED not in (func.attrs or {}):
+            if any(_elements(p) >= 2 ** 31 for p in func.params):
+                return None  # int32 indices would overflow
             try:
                 out[gv] = narrow(tvm.IRModule({gv: func}))[gv.name_hint]
             except Exception:  # noqa: BLE001 — TVM raises InternalError for int64 buffers
                 return None
     return out
+
+
+def _elements(buffer) -> int:
+    """Elements of a PrimFunc parameter's buffer (0 when its shape is not static)."""
+    n = 1
+    for d in getattr(buffer, "shape", ()):
+        if not hasattr(d, "value"):
+            return 0
+        n *= int(d.value)
+    return n
 
 
 def _with_pattern(mod, fusable: set):

@@ -92,3 +92,20 @@ def test_a_group_that_cannot_be_inlined_keeps_its_kernel_opaque(monkeypatch):
     monkeypatch.setattr(E, "inline_epilogue", lambda func: None)
     calls = _kernel_calls(E.fuse_with_kernels(low.mod))
     assert len(calls) == 3 and all(n.startswith("fliqs_vnni") and dt == "int32" for n, dt, _ in calls), calls
+
+
+def test_indices_are_not_narrowed_where_int32_would_overflow():
+    """A tensor of 2^31 elements or more keeps int64 indices (then no kernel takes an epilogue in
+    that module); an ordinary one is narrowed."""
+    from tvm import relax
+
+    def legal(shape):
+        bb = relax.BlockBuilder()
+        x = relax.Var("x", relax.TensorType(shape, "float32"))
+        with bb.function("main", [x]):
+            with bb.dataflow():
+                y = bb.emit_output(relax.op.add(x, x))
+            bb.emit_func_output(y)
+        return relax.transform.LegalizeOps()(bb.get())
+    assert E._narrowed(legal((1, 3, 8, 8))) is not None
+    assert E._narrowed(legal((2 ** 16, 2 ** 15 + 1))) is None
