@@ -201,10 +201,11 @@ def _finish(sch, name: str):
             .with_attr("op_pattern", _OPAQUE))
 
 
-def _block_weight(blocks: int, inner: tuple, k: int, bits: int, name: str):
+def _block_weight(blocks: int, inner: tuple, k: int, bits: int, name: str, scaled: bool = False):
     """The pre-packed weight placeholder ``[blocks, *inner, K/4, 16, 4]`` int8 (``bits`` 8) or the
     ``tvm_packed_weights`` uint8 vectors ``[blocks/B, *inner, K/(4S), 16, 4]``, and
-    ``value(out channel, *inner, in channel) -> int32`` reading one code."""
+    ``value(out channel, *inner, in channel) -> int32`` reading one code (``scaled``: times
+    ``2^scale_shift(bits)``, ``tvm_packed_weights.decode_te``)."""
     from tvm import te
     p = packed.PACKINGS[bits]
     shape = (blocks // p.blocks, *inner, k // p.kwidth, 16, 4)
@@ -216,7 +217,7 @@ def _block_weight(blocks: int, inner: tuple, k: int, bits: int, name: str):
     def value(o, *i):
         c = i[-1]
         byte = w[(o // p.lanes, *i[:-1], c // p.kwidth, o % 16, c % 4)]
-        return packed.decode_te(byte, p.field(o % p.lanes, c % p.kwidth), bits)
+        return packed.decode_te(byte, p.field(o % p.lanes, c % p.kwidth), bits, scaled)
     return w, value
 
 
@@ -230,11 +231,14 @@ def dense_vnni(m: int, k: int, n: int, name: str | None = None, bits: int = 8):
     from tvm import te
     register_intrinsics()
     a = te.placeholder((m, k), "uint8", name="A")
-    b, b_value = _block_weight(n // 16, (), k, bits, "B")
+    scaled = bits < 8  # as in conv2d_nhwc_vnni; the shift runs per task after its tile
+    b, b_value = _block_weight(n // 16, (), k, bits, "B", scaled)
     r = te.reduce_axis((0, k), name="k")
     c = te.compute((m, n), lambda i, j: te.sum(
         a[i, r].astype("int32") * b_value(j, r), axis=r), name="C")
-    sch = tvm.s_tir.Schedule(te.create_prim_func([a, b, c]))
+    out = (te.compute(c.shape, lambda *i: c(*i) >> packed.scale_shift(bits), name="C_shift")
+           if scaled else c)
+    sch = tvm.s_tir.Schedule(te.create_prim_func([a, b, out]))
     blk = sch.get_sblock("C")
     i, j, kk = sch.get_loops(blk)
     # C stays in memory here (a 4 × 4 tile, 16 accumulators): the register tile of the conv
@@ -247,9 +251,14 @@ def dense_vnni(m: int, k: int, n: int, name: str | None = None, bits: int = 8):
     jo, jt, j16 = sch.split(j, [None, jt_f, p.lanes])
     ko, k4 = sch.split(kk, [None, p.kwidth])
     sch.reorder(io, jo, ko, it, jt, j16, k4)
-    sch.parallel(sch.fuse(io, jo))
+    parallel = sch.fuse(io, jo)
+    sch.parallel(parallel)
+    if scaled:  # each task shifts its own tile back while it is in cache
+        shift = sch.get_sblock("C_shift")
+        sch.reverse_compute_at(shift, parallel)
+        sch.vectorize(sch.split(sch.get_loops(shift)[-1], [None, 16])[1])
     init = sch.decompose_reduction(blk, ko)
-    sch.tensorize(j16, p.intrin)
+    sch.tensorize(j16, p.intrin(scaled))
     sch.unroll(it)
     sch.unroll(jt)
     sch.vectorize(sch.get_loops(init)[-1])
@@ -271,14 +280,19 @@ def conv2d_nhwc_vnni(n: int, hp: int, wp: int, cin: int, cout: int, kh: int, kw:
     sh, sw = stride
     oh, ow = (hp - kh) // sh + 1, (wp - kw) // sw + 1
     a = te.placeholder((n, hp, wp, cin), "uint8", name="A")
-    w, w_value = _block_weight(cout // 16, (kh, kw), cin, bits, "W")
+    # packed codes scaled to the byte's top bits (one op to unpack; tvm_packed_weights), the sum
+    # shifted back in the tile's write-back
+    scaled = bits < 8
+    w, w_value = _block_weight(cout // 16, (kh, kw), cin, bits, "W", scaled)
     rh = te.reduce_axis((0, kh), name="rh")
     rw = te.reduce_axis((0, kw), name="rw")
     rc = te.reduce_axis((0, cin), name="rc")
     c = te.compute((n, oh, ow, cout), lambda b, y, x, o: te.sum(
         a[b, y * sh + rh, x * sw + rw, rc].astype("int32")
         * w_value(o, rh, rw, rc), axis=[rh, rw, rc]), name="C")
-    sch = tvm.s_tir.Schedule(te.create_prim_func([a, w, c]))
+    out = (te.compute(c.shape, lambda *i: c(*i) >> packed.scale_shift(bits), name="C_shift")
+           if scaled else c)
+    sch = tvm.s_tir.Schedule(te.create_prim_func([a, w, out]))
     blk = sch.get_sblock("C")
     b, y, x, o, lh, lw, lc = sch.get_loops(blk)
     p = packed.PACKINGS[bits]
@@ -289,7 +303,9 @@ def conv2d_nhwc_vnni(n: int, hp: int, wp: int, cin: int, cout: int, kh: int, kw:
     sch.reorder(b, y, xo, oo, lh, lw, co, xt, ot, o16, c4)
     fused = sch.fuse(b, y, xo, oo)
     sch.parallel(fused)
-    _accumulate_in_registers(sch, blk, fused, lh, xt, ot, o16, p.intrin)
+    _accumulate_in_registers(sch, blk, fused, lh, xt, ot, o16, p.intrin(scaled))
+    if scaled:  # the shift in the write-back: the tile's only consumer
+        sch.reverse_compute_inline(sch.get_sblock("C_shift"))
     return _finish(sch, name or f"fliqs_conv2d_vnni_{next(_COUNTER)}")
 
 
