@@ -101,10 +101,12 @@ def test_packed_conv_keeps_the_int8_register_tile_and_unpacks_once_per_load(bits
     ex = build(K.conv2d_nhwc_vnni(1, 30, 30, 128, 128, 3, 3, bits=bits))
     asm = ex.mod.inspect_source("asm")
     assert not [ln for ln in asm.splitlines() if "zmm" in ln and "(%rsp)" in ln]
-    dots, unpacks = asm.count("vpdpbusd"), asm.count("vgf2p8affineqb")
-    # per k-step: 7 pixels × (8 / bits) fields of vpdpbusd and 1-2 unpack ops per field (measured
-    # 84 / 18 for int4); unpacking per pixel would take at least one op per vpdpbusd
+    dots = asm.count("vpdpbusd")
+    unpacks = asm.count("vgf2p8affineqb") + asm.count("vpandq")
+    # per k-step: 7 pixels × (8 / bits) fields of vpdpbusd and one unpack op per field (measured
+    # 84 / 12 for int4); unpacking per pixel would take at least one op per vpdpbusd
     assert dots >= 7 * 8 // bits and 0 < unpacks * 2 <= dots, (dots, unpacks)
+    assert "vpsrad" in asm  # the scaled codes' sum shifted back in the write-back
 
 
 class LowBitNet(nn.Module):
