@@ -22,6 +22,8 @@ Why, measured: see ``bench/results/README.md`` ("epilogue").
 """
 from __future__ import annotations
 
+import contextlib
+
 __all__ = ["KERNEL_BLOCK", "EPILOGUE_SITE", "mark_kernel_blocks", "fuse_with_kernels",
            "inline_epilogue"]
 
@@ -65,10 +67,9 @@ def inline_epilogue(func):
     site = sites[0]
     others = [b for b in blocks if _annotation(sch, b, KERNEL_BLOCK) is None]
     for b in others:  # into their consumers: what is left reads the accumulators, once
-        try:
+        # a block that writes the output (or is not elementwise) stays: the next step takes it
+        with contextlib.suppress(Exception):
             sch.compute_inline(b)
-        except Exception:  # noqa: BLE001 — writes the output, or not elementwise: tried below
-            pass
     while sch.get_consumers(site):
         try:
             sch.reverse_compute_inline(sch.get_consumers(site)[0])
@@ -114,15 +115,24 @@ def _elements(buffer) -> int:
     return n
 
 
-def _with_pattern(mod, fusable: set):
-    """``mod`` with each kernel that has a site fusable when its id is in ``fusable``, else
-    opaque."""
+def _kernel_sites(mod) -> dict:
+    """``{function name: ids}`` of the hand kernels in ``mod`` that have an epilogue site (only
+    scheduled functions can be kernels)."""
     import tvm
-    for gv, func in list(mod.functions.items()):
+    sites = {}
+    for gv, func in mod.functions.items():
         if isinstance(func, tvm.tirx.PrimFunc) and _SCHEDULED in (func.attrs or {}):
             ids = _kernel_ids(func)
             if ids:
-                mod[gv] = func.with_attr("op_pattern", _FUSABLE if ids <= fusable else _OPAQUE)
+                sites[gv.name_hint] = ids
+    return sites
+
+
+def _with_pattern(mod, kernels: dict, fusable: set):
+    """``mod`` with each of ``kernels`` fusable when its ids are in ``fusable``, else opaque."""
+    for name, ids in kernels.items():
+        gv = mod.get_global_var(name)
+        mod[gv] = mod[gv].with_attr("op_pattern", _FUSABLE if ids <= fusable else _OPAQUE)
     return mod
 
 
@@ -134,19 +144,20 @@ def _fuse(mod):
 def fuse_with_kernels(mod):
     """LegalizeOps, AnnotateTIROpPattern, FuseOps, FuseTIR (``tvm_lower.fuse_pipeline``'s steps)
     with the conv kernels' epilogues fused into them (module docstring). Exact: the same ops on
-    the same values, in the write-back loop. Where it cannot (see ``_narrowed``, or FuseTIR
-    rejects a group), the plain pipeline with every kernel opaque: the behaviour before."""
+    the same values, in the write-back loop. Where it cannot (no kernel with a site, see
+    ``_narrowed``, or FuseTIR rejects a group), the plain pipeline with every kernel opaque: the
+    behaviour before."""
     import tvm
     from tvm import relax
     legal = relax.transform.LegalizeOps()(mod)
-    narrowed = _narrowed(legal)
+    kernels = _kernel_sites(legal)
+    narrowed = _narrowed(legal) if kernels else None
     if narrowed is not None:
         narrowed = relax.transform.AnnotateTIROpPattern()(narrowed)
-        fusable = set().union(*(_kernel_ids(f) for f in narrowed.functions.values()
-                                if isinstance(f, tvm.tirx.PrimFunc)))
+        fusable = set().union(*kernels.values())
         while fusable:
             try:
-                fused = _fuse(_with_pattern(narrowed, fusable))
+                fused = _fuse(_with_pattern(narrowed, kernels, fusable))
             except Exception:  # noqa: BLE001 — a group FuseTIR cannot merge
                 break
             failed = set()
