@@ -68,8 +68,9 @@ def _version(dist: str) -> str:
 # 7: float layers on the fp32 FMA kernel, tvm_fp32, and convs in the layout lower() runs the model
 # in with any hand kernel, not only VNNI: tvm_measure.model_layout;
 # 8: int4 / int2 weights packed inside the VNNI kernels, tvm_packed_weights;
-# 9: conv epilogues fused into the kernels' write-back, tvm_epilogue).
-MICROGRAPH_FORM = "9"
+# 9: conv epilogues fused into the kernels' write-back, tvm_epilogue;
+# 10: erf / exp / tanh and GELU, sigmoid, SiLU, softmax as vectorized polynomials, tvm_fast_math).
+MICROGRAPH_FORM = "10"
 
 
 def library_versions() -> dict:

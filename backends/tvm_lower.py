@@ -636,12 +636,15 @@ def compile_module(mod, target: Target, *, tuning: Optional[Tuning] = None, fuse
     schedule; ``counts`` says how many each rule took (``tvm_schedules.build`` puts back any
     that would not build: ``counts["reverted"]``). ``schedule=False``: TVM's default build —
     naive single-threaded loops outside the hand kernels (the baseline ``bench/latency.py``
-    measures against).
+    measures against). Every path but that one first gives erf / exp / tanh and the ops built on
+    them their vectorizable polynomial forms (``tvm_fast_math``).
     """
     import tvm
     from tvm import relax
-    from fliqs_compiler.backends import tvm_schedules
+    from fliqs_compiler.backends import tvm_fast_math, tvm_schedules
     tgt = target.tvm()
+    if tuning is not None or fuse or schedule:  # not TVM's default build: that one stays as is
+        mod = tvm_fast_math.vectorizable(mod)
     if tuning is not None:
         wd = Path(tuning.work_dir or Path(tempfile.gettempdir()) / "fliqs-tvm-tune" / _safe(target.key))
         wd.mkdir(parents=True, exist_ok=True)
