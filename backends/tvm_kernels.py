@@ -221,30 +221,46 @@ def _block_weight(blocks: int, inner: tuple, k: int, bits: int, name: str, scale
     return w, value
 
 
-def dense_vnni(m: int, k: int, n: int, name: str | None = None, bits: int = 8):
-    """Scheduled PrimFunc ``(A u8 [M, K], Bp i8 [N/16, K/4, 16, 4]) -> C i32 [M, N]`` with VNNI.
-    ``bits`` 4 / 2: ``Bp`` is ``[N/16, K/4, L, 4]`` uint8 packed codes (``tvm_packed_weights``).
+def dense_vnni(m: int, k: int, n: int, name: str | None = None, bits: int = 8,
+               lead: tuple | None = None):
+    """Scheduled PrimFunc ``(A u8 [M, K], Bp i8 [N/16, K/4, 16, 4]) -> C i32 [*lead, N]`` with VNNI
+    (``lead``: the layer's leading dims, product M, default ``(M,)``: a transformer's Linear writes
+    its [B, T, N] tokens itself, so the ops after it stay elementwise in its index and fuse into
+    its write-back, ``tvm_epilogue``). ``bits`` 4 / 2: ``Bp`` is ``[N/16, K/4, L, 4]`` uint8
+    packed codes (``tvm_packed_weights``).
 
     Requires ``dense_vnni_supported(m, k, n)``. Builds in well under a second (no tuning).
     """
     import tvm
     from tvm import te
     register_intrinsics()
+    lead = tuple(lead or (m,))
+    if int(np.prod(lead)) != m:
+        raise ValueError(f"dense_vnni: leading dims {lead} do not hold {m} rows")
     a = te.placeholder((m, k), "uint8", name="A")
-    scaled = bits < 8  # as in conv2d_nhwc_vnni; the shift runs per task after its tile
+    scaled = bits < 8  # as in conv2d_nhwc_vnni; the shift runs in the task's write-back
     b, b_value = _block_weight(n // 16, (), k, bits, "B", scaled)
     r = te.reduce_axis((0, k), name="k")
     c = te.compute((m, n), lambda i, j: te.sum(
         a[i, r].astype("int32") * b_value(j, r), axis=r), name="C")
-    out = (te.compute(c.shape, lambda *i: c(*i) >> packed.scale_shift(bits), name="C_shift")
-           if scaled else c)
+    shift = packed.scale_shift(bits) if scaled else 0
+
+    def row(idx):  # the flat row of a [*lead] index
+        flat = idx[0]
+        for d, i in zip(lead[1:], idx[1:]):
+            flat = flat * d + i
+        return flat
+    # the write-back: each task's C tile out to the layer's [*lead, N] (the epilogue site)
+    out = te.compute((*lead, n), lambda *i: c[row(i[:-1]), i[-1]] >> shift if shift
+                     else c[row(i[:-1]), i[-1]], name="C_out")
     sch = tvm.s_tir.Schedule(te.create_prim_func([a, b, out]))
     blk = sch.get_sblock("C")
     i, j, kk = sch.get_loops(blk)
-    # C stays in memory here (a 4 × 4 tile, 16 accumulators): the register tile of the conv
-    # kernel, at most 15 accumulators (2 × 4, 4 × 2, 8 × 1), measured 5-25 % slower on 128-row
-    # GEMMs (128×384×1536: 0.40 ms vs 0.44-0.47; 128×1024×1024: 0.64 vs 0.67-0.80; 2 threads).
-    it_f = _largest_divisor(m, 4)
+    # C's 4 × 4-vector tile stays in memory (not registers) while it accumulates: the register
+    # tile of the conv kernel, at most 15 accumulators (2 × 4, 4 × 2, 8 × 1), measured 5-25 %
+    # slower on 128-row GEMMs (128×384×1536: 0.40 ms vs 0.44-0.47; 128×1024×1024: 0.64 vs
+    # 0.67-0.80; 2 threads). The tile is the task's own (C is compacted to it).
+    it_f = _largest_divisor(lead[-1], 4)  # a tile never straddles two rows of the leading dims
     p = packed.PACKINGS[bits]
     jt_f = _largest_divisor(n // p.lanes, max(1, 4 // p.blocks))
     io, it = sch.split(i, [None, it_f])
@@ -253,15 +269,15 @@ def dense_vnni(m: int, k: int, n: int, name: str | None = None, bits: int = 8):
     sch.reorder(io, jo, ko, it, jt, j16, k4)
     parallel = sch.fuse(io, jo)
     sch.parallel(parallel)
-    if scaled:  # each task shifts its own tile back while it is in cache
-        shift = sch.get_sblock("C_shift")
-        sch.reverse_compute_at(shift, parallel)
-        sch.vectorize(sch.split(sch.get_loops(shift)[-1], [None, 16])[1])
+    write_back = sch.get_sblock("C_out")
+    sch.annotate(write_back, EPILOGUE_SITE, "")
+    sch.reverse_compute_at(write_back, parallel)
     init = sch.decompose_reduction(blk, ko)
     sch.tensorize(j16, p.intrin(scaled))
     sch.unroll(it)
     sch.unroll(jt)
     sch.vectorize(sch.get_loops(init)[-1])
+    _unroll_vectorize_16(sch, sch.get_loops(write_back)[1:])  # the loops under the task's
     return _finish(sch, name or f"fliqs_dense_vnni_{next(_COUNTER)}")
 
 
@@ -377,14 +393,15 @@ def vnni_rewrite(mod, names: dict, weight_consts: list):
         p = packed.PACKINGS[bits]
         g = DenseGeometry.of(a, w, in_step=p.kwidth, out_step=p.lanes)
         wn = g.padded_weight(w, np.int8)
-        gv, sym = add_kernel(dense_vnni(g.m, g.kp, g.np_, bits=bits), name)
+        gv, sym = add_kernel(dense_vnni(g.m, g.kp, g.np_, bits=bits, lead=g.lead), name)
         au8, unsigned = to_u8(a)
         wp = relax.const(packed.pack_blocks(pack_dense_weight(wn), bits))
-        y = relax.call_tir(gv, [g.kernel_input(au8), wp], relax.TensorType((g.m, g.np_), "int32"))
+        y = relax.call_tir(gv, [g.kernel_input(au8), wp],
+                           relax.TensorType(g.leading_output_shape, "int32"))
         if not unsigned:
             y = op.subtract(y, relax.const((128 * wn.astype(np.int32).sum(1)).astype(np.int32)))
         done[name] = sym
-        return g.layer_output(y)
+        return g.layer_output(y, leading=True)
 
     def rewrite_conv(call, matches):
         a, w = matches[data], matches[w_pat]

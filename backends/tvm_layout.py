@@ -64,11 +64,20 @@ class DenseGeometry:
             x = op.reshape(x, [self.m, self.k])
         return op.nn.pad(x, [0, 0, 0, self.kp - self.k]) if self.kp != self.k else x
 
-    def layer_output(self, y):
+    @property
+    def leading_output_shape(self) -> tuple:
+        """``[*lead, np_]``: the output of a kernel that writes the layer's leading dims itself
+        (``tvm_kernels.dense_vnni``), so no reshape ends the fusion of the ops after it."""
+        return (*self.lead, self.np_)
+
+    def layer_output(self, y, leading: bool = False):
+        """The kernel's output ``y`` — ``[M, np_]``, or ``leading_output_shape`` when
+        ``leading`` — as the layer's ``[*lead, N]``."""
         from tvm.relax import op
+        axis = len(self.lead) if leading else 1
         if self.np_ != self.n:
-            y = op.strided_slice(y, axes=[1], begin=[0], end=[self.n])
-        return op.reshape(y, list(self.lead) + [self.n]) if len(self.lead) > 1 else y
+            y = op.strided_slice(y, axes=[axis], begin=[0], end=[self.n])
+        return op.reshape(y, list(self.lead) + [self.n]) if len(self.lead) > 1 and not leading else y
 
 
 @dataclass(frozen=True)

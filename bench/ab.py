@@ -12,11 +12,14 @@ from pathlib import Path
 from fliqs_compiler.backends.tvm_lower import lower
 
 
-def parse_args(doc: str, argv=None):
-    """``--rounds`` (default 5) and ``--json``, the A/B benches' options."""
+def parse_args(doc: str, argv=None, models: dict | None = None):
+    """``--rounds`` (default 5) and ``--json``, the A/B benches' options; ``--model`` (default
+    the first) when the bench offers ``models``."""
     ap = argparse.ArgumentParser(description=doc.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--json", default=None)
+    if models:
+        ap.add_argument("--model", choices=list(models), default=next(iter(models)))
     return ap.parse_args(argv)
 
 

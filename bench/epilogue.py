@@ -5,15 +5,18 @@ function reading the int32 accumulators back: the behaviour before), with onnxru
 model (its own ``quantize_static``, per channel) and OpenVINO int8 on the same QDQ model as anchors
 (the issue's goal and stretch goal).
 
-ResNet-18 @224 (random weights, non-trivial BN statistics, as ``bench/latency.py``), batch 1:
-``int8`` (every layer), ``int8-float-ends`` (``fliqs compile``'s default: first and last float),
-``mixed`` (int8 / int4 / fp8_e4m3 in turn), ``w4a8`` (int4 weights, int8 activations).
+``--model resnet18`` (default): ResNet-18 @224 (random weights, non-trivial BN statistics, as
+``bench/latency.py``), batch 1: ``int8`` (every layer), ``int8-float-ends`` (``fliqs compile``'s
+default: first and last float), ``mixed`` (int8 / int4 / fp8_e4m3 in turn), ``w4a8`` (int4
+weights, int8 activations). ``--model encoder``: the 12-block, 384-wide transformer encoder of
+``bench/latency.py --model vit`` (random weights, [1, 128, 384] tokens), ``int8`` and ``mixed``:
+the epilogues of the Linears (VNNI dense kernels) fused or not.
 
 Prints medians of interleaved rounds (ms), fused / unfused, the anchors / fused TVM, the layers per
 kernel, and the largest output difference between the builds (0 expected:
 the same ops on the same values); ``--json`` writes them.
 
-    python bench/epilogue.py [--rounds 5] [--json out.json]
+    python bench/epilogue.py [--model resnet18|encoder] [--rounds 5] [--json out.json]
 """
 from __future__ import annotations
 
@@ -53,18 +56,36 @@ def _plain_fusion():
         TL.fuse_pipeline = shipped
 
 
-def main(argv=None):
-    args = parse_args(__doc__, argv)
+def _resnet18():
+    """(``{config: Graph}``, the fp32 Graph, the input) of ResNet-18 @224."""
     _, model, shape = next(L._models(["resnet18"]))
     sg, x = L._calibrated(model, shape)
     configs = {"int8": L._int8_formats(sg), "int8-float-ends": L._int8_formats(sg, float_ends=True),
                "mixed": L._mixed_formats(sg),
                "w4a8": {n: {"weight": "int4", "activation": "int8"} for n in sg.layers}}
+    return ({c: passes.materialize(sg, f) for c, f in configs.items()}, passes.materialize(sg, {}),
+            x)
+
+
+def _encoder():
+    """The same for ``bench/latency.py``'s 12-block, 384-wide encoder on [1, 128, 384] tokens:
+    every Linear on the VNNI dense kernel, whose write-back takes the epilogue too."""
+    name, model, calib = next((n, m, c) for n, m, c in L._transformers() if n.startswith("encoder"))
+    graphs = L._transformer_graphs(model, calib)
+    return {c: graphs[c] for c in ("int8", "mixed")}, graphs["fp32"], calib[:1]
+
+
+MODELS = {"resnet18": _resnet18, "encoder": _encoder}
+
+
+def main(argv=None):
+    args = parse_args(__doc__, argv, models=MODELS)
+    graphs, fp32, x = MODELS[args.model]()
     variants = {"fused": contextlib.nullcontext, "unfused": _plain_fusion}
     feed = [x.numpy()]
     with tempfile.TemporaryDirectory() as work:
-        lows = lower_variants({c: passes.materialize(sg, f) for c, f in configs.items()}, variants)
-        fp32_onnx = export_qdq(passes.materialize(sg, {}), Path(work) / "fp32.onnx")
+        lows = lower_variants(graphs, variants)
+        fp32_onnx = export_qdq(fp32, Path(work) / "fp32.onnx")
         qdq = L._ort_int8_static(fp32_onnx, x, Path(work) / "ort_int8.onnx")
         ort = make_session(qdq, L.THREADS)
         openvino = L._openvino_timer(qdq, feed, 30)
@@ -75,7 +96,7 @@ def main(argv=None):
         times, anchor_rounds = interleaved_ms(lows, x, args.rounds, extra=anchors)
     anchor_ms = {k: statistics.median(r[k] for r in anchor_rounds) for k in anchor_rounds[0]}
     rows = []
-    for cfg in configs:
+    for cfg in graphs:
         a, b = (lows[(cfg, h)].run(feed)[0] for h in variants)
         fused, plain = (statistics.median(times[(cfg, h)]) for h in variants)
         row = {"config": cfg, "fused_ms": fused, "unfused_ms": plain, "fused_over_unfused": fused / plain,
@@ -88,7 +109,7 @@ def main(argv=None):
         print(f"{cfg:16s} fused {fused:6.2f} ms  unfused {plain:6.2f} ms ({fused / plain:.2f}x)  "
               f"{ratios}  kernels {json.dumps(row['kernels'])}  max |diff| {row['max_abs_diff']:.2g}",
               flush=True)
-    finish(args, rows, anchor_samples=anchor_rounds)
+    finish(args, rows, model=args.model, anchor_samples=anchor_rounds)
 
 
 if __name__ == "__main__":

@@ -1,15 +1,18 @@
-"""Epilogues fused into the hand conv kernels' tile write-back (``tvm_epilogue``): the int32
+"""Epilogues fused into the hand conv and dense kernels' write-back (``tvm_epilogue``): the int32
 accumulators never become a tensor, the results are identical to the unfused build, and a kernel
 whose group cannot be inlined keeps its epilogue separate."""
 import numpy as np
 import pytest
+import torch
+from torch import nn
 
 from fliqs_compiler.backends import tvm_epilogue as E
 from fliqs_compiler.backends import tvm_kernels as K
 from fliqs_compiler.backends import tvm_lower as TL
 from fliqs_compiler.backends.targets import parse_target
+from fliqs_compiler.ir.graph import Graph, InputSpec, LayerInfo
 from test_tvm_lower import _residual_graph
-from tvm_models import example_input
+from tvm_models import act_quantizer, example_input, weight_quantizer
 
 pytestmark = pytest.mark.tvm
 needs_vnni = pytest.mark.skipif(not K.has_vnni(parse_target("llvm").tvm_target), reason="no AVX512-VNNI")
@@ -109,3 +112,54 @@ def test_indices_are_not_narrowed_where_int32_would_overflow():
         return relax.transform.LegalizeOps()(bb.get())
     assert E._narrowed(legal((1, 3, 8, 8))) is not None
     assert E._narrowed(legal((2 ** 16, 2 ** 15 + 1))) is None
+
+
+class TokenMLP(nn.Module):
+    """A transformer MLP on [B, T, 32] tokens, every Linear int8 on the VNNI dense kernel: s8
+    input → Linear(32, 64) → GELU → u8 → Linear(64, 32) + residual → s8 → Linear(32, 40) (a head
+    of 40 outputs: computed as 48, sliced)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.fc2, self.head = nn.Linear(32, 64), nn.Linear(64, 32), nn.Linear(32, 40)
+        self.wq = nn.ModuleList(weight_quantizer("int8", f.weight) for f in (self.fc1, self.fc2, self.head))
+        self.aq = nn.ModuleList([act_quantizer("int8", 0.03), act_quantizer("uint8", 0.02),
+                                 act_quantizer("int8", 0.05)])
+
+    def forward(self, x):
+        h = nn.functional.gelu(nn.functional.linear(self.aq[0](x), self.wq[0](self.fc1.weight), self.fc1.bias))
+        y = nn.functional.linear(self.aq[1](h), self.wq[1](self.fc2.weight), self.fc2.bias) + x
+        return nn.functional.linear(self.aq[2](y), self.wq[2](self.head.weight), self.head.bias)
+
+
+def _token_graph(shape):
+    gm = torch.fx.symbolic_trace(TokenMLP().eval())
+    g = Graph(gm, [InputSpec("x", shape)], name="tokens")
+    for i, node in enumerate(n for n in gm.graph.nodes if getattr(n.target, "__name__", "") == "linear"):
+        g.layers[f"fc{i + 1}"] = LayerInfo(f"fc{i + 1}", "linear", node.name)
+    return g
+
+
+@needs_vnni
+@pytest.mark.parametrize("shape", [(1, 12, 32), (2, 5, 32)], ids=["1x12", "2x5"])
+def test_dense_epilogues_run_in_the_kernel_write_back_and_match_the_unfused_build(tmp_path, shape):
+    """The Linears on [B, T, C] tokens write the layer's leading dims themselves, so their
+    epilogues (s8 shift correction, the head's slice of its padded channels, rescale, bias, GELU,
+    residual add, next quantizer) fuse into the write-back: no int32 tensor between functions.
+    Bit-identical to the unfused build, on inputs far outside the quantizers' range; rows of 5
+    tokens (a tile of 1 row)."""
+    import tvm
+    from tvm import relax
+    low = TL.lower(_token_graph(shape), "llvm", tmp_path)
+    assert all(low.executed[f"fc{i}"]["kernel"] == "vnni" for i in (1, 2, 3)), low.executed
+    calls = _kernel_calls(TL.fuse_pipeline()(low.mod))
+    assert len(calls) == 3 and all(only for _, _, only in calls), calls
+    assert all(name.startswith("fused_") and dt != "int32" for name, dt, _ in calls), calls
+    x = example_input(shape) * 20
+    vm = relax.VirtualMachine(tvm.runtime.load_module(str(tmp_path / "tvm" / "model.so")), tvm.cpu())
+    out = vm["main"](tvm.runtime.tensor(x.numpy(), tvm.cpu())).numpy()
+    plain = relax.VirtualMachine(_compile_plain(low.mod), tvm.cpu())
+    np.testing.assert_array_equal(out, plain["main"](tvm.runtime.tensor(x.numpy(), tvm.cpu())).numpy())
+    ref = TokenMLP().eval()(x).detach().numpy()
+    assert np.abs(out - ref).max() <= 0.05 * np.abs(ref).max()  # the fake-quant graph, to a few codes
