@@ -1,9 +1,11 @@
-"""Epilogues fused into the hand conv kernels: the ops after a conv (the s8 shift's correction,
-channel un-padding, rescale, bias, ReLU, residual add, the next layer's quantize to u8 / s8) are
-computed in the kernel's register-tile write-back, so the int32 accumulators never go to memory.
+"""Epilogues fused into the hand kernels: the ops after a conv or a Linear (the s8 shift's
+correction, channel un-padding, rescale, bias, ReLU / GELU, residual add, the next layer's quantize
+to u8 / s8) are computed in the kernel's tile write-back, so the int32 accumulators never become a
+tensor.
 
-How: every conv kernel (VNNI, bf16, fp32: ``tvm_kernels._accumulate_in_registers``) marks its
-blocks ``KERNEL_BLOCK`` and its tile write-back ``EPILOGUE_SITE``. ``fuse_with_kernels`` replaces the
+How: every conv kernel (VNNI, bf16, fp32: ``tvm_kernels._accumulate_in_registers``) and the VNNI
+dense kernel (``tvm_kernels.dense_vnni``: each task's tile written out to the layer's leading
+dims) marks its blocks ``KERNEL_BLOCK`` and its tile write-back ``EPILOGUE_SITE``. ``fuse_with_kernels`` replaces the
 plain fusion pipeline (``tvm_lower.fuse_pipeline``):
 
 1. LegalizeOps; every legalized function's indices narrowed to int32 (the kernels' own: FuseTIR

@@ -193,8 +193,8 @@ _OPAQUE = 8  # relax OpPatternKind kOpaque
 def _finish(sch, name: str):
     """Scheduled, its blocks marked for ``tvm_epilogue``, and opaque to FuseOps: AnnotateTIROpPattern
     would call a kernel whose last block is the tile's write-back "elementwise" (a pattern that
-    lets FuseOps fuse it as a consumer too); ``tvm_epilogue.fuse_with_kernels`` declares the conv
-    kernels fusable with their consumers where it can inline them."""
+    lets FuseOps fuse it as a consumer too); ``tvm_epilogue.fuse_with_kernels`` declares the
+    kernels with a write-back site fusable with their consumers where it can inline them."""
     mark_kernel_blocks(sch, name)
     func = sch.mod["main"]
     return (func.with_attr("global_symbol", name).with_attr("tirx.is_scheduled", True)
