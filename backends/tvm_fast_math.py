@@ -78,26 +78,13 @@ FAST = {
 def vectorizable(mod):
     """``mod`` with every float32 call of a ``FAST`` op in its Relax functions replaced by
     ``call_te`` of the polynomial form (module docstring); the rest unchanged."""
-    from tvm import relax
-    from tvm.relax import expr_functor
+    from fliqs_compiler.backends.tvm_layout import rewrite_calls
 
-    @expr_functor.mutator
-    class _Rewrite(relax.PyExprMutator):
-        def visit_call_(self, call):
-            call = super().visit_call_(call)
-            entry = FAST.get(getattr(call.op, "name", None))
-            if entry is None or len(call.args) != 1:
-                return call
-            ty = call.args[0].ty
-            if getattr(ty, "dtype", None) != "float32":
-                return call
-            fn, attrs = entry
-            name = call.op.name.rsplit(".", 1)[-1]
-            return self.builder_.call_te(fn, call.args[0], *[getattr(call.attrs, a) for a in attrs],
-                                         primfunc_name_hint=f"fast_{name}")
-
-    rewrite = _Rewrite(mod)
-    for gv, func in mod.functions_items():
-        if isinstance(func, relax.Function):
-            rewrite.builder_.update_func(gv, rewrite.visit_expr(func))
-    return rewrite.builder_.get()
+    def rewrite(builder, call):
+        entry = FAST.get(getattr(call.op, "name", None))
+        if entry is None or len(call.args) != 1 or str(getattr(call.args[0].ty, "dtype", "")) != "float32":
+            return None
+        fn, attrs = entry
+        return builder.call_te(fn, call.args[0], *[getattr(call.attrs, a) for a in attrs],
+                               primfunc_name_hint=f"fast_{call.op.name.rsplit('.', 1)[-1]}")
+    return rewrite_calls(mod, rewrite)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["CONV_LAYOUTS", "ConvGeometry", "DenseGeometry", "calls", "float_stem", "to_nhwc",
+__all__ = ["CONV_LAYOUTS", "ConvGeometry", "DenseGeometry", "calls", "float_stem", "depthwise", "to_nhwc",
            "nhwc_ready", "choose_layout", "ceil_to"]
 
 
@@ -149,6 +149,26 @@ def calls(func, op_name: str) -> list:
     return found
 
 
+def rewrite_calls(mod, rewrite):
+    """``mod`` with every call in its Relax functions replaced by ``rewrite(builder, call)`` where
+    that returns an expression (None keeps the call); inner calls are rewritten first."""
+    from tvm import relax
+    from tvm.relax import expr_functor
+
+    @expr_functor.mutator
+    class _Rewrite(relax.PyExprMutator):
+        def visit_call_(self, call):
+            call = super().visit_call_(call)
+            new = rewrite(self.builder_, call)
+            return call if new is None else new
+
+    mutator = _Rewrite(mod)
+    for gv, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            mutator.builder_.update_func(gv, mutator.visit_expr(func))
+    return mutator.builder_.get()
+
+
 # A float conv reading at most this many input channels (an image stem) does not keep the model
 # out of NHWC. Measured on ResNet-18, 2 threads, idle 2-core Zen 4 (``fliqs compile`` keeps the first
 # and last layer float by default): int8 with a float stem and classifier 8.66 ms with transposes
@@ -168,22 +188,78 @@ def float_stem(call) -> bool:
             and int(a.ty.shape[layout.nhwc[3]]) <= _NHWC_FLOAT_CONV_MAX_CIN)
 
 
+def depthwise(call) -> bool:
+    """A depthwise conv2d (one group per input channel; NCHW / NHWC data, OIHW weight): TVM's own
+    conv, rule-scheduled (``tvm_schedules``), is vectorized along the channels in NHWC, so it
+    does not keep a model out of the kernels' layout. Why, measured (``bench/latency.py``'s
+    MobileNetV2-shaped model, all int8, 2 threads, one run, identical outputs): 2.18 ms with its
+    10 depthwise convs in NHWC vs 4.18 ms in NCHW with transposes around every VNNI conv."""
+    a, at = call.args[0], call.attrs
+    layout = CONV_LAYOUTS.get(str(at.data_layout))
+    return (layout is not None and str(at.kernel_layout) == "OIHW"
+            and int(at.groups) > 1 and int(at.groups) == int(a.ty.shape[layout.nhwc[3]]))
+
+
 def to_nhwc(mod):
     """Every conv2d in NHWC (weights stay OIHW: the rewrite packs them), the layout carried through
-    the ops between convs (requantize, ReLU, residual add, pooling) by TVM's ConvertLayout, so
-    consecutive convs meet without NCHW<->NHWC transposes."""
+    the ops between convs (requantize, ReLU / ReLU6, residual add, pooling) by TVM's
+    ConvertLayout, so consecutive convs meet without NCHW<->NHWC transposes; depthwise convs then
+    read HWIO weights (``_depthwise_hwio``). ``clip`` (ReLU6) is
+    spelled ``minimum(maximum(x, lo), hi)`` first: TVM 0.27's ConvertLayout cannot carry a layout
+    through ``clip`` and put two transposes around each (MobileNetV2-shaped model, int8: 0.9 of
+    2.2 ms)."""
     from tvm import relax
-    return relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "OIHW"]})(mod)
+    nhwc = relax.transform.ConvertLayout({"relax.nn.conv2d": ["NHWC", "OIHW"]})(_clip_as_min_max(mod))
+    return _depthwise_hwio(nhwc)
+
+
+def _clip_as_min_max(mod):
+    """``mod`` with every ``clip(x, lo, hi)`` as ``minimum(maximum(x, lo), hi)`` (the same values:
+    a clip is exactly that) in the dtype of ``x``."""
+    from tvm import relax
+
+    def rewrite(_, call):
+        if getattr(call.op, "name", None) != "relax.clip":
+            return None
+        x, lo, hi = call.args
+        dtype = str(x.ty.dtype)
+
+        def bound(v):  # a PrimValue of an IntImm / FloatImm
+            value = getattr(v.value, "value", v.value)
+            return relax.const(float(value) if "float" in dtype else int(value), dtype)
+        return relax.op.minimum(relax.op.maximum(x, bound(lo)), bound(hi))
+    return rewrite_calls(mod, rewrite)
+
+
+def _depthwise_hwio(mod):
+    """``mod`` with every NHWC depthwise conv2d's OIHW weight as HWIO (a constant transposed here,
+    once; any other weight by a ``permute_dims``): TOPI's conv then reads the 16 channels of a
+    vector from consecutive bytes instead of gathering them 9 bytes apart."""
+    from tvm import relax
+    from tvm.ir.expr import Constant
+
+    def rewrite(_, call):
+        if (getattr(call.op, "name", None) != "relax.nn.conv2d" or not depthwise(call)
+                or str(call.attrs.data_layout) != "NHWC"):
+            return None
+        at, w = call.attrs, call.args[1]
+        if isinstance(w, Constant):
+            hwio = relax.const(np.ascontiguousarray(w.value.numpy().transpose(2, 3, 1, 0)))
+        else:
+            hwio = relax.op.permute_dims(w, [2, 3, 1, 0])
+        return relax.op.nn.conv2d(call.args[0], hwio, at.strides, at.padding, at.dilation, at.groups,
+                                  "NHWC", "HWIO", "NHWC", str(at.out_dtype) or None)
+    return rewrite_calls(mod, rewrite)
 
 
 def nhwc_ready(kernels_with_weights):
     """``call -> bool``: a conv2d that does not keep a model out of NHWC — one a kernel takes (its
-    weight is one of the kernel's recorded constants and ``takes_conv`` accepts it) or a float
-    image stem. ``kernels_with_weights``: ``[(Kernel, [weight constants of its layers])]``."""
+    weight is one of the kernel's recorded constants and ``takes_conv`` accepts it), a float
+    image stem or a depthwise conv. ``kernels_with_weights``: ``[(Kernel, [weight constants of its layers])]``."""
     takers = [(k.takes_conv, consts) for k, consts in kernels_with_weights if k.takes_conv]
 
     def ready(call) -> bool:
-        return float_stem(call) or any(
+        return float_stem(call) or depthwise(call) or any(
             takes(call) and any(c is not None and c.same_as(call.args[1]) for c in consts)
             for takes, consts in takers)
     return ready

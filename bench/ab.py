@@ -7,7 +7,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
+import tempfile
 from pathlib import Path
+
+import numpy as np
 
 from fliqs_compiler.backends.tvm_lower import lower
 
@@ -58,3 +62,46 @@ def interleaved_ms(lows: dict, x, rounds: int, extra=None) -> tuple:
         if extra is not None:
             anchor.append(extra())
     return times, anchor
+
+
+def against_int8_peers(graphs: dict, fp32, x, variants: dict, rounds: int, kernel_counts) -> tuple:
+    """The A/B of ``variants`` (the first: as shipped) on every graph of ``graphs``, timed in
+    ``rounds`` interleaved rounds with onnxruntime's own int8 QDQ model (``quantize_static`` of
+    ``fp32``'s export, per channel) and OpenVINO int8 on it (when installed) after each round.
+    Prints one line per config; returns (rows, per-round anchor samples). A row: medians per
+    variant (``<variant>_ms``), the first over each other, the anchors over the first, the first's
+    layers per kernel (``kernel_counts(Lowered)``) and the largest output difference between the
+    first and each other variant."""
+    import latency as L
+    from fliqs_compiler.backends.onnx_export import export_qdq
+    from fliqs_compiler.backends.ort_backend import make_session, time_onnx
+    feed = [x.numpy()]
+    shipped, *others = variants
+    with tempfile.TemporaryDirectory() as work:
+        lows = lower_variants(graphs, variants)
+        fp32_onnx = export_qdq(fp32, Path(work) / "fp32.onnx")
+        qdq = L._ort_int8_static(fp32_onnx, x, Path(work) / "ort_int8.onnx")
+        ort = make_session(qdq, L.THREADS)
+        openvino = L._openvino_timer(qdq, feed, 30)
+
+        def anchors():
+            return {"onnxruntime_int8": time_onnx(ort, feed, threads=L.THREADS, repeat=30),
+                    **({"openvino_int8": openvino()} if openvino else {})}
+        times, anchor_rounds = interleaved_ms(lows, x, rounds, extra=anchors)
+    anchor_ms = {k: statistics.median(r[k] for r in anchor_rounds) for k in anchor_rounds[0]}
+    rows = []
+    for cfg in graphs:
+        ms = {h: statistics.median(times[(cfg, h)]) for h in variants}
+        out = {h: lows[(cfg, h)].run(feed)[0] for h in variants}
+        row = {"config": cfg, **{f"{h}_ms": v for h, v in ms.items()},
+               **{f"{shipped}_over_{h}": ms[shipped] / ms[h] for h in others},
+               "anchors_ms": anchor_ms, f"anchor_over_{shipped}": {k: v / ms[shipped] for k, v in anchor_ms.items()},
+               "kernels": kernel_counts(lows[(cfg, shipped)]),
+               "max_abs_diff": {h: float(np.abs(out[shipped] - out[h]).max()) for h in others},
+               "samples": {h: times[(cfg, h)] for h in variants}}
+        rows.append(row)
+        ab = "  ".join(f"{h} {ms[h]:6.2f} ms ({ms[shipped] / ms[h]:.2f}x)" for h in others)
+        ratios = "  ".join(f"{k} {v:.2f} ms (/TVM {v / ms[shipped]:.2f})" for k, v in anchor_ms.items())
+        print(f"{cfg:16s} {shipped} {ms[shipped]:6.2f} ms  {ab}  {ratios}  kernels "
+              f"{json.dumps(row['kernels'])}  max |diff| {json.dumps(row['max_abs_diff'])}", flush=True)
+    return rows, anchor_rounds

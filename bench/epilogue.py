@@ -21,24 +21,17 @@ the same ops on the same values); ``--json`` writes them.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 os.environ.setdefault("TVM_NUM_THREADS", "2")
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
-import numpy as np  # noqa: E402
-
 import latency as L  # noqa: E402
-from ab import finish, interleaved_ms, lower_variants, parse_args  # noqa: E402
+from ab import against_int8_peers, finish, parse_args  # noqa: E402
 from fliqs_compiler import passes  # noqa: E402
 from fliqs_compiler.backends import tvm_lower as TL  # noqa: E402
-from fliqs_compiler.backends.onnx_export import export_qdq  # noqa: E402
-from fliqs_compiler.backends.ort_backend import make_session, time_onnx  # noqa: E402
 
 
 @contextlib.contextmanager
@@ -82,33 +75,7 @@ def main(argv=None):
     args = parse_args(__doc__, argv, models=MODELS)
     graphs, fp32, x = MODELS[args.model]()
     variants = {"fused": contextlib.nullcontext, "unfused": _plain_fusion}
-    feed = [x.numpy()]
-    with tempfile.TemporaryDirectory() as work:
-        lows = lower_variants(graphs, variants)
-        fp32_onnx = export_qdq(fp32, Path(work) / "fp32.onnx")
-        qdq = L._ort_int8_static(fp32_onnx, x, Path(work) / "ort_int8.onnx")
-        ort = make_session(qdq, L.THREADS)
-        openvino = L._openvino_timer(qdq, feed, 30)
-
-        def anchors():
-            return {"onnxruntime_int8": time_onnx(ort, feed, threads=L.THREADS, repeat=30),
-                    **({"openvino_int8": openvino()} if openvino else {})}
-        times, anchor_rounds = interleaved_ms(lows, x, args.rounds, extra=anchors)
-    anchor_ms = {k: statistics.median(r[k] for r in anchor_rounds) for k in anchor_rounds[0]}
-    rows = []
-    for cfg in graphs:
-        a, b = (lows[(cfg, h)].run(feed)[0] for h in variants)
-        fused, plain = (statistics.median(times[(cfg, h)]) for h in variants)
-        row = {"config": cfg, "fused_ms": fused, "unfused_ms": plain, "fused_over_unfused": fused / plain,
-               "anchors_ms": anchor_ms, "anchor_over_fused": {k: v / fused for k, v in anchor_ms.items()},
-               "kernels": L._kernel_counts(lows[(cfg, "fused")]),
-               "max_abs_diff": float(np.abs(a - b).max()),
-               "samples": {h: times[(cfg, h)] for h in variants}}
-        rows.append(row)
-        ratios = "  ".join(f"{k} {v:.2f} ms (/TVM {v / fused:.2f})" for k, v in anchor_ms.items())
-        print(f"{cfg:16s} fused {fused:6.2f} ms  unfused {plain:6.2f} ms ({fused / plain:.2f}x)  "
-              f"{ratios}  kernels {json.dumps(row['kernels'])}  max |diff| {row['max_abs_diff']:.2g}",
-              flush=True)
+    rows, anchor_rounds = against_int8_peers(graphs, fp32, x, variants, args.rounds, L._kernel_counts)
     finish(args, rows, model=args.model, anchor_samples=anchor_rounds)
 
 

@@ -74,9 +74,10 @@ from models import ResNet18  # noqa: E402  (bench/models.py, shared with import_
 
 
 def _models(names):
-    from examples.toy_models import ResNet8
+    from examples.toy_models import MobileNetV2Small, ResNet8
     table = {"resnet18": (lambda: ResNet18(), (1, 3, 224, 224)),
-             "cnn": (lambda: ResNet8(in_ch=1, classes=10), (1, 1, 28, 28))}
+             "cnn": (lambda: ResNet8(in_ch=1, classes=10), (1, 1, 28, 28)),
+             "mobilenet": (lambda: MobileNetV2Small(), (1, 3, 224, 224))}
     for n in names:
         if n not in table:
             sys.exit(f"unknown model {n!r}; choose from {', '.join(table)}")

@@ -161,6 +161,46 @@ class ResNet8(nn.Module):
         return self.fc(torch.flatten(Fn.adaptive_avg_pool2d(x, 1), 1))
 
 
+class InvertedResidual(nn.Module):
+    """MobileNetV2's block: 1×1 expand-BN-ReLU6, 3×3 depthwise-BN-ReLU6 (stride 1 or 2), 1×1
+    project-BN, plus the input when the shape is kept."""
+
+    def __init__(self, cin, cout, stride, expand: int = 6):
+        super().__init__()
+        mid = cin * expand
+        self.expand = _ConvBN(cin, mid, 1, 1)
+        self.dw = nn.Conv2d(mid, mid, 3, stride=stride, padding=1, groups=mid, bias=False)
+        self.dw_bn = nn.BatchNorm2d(mid)
+        self.project = _ConvBN(mid, cout, 1, 1)
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, x):
+        y = Fn.relu6(self.expand(x))
+        y = self.project(Fn.relu6(self.dw_bn(self.dw(y))))
+        return x + y if self.residual else y
+
+
+class MobileNetV2Small(nn.Module):
+    """A MobileNetV2-shaped network (depthwise convs between 1×1s) for benchmarks: stem 3×3/2 to
+    16 channels, inverted residual blocks to 96 channels, 1×1 to 320, pool, classifier."""
+
+    def __init__(self, in_ch: int = 3, classes: int = 1000):
+        super().__init__()
+        blocks, cin = [], 16
+        for cout, stride, repeat in ((16, 1, 1), (24, 2, 2), (32, 2, 3), (64, 2, 2), (96, 1, 2)):
+            for i in range(repeat):
+                blocks.append(InvertedResidual(cin, cout, stride if i == 0 else 1, 1 if cout == 16 else 6))
+                cin = cout
+        self.stem = _ConvBN(in_ch, 16, 3, 2)
+        self.blocks = nn.Sequential(*blocks)
+        self.head = _ConvBN(cin, 320, 1, 1)
+        self.fc = nn.Linear(320, classes)
+
+    def forward(self, x):
+        x = Fn.relu6(self.head(self.blocks(Fn.relu6(self.stem(x)))))
+        return self.fc(torch.flatten(Fn.adaptive_avg_pool2d(x, 1), 1))
+
+
 class _Attention(nn.Module):
     def __init__(self, dim: int, heads: int):
         super().__init__()

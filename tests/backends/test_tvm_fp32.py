@@ -155,13 +155,18 @@ def test_float_layers_on_the_kernel_and_nhwc_throughout(tmp_path):
 
 
 @needs_avx512
-def test_grouped_conv_falls_back_and_keeps_nchw():
+def test_depthwise_conv_falls_back_to_tvm_conv_in_nhwc():
+    """A float depthwise conv is not the FMA kernel's (groups > 1): TVM's own conv computes it, in
+    NHWC like the kernels around it (``tvm_layout.depthwise``), reading HWIO weights."""
+    from fliqs_compiler.backends import tvm_kernels as K
     low, x, ref = _lowered(depthwise=True)
     e = low.executed
     dw = next(v for n, v in e.items() if n == "dw")
     assert dw["kernel"] == "fp32" and "not applicable" in dw["fallback"], dw
     assert e["stem"]["kernel"] == "fp32-fma"
-    assert _kernel_transposes(low.mod) > 0  # a conv off the kernels: NCHW, per-call transposes
+    (conv,) = K.calls(low.mod["main"], "relax.nn.conv2d")
+    assert (str(conv.attrs.data_layout), str(conv.attrs.kernel_layout)) == ("NHWC", "HWIO")
+    assert _kernel_transposes(low.mod) == 0  # NHWC between the kernels
     got = low.run([x.numpy()])[0]
     assert np.abs(got - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max())
 

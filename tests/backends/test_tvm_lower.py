@@ -305,6 +305,47 @@ def test_a_float_image_stem_does_not_keep_the_graph_out_of_nhwc(fp32_kernel, mon
         assert np.mean(err <= 1e-5 * max(1.0, np.abs(ref).max())) >= 0.95, err.max()
 
 
+class InvertedInt8(nn.Module):
+    """MobileNetV2's block in miniature, every conv int8: 1×1 expand (VNNI) → ReLU6 → u8 → 3×3
+    depthwise (24 groups: TVM's own conv) → ReLU6 → u8 → 1×1 project (VNNI) + the input."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.expand, self.dw, self.project = nn.Conv2d(8, 24, 1), nn.Conv2d(24, 24, 3, padding=1, groups=24), nn.Conv2d(24, 8, 1)
+        convs = (self.expand, self.dw, self.project)
+        self.wq = nn.ModuleList(weight_quantizer("int8", c.weight) for c in convs)
+        self.aq = nn.ModuleList([act_quantizer("int8", 0.03), act_quantizer("uint8", 0.03),
+                                 act_quantizer("uint8", 0.03)])
+
+    def forward(self, x):
+        y = nn.functional.relu6(nn.functional.conv2d(self.aq[0](x), self.wq[0](self.expand.weight), self.expand.bias))
+        y = nn.functional.conv2d(self.aq[1](y), self.wq[1](self.dw.weight), self.dw.bias, 1, 1, 1, 24)
+        y = nn.functional.relu6(y)
+        return nn.functional.conv2d(self.aq[2](y), self.wq[2](self.project.weight), self.project.bias) + x
+
+
+@pytest.mark.skipif(not HOST_VNNI, reason="host CPU has no AVX512-VNNI")
+def test_depthwise_convs_and_relu6_do_not_keep_the_graph_out_of_nhwc():
+    """A depthwise conv (``tvm_layout.depthwise``: TVM's own conv, vectorized along channels in
+    NHWC) between VNNI 1×1 convs, with ReLU6 (``clip``, which TVM's ConvertLayout cannot carry a
+    layout through: rewritten as maximum / minimum): the graph runs in NHWC — transposes only at
+    its ends (the input read twice: quantized for the first conv, raw for the residual add) —
+    bit-exact against the plain NCHW int8 build on in-range and far out-of-range inputs."""
+    gm = torch.fx.symbolic_trace(InvertedInt8().eval())
+    g = Graph(gm, [InputSpec("x", (1, 8, 9, 9))], name="inverted")
+    for i, node in enumerate(n for n in gm.graph.nodes if getattr(n.target, "__name__", "") == "conv2d"):
+        g.layers[("expand", "dw", "project")[i]] = LayerInfo(("expand", "dw", "project")[i], "conv2d", node.name)
+    fast, plain = lower(g, "llvm", None), lower(g, "llvm", None, vnni=False)
+    assert fast.executed["expand"]["kernel"] == fast.executed["project"]["kernel"] == "vnni"
+    (conv,) = K.calls(fast.mod["main"], "relax.nn.conv2d")
+    assert str(conv.attrs.data_layout) == "NHWC" and int(conv.attrs.groups) == 24
+    assert not K.calls(fast.mod["main"], "relax.clip")
+    assert _activation_transposes(fast.mod) == 3
+    for x in (example_input((1, 8, 9, 9)), 30 * example_input((1, 8, 9, 9), seed=2)):
+        np.testing.assert_array_equal(fast.run([x.numpy()])[0], plain.run([x.numpy()])[0])
+
+
 @pytest.mark.skipif(not HOST_VNNI, reason="host CPU has no AVX512-VNNI")
 def test_a_conv_vnni_does_not_take_keeps_the_graph_in_nchw():
     """A grouped conv (plain int8 loops) among VNNI convs: no NHWC conversion (TVM's own NHWC
