@@ -40,8 +40,8 @@ Pipeline of ``export_qdq``:
    a blocked mxint8 weight, cannot broadcast the block scales and fails at run time),
    ``shield_softmax_input`` (ORT's QLinearSoftmax, fused from DQ → Softmax → Q, computes other
    probabilities than Softmax then Q),
-   ``shield_four_bit_q`` (a 4-bit Q that QDQ propagation would move across a MaxPool, or onto
-   a Clip, makes the session fail to build) and
+   ``shield_unbuildable_q`` (a 4-bit Q that QDQ propagation would move across a MaxPool, or a
+   4-bit / FP8 Q right after a Clip — ReLU6 — makes the session fail to build) and
    ``protect_relu_before_unclamped_q`` (ReluQuantRewrite, after QDQ propagation, drops a ReLU
    before an FP8/INT4 QuantizeLinear, which does not clamp negatives).
 4. ``onnx.checker.check_model(full_check=True)`` and an atomic write.
@@ -76,7 +76,7 @@ from fliqs_compiler.numerics.quantizers import FormatQuantizer
 
 __all__ = ["export_qdq", "lower_fake_quant", "quantizer_nodes", "spec_nodes", "gemm_to_matmul",
            "detach_float_bias",
-           "protect_relu_before_unclamped_q", "shield_four_bit_q", "shield_float_weight",
+           "protect_relu_before_unclamped_q", "shield_unbuildable_q", "shield_float_weight",
            "ORT_FORM_FIXES",
            "formats_used", "required_opset", "save_atomic", "batch_inputs", "BATCH_DIM",
            "shield_blocked_weight", "shield_softmax_input"]
@@ -799,6 +799,9 @@ RELU_Q_CHECKED_TYPES = (_TP.INT8, _TP.UINT8)
 INT_QMIN = {_TP.INT4: -8, _TP.UINT4: 0, _TP.INT8: -128, _TP.UINT8: 0, _TP.INT16: -2 ** 15,
             _TP.UINT16: 0}
 FOUR_BIT_TYPES = (_TP.INT4, _TP.UINT4)
+# The zero-point types ClipQuantFusion (clip_quantizelinear.cc ``GetQConstantLowerUpper``) can
+# read; on any other type after a Clip (4-bit, FLOAT8*) ORT 1.32 aborts building the session.
+CLIP_Q_FUSION_TYPES = (_TP.INT8, _TP.UINT8, _TP.INT16, _TP.UINT16)
 
 
 class _Uses:
@@ -872,19 +875,22 @@ def protect_relu_before_unclamped_q(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def _four_bit_q_breaks_session(crossed: list, src) -> bool:
-    """Whether a 4-bit Q moved across ``crossed`` to follow ``src`` makes ORT 1.32 refuse to
-    build the session: across a MaxPool the QDQ selectors leave MaxPool reading tensor(int4)
-    (no kernel: INVALID_GRAPH); after a Clip, ClipQuantFusion aborts on the 4-bit zero point
-    ("Unexpected data type for QuantizeLinear input y_zero_point"). Measured: Reshape,
-    Transpose, Unsqueeze, Slice are fine."""
-    return any(n.op_type == "MaxPool" for n in crossed) or (src is not None
-                                                             and src.op_type == "Clip")
+def _q_breaks_session(zp, crossed: list, src) -> bool:
+    """Whether a Q with zero point ``zp``, moved across ``crossed`` to follow ``src``, makes ORT
+    1.32 refuse to build the session: a 4-bit Q across a MaxPool (the QDQ selectors leave MaxPool
+    reading tensor(int4): no kernel, INVALID_GRAPH); a Q of a type ClipQuantFusion cannot read
+    (``CLIP_Q_FUSION_TYPES``: 4-bit, FLOAT8) after a Clip ("Unexpected data type for
+    QuantizeLinear input y_zero_point": measured on a MobileNetV2-shaped model with fp8 after a
+    ReLU6, and with int4 / uint4 / float8e4m3fn / float8e5m2 after Add → Clip). Measured:
+    Reshape, Transpose, Unsqueeze, Slice are fine."""
+    across_maxpool = zp.data_type in FOUR_BIT_TYPES and any(n.op_type == "MaxPool" for n in crossed)
+    after_clip = src is not None and src.op_type == "Clip" and zp.data_type not in CLIP_Q_FUSION_TYPES
+    return across_maxpool or after_clip
 
 
-def shield_four_bit_q(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Put ``Max(x, -inf)`` in front of each 4-bit QuantizeLinear whose propagation would make
-    a default onnxruntime session fail to build (``_four_bit_q_breaks_session``; in place).
+def shield_unbuildable_q(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Put ``Max(x, -inf)`` in front of each QuantizeLinear whose propagation would make a
+    default onnxruntime session fail to build (``_q_breaks_session``; in place).
 
     Why: behind the barrier (``_barrier_before``) the Q stays where it is and MaxPool/Clip run
     in float (measured: the session builds and equals ORT_DISABLE_ALL). Requires: Q zero
@@ -896,8 +902,7 @@ def shield_four_bit_q(model: onnx.ModelProto) -> onnx.ModelProto:
     new_nodes = []
     for node in g.node:
         zp = _zero_point(node, inits)
-        if zp is not None and zp.data_type in FOUR_BIT_TYPES \
-                and _four_bit_q_breaks_session(*_propagation_path(node, uses)):
+        if zp is not None and _q_breaks_session(zp, *_propagation_path(node, uses)):
             _barrier_before(node, 0, g, new_nodes)
         new_nodes.append(node)
     del g.node[:]
@@ -908,7 +913,7 @@ def shield_four_bit_q(model: onnx.ModelProto) -> onnx.ModelProto:
 # Step 3, in order (each numerically neutral, each a docstring on why): the shield goes before
 # the Relu protection, so a Relu it already cut off from QDQ propagation stays a Relu.
 ORT_FORM_FIXES = (gemm_to_matmul, detach_float_bias, shield_float_weight, shield_weight_only_matmul,
-                  shield_blocked_weight, shield_softmax_input, shield_four_bit_q,
+                  shield_blocked_weight, shield_softmax_input, shield_unbuildable_q,
                   protect_relu_before_unclamped_q)
 
 

@@ -47,7 +47,7 @@ EXACT_CONFIG = {"session.qdq_matmulnbits_accuracy_level": "0"}
 # Retried without when a session fails to build: QDQPropagationTransformer moves a 4-bit Q/DQ
 # pair across MaxPool, and the QDQ selectors then leave MaxPool reading tensor(uint4), for
 # which ORT 1.32 has no kernel (INVALID_GRAPH; seen on the demo model at int4). Our export no
-# longer has that form (onnx_export.shield_four_bit_q: a default session must load it too);
+# longer has that form (onnx_export.shield_unbuildable_q: a default session must load it too);
 # the retry stays for QDQ models from elsewhere.
 RETRY_DISABLED_OPTIMIZERS = ("QDQPropagationTransformer",)
 

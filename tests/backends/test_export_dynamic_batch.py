@@ -132,7 +132,7 @@ def test_cnn_default_session_runs_batches_1_3_7(cnn, digits):
 
 # ---- every ORT form fix on a symbolic batch: the conformance matrix's branches ---------------
 # One case per fix (onnx_export.ORT_FORM_FIXES): the Linear → gemm_to_matmul; int4 / fp8
-# activations → detach_float_bias, shield_four_bit_q (int4 Q moved across a MaxPool) and
+# activations → detach_float_bias, shield_unbuildable_q (int4 Q moved across a MaxPool) and
 # protect_relu_before_unclamped_q; bf16 weights under int8 activations → shield_float_weight;
 # fp16 activations into an int8-weight Linear → shield_weight_only_matmul; mxint8 weights →
 # shield_blocked_weight.

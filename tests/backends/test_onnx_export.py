@@ -256,7 +256,8 @@ def _disabled_session_run(model_bytes, x):
 def _zp(name, value):
     import ml_dtypes
     return np.array(value, {"int8": np.int8, "uint8": np.uint8, "int4": ml_dtypes.int4,
-                            "uint4": ml_dtypes.uint4, "fp8": ml_dtypes.float8_e4m3fn}[name])
+                            "uint4": ml_dtypes.uint4, "fp8": ml_dtypes.float8_e4m3fn,
+                            "fp8e5m2": ml_dtypes.float8_e5m2}[name])
 
 
 @pytest.mark.parametrize("between", ["none", "MaxPool", "Reshape"])
@@ -269,26 +270,27 @@ def test_relu_survives_a_default_session(between, qtype, zp, protected):
     x = np.random.RandomState(0).randn(1, 4, 4, 4).astype(np.float32) - 1.0
     model = _relu_q_model(_zp(qtype, zp), between)
     truth = _disabled_session_run(model.SerializeToString(), x)
-    shielded = between == "MaxPool" and qtype in ("int4", "uint4")  # shield_four_bit_q's case
+    shielded = between == "MaxPool" and qtype in ("int4", "uint4")  # shield_unbuildable_q's case
     if shielded:  # unfixed, a default session cannot even be built
         with pytest.raises(FliqsError, match="INVALID_GRAPH"):
             default_session(model.SerializeToString())
     elif protected:  # the test can fail: unfixed, a default session is wrong
         plain = default_session(model.SerializeToString()).run(None, {"x": x})[0]
         assert np.max(np.abs(plain - truth)) > 0.1
-    fixed = ox.protect_relu_before_unclamped_q(ox.shield_four_bit_q(model))  # export's order
+    fixed = ox.protect_relu_before_unclamped_q(ox.shield_unbuildable_q(model))  # export's order
     ops = [n.op_type for n in fixed.graph.node]
     assert ("Relu" in ops) != (protected and not shielded)  # a shielded Q cannot reach the Relu
     got = default_session(fixed.SerializeToString()).run(None, {"x": x})[0]
     np.testing.assert_array_equal(got, truth)
 
 
-@pytest.mark.parametrize("qtype", ["int4", "uint4"])
-@pytest.mark.parametrize("producer", ["MaxPool", "Clip"])
-def test_four_bit_q_after_maxpool_or_clip_builds_a_default_session(qtype, producer):
+@pytest.mark.parametrize("qtype,producer", [("int4", "MaxPool"), ("uint4", "MaxPool"),
+                                            ("int4", "Clip"), ("uint4", "Clip"), ("fp8", "Clip"),
+                                            ("fp8e5m2", "Clip")])
+def test_q_after_maxpool_or_clip_builds_a_default_session(qtype, producer):
     """Without the shield a default session cannot be built at all (MaxPool on tensor(int4):
-    INVALID_GRAPH; ClipQuantFusion: unexpected zero point type); with it, it computes the same
-    as ORT_DISABLE_ALL."""
+    INVALID_GRAPH; ClipQuantFusion after a ReLU6-like Clip: unexpected zero point type, 4-bit
+    and FLOAT8 alike); with it, it computes the same as ORT_DISABLE_ALL."""
     import onnxruntime as ort
     conv = helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1])
     prod = helper.make_node("MaxPool", ["c"], ["p"], kernel_shape=[2, 2], strides=[2, 2]) \
@@ -312,7 +314,7 @@ def test_four_bit_q_after_maxpool_or_clip_builds_a_default_session(qtype, produc
     truth = _disabled_session_run(model.SerializeToString(), x)
     with pytest.raises(Exception):
         ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    fixed = ox.shield_four_bit_q(model)
+    fixed = ox.shield_unbuildable_q(model)
     onnx.checker.check_model(fixed, full_check=True)
     got = default_session(fixed.SerializeToString()).run(None, {"x": x})[0]
     np.testing.assert_array_equal(got, truth)
