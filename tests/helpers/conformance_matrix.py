@@ -103,7 +103,8 @@ class Branch(nn.Module):
         s = Fn.max_pool2d(h, 2)  # ORT's QDQ propagation moves that Q before the MaxPool
         r = torch.relu(self.c2(p) + s)
         t = torch.relu(self.c3(torch.cat([r, s], 1))).flatten(2)  # [B, 8, 16]
-        return self.fc(torch.matmul(t, t.transpose(1, 2)).flatten(1) / 16)
+        # ReLU6 (a Clip) whose only reader is fc's activation quantizer, as in MobileNets
+        return self.fc(Fn.relu6(torch.matmul(t, t.transpose(1, 2)).flatten(1) / 16))
 
 
 LAYERS_PER_BRANCH = 6
