@@ -148,36 +148,23 @@ def _with_import(sch, loop):
     sch.annotate(loop, "pragma_import_llvm", _LLVM_IR)
 
 
-def dense_bf16(m: int, k: int, n: int, name: str | None = None):
-    """Scheduled PrimFunc ``(A u16 [M, K], Bp u16 [N/16, K/2, 16, 2]) -> C f32 [M, N]`` (bf16 bits
-    in, fp32 accumulation with ``vdpbf16ps``). Requires N % 16 == 0, K % 2 == 0. The VNNI dense
-    schedule: a 4 × 4-block tile of C, 2 input channels per step."""
+def dense_bf16(m: int, k: int, n: int, name: str | None = None, lead: tuple | None = None):
+    """Scheduled PrimFunc ``(A u16 [M, K], Bp u16 [N/16, K/2, 16, 2]) -> C f32 [*lead, N]`` (bf16
+    bits in, fp32 accumulation with ``vdpbf16ps``; ``lead``: the layer's leading dims, default
+    ``(M,)``, ``tvm_kernels.leading_write_back``). Requires N % 16 == 0, K % 2 == 0. The VNNI
+    dense schedule (``tvm_kernels.schedule_dense``), 2 input channels per step."""
     import tvm
     from tvm import te
     from fliqs_compiler.backends import tvm_kernels as K
     register_intrinsics()
+    lead = tuple(lead or (m,))
     a = te.placeholder((m, k), "uint16", name="A")
     b = te.placeholder((n // 16, k // 2, 16, 2), "uint16", name="B")
     r = te.reduce_axis((0, k), name="k")
     c = te.compute((m, n), lambda i, j: te.sum(
         _f32_of_bits(a[i, r]) * _f32_of_bits(b[j // 16, r // 2, j % 16, r % 2]), axis=r), name="C")
-    sch = tvm.s_tir.Schedule(te.create_prim_func([a, b, c]))
-    blk = sch.get_sblock("C")
-    i, j, kk = sch.get_loops(blk)
-    it_f = K._largest_divisor(m, 4)
-    jt_f = K._largest_divisor(n // 16, 4)
-    io, it = sch.split(i, [None, it_f])
-    jo, jt, j16 = sch.split(j, [None, jt_f, 16])
-    ko, k2 = sch.split(kk, [None, 2])
-    sch.reorder(io, jo, ko, it, jt, j16, k2)
-    fused = sch.fuse(io, jo)
-    sch.parallel(fused)
-    _with_import(sch, fused)
-    init = sch.decompose_reduction(blk, ko)
-    sch.tensorize(j16, BF16_INTRIN)
-    sch.unroll(it)
-    sch.unroll(jt)
-    sch.vectorize(sch.get_loops(init)[-1])
+    sch = tvm.s_tir.Schedule(te.create_prim_func([a, b, K.leading_write_back(c, lead)]))
+    K.schedule_dense(sch, lead, BF16_INTRIN, kwidth=2, on_parallel=_with_import)
     return K._finish(sch, name or f"fliqs_dense_bf16_{next(_COUNTER)}")
 
 

@@ -85,12 +85,12 @@ def float_rewrite(mod, names: dict, weight_consts: list, ops: FloatKernelOps):
                 or not static(a)):
             return call
         g = K.DenseGeometry.of(a, w, in_step=ops.k_step)
-        gv, sym = add_kernel(ops.dense(g.m, g.kp, g.np_), name)
+        gv, sym = add_kernel(ops.dense(g.m, g.kp, g.np_, lead=g.lead), name)
         y = relax.call_tir(gv, [operand(g.kernel_input(a), (g.m, g.kp)),
                                 relax.const(ops.pack_dense(g.padded_weight(w, np.float32)))],
-                           relax.TensorType((g.m, g.np_), "float32"))
+                           relax.TensorType(g.leading_output_shape, "float32"))
         done[name] = sym
-        return g.layer_output(y)
+        return g.layer_output(y, leading=True)
 
     def rewrite_conv(call, matches):
         a, w = matches[data], matches[w_pat]

@@ -84,29 +84,21 @@ def pack_conv_weight_f32(w_oihw: np.ndarray) -> np.ndarray:
 
 
 # ---- scheduled PrimFuncs -----------------------------------------------------------------------
-def dense_f32(m: int, k: int, n: int, name: str | None = None):
-    """Scheduled PrimFunc ``(A f32 [M, K], Bp f32 [N/16, K, 16]) -> C f32 [M, N]`` (N % 16 == 0):
-    the VNNI dense schedule (a 4 × 4-block tile of C) with one input channel per step."""
+def dense_f32(m: int, k: int, n: int, name: str | None = None, lead: tuple | None = None):
+    """Scheduled PrimFunc ``(A f32 [M, K], Bp f32 [N/16, K, 16]) -> C f32 [*lead, N]`` (N % 16 ==
+    0; ``lead``: the layer's leading dims, default ``(M,)``, ``tvm_kernels.leading_write_back``):
+    the VNNI dense schedule (``tvm_kernels.schedule_dense``) with one input channel per step."""
     import tvm
     from tvm import te
     from fliqs_compiler.backends import tvm_kernels as K
     register_intrinsics()
+    lead = tuple(lead or (m,))
     a = te.placeholder((m, k), "float32", name="A")
     b = te.placeholder((n // 16, k, 16), "float32", name="B")
     r = te.reduce_axis((0, k), name="k")
     c = te.compute((m, n), lambda i, j: te.sum(a[i, r] * b[j // 16, r, j % 16], axis=r), name="C")
-    sch = tvm.s_tir.Schedule(te.create_prim_func([a, b, c]))
-    blk = sch.get_sblock("C")
-    i, j, kk = sch.get_loops(blk)
-    io, it = sch.split(i, [None, K._largest_divisor(m, 4)])
-    jo, jt, j16 = sch.split(j, [None, K._largest_divisor(n // 16, 4), 16])
-    sch.reorder(io, jo, kk, it, jt, j16)
-    sch.parallel(sch.fuse(io, jo))
-    init = sch.decompose_reduction(blk, kk)
-    sch.tensorize(j16, FMA_INTRIN)
-    sch.unroll(it)
-    sch.unroll(jt)
-    sch.vectorize(sch.get_loops(init)[-1])
+    sch = tvm.s_tir.Schedule(te.create_prim_func([a, b, K.leading_write_back(c, lead)]))
+    K.schedule_dense(sch, lead, FMA_INTRIN)
     return K._finish(sch, name or f"fliqs_dense_f32_{next(_COUNTER)}")
 
 

@@ -46,7 +46,7 @@ from fliqs_compiler.backends.tvm_epilogue import EPILOGUE_SITE, mark_kernel_bloc
 from fliqs_compiler.backends.tvm_layout import (CONV_LAYOUTS, ConvGeometry, DenseGeometry,  # noqa: F401
                                                 calls, ceil_to, choose_layout, nhwc_ready)
 
-__all__ = ["Kernel", "KERNELS", "BF16_KERNEL", "FP32_KERNEL", "kernels_for", "choose_layout", "nhwc_ready", "ConvGeometry", "DenseGeometry", "VNNI_INTRIN", "register_intrinsics", "has_vnni", "pack_dense_weight",
+__all__ = ["Kernel", "KERNELS", "BF16_KERNEL", "FP32_KERNEL", "kernels_for", "leading_write_back", "schedule_dense", "choose_layout", "nhwc_ready", "ConvGeometry", "DenseGeometry", "VNNI_INTRIN", "register_intrinsics", "has_vnni", "pack_dense_weight",
            "pack_conv_weight", "dense_vnni_supported", "conv_vnni_supported",
            "conv_vnni_applicable", "dense_vnni", "conv2d_nhwc_vnni", "vnni_rewrite", "vnni_weight_bits",
            "vnni_storage", "fp_round_te"]
@@ -221,13 +221,63 @@ def _block_weight(blocks: int, inner: tuple, k: int, bits: int, name: str, scale
     return w, value
 
 
+def leading_write_back(c, lead: tuple, shift: int = 0):
+    """TE ``C_out [*lead, N]``: a dense kernel's ``[M, N]`` accumulators ``c`` written out to the
+    layer's leading dims (``lead``, product M; ``>> shift`` for packed low-bit weights). Writing
+    the layer's shape itself keeps the ops after the kernel elementwise in its index (no reshape
+    ends the FuseOps group), so they fuse into this write-back (``tvm_epilogue``)."""
+    from tvm import te
+    if int(np.prod(lead)) != int(c.shape[0]):
+        raise ValueError(f"leading dims {lead} do not hold {c.shape[0]} rows")
+
+    def row(idx):  # the flat row of a [*lead] index
+        flat = idx[0]
+        for d, i in zip(lead[1:], idx[1:]):
+            flat = flat * d + i
+        return flat
+    return te.compute((*lead, int(c.shape[1])), lambda *i: c[row(i[:-1]), i[-1]] >> shift if shift
+                      else c[row(i[:-1]), i[-1]], name="C_out")
+
+
+def schedule_dense(sch, lead: tuple, intrin: str, lanes: int = 16, kwidth: int = 1,
+                   max_block_tile: int = 4, on_parallel=None):
+    """The dense kernels' schedule (VNNI, ``tvm_bf16``, ``tvm_fp32``) of a function with blocks
+    ``C`` (``[M, N]``, reduced over K) and ``C_out`` (``leading_write_back``): each parallel task a
+    tile of up to 4 rows (never straddling two rows of ``lead``) × ``max_block_tile`` blocks of
+    ``lanes`` channels, reduced ``kwidth`` input channels per ``intrin`` step, then written out by
+    the task (``C_out``, the epilogue site). ``on_parallel(sch, loop)``: an extra annotation.
+
+    C's tile stays in memory (not registers) while it accumulates: the register tile of the conv
+    kernel, at most 15 accumulators (2 × 4, 4 × 2, 8 × 1), measured 5-25 % slower on 128-row
+    GEMMs (128×384×1536: 0.40 ms vs 0.44-0.47; 128×1024×1024: 0.64 vs 0.67-0.80; 2 threads)."""
+    blk = sch.get_sblock("C")
+    i, j, kk = sch.get_loops(blk)
+    n = int(sch.get(j).extent)
+    io, it = sch.split(i, [None, _largest_divisor(lead[-1], 4)])
+    jo, jt, jl = sch.split(j, [None, _largest_divisor(n // lanes, max_block_tile), lanes])
+    ko, *kw = sch.split(kk, [None, kwidth]) if kwidth > 1 else (kk,)
+    sch.reorder(io, jo, ko, it, jt, jl, *kw)
+    parallel = sch.fuse(io, jo)
+    sch.parallel(parallel)
+    if on_parallel is not None:
+        on_parallel(sch, parallel)
+    write_back = sch.get_sblock("C_out")
+    sch.annotate(write_back, EPILOGUE_SITE, "")
+    sch.reverse_compute_at(write_back, parallel)
+    init = sch.decompose_reduction(blk, ko)
+    sch.tensorize(jl, intrin)
+    sch.unroll(it)
+    sch.unroll(jt)
+    sch.vectorize(sch.get_loops(init)[-1])
+    _unroll_vectorize_16(sch, sch.get_loops(write_back)[1:])  # the loops under the task's
+
+
 def dense_vnni(m: int, k: int, n: int, name: str | None = None, bits: int = 8,
                lead: tuple | None = None):
     """Scheduled PrimFunc ``(A u8 [M, K], Bp i8 [N/16, K/4, 16, 4]) -> C i32 [*lead, N]`` with VNNI
-    (``lead``: the layer's leading dims, product M, default ``(M,)``: a transformer's Linear writes
-    its [B, T, N] tokens itself, so the ops after it stay elementwise in its index and fuse into
-    its write-back, ``tvm_epilogue``). ``bits`` 4 / 2: ``Bp`` is ``[N/16, K/4, L, 4]`` uint8
-    packed codes (``tvm_packed_weights``).
+    (``lead``: the layer's leading dims, product M, default ``(M,)``; ``leading_write_back``).
+    ``bits`` 4 / 2: ``Bp`` is ``[N/16, K/4, L, 4]`` uint8 packed codes (``tvm_packed_weights``),
+    each field read scaled and the sum shifted back in the write-back.
 
     Requires ``dense_vnni_supported(m, k, n)``. Builds in well under a second (no tuning).
     """
@@ -235,49 +285,17 @@ def dense_vnni(m: int, k: int, n: int, name: str | None = None, bits: int = 8,
     from tvm import te
     register_intrinsics()
     lead = tuple(lead or (m,))
-    if int(np.prod(lead)) != m:
-        raise ValueError(f"dense_vnni: leading dims {lead} do not hold {m} rows")
     a = te.placeholder((m, k), "uint8", name="A")
-    scaled = bits < 8  # as in conv2d_nhwc_vnni; the shift runs in the task's write-back
+    scaled = bits < 8
     b, b_value = _block_weight(n // 16, (), k, bits, "B", scaled)
     r = te.reduce_axis((0, k), name="k")
     c = te.compute((m, n), lambda i, j: te.sum(
         a[i, r].astype("int32") * b_value(j, r), axis=r), name="C")
-    shift = packed.scale_shift(bits) if scaled else 0
-
-    def row(idx):  # the flat row of a [*lead] index
-        flat = idx[0]
-        for d, i in zip(lead[1:], idx[1:]):
-            flat = flat * d + i
-        return flat
-    # the write-back: each task's C tile out to the layer's [*lead, N] (the epilogue site)
-    out = te.compute((*lead, n), lambda *i: c[row(i[:-1]), i[-1]] >> shift if shift
-                     else c[row(i[:-1]), i[-1]], name="C_out")
+    out = leading_write_back(c, lead, packed.scale_shift(bits) if scaled else 0)
     sch = tvm.s_tir.Schedule(te.create_prim_func([a, b, out]))
-    blk = sch.get_sblock("C")
-    i, j, kk = sch.get_loops(blk)
-    # C's 4 × 4-vector tile stays in memory (not registers) while it accumulates: the register
-    # tile of the conv kernel, at most 15 accumulators (2 × 4, 4 × 2, 8 × 1), measured 5-25 %
-    # slower on 128-row GEMMs (128×384×1536: 0.40 ms vs 0.44-0.47; 128×1024×1024: 0.64 vs
-    # 0.67-0.80; 2 threads). The tile is the task's own (C is compacted to it).
-    it_f = _largest_divisor(lead[-1], 4)  # a tile never straddles two rows of the leading dims
     p = packed.PACKINGS[bits]
-    jt_f = _largest_divisor(n // p.lanes, max(1, 4 // p.blocks))
-    io, it = sch.split(i, [None, it_f])
-    jo, jt, j16 = sch.split(j, [None, jt_f, p.lanes])
-    ko, k4 = sch.split(kk, [None, p.kwidth])
-    sch.reorder(io, jo, ko, it, jt, j16, k4)
-    parallel = sch.fuse(io, jo)
-    sch.parallel(parallel)
-    write_back = sch.get_sblock("C_out")
-    sch.annotate(write_back, EPILOGUE_SITE, "")
-    sch.reverse_compute_at(write_back, parallel)
-    init = sch.decompose_reduction(blk, ko)
-    sch.tensorize(j16, p.intrin(scaled))
-    sch.unroll(it)
-    sch.unroll(jt)
-    sch.vectorize(sch.get_loops(init)[-1])
-    _unroll_vectorize_16(sch, sch.get_loops(write_back)[1:])  # the loops under the task's
+    schedule_dense(sch, lead, p.intrin(scaled), lanes=p.lanes, kwidth=p.kwidth,
+                   max_block_tile=max(1, 4 // p.blocks))
     return _finish(sch, name or f"fliqs_dense_vnni_{next(_COUNTER)}")
 
 

@@ -115,16 +115,19 @@ def test_indices_are_not_narrowed_where_int32_would_overflow():
 
 
 class TokenMLP(nn.Module):
-    """A transformer MLP on [B, T, 32] tokens, every Linear int8 on the VNNI dense kernel: s8
-    input → Linear(32, 64) → GELU → u8 → Linear(64, 32) + residual → s8 → Linear(32, 40) (a head
-    of 40 outputs: computed as 48, sliced)."""
+    """A transformer MLP on [B, T, 32] tokens: s8 input → Linear(32, 64) → GELU → u8 →
+    Linear(64, 32) + residual → s8 → Linear(32, 40) (a head of 40 outputs: computed as 48,
+    sliced). Every Linear int8 (the VNNI dense kernel), or the middle one ``middle``: "float"
+    (the fp32 FMA kernel) or "fp8_e4m3" (the bf16 kernel)."""
 
-    def __init__(self):
+    def __init__(self, middle: str = "int8"):
         super().__init__()
         torch.manual_seed(0)
         self.fc1, self.fc2, self.head = nn.Linear(32, 64), nn.Linear(64, 32), nn.Linear(32, 40)
-        self.wq = nn.ModuleList(weight_quantizer("int8", f.weight) for f in (self.fc1, self.fc2, self.head))
-        self.aq = nn.ModuleList([act_quantizer("int8", 0.03), act_quantizer("uint8", 0.02),
+        self.wq = nn.ModuleList(weight_quantizer(f, m.weight) for f, m in
+                                zip(("int8", middle, "int8"), (self.fc1, self.fc2, self.head)))
+        self.aq = nn.ModuleList([act_quantizer("int8", 0.03),
+                                 act_quantizer("uint8" if middle == "int8" else middle, 0.02),
                                  act_quantizer("int8", 0.05)])
 
     def forward(self, x):
@@ -133,26 +136,35 @@ class TokenMLP(nn.Module):
         return nn.functional.linear(self.aq[2](y), self.wq[2](self.head.weight), self.head.bias)
 
 
-def _token_graph(shape):
-    gm = torch.fx.symbolic_trace(TokenMLP().eval())
+def _token_graph(shape, middle="int8"):
+    gm = torch.fx.symbolic_trace(TokenMLP(middle).eval())
     g = Graph(gm, [InputSpec("x", shape)], name="tokens")
     for i, node in enumerate(n for n in gm.graph.nodes if getattr(n.target, "__name__", "") == "linear"):
         g.layers[f"fc{i + 1}"] = LayerInfo(f"fc{i + 1}", "linear", node.name)
     return g
 
 
+MIDDLE_KERNEL = {"int8": "vnni", "float": "fp32-fma", "fp8_e4m3": "bf16-dpbf16ps"}
+
+
 @needs_vnni
-@pytest.mark.parametrize("shape", [(1, 12, 32), (2, 5, 32)], ids=["1x12", "2x5"])
-def test_dense_epilogues_run_in_the_kernel_write_back_and_match_the_unfused_build(tmp_path, shape):
-    """The Linears on [B, T, C] tokens write the layer's leading dims themselves, so their
+@pytest.mark.parametrize("shape,middle", [((1, 12, 32), "int8"), ((2, 5, 32), "int8"),
+                                          ((2, 5, 32), "float"), ((1, 12, 32), "fp8_e4m3")],
+                         ids=["1x12", "2x5", "2x5-fp32", "1x12-bf16"])
+def test_dense_epilogues_run_in_the_kernel_write_back_and_match_the_unfused_build(tmp_path, shape, middle):
+    """The Linears on [B, T, C] tokens — on the VNNI dense kernel, and the middle one on the fp32
+    or bf16 one too — write the layer's leading dims themselves, so their
     epilogues (s8 shift correction, the head's slice of its padded channels, rescale, bias, GELU,
     residual add, next quantizer) fuse into the write-back: no int32 tensor between functions.
     Bit-identical to the unfused build, on inputs far outside the quantizers' range; rows of 5
     tokens (a tile of 1 row)."""
     import tvm
     from tvm import relax
-    low = TL.lower(_token_graph(shape), "llvm", tmp_path)
-    assert all(low.executed[f"fc{i}"]["kernel"] == "vnni" for i in (1, 2, 3)), low.executed
+    if middle == "fp8_e4m3" and not parse_target("llvm").caps.has("avx512bf16"):
+        pytest.skip("no AVX512-BF16")
+    low = TL.lower(_token_graph(shape, middle), "llvm", tmp_path)
+    kernels = [low.executed[f"fc{i}"]["kernel"] for i in (1, 2, 3)]
+    assert kernels == ["vnni", MIDDLE_KERNEL[middle], "vnni"], low.executed
     calls = _kernel_calls(TL.fuse_pipeline()(low.mod))
     assert len(calls) == 3 and all(only for _, _, only in calls), calls
     assert all(name.startswith("fused_") and dt != "int32" for name, dt, _ in calls), calls
@@ -161,5 +173,5 @@ def test_dense_epilogues_run_in_the_kernel_write_back_and_match_the_unfused_buil
     out = vm["main"](tvm.runtime.tensor(x.numpy(), tvm.cpu())).numpy()
     plain = relax.VirtualMachine(_compile_plain(low.mod), tvm.cpu())
     np.testing.assert_array_equal(out, plain["main"](tvm.runtime.tensor(x.numpy(), tvm.cpu())).numpy())
-    ref = TokenMLP().eval()(x).detach().numpy()
+    ref = TokenMLP(middle).eval()(x).detach().numpy()
     assert np.abs(out - ref).max() <= 0.05 * np.abs(ref).max()  # the fake-quant graph, to a few codes
