@@ -69,8 +69,10 @@ def _version(dist: str) -> str:
 # in with any hand kernel, not only VNNI: tvm_measure.model_layout;
 # 8: int4 / int2 weights packed inside the VNNI kernels, tvm_packed_weights;
 # 9: conv epilogues fused into the kernels' write-back, tvm_epilogue;
-# 10: erf / exp / tanh and GELU, sigmoid, SiLU, softmax as vectorized polynomials, tvm_fast_math).
-MICROGRAPH_FORM = "10"
+# 10: erf / exp / tanh and GELU, sigmoid, SiLU, softmax as vectorized polynomials, tvm_fast_math;
+# 11: the dense kernels write the layer's leading dims and take their Linear's epilogue, and
+# depthwise convs run in NHWC, tvm_layout.depthwise).
+MICROGRAPH_FORM = "11"
 
 
 def library_versions() -> dict:
