@@ -90,7 +90,7 @@ def float_rewrite(mod, names: dict, weight_consts: list, ops: FloatKernelOps):
                                 relax.const(ops.pack_dense(g.padded_weight(w, np.float32)))],
                            relax.TensorType(g.leading_output_shape, "float32"))
         done[name] = sym
-        return g.layer_output(y, leading=True)
+        return g.layer_output(y)
 
     def rewrite_conv(call, matches):
         a, w = matches[data], matches[w_pat]

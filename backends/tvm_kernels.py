@@ -419,7 +419,7 @@ def vnni_rewrite(mod, names: dict, weight_consts: list):
         if not unsigned:
             y = op.subtract(y, relax.const((128 * wn.astype(np.int32).sum(1)).astype(np.int32)))
         done[name] = sym
-        return g.layer_output(y, leading=True)
+        return g.layer_output(y)
 
     def rewrite_conv(call, matches):
         a, w = matches[data], matches[w_pat]

@@ -66,18 +66,16 @@ class DenseGeometry:
 
     @property
     def leading_output_shape(self) -> tuple:
-        """``[*lead, np_]``: the output of a kernel that writes the layer's leading dims itself
-        (``tvm_kernels.dense_vnni``), so no reshape ends the fusion of the ops after it."""
+        """``[*lead, np_]``: the dense kernels write the layer's leading dims themselves
+        (``tvm_kernels.leading_write_back``), so no reshape ends the fusion of the ops after them."""
         return (*self.lead, self.np_)
 
-    def layer_output(self, y, leading: bool = False):
-        """The kernel's output ``y`` — ``[M, np_]``, or ``leading_output_shape`` when
-        ``leading`` — as the layer's ``[*lead, N]``."""
+    def layer_output(self, y):
+        """The kernel's output ``y`` (``leading_output_shape``) as the layer's ``[*lead, N]``."""
         from tvm.relax import op
-        axis = len(self.lead) if leading else 1
-        if self.np_ != self.n:
-            y = op.strided_slice(y, axes=[axis], begin=[0], end=[self.n])
-        return op.reshape(y, list(self.lead) + [self.n]) if len(self.lead) > 1 and not leading else y
+        if self.np_ == self.n:
+            return y
+        return op.strided_slice(y, axes=[len(self.lead)], begin=[0], end=[self.n])
 
 
 @dataclass(frozen=True)
