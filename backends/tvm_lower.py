@@ -684,6 +684,7 @@ def _tune(mod, target: Target, work_dir: Path, tuning: Tuning, build_timeout_s: 
     per_round = tuning.per_round
     from tvm.s_tir import meta_schedule as ms
     from fliqs_compiler.backends.devices import device_for
+    from fliqs_compiler.backends.tvm_tensor_intrin import import_tensor_intrin
     tgt = target.tvm()
     with tgt:
         mod = transform.Sequential([relax.transform.DecomposeOpsForInference(),
@@ -698,6 +699,7 @@ def _tune(mod, target: Target, work_dir: Path, tuning: Tuning, build_timeout_s: 
             log(f"MetaSchedule: {len(tasks)} tasks, {len(tasks) - len(todo)} reused from "
                 f"{work_dir}, {len(todo) if trials > 0 else 0} to tune")
         if trials > 0 and todo:
+            import_tensor_intrin()  # what TuneContext imports, in seconds rather than ~25 s
             with _unnamed_handlers_detached(_MS_LOGGER):
                 contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
                     todo, str(work_dir), space="post-order-apply", strategy="evolutionary")
@@ -706,7 +708,9 @@ def _tune(mod, target: Target, work_dir: Path, tuning: Tuning, build_timeout_s: 
                     tasks=contexts, task_weights=weights, work_dir=str(work_dir),
                     max_trials_global=max(trials, per_task), max_trials_per_task=per_task,
                     num_trials_per_iter=min(64, max(1, per_round or per_task)), database=database,
-                    builder=ms.builder.LocalBuilder(timeout_sec=build_timeout_s), runner=runner)
+                    builder=ms.builder.LocalBuilder(timeout_sec=build_timeout_s,
+                                                    initializer=import_tensor_intrin),
+                    runner=runner)
         with database:  # the database already in memory: no second read of the JSON files
             mod = relax.transform.MetaScheduleApplyDatabase()(mod)
     return mod
