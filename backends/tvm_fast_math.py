@@ -78,7 +78,7 @@ FAST = {
 def vectorizable(mod):
     """``mod`` with every float32 call of a ``FAST`` op in its Relax functions replaced by
     ``call_te`` of the polynomial form (module docstring); the rest unchanged."""
-    from fliqs_compiler.backends.tvm_layout import rewrite_calls
+    from fliqs_compiler.backends.tvm_relax import rewrite_calls
 
     def rewrite(builder, call):
         entry = FAST.get(getattr(call.op, "name", None))

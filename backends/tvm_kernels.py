@@ -44,7 +44,8 @@ from fliqs_compiler.backends.tvm_fp32 import fp32_rewrite
 from fliqs_compiler.backends import tvm_packed_weights as packed
 from fliqs_compiler.backends.tvm_epilogue import EPILOGUE_SITE, mark_kernel_blocks
 from fliqs_compiler.backends.tvm_layout import (CONV_LAYOUTS, ConvGeometry, DenseGeometry,  # noqa: F401
-                                                calls, ceil_to, choose_layout, nhwc_ready)
+                                                ceil_to, choose_layout, nhwc_ready)
+from fliqs_compiler.backends.tvm_relax import calls  # noqa: F401  (K.calls: kernels' callers use it)
 
 __all__ = ["Kernel", "KERNELS", "BF16_KERNEL", "FP32_KERNEL", "kernels_for", "leading_write_back", "schedule_dense", "choose_layout", "nhwc_ready", "ConvGeometry", "DenseGeometry", "VNNI_INTRIN", "register_intrinsics", "has_vnni", "pack_dense_weight",
            "pack_conv_weight", "dense_vnni_supported", "conv_vnni_supported",
