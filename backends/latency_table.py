@@ -71,8 +71,9 @@ def _version(dist: str) -> str:
 # 9: conv epilogues fused into the kernels' write-back, tvm_epilogue;
 # 10: erf / exp / tanh and GELU, sigmoid, SiLU, softmax as vectorized polynomials, tvm_fast_math;
 # 11: the dense kernels write the layer's leading dims and take their Linear's epilogue, and
-# depthwise convs run in NHWC, tvm_layout.depthwise).
-MICROGRAPH_FORM = "11"
+# depthwise convs run in NHWC, tvm_layout.depthwise; 12: quantizers' rounding vectorized,
+# tvm_compat.vectorizable_nearbyint).
+MICROGRAPH_FORM = "12"
 
 
 def library_versions() -> dict:

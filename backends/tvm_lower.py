@@ -641,7 +641,8 @@ def compile_module(mod, target: Target, *, tuning: Optional[Tuning] = None, fuse
     """
     import tvm
     from tvm import relax
-    from fliqs_compiler.backends import tvm_fast_math, tvm_schedules
+    from fliqs_compiler.backends import tvm_compat, tvm_fast_math, tvm_schedules
+    tvm_compat.vectorizable_nearbyint()
     tgt = target.tvm()
     if tuning is not None or fuse or schedule:  # not TVM's default build: that one stays as is
         mod = tvm_fast_math.vectorizable(mod)
@@ -684,7 +685,7 @@ def _tune(mod, target: Target, work_dir: Path, tuning: Tuning, build_timeout_s: 
     per_round = tuning.per_round
     from tvm.s_tir import meta_schedule as ms
     from fliqs_compiler.backends.devices import device_for
-    from fliqs_compiler.backends.tvm_tensor_intrin import import_tensor_intrin
+    from fliqs_compiler.backends.tvm_compat import builder_worker_setup, import_tensor_intrin
     tgt = target.tvm()
     with tgt:
         mod = transform.Sequential([relax.transform.DecomposeOpsForInference(),
@@ -709,7 +710,7 @@ def _tune(mod, target: Target, work_dir: Path, tuning: Tuning, build_timeout_s: 
                     max_trials_global=max(trials, per_task), max_trials_per_task=per_task,
                     num_trials_per_iter=min(64, max(1, per_round or per_task)), database=database,
                     builder=ms.builder.LocalBuilder(timeout_sec=build_timeout_s,
-                                                    initializer=import_tensor_intrin),
+                                                    initializer=builder_worker_setup),
                     runner=runner)
         with database:  # the database already in memory: no second read of the JSON files
             mod = relax.transform.MetaScheduleApplyDatabase()(mod)

@@ -1,0 +1,62 @@
+"""Quantizers that vectorize (``backends/tvm_compat.py``, ``vectorizable_nearbyint``) A/B, in one
+process: TVM 0.27 does not mark ``tirx.nearbyint`` (Relax's ``round``: every quantizer's round
+half even) vectorizable, so its vectorizer scalarizes every loop that rounds, and LLVM rebuilds
+the loop from gathers and per-byte extracts. onnxruntime's int8 QDQ model (its own
+``quantize_static``, per channel) and OpenVINO int8 on it are the anchors.
+
+Variants: ``vectorized`` (as shipped: the attribute set before every build) and ``scalarized``
+(TVM as released: the attribute reset, the fix not applied). Models (``--model``): ``mobilenet``
+(``examples.toy_models.MobileNetV2Small`` @224: a standalone quantizer after the stem, another
+on the input), ``resnet18`` (@224). Configs: ``int8`` (every layer), ``int8-float-ends``
+(``fliqs compile``'s default), ``mixed`` (int8 / int4 / fp8_e4m3 in turn).
+
+    python bench/vector_rounding.py [--model mobilenet] [--rounds 5] [--json out.json]
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TVM_NUM_THREADS", "2")
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
+
+import latency as L  # noqa: E402
+from ab import against_int8_peers, finish, parse_args  # noqa: E402
+from fliqs_compiler import passes  # noqa: E402
+from fliqs_compiler.backends import tvm_compat  # noqa: E402
+
+
+@contextlib.contextmanager
+def _as_released():
+    """TVM 0.27 as released while a variant is lowered: ``tirx.nearbyint`` not vectorizable."""
+    import tvm
+    shipped = tvm_compat.vectorizable_nearbyint
+    tvm_compat.vectorizable_nearbyint = lambda: None
+    tvm.ir.Op.get("tirx.nearbyint").reset_attr("TVectorizable")
+    try:
+        yield
+    finally:
+        tvm_compat.vectorizable_nearbyint = shipped
+        shipped()
+
+
+VARIANTS = {"vectorized": contextlib.nullcontext, "scalarized": _as_released}
+MODELS = {"mobilenet": "mobilenet", "resnet18": "resnet18"}
+
+
+def main(argv=None):
+    args = parse_args(__doc__, argv, MODELS)
+    _, model, shape = next(L._models([args.model]))
+    sg, x = L._calibrated(model, shape)
+    configs = {"int8": L._int8_formats(sg), "int8-float-ends": L._int8_formats(sg, float_ends=True),
+               "mixed": L._mixed_formats(sg)}
+    graphs = {c: passes.materialize(sg, f) for c, f in configs.items()}
+    rows, anchor_rounds = against_int8_peers(graphs, passes.materialize(sg, {}), x, VARIANTS,
+                                             args.rounds, L._kernel_counts)
+    finish(args, rows, model=args.model, anchor_samples=anchor_rounds)
+
+
+if __name__ == "__main__":
+    main()
