@@ -72,7 +72,7 @@ def _version(dist: str) -> str:
 # 10: erf / exp / tanh and GELU, sigmoid, SiLU, softmax as vectorized polynomials, tvm_fast_math;
 # 11: the dense kernels write the layer's leading dims and take their Linear's epilogue, and
 # depthwise convs run in NHWC, tvm_layout.depthwise; 12: quantizers' rounding vectorized,
-# tvm_compat.vectorizable_nearbyint).
+# tvm_compat.vectorizable_nearbyint, and pools read their input without a padded copy).
 MICROGRAPH_FORM = "12"
 
 

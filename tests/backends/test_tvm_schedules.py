@@ -2,6 +2,7 @@
 scheduled, and the scheduled build computes what TVM's default build computes — bit for bit on
 integer paths, within float rounding on fp32 — on odd shapes, with and without VNNI."""
 import json
+import re
 
 import numpy as np
 import pytest
@@ -96,6 +97,48 @@ def test_layernorm_softmax_take_tvm_reduction_rule():
     low, plain = lower(g, "llvm"), lower(g, "llvm", schedule=False)
     assert low.schedules["dlight.cpu.Reduction"] >= 1 and low.schedules["unscheduled"] == 0
     np.testing.assert_allclose(low.run([x])[0], plain.run([x])[0], rtol=1e-5, atol=1e-6)
+
+
+def _scheduled_allocs(build_op, shape):
+    """(scheduled PrimFunc's intermediate buffer shapes, module) of one legalized Relax op on a
+    float32 NHWC input of ``shape``."""
+    from tvm import relax
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(shape, "float32"))
+    with bb.function("main", [x]):
+        bb.emit_func_output(bb.emit(build_op(x)))
+    tgt = HOST.tvm()
+    with tgt:
+        mod = relax.transform.LegalizeOps()(bb.get())
+    scheduled, _ = S.schedule(mod, tgt)
+    (prim,) = [f for gv, f in scheduled.functions_items() if gv.name_hint != "main"]
+    text = re.sub(r"T\.int64\((\d+)\)", r"\1", prim.script())
+    allocs = re.findall(r"sblock_alloc_buffer\(\(([0-9, ]+)\)", text)
+    return [tuple(int(d) for d in a.split(",")) for a in allocs], scheduled, mod
+
+
+def test_pool_reads_its_input_in_place_of_a_padded_copy():
+    """A padded max pool reads its input directly (the pad inlined: no padded copy of it), a
+    padded conv keeps its padded copy (inlined there it would run once per multiply-accumulate);
+    the pool's result equals TVM's unscheduled build."""
+    import tvm
+    from tvm import relax
+    shape = (1, 13, 13, 20)
+    pool = lambda x: relax.op.nn.max_pool2d(x, (3, 3), (2, 2), (1, 1, 1, 1), layout="NHWC")
+    allocs, scheduled, plain = _scheduled_allocs(pool, shape)
+    assert (1, 15, 15, 20) not in allocs, allocs
+    w = relax.const(np.ones((3, 3, 1, 20), np.float32))
+    conv = lambda x: relax.op.nn.conv2d(x, w, padding=(1, 1), groups=20, data_layout="NHWC",
+                                       kernel_layout="HWIO")
+    assert (1, 15, 15, 20) in _scheduled_allocs(conv, shape)[0]  # the control
+    x = _input(shape)
+    outs = []
+    for mod in (scheduled, plain):
+        ex, reverted = S.build(mod, plain, HOST.tvm()) if mod is scheduled else (
+            tvm.compile(mod, target=HOST.tvm()), [])
+        assert not reverted
+        outs.append(relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy())
+    np.testing.assert_array_equal(outs[0], outs[1])
 
 
 def test_unbuildable_schedule_is_put_back():
