@@ -1,16 +1,20 @@
-"""Quantizers that vectorize (``backends/tvm_compat.py``, ``vectorizable_nearbyint``) A/B, in one
-process: TVM 0.27 does not mark ``tirx.nearbyint`` (Relax's ``round``: every quantizer's round
-half even) vectorizable, so its vectorizer scalarizes every loop that rounds, and LLVM rebuilds
-the loop from gathers and per-byte extracts. onnxruntime's int8 QDQ model (its own
-``quantize_static``, per channel) and OpenVINO int8 on it are the anchors.
+"""Two fixes to the loops of untuned TVM builds A/B, in one process, with onnxruntime's int8 QDQ
+model (its own ``quantize_static``, per channel) and OpenVINO int8 on it as anchors:
 
-Variants: ``vectorized`` (as shipped: the attribute set before every build) and ``scalarized``
-(TVM as released: the attribute reset, the fix not applied). Models (``--model``): ``mobilenet``
+- quantizers that vectorize (``backends/tvm_compat.py``, ``vectorizable_nearbyint``): TVM 0.27
+  does not mark ``tirx.nearbyint`` (Relax's ``round``: every quantizer's round half even)
+  vectorizable, so its vectorizer scalarizes every loop that rounds, and LLVM rebuilds the loop
+  from gathers and per-byte extracts;
+- pools that read their input in place (``backends/tvm_schedules.py``, ``_window_reduction``):
+  the pad is inlined into the pool instead of written out as a padded copy first.
+
+Variants: ``shipped`` (both fixes), ``scalarized`` (TVM as released: the attribute reset),
+``pad-copied`` (the pool's padded copy back). Models (``--model``): ``mobilenet``
 (``examples.toy_models.MobileNetV2Small`` @224: a standalone quantizer after the stem, another
 on the input), ``resnet18`` (@224). Configs: ``int8`` (every layer), ``int8-float-ends``
 (``fliqs compile``'s default), ``mixed`` (int8 / int4 / fp8_e4m3 in turn).
 
-    python bench/vector_rounding.py [--model mobilenet] [--rounds 5] [--json out.json]
+    python bench/vector_loops.py [--model mobilenet] [--rounds 5] [--json out.json]
 """
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).res
 import latency as L  # noqa: E402
 from ab import against_int8_peers, finish, parse_args  # noqa: E402
 from fliqs_compiler import passes  # noqa: E402
-from fliqs_compiler.backends import tvm_compat  # noqa: E402
+from fliqs_compiler.backends import tvm_compat, tvm_schedules  # noqa: E402
 
 
 @contextlib.contextmanager
@@ -42,7 +46,18 @@ def _as_released():
         shipped()
 
 
-VARIANTS = {"vectorized": contextlib.nullcontext, "scalarized": _as_released}
+@contextlib.contextmanager
+def _pad_copied():
+    """Pools as before: no producer inlined into any reduction."""
+    shipped = tvm_schedules._window_reduction
+    tvm_schedules._window_reduction = lambda sch, block: False
+    try:
+        yield
+    finally:
+        tvm_schedules._window_reduction = shipped
+
+
+VARIANTS = {"shipped": contextlib.nullcontext, "scalarized": _as_released, "pad-copied": _pad_copied}
 MODELS = {"mobilenet": "mobilenet", "resnet18": "resnet18"}
 
 
