@@ -47,7 +47,7 @@ from fliqs_compiler.backends.tvm_layout import (CONV_LAYOUTS, ConvGeometry, Dens
                                                 ceil_to, choose_layout, nhwc_ready)
 from fliqs_compiler.backends.tvm_relax import calls  # noqa: F401  (K.calls: kernels' callers use it)
 
-__all__ = ["Kernel", "KERNELS", "BF16_KERNEL", "FP32_KERNEL", "kernels_for", "leading_write_back", "schedule_dense", "choose_layout", "nhwc_ready", "ConvGeometry", "DenseGeometry", "VNNI_INTRIN", "register_intrinsics", "has_vnni", "pack_dense_weight",
+__all__ = ["Kernel", "KERNELS", "INSTRUCTION_IR", "BF16_KERNEL", "FP32_KERNEL", "kernels_for", "leading_write_back", "schedule_dense", "choose_layout", "nhwc_ready", "ConvGeometry", "DenseGeometry", "VNNI_INTRIN", "register_intrinsics", "has_vnni", "pack_dense_weight",
            "pack_conv_weight", "dense_vnni_supported", "conv_vnni_supported",
            "conv_vnni_applicable", "dense_vnni", "conv2d_nhwc_vnni", "vnni_rewrite", "vnni_weight_bits",
            "vnni_storage", "fp_round_te"]
@@ -528,12 +528,21 @@ def fp_round_te(x, mbits: int, max_finite: float, min_normal: float, min_subnorm
 
 
 # ---- which kernels a target gets: chosen from its capabilities, as data -------------------------
+# Each kernel instruction as the optimized LLVM IR calls it (``tvm_lower.instruction_calls``):
+# TVM emits the VNNI / bf16 dot products as these x86 intrinsics and the fp32 kernel's
+# multiply-adds as vector FMAs; each call is one instruction in the machine code.
+INSTRUCTION_IR = {"vpdpbusd": r"@llvm\.x86\.avx512\.vpdpbusd\.",
+                  "vdpbf16ps": r"@llvm\.x86\.avx512bf16\.dpbf16ps\.",
+                  "vfmadd": r"@llvm\.(?:fma|fmuladd)\.v\d+f32\("}
+
+
 @dataclass(frozen=True)
 class Kernel:
     """A scheduled kernel for the layers one compute rule (``tvm_lower.COMPUTE_RULES``) matched,
     available on targets whose capabilities have every feature in ``needs``. ``rewrite(mod,
     names, weight_consts) -> (mod, {layer name: kernel symbol})`` swaps it in after translation.
-    A layer is reported on the kernel only when its compiled function contains ``instruction``;
+    A layer is reported on the kernel only when its compiled function contains ``instruction``
+    (its intrinsic in the LLVM IR, ``INSTRUCTION_IR``);
     ``storage``: its pre-packed weight dtype; ``fallback``: what a layer of ``compute_rule`` the
     rewrite could not take runs as. The rewrite sees only the weights of its own rule's layers
     (``compute_rule``; "fp32" for layers without a native rule)."""

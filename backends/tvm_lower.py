@@ -47,6 +47,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -68,7 +69,8 @@ from fliqs_compiler.backends.tvm_float_rewrite import float_conv_applicable  # n
 from fliqs_compiler.backends.targets import Target, cross_compiler, parse_target  # noqa: E402
 
 __all__ = ["QTensor", "Lowered", "Tuning", "lower", "translate", "compile_module", "WEIGHT_RULES",
-           "ACT_RULES", "COMPUTE_RULES", "asm_functions", "fuse_pipeline"]
+           "ACT_RULES", "COMPUTE_RULES", "ir_functions", "kernel_ir", "instruction_calls",
+           "fuse_pipeline"]
 
 _TVM_CAST = {"float8_e4m3fn": "float8_e4m3fn", "float8_e5m2": "float8_e5m2",
              "bfloat16": "bfloat16", "float16": "float16"}  # np dtype name -> TVM dtype we cast to
@@ -752,33 +754,26 @@ def _safe(key: str) -> str:
     return hashlib.sha1(key.encode()).hexdigest()[:12]
 
 
-def asm_functions(asm: str) -> dict:
-    """Split x86 assembly text into {function symbol: body text}.
-
-    Functions are the ``.type X,@function`` labels; TVM's outlined ``.L__tvm_parallel_lambda``
-    bodies follow their parent function and are appended to it."""
-    fn_names = set()
-    for line in asm.splitlines():
-        s = line.strip()
-        if s.startswith(".type") and "@function" in s:
-            fn_names.add(s[len(".type"):].split(",")[0].strip())
-    out, name, buf = {}, None, []
-    for line in asm.splitlines():
-        label = line[:-1] if line and not line[0].isspace() and line.endswith(":") else None
-        if label in fn_names and not label.startswith(".L"):
-            if name:
-                out[name] = "\n".join(buf)
-            name, buf = label, []
-        elif name:
-            buf.append(line)
-    if name:
-        out[name] = "\n".join(buf)
-    return out
+def ir_functions(ll: str) -> dict:
+    """Split LLVM IR text (``inspect_source("ll")``) into {function name: body text}."""
+    return dict(re.findall(r"^define [^@]*@([\w.$]+)\((.*?)^}", ll, re.M | re.S))
 
 
-def _kernel_asm(fns: dict, sym: str) -> str:
-    """The assembly of PrimFunc ``sym``: its packed wrapper and its compute body."""
-    return "\n".join(fns.get(k, "") for k in (sym, f"{sym}_compute_", f"__tvm_ffi_{sym}"))
+def kernel_ir(fns: dict, sym: str) -> str:
+    """The IR of PrimFunc ``sym``: its packed wrapper, its compute body and the parallel-loop
+    bodies (``__tvm_parallel_lambda*``) they launch, followed transitively."""
+    seen, todo = [], [k for k in (f"__tvm_ffi_{sym}", sym, f"{sym}_compute_") if k in fns]
+    while todo:
+        name = todo.pop()
+        if name not in seen:
+            seen.append(name)
+            todo += [f for f in re.findall(r"@(__tvm_parallel_lambda[\w.]*)", fns[name]) if f in fns]
+    return "\n".join(fns[k] for k in seen)
+
+
+def instruction_calls(ir: str, instruction: str) -> int:
+    """Calls of ``instruction``'s LLVM intrinsic (``tvm_kernels.INSTRUCTION_IR``) in ``ir``."""
+    return len(re.findall(r"call [^\n]*" + K.INSTRUCTION_IR[instruction], ir))
 
 
 @dataclass
@@ -790,7 +785,7 @@ class Lowered:
     executed: dict
     target: Target
     mod: object = None
-    asm_stats: dict = field(default_factory=dict)
+    instruction_counts: dict = field(default_factory=dict)  # kernel instructions in the module
     timing_s: dict = field(default_factory=dict)
     schedules: dict = field(default_factory=dict)  # functions per tvm_schedules rule ({} unscheduled)
     _vm: object = None
@@ -919,21 +914,23 @@ def lower(graph, target, out_dir=None, *, tuning: Optional[Tuning] = None, vnni:
     t1 = time.perf_counter()
     ex, schedules = compile_module(mod, target, tuning=tuning, fuse=fuse, schedule=schedule)
     times["compile"] = time.perf_counter() - t1
-    asm = ex.mod.imports[0].inspect_source("asm") if ex.mod.imports else ""
-    fns = asm_functions(asm)
-    stats = {"vpdpbusd": asm.count("vpdpbusd"), "vdpbf16ps": asm.count("vdpbf16ps"),
-             "vpmaddubsw": asm.count("vpmaddubsw")}
+    # What each kernel really compiled to, from the optimized LLVM IR: its intrinsic calls are
+    # the instructions (one each). Not the assembly: printing it re-runs LLVM's code generation,
+    # measured 2.7 s of an 11 s MobileNetV2 lowering against 0.11 s for the IR.
+    ir = ex.mod.imports[0].inspect_source("ll") if ex.mod.imports else ""
+    fns = ir_functions(ir)
+    stats = {i: instruction_calls(ir, i) for i in ("vpdpbusd", "vdpbf16ps")}
     executed = {}
     kernel_only = {rule.name for rule in COMPUTE_RULES if rule.kernel_only}
     for r, name in zip(records, names):
-        # a kernel-only rule's layer is on its kernel only once the asm shows it; until then it
-        # runs fp32 loops on the codes
+        # a kernel-only rule's layer is on its kernel only once its compiled code shows it; until
+        # then it runs fp32 loops on the codes
         label = "fp32" if r.rule in kernel_only else (r.rule or "fp32")
         entry = {"dtype": r.dtype, "kernel": label, "weight": r.weight_fmt,
                  "activation": r.act_fmt, "weight_storage": r.storage, "op": r.op}
         kernel, sym = kernel_layers.get(name, (None, None))
         if sym is not None:
-            n_dp = _kernel_asm(fns, sym).count(kernel.instruction)
+            n_dp = instruction_calls(kernel_ir(fns, sym), kernel.instruction)
             entry[kernel.instruction] = n_dp
             if n_dp:  # only what the layer's compiled function really contains
                 entry["kernel"] = kernel.name
@@ -951,7 +948,7 @@ def lower(graph, target, out_dir=None, *, tuning: Optional[Tuning] = None, vnni:
     if out_dir is not None:
         path = Path(out_dir) / "tvm" / "model.so"
         _write_library(ex, path, fcompile)
-        meta = {"target": target.tvm_target, "executed": executed, "asm": stats,
+        meta = {"target": target.tvm_target, "executed": executed, "instructions": stats,
                 "schedules": schedules}
         atomic.write_text(path.with_suffix(".json"), json.dumps(meta, indent=1))
     times["total"] = time.perf_counter() - t0

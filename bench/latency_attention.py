@@ -84,7 +84,7 @@ def model_rows(name, model, calib, rounds):
                      "ms": ms, "min_ms": min(times[v]),
                      "rounds_ms": [round(t, 3) for t in times[v]],
                      "ratio_to_ort_fp32": ms / base, "build_s": round(build_s, 1),
-                     "attention_kernels": kernels, "vpdpbusd": low.asm_stats["vpdpbusd"]})
+                     "attention_kernels": kernels, "vpdpbusd": low.instruction_counts["vpdpbusd"]})
     return rows
 
 

@@ -16,6 +16,7 @@ import pytest
 import torch
 from torch import nn
 
+from asm import asm_functions, kernel_asm
 from fliqs_compiler.backends import tvm_attention as A
 from fliqs_compiler.backends import tvm_kernels as K
 from fliqs_compiler.backends import tvm_lower as TL
@@ -123,7 +124,7 @@ def test_rewrite_is_bit_exact_on_odd_shapes(shapes, signs):
     a, b = _codes(a_shape, a_dtype, rng), _codes(b_shape, b_dtype, rng)
     out, asm = _run(new, a, b)
     np.testing.assert_array_equal(out, np.matmul(a.astype(np.int64), b.astype(np.int64)))
-    assert "vpdpbusd" in TL._kernel_asm(TL.asm_functions(asm), "fliqs_vnni_att")
+    assert "vpdpbusd" in kernel_asm(asm_functions(asm), "fliqs_vnni_att")
 
 
 @needs_vnni
@@ -241,7 +242,7 @@ def test_without_vnni_in_the_target_the_rewrite_is_not_applied():
     _, g = _attention_graph()
     assert "avx512vnni" not in parse_target(NO_VNNI).caps.features
     low = TL.lower(g, NO_VNNI)
-    assert low.asm_stats["vpdpbusd"] == 0 and "fliqs_vnni" not in low.mod.script()
+    assert low.instruction_counts["vpdpbusd"] == 0 and "fliqs_vnni" not in low.mod.script()
     for name in ("att.scores", "att.context"):
         assert low.executed[name]["kernel"] == "int8"
     x = [t.numpy() for t in _qkv()]

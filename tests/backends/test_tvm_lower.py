@@ -65,7 +65,29 @@ def test_vnni_kernel_realized_and_exact(tmp_path):
         e = low.executed[name]
         assert e["kernel"] == "vnni" and e["vpdpbusd"] > 0, e
     assert low.executed["features.conv"]["dtype"] == "int8xint8->int32"  # s8 shifted to u8
-    assert low.asm_stats["vpdpbusd"] >= 2
+    assert low.instruction_counts["vpdpbusd"] >= 2
+
+
+@pytest.mark.skipif(not HOST_VNNI, reason="host CPU has no AVX512-VNNI")
+def test_kernel_report_from_the_ir_matches_the_machine_code():
+    """``executed`` / ``instruction_counts`` read each kernel's instruction from the optimized
+    LLVM IR (the assembly costs seconds to print): every function the IR says calls the VNNI
+    dot product (int8 model) or vector FMAs (float model: the fp32 kernel) has that instruction
+    in its machine code, and for VNNI no other function has it."""
+    from asm import asm_functions, kernel_asm
+    from fliqs_compiler.backends import tvm_lower as TL
+    for fmt, instr in (("int8", "vpdpbusd"), ("float", "vfmadd")):
+        low = lower(graph_of(ConvLinear(fmt, fmt)), "llvm")
+        mod = low.executable.mod.imports[0]
+        fi, fa = TL.ir_functions(mod.inspect_source("ll")), asm_functions(mod.inspect_source("asm"))
+        syms = {n[:-len("_compute_")] for n in fi if n.endswith("_compute_")}
+        on = {s for s in syms if TL.instruction_calls(TL.kernel_ir(fi, s), instr)}
+        assert on and all(instr in kernel_asm(fa, s) for s in on), (fmt, on)
+        if instr == "vpdpbusd":
+            assert on == {s for s in syms if instr in kernel_asm(fa, s)}
+            assert low.instruction_counts[instr] == sum(
+                TL.instruction_calls(TL.kernel_ir(fi, s), instr) for s in on)
+        assert any(e.get(instr, 0) > 0 for e in low.executed.values()), low.executed
 
 
 class TokenLinear(nn.Module):

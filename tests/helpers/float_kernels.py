@@ -32,7 +32,8 @@ def compiled_op(build, weight, rewrite, instruction: str, target=None):
     import tvm
     from tvm import relax
     from fliqs_compiler.backends.targets import parse_target
-    from fliqs_compiler.backends.tvm_lower import asm_functions, compile_module
+    from asm import asm_functions
+    from fliqs_compiler.backends.tvm_lower import compile_module
     target = target or parse_target("llvm")
 
     def run(x):
