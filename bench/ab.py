@@ -64,6 +64,14 @@ def interleaved_ms(lows: dict, x, rounds: int, extra=None) -> tuple:
     return times, anchor
 
 
+def paired_ratios(base: list, others: dict) -> dict:
+    """``{name: median over rounds of base[i] / samples[i]}``: each round's ratio of the shipped
+    variant to another variant or an anchor timed in the same round. On a box whose speed drifts
+    between rounds (every engine 1.5-2x slower for a while) the paired ratio is steadier than a
+    ratio of medians."""
+    return {k: statistics.median(b / o for b, o in zip(base, v)) for k, v in others.items()}
+
+
 def against_int8_peers(graphs: dict, fp32, x, variants: dict, rounds: int, kernel_counts) -> tuple:
     """The A/B of ``variants`` (the first: as shipped) on every graph of ``graphs``, timed in
     ``rounds`` interleaved rounds with onnxruntime's own int8 QDQ model (``quantize_static`` of
@@ -95,6 +103,9 @@ def against_int8_peers(graphs: dict, fp32, x, variants: dict, rounds: int, kerne
         out = {h: lows[(cfg, h)].run(feed)[0] for h in variants}
         row = {"config": cfg, **{f"{h}_ms": v for h, v in ms.items()},
                **{f"{shipped}_over_{h}": ms[shipped] / ms[h] for h in others},
+               "paired": paired_ratios(times[(cfg, shipped)],
+                                       {**{h: times[(cfg, h)] for h in others},
+                                        **{k: [r[k] for r in anchor_rounds] for k in anchor_ms}}),
                "anchors_ms": anchor_ms, f"anchor_over_{shipped}": {k: v / ms[shipped] for k, v in anchor_ms.items()},
                "kernels": kernel_counts(lows[(cfg, shipped)]),
                "max_abs_diff": {h: float(np.abs(out[shipped] - out[h]).max()) for h in others},
@@ -102,6 +113,8 @@ def against_int8_peers(graphs: dict, fp32, x, variants: dict, rounds: int, kerne
         rows.append(row)
         ab = "  ".join(f"{h} {ms[h]:6.2f} ms ({ms[shipped] / ms[h]:.2f}x)" for h in others)
         ratios = "  ".join(f"{k} {v:.2f} ms (/TVM {v / ms[shipped]:.2f})" for k, v in anchor_ms.items())
+        pairs = "  ".join(f"{k} {v:.2f}" for k, v in row["paired"].items())
         print(f"{cfg:16s} {shipped} {ms[shipped]:6.2f} ms  {ab}  {ratios}  kernels "
-              f"{json.dumps(row['kernels'])}  max |diff| {json.dumps(row['max_abs_diff'])}", flush=True)
+              f"{json.dumps(row['kernels'])}  max |diff| {json.dumps(row['max_abs_diff'])}\n"
+              f"{'':16s} paired per round, {shipped} over: {pairs}", flush=True)
     return rows, anchor_rounds
