@@ -88,9 +88,9 @@ def against_int8_peers(graphs: dict, fp32, x, variants: dict, rounds: int, kerne
     with tempfile.TemporaryDirectory() as work:
         lows = lower_variants(graphs, variants)
         fp32_onnx = export_qdq(fp32, Path(work) / "fp32.onnx")
-        qdq = L._ort_int8_static(fp32_onnx, x, Path(work) / "ort_int8.onnx")
+        qdq = L.ort_int8_static(fp32_onnx, x, Path(work) / "ort_int8.onnx")
         ort = make_session(qdq, L.THREADS)
-        openvino = L._openvino_timer(qdq, feed, 30)
+        openvino = L.openvino_timer(qdq, feed, 30)
 
         def anchors():
             return {"onnxruntime_int8": time_onnx(ort, feed, threads=L.THREADS, repeat=30),

@@ -46,13 +46,13 @@ VARIANTS = {"nhwc": contextlib.nullcontext,
 
 def main(argv=None):
     args = parse_args(__doc__, argv)
-    _, model, shape = next(L._models(["mobilenet"]))
-    sg, x = L._calibrated(model, shape)
-    configs = {"int8": L._int8_formats(sg), "int8-float-ends": L._int8_formats(sg, float_ends=True),
-               "mixed": L._mixed_formats(sg), "fp32": {}}
+    _, model, shape = next(L.models(["mobilenet"]))
+    sg, x = L.calibrated(model, shape)
+    configs = {"int8": L.int8_formats(sg), "int8-float-ends": L.int8_formats(sg, float_ends=True),
+               "mixed": L.mixed_formats(sg), "fp32": {}}
     graphs = {c: passes.materialize(sg, f) for c, f in configs.items()}
     rows, anchor_rounds = against_int8_peers(graphs, passes.materialize(sg, {}), x, VARIANTS,
-                                             args.rounds, L._kernel_counts)
+                                             args.rounds, L.kernel_counts)
     finish(args, rows, model="mobilenet", anchor_samples=anchor_rounds)
 
 

@@ -51,10 +51,10 @@ def _plain_fusion():
 
 def _resnet18():
     """(``{config: Graph}``, the fp32 Graph, the input) of ResNet-18 @224."""
-    _, model, shape = next(L._models(["resnet18"]))
-    sg, x = L._calibrated(model, shape)
-    configs = {"int8": L._int8_formats(sg), "int8-float-ends": L._int8_formats(sg, float_ends=True),
-               "mixed": L._mixed_formats(sg),
+    _, model, shape = next(L.models(["resnet18"]))
+    sg, x = L.calibrated(model, shape)
+    configs = {"int8": L.int8_formats(sg), "int8-float-ends": L.int8_formats(sg, float_ends=True),
+               "mixed": L.mixed_formats(sg),
                "w4a8": {n: {"weight": "int4", "activation": "int8"} for n in sg.layers}}
     return ({c: passes.materialize(sg, f) for c, f in configs.items()}, passes.materialize(sg, {}),
             x)
@@ -63,8 +63,8 @@ def _resnet18():
 def _encoder():
     """The same for ``bench/latency.py``'s 12-block, 384-wide encoder on [1, 128, 384] tokens:
     every Linear on the VNNI dense kernel, whose write-back takes the epilogue too."""
-    name, model, calib = next((n, m, c) for n, m, c in L._transformers() if n.startswith("encoder"))
-    graphs = L._transformer_graphs(model, calib)
+    name, model, calib = next((n, m, c) for n, m, c in L.transformers() if n.startswith("encoder"))
+    graphs = L.transformer_graphs(model, calib)
     return {c: graphs[c] for c in ("int8", "mixed")}, graphs["fp32"], calib[:1]
 
 
@@ -75,7 +75,7 @@ def main(argv=None):
     args = parse_args(__doc__, argv, models=MODELS)
     graphs, fp32, x = MODELS[args.model]()
     variants = {"fused": contextlib.nullcontext, "unfused": _plain_fusion}
-    rows, anchor_rounds = against_int8_peers(graphs, fp32, x, variants, args.rounds, L._kernel_counts)
+    rows, anchor_rounds = against_int8_peers(graphs, fp32, x, variants, args.rounds, L.kernel_counts)
     finish(args, rows, model=args.model, anchor_samples=anchor_rounds)
 
 

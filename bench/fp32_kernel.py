@@ -47,9 +47,9 @@ def _registry(kernels):
 
 def main(argv=None):
     args = parse_args(__doc__, argv)
-    _, model, shape = next(L._models(["resnet18"]))
-    sg, x = L._calibrated(model, shape)
-    configs = {"fp32": {}, "int8-float-ends": L._int8_formats(sg, float_ends=True)}
+    _, model, shape = next(L.models(["resnet18"]))
+    sg, x = L.calibrated(model, shape)
+    configs = {"fp32": {}, "int8-float-ends": L.int8_formats(sg, float_ends=True)}
     shipped = K.KERNELS
     variants = {"fp32-kernel": lambda: _registry(shipped),
                 "generic": lambda: _registry(tuple(k for k in shipped if k is not K.FP32_KERNEL))}
@@ -58,7 +58,7 @@ def main(argv=None):
     fp32_graph = passes.materialize(sg, {})
     with tempfile.TemporaryDirectory() as work:
         times, ort = interleaved_ms(lows, x, args.rounds,
-                                    extra=lambda: L._ort_ms(fp32_graph, x, 30, work, "fp32"))
+                                    extra=lambda: L.ort_ms(fp32_graph, x, 30, work, "fp32"))
     ort_ms = statistics.median(ort)
     rows = []
     for cfg in configs:
@@ -67,7 +67,7 @@ def main(argv=None):
         row = {"config": cfg, "fp32_kernel_ms": with_k, "generic_ms": generic,
                "speedup": generic / with_k, "onnxruntime_fp32_ms": ort_ms,
                "onnxruntime_fp32_over_tvm": ort_ms / with_k,
-               "kernels": {h: L._kernel_counts(lows[(cfg, h)]) for h in variants},
+               "kernels": {h: L.kernel_counts(lows[(cfg, h)]) for h in variants},
                "build_s": {h: builds[(cfg, h)] for h in variants},
                "max_abs_diff": float(np.abs(a - b).max()), "max_abs_out": float(np.abs(a).max()),
                "samples": {h: times[(cfg, h)] for h in variants}}

@@ -73,7 +73,7 @@ MIX = ("int8", "int4", "fp8_e4m3")
 from models import ResNet18  # noqa: E402  (bench/models.py, shared with import_passes.py)
 
 
-def _models(names):
+def models(names):
     from examples.toy_models import MobileNetV2Small, ResNet8
     table = {"resnet18": (lambda: ResNet18(), (1, 3, 224, 224)),
              "cnn": (lambda: ResNet8(in_ch=1, classes=10), (1, 1, 28, 28)),
@@ -92,7 +92,7 @@ def _models(names):
 
 
 # ---- configs -----------------------------------------------------------------------------------
-def _calibrated(model, shape, formats=MIX):
+def calibrated(model, shape, formats=MIX):
     """(searchable graph with every one of ``formats``' scales calibrated, input)."""
     import fliqs_compiler as fq
     from fliqs_compiler import passes
@@ -112,12 +112,12 @@ def _calibrated(model, shape, formats=MIX):
 def _graphs(model, shape):
     """(fp32 Graph, mixed materialized Graph, mixed formats)."""
     from fliqs_compiler import passes
-    sg, x = _calibrated(model, shape)
-    formats = _mixed_formats(sg)
+    sg, x = calibrated(model, shape)
+    formats = mixed_formats(sg)
     return passes.materialize(sg, {}), passes.materialize(sg, formats), formats, x
 
 
-def _int8_formats(sg, float_ends: bool = False):
+def int8_formats(sg, float_ends: bool = False):
     """Every searched layer int8 × int8; ``float_ends``: but the first and last float (what
     ``fliqs compile`` keeps float by default)."""
     names = list(sg.layers)
@@ -125,7 +125,7 @@ def _int8_formats(sg, float_ends: bool = False):
     return {n: {"weight": "int8", "activation": "int8"} for n in names if n not in ends}
 
 
-def _mixed_formats(sg):
+def mixed_formats(sg):
     """Every searched layer in turn int8 / int4 / fp8_e4m3 (weight = activation format)."""
     return {name: {"weight": MIX[i % 3], "activation": MIX[i % 3]}
             for i, name in enumerate(sg.layers)}
@@ -150,7 +150,7 @@ def _torch_ms(graph, x, repeat):
         return _median_ms(lambda: graph(x), repeat)
 
 
-def _ort_ms(graph, x, repeat, work, tag):
+def ort_ms(graph, x, repeat, work, tag):
     from fliqs_compiler.backends.onnx_export import export_qdq
     from fliqs_compiler.backends.ort_backend import time_onnx
     path = export_qdq(graph, Path(work) / f"{tag}.onnx")
@@ -167,10 +167,10 @@ def _tvm(graph, x, repeat, **kw):
     low = lower(graph, "llvm", None, **kw)
     build_s = time.perf_counter() - t0
     ms = low.time_ms([x.numpy()], repeat=max(3, repeat // 10), min_repeat_ms=100)
-    return ms, build_s, _kernel_counts(low)
+    return ms, build_s, kernel_counts(low)
 
 
-def _kernel_counts(low) -> dict:
+def kernel_counts(low) -> dict:
     """Layers per realized kernel of a ``Lowered``."""
     kernels = {}
     for e in low.executed.values():
@@ -237,7 +237,7 @@ def _fashion(n: int):
     return load_data("fashion-mnist", InputSpec("x", (1, 1, 28, 28))).x_train[:n]
 
 
-def _transformers():
+def transformers():
     from examples.toy_models import ViT
     torch.manual_seed(0)
     yield "vit", ViT().eval(), _fashion(64)
@@ -245,7 +245,7 @@ def _transformers():
     yield "encoder-12x384", _encoder().eval(), torch.randn(16, 128, 384)
 
 
-def _transformer_graphs(model, calib):
+def transformer_graphs(model, calib):
     """{config: materialized Graph}: fp32, int8 and mixed, every Linear / MatMul searched, scales
     calibrated on ``calib`` (the first row is the timed input)."""
     import fliqs_compiler as fq
@@ -253,7 +253,7 @@ def _transformer_graphs(model, calib):
     g = fq.load(model, (calib[:1],))
     sg = passes.prepare(g, passes.PrepareOptions(formats=list(MIX), keep_float_first=False,
                                                  keep_float_last=False, scale_mode="calibrated"))
-    configs = {"int8": _int8_formats(sg), "mixed": _mixed_formats(sg)}
+    configs = {"int8": int8_formats(sg), "mixed": mixed_formats(sg)}
     graphs = {"fp32": passes.materialize(sg, {})}
     for cfg, formats in configs.items():
         choice = sg.space.choice_of(formats)
@@ -264,7 +264,7 @@ def _transformer_graphs(model, calib):
     return graphs
 
 
-def _ort_anchors(model, calib, work, tag, repeat):
+def ort_anchors(model, calib, work, tag, repeat):
     """onnxruntime fp32 on the float ONNX and int8 from ``quantize_static`` (per channel)."""
     from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
                                           quantize_static)
@@ -289,7 +289,7 @@ def _ort_anchors(model, calib, work, tag, repeat):
                                                     repeat=repeat)}
 
 
-def _op_breakdown(low, x, top: int = 8) -> list:
+def op_breakdown(low, x, top: int = 8) -> list:
     """TVM per-call times (ms, one run after a warm-up) summed by kernel symbol, largest first,
     via ``VirtualMachine.set_instrument``."""
     import tvm
@@ -316,9 +316,9 @@ def transformer_rows(configs, repeat: int, profile: bool) -> list:
     """Median ms of every (model, config, engine) and its ratio to onnxruntime fp32."""
     from fliqs_compiler.backends.tvm_lower import lower
     rows, work = [], tempfile.mkdtemp(prefix="fliqs-bench-vit-")
-    for name, model, calib in _transformers():
+    for name, model, calib in transformers():
         x = calib[:1]
-        anchors = _ort_anchors(model, calib, work, name, repeat)
+        anchors = ort_anchors(model, calib, work, name, repeat)
         base = anchors["ort fp32"]
 
         def add(cfg, engine, ms, **extra):
@@ -328,11 +328,11 @@ def transformer_rows(configs, repeat: int, profile: bool) -> list:
                   + (json.dumps(extra) if extra else ""), flush=True)
         for engine, ms in anchors.items():
             add("fp32" if "fp32" in engine else "int8", engine, ms)
-        graphs = _transformer_graphs(model, calib)
+        graphs = transformer_graphs(model, calib)
         for cfg in configs:
             g = graphs[cfg]
             if cfg != "fp32":
-                add(cfg, "ort (fliqs QDQ)", _ort_ms(g, x, repeat, work, f"{name}-{cfg}"))
+                add(cfg, "ort (fliqs QDQ)", ort_ms(g, x, repeat, work, f"{name}-{cfg}"))
             t0 = time.perf_counter()
             low = lower(g, "llvm")
             build_s = time.perf_counter() - t0
@@ -342,7 +342,7 @@ def transformer_rows(configs, repeat: int, profile: bool) -> list:
                 kernels[e["kernel"]] = kernels.get(e["kernel"], 0) + 1
             extra = {"build_s": round(build_s, 1), "kernels": kernels}
             if profile:
-                extra["top_ops"] = _op_breakdown(low, x)
+                extra["top_ops"] = op_breakdown(low, x)
             add(cfg, "tvm (untuned)", ms, **extra)
     return rows
 
@@ -386,7 +386,7 @@ def _no_bf16_variant():
     return ("tvm-scheduled-no-bf16", {"target": json.dumps({**host, "mattr": ["-avx512bf16"]})})
 
 
-def _ort_int8_static(fp32_onnx: Path, x, out: Path) -> Path:
+def ort_int8_static(fp32_onnx: Path, x, out: Path) -> Path:
     """onnxruntime's own ``quantize_static`` of the fp32 ONNX: QDQ, per-channel int8 weights,
     uint8 activations, calibrated on the benchmark input and 7 noisy copies of it."""
     import logging
@@ -419,7 +419,7 @@ def _ort_int8_static(fp32_onnx: Path, x, out: Path) -> Path:
     return out
 
 
-def _openvino_timer(path: Path, feed, repeat):
+def openvino_timer(path: Path, feed, repeat):
     """OpenVINO (PyPI ``openvino``, the ``bench`` extra) on an ONNX file, CPU plugin, ``THREADS``
     inference threads, latency hint; f32 inference precision pinned (on CPUs with AVX512-BF16 its
     default may run an fp32 model in bf16). On the int8 QDQ model its low-precision transforms
@@ -449,13 +449,13 @@ def scheduled_rows(names, configs, repeat, rounds=3, variants=TVM_VARIANTS):
     from fliqs_compiler.backends.tvm_lower import lower
     work = Path(tempfile.mkdtemp(prefix="fliqs-bench-sched-"))
     out = []
-    for name, model, shape in _models(names):
-        sg, x = _calibrated(model, shape)
-        graphs = {"fp32": passes.materialize(sg, {}), "int8": passes.materialize(sg, _int8_formats(sg)),
-                  "int8-float-ends": passes.materialize(sg, _int8_formats(sg, float_ends=True)),
-                  "mixed": passes.materialize(sg, _mixed_formats(sg))}
+    for name, model, shape in models(names):
+        sg, x = calibrated(model, shape)
+        graphs = {"fp32": passes.materialize(sg, {}), "int8": passes.materialize(sg, int8_formats(sg)),
+                  "int8-float-ends": passes.materialize(sg, int8_formats(sg, float_ends=True)),
+                  "mixed": passes.materialize(sg, mixed_formats(sg))}
         fp32_onnx = export_qdq(graphs["fp32"], work / f"{name}-fp32.onnx")
-        ort_int8 = _ort_int8_static(fp32_onnx, x, work / f"{name}-ort-int8.onnx")
+        ort_int8 = ort_int8_static(fp32_onnx, x, work / f"{name}-ort-int8.onnx")
         feed = [x.numpy()]
 
         def ort_timer(path):
@@ -464,8 +464,8 @@ def scheduled_rows(names, configs, repeat, rounds=3, variants=TVM_VARIANTS):
 
         timers = {"torch_fp32": lambda: _torch_ms(graphs["fp32"], x, repeat),
                   "ort_fp32": ort_timer(fp32_onnx), "ort_int8_static": ort_timer(ort_int8)}
-        openvino = {"openvino_fp32": _openvino_timer(fp32_onnx, feed, repeat),
-                    "openvino_int8": _openvino_timer(ort_int8, feed, repeat)}  # the same QDQ model
+        openvino = {"openvino_fp32": openvino_timer(fp32_onnx, feed, repeat),
+                    "openvino_int8": openvino_timer(ort_int8, feed, repeat)}  # the same QDQ model
         timers.update({k: t for k, t in openvino.items() if t is not None})
         row = {"model": name, "configs": {}}
         for cfg in configs:
@@ -478,7 +478,7 @@ def scheduled_rows(names, configs, repeat, rounds=3, variants=TVM_VARIANTS):
                 c[variant] = {"lower_s": round(time.perf_counter() - t0, 1),
                               "compile_s": round(low.timing_s["compile"], 1),
                               "schedules": low.schedules,
-                              "kernels": _kernel_counts(low)}
+                              "kernels": kernel_counts(low)}
                 timers[f"{cfg}/{variant}"] = (lambda low=low: low.time_ms(
                     feed, repeat=max(3, repeat // 10), min_repeat_ms=100))
                 _say(f"{name} {cfg:5s} {variant:13s} lowering {c[variant]['lower_s']:6.1f} s  "
@@ -583,7 +583,7 @@ def main(argv=None):
     repeat = 10 if args.quick else 30
     rows = []
     work = tempfile.mkdtemp(prefix="fliqs-bench-")
-    for name, model, shape in _models(names):
+    for name, model, shape in models(names):
         fp32, mixed, formats, x = _graphs(model, shape)
         base = _torch_ms(fp32, x, repeat)
         for cfg, g in (("fp32", fp32), ("mixed", mixed)):
@@ -596,7 +596,7 @@ def main(argv=None):
                       + (json.dumps(extra) if extra else ""), flush=True)
             add("torch", base if cfg == "fp32" else _torch_ms(g, x, repeat))
             try:
-                add("ort", _ort_ms(g, x, repeat, work, f"{name}-{cfg}"))
+                add("ort", ort_ms(g, x, repeat, work, f"{name}-{cfg}"))
             except Exception as e:  # noqa: BLE001 — report, keep the other engines
                 print(f"  {name} {cfg} ort: failed: {type(e).__name__}: {str(e)[:120]}")
             ms, build_s, kernels = _tvm(g, x, repeat, vnni=True)
@@ -616,14 +616,14 @@ def main(argv=None):
                     kernels=kernels)
     lrows = (layer_rows(repeat, args.layer_tune_trials, Path(args.tune_dir))
              if args.layers else [])
-    env = _environment()
+    env = environment()
     print(f"\nthreads: {THREADS} (torch, onnxruntime intra-op, TVM_NUM_THREADS)")
     print(f"{'model':9s} {'config':6s} {'engine':11s} {'median ms':>10s} {'/torch fp32':>11s}")
     for r in rows:
         print(f"{r['model']:9s} {r['config']:6s} {r['engine']:11s} {r['ms']:10.3f} "
               f"{r['ratio_to_torch_fp32']:11.2f}")
     if args.out:
-        _write_json(args.out, {"environment": env, "mixed_formats": list(MIX), "rows": rows,
+        write_json(args.out, {"environment": env, "mixed_formats": list(MIX), "rows": rows,
                                "layers": lrows})
     return rows, lrows
 
@@ -635,12 +635,12 @@ def _scheduled_main(args):
     variants = TVM_VARIANTS + ((_no_bf16_variant(),) if args.no_bf16_baseline else ())
     rows = scheduled_rows(names, configs, 10 if args.quick else 30, args.rounds, variants)
     if args.out:
-        _write_json(args.out, {"environment": _environment(), "mixed_formats": list(MIX),
+        write_json(args.out, {"environment": environment(), "mixed_formats": list(MIX),
                                "rows": rows})
     return rows
 
 
-def _environment() -> dict:
+def environment() -> dict:
     env = {"threads": THREADS, "torch": torch.__version__, "cpu": platform.processor() or platform.machine()}
     with contextlib.suppress(ImportError):  # the environment line names what is installed
         import onnxruntime
@@ -649,7 +649,7 @@ def _environment() -> dict:
     return env
 
 
-def _write_json(path, obj) -> None:
+def write_json(path, obj) -> None:
     """Write ``obj`` as JSON at ``path`` atomically (a temporary file, then a rename)."""
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -66,8 +66,8 @@ def _build(graph, enabled):
 def model_rows(name, model, calib, rounds):
     import tempfile
     x = calib[:1].numpy()
-    anchors = L._ort_anchors(model, calib, tempfile.mkdtemp(prefix="fliqs-bench-att-"), name, 20)
-    graph = L._transformer_graphs(model, calib)["int8"]
+    anchors = L.ort_anchors(model, calib, tempfile.mkdtemp(prefix="fliqs-bench-att-"), name, 20)
+    graph = L.transformer_graphs(model, calib)["int8"]
     builds = {v: _build(graph, v == "after") for v in ("before", "after")}
     outs = {v: b[0].run([x])[0] for v, b in builds.items()}
     assert np.array_equal(outs["before"], outs["after"]), "the attention kernel changed the output"
@@ -98,10 +98,10 @@ def main(argv=None):
     torch.set_num_threads(L.THREADS)
     load = os.getloadavg()
     rows = []
-    for name, model, calib in L._transformers():
+    for name, model, calib in L.transformers():
         if name in args.models.split(","):
             rows += model_rows(name, model, calib, args.rounds)
-    env = {**L._environment(), "threads": L.THREADS,
+    env = {**L.environment(), "threads": L.THREADS,
            "loadavg_start": [round(v, 2) for v in load],
            "loadavg_end": [round(v, 2) for v in os.getloadavg()]}
     speedups = {}  # of the round medians and of the best rounds (the least disturbed by load)
@@ -115,7 +115,7 @@ def main(argv=None):
         print(f"{r['model']:15s} {r['engine']:36s} {r['ms']:9.3f} ms  "
               f"x{r['ratio_to_ort_fp32']:.2f}")
     print("before / after (median of rounds, best round):", speedups)
-    L._write_json(Path(args.out), {"environment": env, "speedup_before_over_after": speedups,
+    L.write_json(Path(args.out), {"environment": env, "speedup_before_over_after": speedups,
                                    "rows": rows})
 
 

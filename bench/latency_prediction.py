@@ -65,17 +65,17 @@ _NON_LAYER_FN = re.compile(r"pool|^vm\.builtin")
 def config_formats(sg, config: str) -> dict:
     """``{layer: {"weight", "activation"}}`` of a config over every searched layer."""
     if config == "mixed":
-        return L._mixed_formats(sg)
+        return L.mixed_formats(sg)
     fmt = {"int8": "int8", "fp32": "float"}[config]
     return {n: {"weight": fmt, "activation": fmt} for n in sg.layers}
 
 
 def function_profile(low, x, runs: int = 5) -> dict:
     """Median ms per called function over ``runs`` instrumented runs (one call per function
-    symbol summed per run), via ``bench/latency.py``'s ``_op_breakdown``."""
+    symbol summed per run), via ``bench/latency.py``'s ``op_breakdown``."""
     per = {}
     for _ in range(runs):
-        for row in L._op_breakdown(low, x, top=10 ** 6):
+        for row in L.op_breakdown(low, x, top=10 ** 6):
             per.setdefault(row["kernel"], []).append(row["ms"])
     return {k: statistics.median(v) for k, v in per.items()}
 
@@ -187,7 +187,7 @@ def predict(name, sg, x, config, target, repeat, n_rounds=5, progress=False) -> 
            "rounds_best_nchw_ratio": rounds.get("best_nchw_ratio", rounds["best_ratio"]),
            "table_entries_measured": table.measured + plain.measured,
            "table_s": round(table_s, 1), "lower_s": round(lower_s, 1),
-           "kernels": L._kernel_counts(low), "per_layer_ms": per_layer,
+           "kernels": L.kernel_counts(low), "per_layer_ms": per_layer,
            "kept_float_layers": kept_float,
            "profile_layer_fn_ms": sum(layer_fn.values()),
            "profile_other_fn_ms": sum(other_fn.values()),
@@ -222,8 +222,8 @@ def main(argv=None):
     target = parse_target("llvm")
     configs = [c for c in args.configs.split(",") if c]
     rows = []
-    for name, model, shape in L._models([m for m in args.models.split(",") if m]):
-        sg, x = L._calibrated(model, shape)
+    for name, model, shape in L.models([m for m in args.models.split(",") if m]):
+        sg, x = L.calibrated(model, shape)
         for config in configs:
             rows.append(predict(name, sg, x, config, target, args.repeat, args.rounds,
                                 args.progress))
@@ -243,7 +243,7 @@ def main(argv=None):
               f"{r['rounds_best_nchw_ratio']:6.2f}  "
               f"{r['profile_other_fn_ms']:.3f} ms ({share:.0%}): {top}")
     if args.json:
-        L._write_json(args.json, {"environment": {**L._environment(), "target": target.key,
+        L.write_json(args.json, {"environment": {**L.environment(), "target": target.key,
                                                   "loadavg_end": list(os.getloadavg())},
                                   "rows": rows})
     return rows

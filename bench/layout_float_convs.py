@@ -41,10 +41,10 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
-    _, model, shape = next(L._models(["resnet18"]))
-    sg, x = L._calibrated(model, shape)
-    configs = {"int8-float-ends": (L._int8_formats(sg, float_ends=True), "llvm"),
-               "mixed-no-bf16": (L._mixed_formats(sg), NO_BF16), "fp32": ({}, "llvm")}
+    _, model, shape = next(L.models(["resnet18"]))
+    sg, x = L.calibrated(model, shape)
+    configs = {"int8-float-ends": (L.int8_formats(sg, float_ends=True), "llvm"),
+               "mixed-no-bf16": (L.mixed_formats(sg), NO_BF16), "fp32": ({}, "llvm")}
     rule = K.KERNELS
     forced = (dataclasses.replace(rule[0], rewrite=lambda mod, *a: rule[0].rewrite(K.to_nhwc(mod), *a)),) + rule[1:]
     lows = {}

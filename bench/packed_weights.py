@@ -55,17 +55,17 @@ def _weights(sg, fmt):
 
 def main(argv=None):
     args = parse_args(__doc__, argv)
-    _, model, shape = next(L._models(["resnet18"]))
-    sg, x = L._calibrated(model, shape, formats=("int8", "int4", "int2", "fp8_e4m3"))
+    _, model, shape = next(L.models(["resnet18"]))
+    sg, x = L.calibrated(model, shape, formats=("int8", "int4", "int2", "fp8_e4m3"))
     configs = {"w4a8": _weights(sg, "int4"), "w2a8": _weights(sg, "int2"),
-               "mixed": L._mixed_formats(sg), "int8": _weights(sg, "int8")}
+               "mixed": L.mixed_formats(sg), "int8": _weights(sg, "int8")}
     variants = {"packed": contextlib.nullcontext, "int8-stored": _int8_storage}
     with tempfile.TemporaryDirectory() as work:
         lows = lower_variants({c: passes.materialize(sg, f) for c, f in configs.items()}, variants,
                               out_root=work)
         sizes = {k: low.path.stat().st_size / 1e6 for k, low in lows.items()}
         fp32_onnx = export_qdq(passes.materialize(sg, {}), Path(work) / "fp32.onnx")
-        ort_int8 = make_session(L._ort_int8_static(fp32_onnx, x, Path(work) / "ort_int8.onnx"), L.THREADS)
+        ort_int8 = make_session(L.ort_int8_static(fp32_onnx, x, Path(work) / "ort_int8.onnx"), L.THREADS)
         times, ort = interleaved_ms(lows, x, args.rounds, extra=lambda: time_onnx(
             ort_int8, [x.numpy()], threads=L.THREADS, repeat=30))
     ort_ms = statistics.median(ort)
@@ -78,7 +78,7 @@ def main(argv=None):
                "size_mb": {h: sizes[(cfg, h)] for h in variants},
                "storage": sorted({e["weight_storage"] for e in lows[(cfg, "packed")].executed.values()
                                   if e["kernel"] == "vnni"}),
-               "kernels": L._kernel_counts(lows[(cfg, "packed")]),
+               "kernels": L.kernel_counts(lows[(cfg, "packed")]),
                "max_abs_diff": float(np.abs(a - b).max()),
                "samples": {h: times[(cfg, h)] for h in variants}}
         rows.append(row)

@@ -63,13 +63,13 @@ MODELS = {"mobilenet": "mobilenet", "resnet18": "resnet18"}
 
 def main(argv=None):
     args = parse_args(__doc__, argv, MODELS)
-    _, model, shape = next(L._models([args.model]))
-    sg, x = L._calibrated(model, shape)
-    configs = {"int8": L._int8_formats(sg), "int8-float-ends": L._int8_formats(sg, float_ends=True),
-               "mixed": L._mixed_formats(sg)}
+    _, model, shape = next(L.models([args.model]))
+    sg, x = L.calibrated(model, shape)
+    configs = {"int8": L.int8_formats(sg), "int8-float-ends": L.int8_formats(sg, float_ends=True),
+               "mixed": L.mixed_formats(sg)}
     graphs = {c: passes.materialize(sg, f) for c, f in configs.items()}
     rows, anchor_rounds = against_int8_peers(graphs, passes.materialize(sg, {}), x, VARIANTS,
-                                             args.rounds, L._kernel_counts)
+                                             args.rounds, L.kernel_counts)
     finish(args, rows, model=args.model, anchor_samples=anchor_rounds)
 
 
