@@ -60,15 +60,8 @@ def _resnet18():
             x)
 
 
-def _encoder():
-    """The same for ``bench/latency.py``'s 12-block, 384-wide encoder on [1, 128, 384] tokens:
-    every Linear on the VNNI dense kernel, whose write-back takes the epilogue too."""
-    name, model, calib = next((n, m, c) for n, m, c in L.transformers() if n.startswith("encoder"))
-    graphs = L.transformer_graphs(model, calib)
-    return {c: graphs[c] for c in ("int8", "mixed")}, graphs["fp32"], calib[:1]
-
-
-MODELS = {"resnet18": _resnet18, "encoder": _encoder}
+# the encoder: every Linear on the VNNI dense kernel, whose write-back takes the epilogue too
+MODELS = {"resnet18": _resnet18, "encoder": lambda: L.ab_graphs("encoder")}
 
 
 def main(argv=None):

@@ -264,6 +264,23 @@ def transformer_graphs(model, calib):
     return graphs
 
 
+def ab_graphs(name: str):
+    """(``{config: Graph}``, the fp32 Graph, the timed input) of one model for the A/B benches:
+    ``resnet18`` / ``mobilenet`` @224 (configs int8, int8-float-ends, mixed) or ``encoder``
+    (the 12-block, 384-wide encoder on [1, 128, 384]: int8, mixed)."""
+    from fliqs_compiler import passes
+    if name == "encoder":
+        _, model, calib = next(t for t in transformers() if t[0].startswith("encoder"))
+        graphs = transformer_graphs(model, calib)
+        return {c: graphs[c] for c in ("int8", "mixed")}, graphs["fp32"], calib[:1]
+    _, model, shape = next(models([name]))
+    sg, x = calibrated(model, shape)
+    configs = {"int8": int8_formats(sg), "int8-float-ends": int8_formats(sg, float_ends=True),
+               "mixed": mixed_formats(sg)}
+    return ({c: passes.materialize(sg, f) for c, f in configs.items()}, passes.materialize(sg, {}),
+            x)
+
+
 def ort_anchors(model, calib, work, tag, repeat):
     """onnxruntime fp32 on the float ONNX and int8 from ``quantize_static`` (per channel)."""
     from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,

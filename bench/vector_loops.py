@@ -9,10 +9,11 @@ model (its own ``quantize_static``, per channel) and OpenVINO int8 on it as anch
   the pad is inlined into the pool instead of written out as a padded copy first.
 
 Variants: ``shipped`` (both fixes), ``scalarized`` (TVM as released: the attribute reset),
-``pad-copied`` (the pool's padded copy back). Models (``--model``): ``mobilenet``
+``pad-copied`` (the pool's padded copy back). Models (``--model``, ``latency.ab_graphs``): ``mobilenet``
 (``examples.toy_models.MobileNetV2Small`` @224: a standalone quantizer after the stem, another
-on the input), ``resnet18`` (@224). Configs: ``int8`` (every layer), ``int8-float-ends``
-(``fliqs compile``'s default), ``mixed`` (int8 / int4 / fp8_e4m3 in turn).
+on the input), ``resnet18`` (@224) — configs ``int8`` (every layer), ``int8-float-ends``
+(``fliqs compile``'s default), ``mixed`` (int8 / int4 / fp8_e4m3 in turn) — and ``encoder`` (12
+blocks, 384 wide, [1, 128, 384]; ``int8``, ``mixed``: quantizers inside every block).
 
     python bench/vector_loops.py [--model mobilenet] [--rounds 5] [--json out.json]
 """
@@ -28,7 +29,6 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).res
 
 import latency as L  # noqa: E402
 from ab import against_int8_peers, finish, parse_args  # noqa: E402
-from fliqs_compiler import passes  # noqa: E402
 from fliqs_compiler.backends import tvm_compat, tvm_schedules  # noqa: E402
 
 
@@ -58,18 +58,13 @@ def _pad_copied():
 
 
 VARIANTS = {"shipped": contextlib.nullcontext, "scalarized": _as_released, "pad-copied": _pad_copied}
-MODELS = {"mobilenet": "mobilenet", "resnet18": "resnet18"}
+MODELS = {"mobilenet": "mobilenet", "resnet18": "resnet18", "encoder": "encoder"}
 
 
 def main(argv=None):
     args = parse_args(__doc__, argv, MODELS)
-    _, model, shape = next(L.models([args.model]))
-    sg, x = L.calibrated(model, shape)
-    configs = {"int8": L.int8_formats(sg), "int8-float-ends": L.int8_formats(sg, float_ends=True),
-               "mixed": L.mixed_formats(sg)}
-    graphs = {c: passes.materialize(sg, f) for c, f in configs.items()}
-    rows, anchor_rounds = against_int8_peers(graphs, passes.materialize(sg, {}), x, VARIANTS,
-                                             args.rounds, L.kernel_counts)
+    graphs, fp32, x = L.ab_graphs(args.model)
+    rows, anchor_rounds = against_int8_peers(graphs, fp32, x, VARIANTS, args.rounds, L.kernel_counts)
     finish(args, rows, model=args.model, anchor_samples=anchor_rounds)
 
 
