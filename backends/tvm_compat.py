@@ -25,15 +25,21 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import threading
 
 __all__ = ["vectorizable_nearbyint", "import_tensor_intrin", "builder_worker_setup"]
 
 
+_REGISTER = threading.Lock()  # TVM refuses a second registration of the same attribute
+
+
 def vectorizable_nearbyint() -> None:
-    """Mark ``tirx.nearbyint`` vectorizable, as TVM marks ``tirx.round`` (idempotent)."""
+    """Mark ``tirx.nearbyint`` vectorizable, as TVM marks ``tirx.round`` (idempotent, and safe
+    from concurrent compile threads)."""
     import tvm
-    if tvm.ir.Op.get("tirx.nearbyint").get_attr("TVectorizable") is None:
-        tvm.ir.register_op_attr("tirx.nearbyint", "TVectorizable", True)
+    with _REGISTER:
+        if tvm.ir.Op.get("tirx.nearbyint").get_attr("TVectorizable") is None:
+            tvm.ir.register_op_attr("tirx.nearbyint", "TVectorizable", True)
 
 
 def _getmodule_without_pseudo_file_scan(real):
