@@ -264,18 +264,29 @@ def test_compile_worker_processes_build_the_same_table(rpc, tmp_path, monkeypatc
     assert set(first.entries) == set(table.entries) and not devices.pipelined()
 
 
-def _kill_after(monkeypatch, farm, server: int, calls: int):
-    """Make the real server ``server`` vanish (SIGKILL) right after the ``calls``-th timing
-    returns: a device lost in the middle of building the table."""
+def _kill_after(monkeypatch, farm, calls: int, server=None):
+    """Make a real server vanish (SIGKILL) right after the ``calls``-th timing returns: a device
+    lost in the middle of building the table. ``server``: that server's index; None: the server
+    that ran the ``calls``-th timing, so it has measured before it is lost whichever device the
+    tracker handed out first (a fixed index raced the tracker: when the first timings all went
+    to the other device, the killed one had measured nothing)."""
     from fliqs_compiler.backends import rpc as R
-    real, done = R.time_remote, []
+    real_time, real_request, done, device_of = R.time_remote, R.request_device, [], {}
 
-    def timed(*args, **kwargs):
-        ms = real(*args, **kwargs)
+    def request(*args, **kwargs):
+        lease = real_request(*args, **kwargs)
+        device_of[id(lease.session)] = lease.device
+        return lease
+
+    def timed(lib_path, inputs, session, *args, **kwargs):
+        ms = real_time(lib_path, inputs, session, *args, **kwargs)
         done.append(ms)
         if len(done) == calls:
-            farm.kill_server(server)
+            port = int(device_of[id(session)].rsplit(":", 1)[1])
+            farm.kill_server(server if server is not None
+                             else next(i for i, s in enumerate(farm.servers) if s.port == port))
         return ms
+    monkeypatch.setattr(R, "request_device", request)
     monkeypatch.setattr(R, "time_remote", timed)
     return done
 
@@ -284,7 +295,7 @@ def _kill_after(monkeypatch, farm, server: int, calls: int):
 def test_a_device_lost_mid_table_loses_only_its_entry(monkeypatch, tmp_path):
     monkeypatch.setenv("FLIQS_CACHE_DIR", str(tmp_path / "cache"))
     with RpcFarm(key="fliqs-lose-one", servers_n=2) as farm:
-        _kill_after(monkeypatch, farm, server=0, calls=2)
+        _kill_after(monkeypatch, farm, calls=2)
         _, table = api.profile(api.DEMO_MODEL, target=f"rpc://{farm.host}:{farm.port}/fliqs-lose-one?timeout=20",
                                formats="int8,int4", progress=False, cache_dir=tmp_path / "t")
         assert len(table.entries) == table.measured >= 4  # every entry, none lost
