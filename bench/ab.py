@@ -5,6 +5,7 @@ interleaved rounds so the box's drift hits every variant alike. Shared by ``fp32
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -16,7 +17,7 @@ import numpy as np
 from fliqs_compiler.backends.tvm_lower import lower
 
 
-def parse_args(doc: str, argv=None, models: dict | None = None):
+def parse_args(doc: str, argv=None, models=None):
     """``--rounds`` (default 5) and ``--json``, the A/B benches' options; ``--model`` (default
     the first) when the bench offers ``models``."""
     ap = argparse.ArgumentParser(description=doc.split("\n")[0])
@@ -36,6 +37,18 @@ def finish(args, rows: list, **extra) -> None:
     if args.json:
         Path(args.json).write_text(json.dumps({"threads": threads, "load": load, "rounds": args.rounds,
                                                **extra, "rows": rows}, indent=1))
+
+
+@contextlib.contextmanager
+def patched(obj, name: str, value):
+    """``obj.name`` set to ``value`` while a variant is lowered (a "before" rule installed by
+    swapping the module attribute the lowering looks up), then restored."""
+    shipped = getattr(obj, name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        setattr(obj, name, shipped)
 
 
 def lower_variants(graphs: dict, variants: dict, out_root=None) -> dict:

@@ -24,24 +24,14 @@ os.environ.setdefault("TVM_NUM_THREADS", "2")
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
 import latency as L  # noqa: E402
-from ab import against_int8_peers, finish, parse_args  # noqa: E402
+from ab import against_int8_peers, finish, parse_args, patched  # noqa: E402
 from fliqs_compiler import passes  # noqa: E402
 from fliqs_compiler.backends import tvm_layout as LY  # noqa: E402
 
 
-@contextlib.contextmanager
-def _patched(name, value):
-    shipped = getattr(LY, name)
-    setattr(LY, name, value)
-    try:
-        yield
-    finally:
-        setattr(LY, name, shipped)
-
-
 VARIANTS = {"nhwc": contextlib.nullcontext,
-            "nhwc-oihw": lambda: _patched("_depthwise_hwio", lambda mod: mod),
-            "nchw": lambda: _patched("depthwise", lambda call: False)}
+            "nhwc-oihw": lambda: patched(LY, "_depthwise_hwio", lambda mod: mod),
+            "nchw": lambda: patched(LY, "depthwise", lambda call: False)}
 
 
 def main(argv=None):
